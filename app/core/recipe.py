@@ -1,0 +1,478 @@
+"""Recipes: mergekit-moe YAML, read and written with its meaning kept.
+
+Everything mergekit-moe knows lives at the top level exactly as mergekit-moe writes it; our own
+additions (labels, colours, test prompts, the upcycling flag) live under the single ``frankenmoe``
+key, which mergekit-moe's pydantic models ignore.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from app.core.problems import Problem, ProblemsError, Severity
+
+EXTENSION_KEY = "frankenmoe"
+
+PROMPT_GATE_MODES = ("hidden", "hidden_avg", "hidden_last", "cheap_embed")
+RANDOM_GATE_MODES = ("random", "uniform_random")
+GATE_MODES = PROMPT_GATE_MODES + RANDOM_GATE_MODES
+
+GATE_MODE_HELP = {
+    "hidden": "Router input of every layer at each prompt's last token (recommended).",
+    "hidden_avg": "Router input of every layer averaged over each prompt's tokens.",
+    "hidden_last": "Same as hidden (mergekit-moe's alias).",
+    "cheap_embed": "Sum of the prompts' token embeddings, the same for every layer; no model run.",
+    "random": "Random normal router weights; for training the MoE afterwards.",
+    "uniform_random": "Random uniform router weights like a fresh nn.Linear; for training afterwards.",
+}
+
+DTYPE_ALIASES = {
+    "float32": "float32",
+    "fp32": "float32",
+    "float": "float32",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+}
+
+ARCHITECTURES = ("mixtral",)
+
+
+class ModelRef(BaseModel):
+    """A Hub repository (``org/name`` with optional ``@revision``) or a local folder."""
+
+    model_config = ConfigDict(frozen=True)
+
+    path: str
+    revision: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> ModelRef:
+        text = text.strip()
+        if looks_local(text) or "@" not in text:
+            return cls(path=text)
+        path, _, revision = text.rpartition("@")
+        return cls(path=path, revision=revision or None)
+
+    @property
+    def is_local(self) -> bool:
+        return looks_local(self.path)
+
+    def __str__(self) -> str:
+        return f"{self.path}@{self.revision}" if self.revision else self.path
+
+
+def looks_local(text: str) -> bool:
+    """A reference is local if it exists on disk or is written as a path rather than ``org/name``."""
+    if os.path.exists(os.path.expanduser(text)):
+        return True
+    return text.startswith(("/", "./", "../", "~", "\\")) or (len(text) > 1 and text[1] == ":")
+
+
+def _coerce_model_ref(value: Any) -> Any:
+    if isinstance(value, ModelRef):
+        return value
+    if isinstance(value, str):
+        return ModelRef.parse(value)
+    if isinstance(value, Mapping):
+        # mergekit's structured form: {model: {path, revision}} or {path, revision}
+        inner = value.get("model", value)
+        if isinstance(inner, Mapping) and "path" in inner:
+            return ModelRef(path=str(inner["path"]), revision=inner.get("revision"))
+    return value
+
+
+class Expert(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    source_model: ModelRef
+    positive_prompts: tuple[str, ...] = ()
+    negative_prompts: tuple[str, ...] = ()
+    noise_scale: float | None = None
+    residual_scale: float | None = None
+
+    @field_validator("source_model", mode="before")
+    @classmethod
+    def _parse_ref(cls, value: Any) -> Any:
+        return _coerce_model_ref(value)
+
+    @field_validator("positive_prompts", "negative_prompts", mode="before")
+    @classmethod
+    def _none_is_empty(cls, value: Any) -> Any:
+        return () if value is None else value
+
+
+class ExpertExtras(BaseModel):
+    """Per-expert additions of ours, aligned with ``experts`` by position."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    label: str | None = None
+    color: str | None = None
+    test_prompts: tuple[str, ...] = ()
+
+
+class StudioExtras(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    experts: tuple[ExpertExtras, ...] = ()
+    allow_identical_experts: bool = False
+    seed: int = 0
+
+    def is_default(self) -> bool:
+        return self == StudioExtras()
+
+
+class Recipe(BaseModel):
+    """A mergekit-moe recipe. Loose types where a user can go wrong, so that validation can explain."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    base_model: ModelRef
+    experts: tuple[Expert, ...]
+    gate_mode: str = "hidden"
+    dtype: str | None = None
+    experts_per_token: int = 2
+    shared_experts: tuple[Expert, ...] = ()
+    architecture: str | None = None
+    studio: StudioExtras = Field(default_factory=StudioExtras, alias=EXTENSION_KEY)
+    # Keys mergekit-moe would silently ignore; we ignore them too, but warn, since most are typos.
+    ignored_keys: tuple[str, ...] = Field(default=(), exclude=True)
+
+    @field_validator("base_model", mode="before")
+    @classmethod
+    def _parse_ref(cls, value: Any) -> Any:
+        return _coerce_model_ref(value)
+
+    @field_validator("shared_experts", mode="before")
+    @classmethod
+    def _none_is_empty(cls, value: Any) -> Any:
+        return () if value is None else value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _set_aside_unknown_keys(cls, data: Any) -> Any:
+        if not isinstance(data, Mapping):
+            return data
+        data = dict(data)
+        ignored = list(data.get("ignored_keys", ()))
+        known = {*cls.model_fields, EXTENSION_KEY} - {"studio", "ignored_keys"}
+        for key in [k for k in data if k not in known and k != "ignored_keys"]:
+            ignored.append(str(key))
+            del data[key]
+        for section in ("experts", "shared_experts"):
+            entries = data.get(section)
+            if not isinstance(entries, list | tuple):
+                continue
+            cleaned = []
+            for index, entry in enumerate(entries):
+                if isinstance(entry, Mapping):
+                    entry = dict(entry)
+                    for key in [k for k in entry if k not in Expert.model_fields]:
+                        ignored.append(f"{section}.{index}.{key}")
+                        del entry[key]
+                cleaned.append(entry)
+            data[section] = cleaned
+        data["ignored_keys"] = tuple(ignored)
+        return data
+
+    @model_validator(mode="after")
+    def _pad_extras(self) -> Recipe:
+        missing = len(self.experts) - len(self.studio.experts)
+        if missing > 0:
+            padded = self.studio.experts + (ExpertExtras(),) * missing
+            # Frozen model: this runs once, during construction, before anyone can see the object.
+            object.__setattr__(self, "studio", self.studio.model_copy(update={"experts": padded}))
+        return self
+
+    @property
+    def canonical_dtype(self) -> str | None:
+        return DTYPE_ALIASES.get(self.dtype.lower()) if self.dtype else None
+
+    def expert_label(self, index: int) -> str:
+        extras = self.studio.experts[index] if index < len(self.studio.experts) else ExpertExtras()
+        return extras.label or f"expert {index}"
+
+    def model_refs(self) -> list[ModelRef]:
+        """Every distinct model the recipe reads, base first."""
+        refs: list[ModelRef] = []
+        for ref in [self.base_model, *(e.source_model for e in (*self.experts, *self.shared_experts))]:
+            if ref not in refs:
+                refs.append(ref)
+        return refs
+
+
+# --------------------------------------------------------------------------- reading and writing
+
+
+def load_recipe(source: str | os.PathLike[str]) -> Recipe:
+    """Read a recipe from a YAML file. Raises :class:`ProblemsError` naming the line of a mistake."""
+    path = Path(source)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ProblemsError(
+            [Problem("recipe", f"cannot read {path}: {exc.strerror or exc}", "check the path and permissions")]
+        ) from exc
+    return parse_recipe(text)
+
+
+def parse_recipe(text: str) -> Recipe:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark is not None else None
+        raise ProblemsError(
+            [
+                Problem(
+                    "recipe",
+                    f"the YAML is malformed: {exc.problem or exc}",
+                    "fix the indentation or quoting at that line",
+                    line=line,
+                )
+            ]
+        ) from exc
+    except yaml.YAMLError as exc:
+        raise ProblemsError([Problem("recipe", f"the YAML is malformed: {exc}", "fix the file")]) from exc
+    if not isinstance(data, dict):
+        raise ProblemsError(
+            [Problem("recipe", "a recipe must be a YAML mapping", "start with `base_model:` and `experts:`")]
+        )
+    lines = _field_lines(text)
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            field = ".".join(str(part) for part in error["loc"]) or "recipe"
+            problems.append(
+                Problem(
+                    field,
+                    error["msg"],
+                    _hint_for(error),
+                    line=_closest_line(lines, error["loc"]),
+                )
+            )
+        raise ProblemsError(problems) from exc
+
+
+def _hint_for(error: Mapping[str, Any]) -> str:
+    kind = error.get("type", "")
+    if kind == "missing":
+        return "add this key to the recipe"
+    if kind == "extra_forbidden":
+        known = "base_model, experts, gate_mode, dtype, experts_per_token, shared_experts, architecture"
+        return f"remove or rename it; known keys are {known}, and `{EXTENSION_KEY}` for our own settings"
+    return "correct the value's type"
+
+
+def _field_lines(text: str) -> dict[tuple[str | int, ...], int]:
+    """Map each key path in the YAML to its 1-based line, for pointing at mistakes."""
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return {}
+    lines: dict[tuple[str | int, ...], int] = {}
+
+    def walk(node: yaml.Node, path: tuple[str | int, ...]) -> None:
+        lines[path] = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                child = (*path, str(key.value))
+                lines[child] = key.start_mark.line + 1
+                walk(value, child)
+                lines[child] = key.start_mark.line + 1
+        elif isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                walk(item, (*path, index))
+
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+def _closest_line(lines: Mapping[tuple[str | int, ...], int], loc: Iterable[Any]) -> int | None:
+    path = tuple(loc)
+    aliases = {"studio": EXTENSION_KEY}
+    path = tuple(aliases.get(p, p) if isinstance(p, str) else p for p in path)
+    while path:
+        if path in lines:
+            return lines[path]
+        path = path[:-1]
+    return lines.get(())
+
+
+def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
+    """The YAML mapping, in mergekit-moe's key order, leaving out what mergekit would default."""
+
+    def expert_dict(expert: Expert) -> dict[str, Any]:
+        out: dict[str, Any] = {"source_model": str(expert.source_model)}
+        if expert.positive_prompts:
+            out["positive_prompts"] = list(expert.positive_prompts)
+        if expert.negative_prompts:
+            out["negative_prompts"] = list(expert.negative_prompts)
+        if expert.noise_scale is not None:
+            out["noise_scale"] = expert.noise_scale
+        if expert.residual_scale is not None:
+            out["residual_scale"] = expert.residual_scale
+        return out
+
+    data: dict[str, Any] = {
+        "base_model": str(recipe.base_model),
+        "gate_mode": recipe.gate_mode,
+        "dtype": recipe.dtype,
+        "experts_per_token": recipe.experts_per_token,
+        "experts": [expert_dict(e) for e in recipe.experts],
+    }
+    if data["dtype"] is None:
+        del data["dtype"]
+    if recipe.shared_experts:
+        data["shared_experts"] = [expert_dict(e) for e in recipe.shared_experts]
+    if recipe.architecture:
+        data["architecture"] = recipe.architecture
+    if not recipe.studio.is_default():
+        extras = recipe.studio.model_dump(exclude_defaults=True)
+        if "experts" in extras:
+            extras["experts"] = [
+                {k: list(v) if isinstance(v, tuple) else v for k, v in e.model_dump(exclude_defaults=True).items()}
+                for e in recipe.studio.experts
+            ]
+            while extras["experts"] and not extras["experts"][-1]:
+                extras["experts"].pop()
+            if not extras["experts"]:
+                del extras["experts"]
+        if extras:
+            data[EXTENSION_KEY] = extras
+    return data
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False, allow_unicode=True, width=100)
+
+
+def save_recipe(recipe: Recipe, path: str | os.PathLike[str]) -> None:
+    """Write atomically, so that a crash never leaves the user's recipe half-written."""
+    target = Path(path)
+    temporary = target.with_name(f".{target.name}.tmp")
+    temporary.write_text(dump_recipe(recipe), encoding="utf-8")
+    os.replace(temporary, target)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def validate_recipe(recipe: Recipe) -> list[Problem]:
+    """Everything that is wrong with the recipe itself; models are checked by ``compat``."""
+    problems: list[Problem] = []
+    n_experts = len(recipe.experts)
+
+    if n_experts == 0:
+        problems.append(Problem("experts", "the recipe has no experts", "add at least two experts"))
+    if recipe.gate_mode not in GATE_MODES:
+        problems.append(
+            Problem(
+                "gate_mode",
+                f"unknown gate mode {recipe.gate_mode!r}",
+                f"use one of: {', '.join(GATE_MODES)}",
+            )
+        )
+    if recipe.experts_per_token < 1:
+        problems.append(
+            Problem(
+                "experts_per_token",
+                f"experts_per_token is {recipe.experts_per_token}, but each token needs at least one expert",
+                "set experts_per_token to 1 or more (2 is usual)",
+            )
+        )
+    elif n_experts and recipe.experts_per_token > n_experts:
+        problems.append(
+            Problem(
+                "experts_per_token",
+                f"experts_per_token is {recipe.experts_per_token}, but there are only {n_experts} experts",
+                f"set experts_per_token to at most {n_experts}, or add experts",
+            )
+        )
+    if recipe.dtype is not None and recipe.canonical_dtype is None:
+        problems.append(
+            Problem("dtype", f"unknown dtype {recipe.dtype!r}", "use bfloat16, float16 or float32")
+        )
+    if recipe.architecture is not None and recipe.architecture.lower() not in ARCHITECTURES:
+        problems.append(
+            Problem(
+                "architecture",
+                f"unknown or unsupported output architecture {recipe.architecture!r}",
+                f"use one of: {', '.join(ARCHITECTURES)}, or leave it out to choose from the donors",
+            )
+        )
+    if recipe.shared_experts:
+        problems.append(
+            Problem(
+                "shared_experts",
+                "the Mixtral architecture has no shared experts",
+                "remove shared_experts, or move them into experts",
+            )
+        )
+    for key in recipe.ignored_keys:
+        problems.append(
+            Problem(
+                key,
+                f"unknown key {key.rsplit('.', 1)[-1]!r} is ignored (mergekit-moe ignores it too)",
+                "check its spelling, or remove it",
+                severity=Severity.WARNING,
+            )
+        )
+    if len(recipe.studio.experts) > n_experts:
+        problems.append(
+            Problem(
+                f"{EXTENSION_KEY}.experts",
+                f"{len(recipe.studio.experts)} entries for {n_experts} experts",
+                "keep one entry per expert, in the same order",
+                severity=Severity.WARNING,
+            )
+        )
+
+    if recipe.gate_mode in PROMPT_GATE_MODES:
+        for index, expert in enumerate(recipe.experts):
+            if not [p for p in expert.positive_prompts if p.strip()]:
+                problems.append(
+                    Problem(
+                        f"experts.{index}.positive_prompts",
+                        f"{recipe.expert_label(index)} ({expert.source_model}) has no positive prompts, "
+                        f"which gate mode {recipe.gate_mode!r} needs",
+                        "add prompts that show what this expert should handle, or use a random gate mode",
+                    )
+                )
+        if n_experts > 1:
+            prompt_sets = {
+                (frozenset(e.positive_prompts), frozenset(e.negative_prompts)) for e in recipe.experts
+            }
+            if len(prompt_sets) == 1:
+                problems.append(
+                    Problem(
+                        "experts",
+                        "every expert has the same prompts, so the router cannot tell them apart",
+                        "give each expert prompts that show what it alone should handle",
+                    )
+                )
+
+    if n_experts > 1 and len({e.source_model for e in recipe.experts}) == 1:
+        if not recipe.studio.allow_identical_experts:
+            problems.append(
+                Problem(
+                    "experts",
+                    f"all experts are the same model ({recipe.experts[0].source_model}): the MoE would be "
+                    "larger and slower but answer exactly as that model does",
+                    f"use different fine-tunes, or set `{EXTENSION_KEY}: {{allow_identical_experts: true}}` "
+                    "if you will train the MoE after merging (upcycling)",
+                )
+            )
+    return problems
