@@ -39,9 +39,7 @@ def register(commands: Any) -> None:
     merge.add_argument("out", type=Path, help="output folder (created; must be new or empty)")
     merge.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="where to compute gates")
     merge.add_argument("--dtype", choices=sorted(set(DTYPE_ALIASES.values())), help="output dtype")
-    merge.add_argument(
-        "--shard-size", type=parse_size, default="5GB", help="largest shard, e.g. 5GB (default)"
-    )
+    merge.add_argument("--shard-size", type=parse_size, default="5GB", help="largest shard, e.g. 5GB (default)")
     merge.add_argument("--overwrite", action="store_true", help="replace an existing model in OUT")
     merge.add_argument("--quiet", action="store_true", help="no progress bars")
     merge.set_defaults(handler=run_merge)
@@ -72,9 +70,7 @@ def run_merge(args: argparse.Namespace) -> int:
     )
     with ProgressBars(enabled=not args.quiet) as bars:
         result = run_job(merge_moe(recipe, options), bars)
-    for warning in result.gates.degenerate_warnings(
-        [recipe.expert_label(i) for i in range(len(recipe.experts))]
-    ):
+    for warning in result.gates.degenerate_warnings([recipe.expert_label(i) for i in range(len(recipe.experts))]):
         print(f"warning: {warning}", file=sys.stderr)
     print(
         f"merged {len(recipe.experts)} experts into {result.out_dir} "
@@ -93,9 +89,7 @@ def run_check(args: argparse.Namespace) -> int:
     if errors:
         print(f"{len(errors)} error(s): this recipe cannot be merged yet", file=sys.stderr)
         return 1
-    print(
-        f"recipe OK: {len(recipe.experts)} experts, top-{recipe.experts_per_token}, gate mode {recipe.gate_mode}"
-    )
+    print(f"recipe OK: {len(recipe.experts)} experts, top-{recipe.experts_per_token}, gate mode {recipe.gate_mode}")
     if args.no_gates:
         return 0
     from app.cli.progress import ProgressBars
@@ -109,9 +103,7 @@ def run_check(args: argparse.Namespace) -> int:
         pairs = [(diag.similarity[i][j], i, j) for i in range(len(labels)) for j in range(i + 1, len(labels))]
         similarity, i, j = max(pairs) if pairs else (0.0, 0, 0)
         flag = "  DEGENERATE" if diag.is_degenerate else ""
-        print(
-            f"{diag.layer:5d}  {diag.condition_number:9.2f}  {labels[i]} ~ {labels[j]}: {similarity:.3f}{flag}"
-        )
+        print(f"{diag.layer:5d}  {diag.condition_number:9.2f}  {labels[i]} ~ {labels[j]}: {similarity:.3f}{flag}")
     for warning in gates.degenerate_warnings(labels):
         print(f"warning: {warning}", file=sys.stderr)
     return 0

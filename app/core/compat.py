@@ -32,9 +32,7 @@ UNSUPPORTED_FLAGS = (
 )
 
 
-def compare_configs(
-    base_config: Mapping[str, Any], other_config: Mapping[str, Any], who: str
-) -> list[Problem]:
+def compare_configs(base_config: Mapping[str, Any], other_config: Mapping[str, Any], who: str) -> list[Problem]:
     """Mismatches between a donor's config and the base's, each naming both values."""
     problems: list[Problem] = []
     base_family = str(base_config.get("model_type"))
@@ -45,8 +43,7 @@ def compare_configs(
             problems.append(
                 Problem(
                     who if config is other_config else "base_model",
-                    f"{name} is a {model_type!r} model; Mixtral output takes "
-                    f"{' or '.join(SUPPORTED_FAMILIES)}",
+                    f"{name} is a {model_type!r} model; Mixtral output takes {' or '.join(SUPPORTED_FAMILIES)}",
                     "choose models of a supported family",
                 )
             )
@@ -147,9 +144,7 @@ def tokenizer_fingerprint(folder: Path) -> dict[str, Any]:
     if template is None and (folder / "chat_template.jinja").is_file():
         template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
     if template is None and (folder / "chat_template.json").is_file():
-        template = json.loads((folder / "chat_template.json").read_text(encoding="utf-8")).get(
-            "chat_template"
-        )
+        template = json.loads((folder / "chat_template.json").read_text(encoding="utf-8")).get("chat_template")
     return {"vocab_digest": vocab_digest, "vocab": vocab, "specials": specials, "chat_template": template}
 
 
@@ -212,8 +207,7 @@ def _vocab_difference(base: Mapping[str, int] | None, other: Mapping[str, int] |
     only_other = len(set(other) - set(base))
     moved = sum(1 for token, index in other.items() if token in base and base[token] != index)
     return (
-        f"{len(base)} vs {len(other)} tokens, {only_base} only in the base, "
-        f"{only_other} only in it, {moved} renumbered"
+        f"{len(base)} vs {len(other)} tokens, {only_base} only in the base, {only_other} only in it, {moved} renumbered"
     )
 
 

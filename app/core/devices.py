@@ -26,9 +26,7 @@ def resolve_device(name: str = "auto") -> str:
     kind = name.split(":", 1)[0]
     if kind == "cuda":
         if not torch.cuda.is_available():
-            raise FrankenMoEError(
-                "CUDA was asked for, but no CUDA GPU is available", "use --device cpu or auto"
-            )
+            raise FrankenMoEError("CUDA was asked for, but no CUDA GPU is available", "use --device cpu or auto")
         if ":" in name and int(name.split(":", 1)[1]) >= torch.cuda.device_count():
             raise FrankenMoEError(
                 f"{name} does not exist; this machine has {torch.cuda.device_count()} CUDA device(s)",
@@ -37,9 +35,7 @@ def resolve_device(name: str = "auto") -> str:
         return name
     if kind == "mps":
         if not _mps_available():
-            raise FrankenMoEError(
-                "Apple MPS was asked for, but it is not available", "use --device cpu or auto"
-            )
+            raise FrankenMoEError("Apple MPS was asked for, but it is not available", "use --device cpu or auto")
         return name
     if kind == "cpu":
         return "cpu"

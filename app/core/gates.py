@@ -64,9 +64,7 @@ class RoutingPreview:
     quality: RoutingQuality
 
 
-def layer_diagnostics(
-    router: torch.Tensor, threshold: float = DEGENERATE_SIMILARITY
-) -> tuple[LayerDiagnostics, ...]:
+def layer_diagnostics(router: torch.Tensor, threshold: float = DEGENERATE_SIMILARITY) -> tuple[LayerDiagnostics, ...]:
     import torch
 
     results = []
@@ -157,7 +155,12 @@ class RouterInputProbe:
     """Runs a dense model and captures every layer's MLP input, streaming layer weights from disk."""
 
     def __init__(
-        self, source: ModelSource, device: str, dtype: torch.dtype, keep_loaded: bool = False
+        self,
+        source: ModelSource,
+        device: str,
+        dtype: torch.dtype,
+        keep_loaded: bool = False,
+        memory_budget: int | None = None,
     ) -> None:
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM
@@ -166,6 +169,7 @@ class RouterInputProbe:
         self.device = torch.device(device)
         self.dtype = dtype
         self.keep_loaded = keep_loaded
+        self.memory_budget = memory_budget
         self.config = AutoConfig.from_pretrained(source.path, trust_remote_code=False)
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(self.config, trust_remote_code=False)
@@ -187,9 +191,7 @@ class RouterInputProbe:
 
     def layer_bytes(self) -> int:
         prefix = "model.layers.0."
-        return sum(
-            self.source.tensor_info(n).nbytes for n in self.source.tensor_names if n.startswith(prefix)
-        )
+        return sum(self.source.tensor_info(n).nbytes for n in self.source.tensor_names if n.startswith(prefix))
 
     def _materialise(self, module: torch.nn.Module, prefix: str) -> None:
         state = {
@@ -248,7 +250,9 @@ class RouterInputProbe:
         element = self.dtype.itemsize
         hidden, intermediate = int(config.hidden_size), int(config.intermediate_size)
         heads = int(config.num_attention_heads)
-        budget = max(available_memory(str(self.device)) // 4 - self.layer_bytes(), 64 * 2**20)
+        budget = self.memory_budget
+        if budget is None:
+            budget = max(available_memory(str(self.device)) // 4 - self.layer_bytes(), 64 * 2**20)
 
         def cost(batch: int, length: int) -> int:
             activations = batch * length * (6 * hidden + 3 * intermediate) * element
@@ -279,11 +283,7 @@ class RouterInputProbe:
         if any(length == 0 for length in lengths):
             raise FrankenMoEError("a prompt has no tokens", "remove empty prompts")
         batches = self.plan_batches(lengths, reduction)
-        pad = (
-            int(self.config.pad_token_id or 0)
-            if getattr(self.config, "pad_token_id", None) is not None
-            else 0
-        )
+        pad = int(self.config.pad_token_id or 0) if getattr(self.config, "pad_token_id", None) is not None else 0
         results: list[torch.Tensor | None] = [None] * len(token_ids)
         total = len(batches) * self.num_layers
         for batch_number, batch in enumerate(batches):
@@ -318,9 +318,7 @@ class RouterInputProbe:
         def forward() -> None:
             try:
                 with torch.inference_mode():
-                    self.body(
-                        input_ids=ids.to(self.device), attention_mask=mask.to(self.device), use_cache=False
-                    )
+                    self.body(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), use_cache=False)
             except BaseException as exc:  # handed to the generator's thread and re-raised there
                 events.put(exc)
             finally:
@@ -368,8 +366,10 @@ class GateComputer:
         dtype: str | None = None,
         keep_loaded: bool = False,
         cache_dir: Path | None = None,
+        memory_budget: int | None = None,
     ) -> None:
         self.base = base
+        self.memory_budget = memory_budget
         self.device_name = device
         self.dtype_name = dtype
         self.keep_loaded = keep_loaded
@@ -394,7 +394,11 @@ class GateComputer:
         if self._probe is None:
             device = resolve_device(self.device_name)
             self._probe = RouterInputProbe(
-                self.source, device, compute_dtype(device, self.dtype_name), keep_loaded=self.keep_loaded
+                self.source,
+                device,
+                compute_dtype(device, self.dtype_name),
+                keep_loaded=self.keep_loaded,
+                memory_budget=self.memory_budget,
             )
         return self._probe
 
@@ -409,9 +413,7 @@ class GateComputer:
         import torch
 
         if recipe.gate_mode not in GATE_MODES:
-            raise FrankenMoEError(
-                f"unknown gate mode {recipe.gate_mode!r}", f"use one of {', '.join(GATE_MODES)}"
-            )
+            raise FrankenMoEError(f"unknown gate mode {recipe.gate_mode!r}", f"use one of {', '.join(GATE_MODES)}")
         config = self.source.config
         layers, hidden, experts = (
             int(config["num_hidden_layers"]),
@@ -481,14 +483,10 @@ class GateComputer:
         """Where test prompts would go: router softmax per layer and token, and the quality score."""
         import torch
 
-        labelled = [
-            (expert, text) for expert, texts in enumerate(prompts_by_expert) for text in texts if text.strip()
-        ]
+        labelled = [(expert, text) for expert, texts in enumerate(prompts_by_expert) for text in texts if text.strip()]
         token_ids = encode_prompts(self.tokenizer, [text for _, text in labelled])
         states = yield from self.probe().collect(token_ids, "tokens", cancel, stage="routing test prompts")
-        skip = (
-            1 if getattr(self.tokenizer, "bos_token", None) else 0
-        )  # the BOS token is the same for every prompt
+        skip = 1 if getattr(self.tokenizer, "bos_token", None) else 0  # the BOS token is the same for every prompt
         routings, token_texts = [], []
         router = gates.router.float()
         for (expert, text), ids, state in zip(labelled, token_ids, states, strict=True):

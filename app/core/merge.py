@@ -166,9 +166,7 @@ def plan_tensors(
 
     dtype = getattr(torch, out_dtype)
     num_layers = int(base.config["num_hidden_layers"])
-    copied = [
-        n for n in base.tensor_names if not _MLP_TENSOR.match(n) and not n.endswith("rotary_emb.inv_freq")
-    ]
+    copied = [n for n in base.tensor_names if not _MLP_TENSOR.match(n) and not n.endswith("rotary_emb.inv_freq")]
     before = sorted(n for n in copied if _layer_of(n) == -1 and "embed" in n)
     after = sorted(n for n in copied if _layer_of(n) == -1 and n not in before)
     by_layer: dict[int, list[str]] = {}
@@ -251,9 +249,7 @@ def merge_moe(
         out_dtype = output_dtype(recipe, options, base.config)
 
         if gates is None:
-            gates = yield from compute_gates(
-                recipe, device=options.device, cache_dir=options.cache_dir, cancel=cancel
-            )
+            gates = yield from compute_gates(recipe, device=options.device, cache_dir=options.cache_dir, cancel=cancel)
         expected = (
             int(base.config["num_hidden_layers"]),
             len(recipe.experts),
@@ -314,8 +310,7 @@ def _check_free_space(folder: Path, needed: int) -> None:
     margin = 64 * 2**20
     if free < needed + margin:
         raise FrankenMoEError(
-            f"not enough disk space in {probe}: the model needs {needed / 1e9:.2f} GB, "
-            f"{free / 1e9:.2f} GB are free",
+            f"not enough disk space in {probe}: the model needs {needed / 1e9:.2f} GB, {free / 1e9:.2f} GB are free",
             "free some space or choose an output folder on another disk",
         )
 
@@ -329,13 +324,9 @@ def _write_side_files(
     if generation.is_file():
         shutil.copyfile(generation, folder / "generation_config.json")
     else:
-        defaults = {
-            k: base.config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in base.config
-        }
+        defaults = {k: base.config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in base.config}
         (folder / "generation_config.json").write_text(json.dumps(defaults, indent=2) + "\n")
     for file in base.tokenizer_files():
         shutil.copyfile(file, folder / file.name)
     (folder / RECIPE_FILENAME).write_text(dump_recipe(recipe), encoding="utf-8")
-    (folder / "README.md").write_text(
-        render_model_card(recipe, options.card, base.path, out_name), encoding="utf-8"
-    )
+    (folder / "README.md").write_text(render_model_card(recipe, options.card, base.path, out_name), encoding="utf-8")

@@ -220,11 +220,7 @@ def load_recipe(source: str | os.PathLike[str]) -> Recipe:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ProblemsError(
-            [
-                Problem(
-                    "recipe", f"cannot read {path}: {exc.strerror or exc}", "check the path and permissions"
-                )
-            ]
+            [Problem("recipe", f"cannot read {path}: {exc.strerror or exc}", "check the path and permissions")]
         ) from exc
     return parse_recipe(text)
 
@@ -347,10 +343,7 @@ def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
         extras = recipe.studio.model_dump(exclude_defaults=True)
         if "experts" in extras:
             extras["experts"] = [
-                {
-                    k: list(v) if isinstance(v, tuple) else v
-                    for k, v in e.model_dump(exclude_defaults=True).items()
-                }
+                {k: list(v) if isinstance(v, tuple) else v for k, v in e.model_dump(exclude_defaults=True).items()}
                 for e in recipe.studio.experts
             ]
             while extras["experts"] and not extras["experts"][-1]:
@@ -409,9 +402,7 @@ def validate_recipe(recipe: Recipe) -> list[Problem]:
             )
         )
     if recipe.dtype is not None and recipe.canonical_dtype is None:
-        problems.append(
-            Problem("dtype", f"unknown dtype {recipe.dtype!r}", "use bfloat16, float16 or float32")
-        )
+        problems.append(Problem("dtype", f"unknown dtype {recipe.dtype!r}", "use bfloat16, float16 or float32"))
     if recipe.architecture is not None and recipe.architecture.lower() not in ARCHITECTURES:
         problems.append(
             Problem(
@@ -459,9 +450,7 @@ def validate_recipe(recipe: Recipe) -> list[Problem]:
                     )
                 )
         if n_experts > 1:
-            prompt_sets = {
-                (frozenset(e.positive_prompts), frozenset(e.negative_prompts)) for e in recipe.experts
-            }
+            prompt_sets = {(frozenset(e.positive_prompts), frozenset(e.negative_prompts)) for e in recipe.experts}
             if len(prompt_sets) == 1:
                 problems.append(
                     Problem(

@@ -58,8 +58,7 @@ def plan_shards(tensors: Sequence[PlannedTensor], max_shard_bytes: int) -> list[
         return [Shard("model.safetensors", tuple(groups[0]))]
     count = len(groups)
     return [
-        Shard(f"model-{index + 1:05d}-of-{count:05d}.safetensors", tuple(group))
-        for index, group in enumerate(groups)
+        Shard(f"model-{index + 1:05d}-of-{count:05d}.safetensors", tuple(group)) for index, group in enumerate(groups)
     ]
 
 
@@ -84,9 +83,7 @@ class ShardWriter:
     def __init__(self, folder: Path, shards: Sequence[Shard]) -> None:
         self.folder = folder
         self.shards = list(shards)
-        self._queue = [
-            (shard_index, tensor) for shard_index, s in enumerate(self.shards) for tensor in s.tensors
-        ]
+        self._queue = [(shard_index, tensor) for shard_index, s in enumerate(self.shards) for tensor in s.tensors]
         self._position = 0
         self._open_shard = -1
         self._handle: BinaryIO | None = None

@@ -139,9 +139,7 @@ def resolve_model_dir(ref: ModelRef, cache_dir: Path | None = None) -> Path:
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
-        folder = snapshot_download(
-            ref.path, revision=ref.revision, local_files_only=True, cache_dir=cache_dir
-        )
+        folder = snapshot_download(ref.path, revision=ref.revision, local_files_only=True, cache_dir=cache_dir)
     except LocalEntryNotFoundError as exc:
         raise ModelNotDownloaded(
             f"the Hub model {ref} is not downloaded yet",
@@ -217,9 +215,7 @@ class ModelSource:
         handle = self._handle(info.file)
         handle.seek(info.start)
         if handle.readinto(buffer.numpy()) != info.nbytes:
-            raise ModelSourceError(
-                f"{info.file} ended early while reading {name}", "download the model again"
-            )
+            raise ModelSourceError(f"{info.file} ended early while reading {name}", "download the model again")
         return buffer.view(getattr(torch, info.torch_dtype_name)).reshape(info.shape)
 
     def _handle(self, file: Path) -> BinaryIO:
@@ -256,9 +252,7 @@ def _read_config(folder: Path) -> dict[str, Any]:
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise ModelSourceError(
-            f"{config_path} is not valid JSON ({exc})", "repair or re-download it"
-        ) from exc
+        raise ModelSourceError(f"{config_path} is not valid JSON ({exc})", "repair or re-download it") from exc
     if not isinstance(config, Mapping):
         raise ModelSourceError(f"{config_path} is not a JSON object", "repair or re-download it")
     return dict(config)

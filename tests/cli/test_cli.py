@@ -1,0 +1,115 @@
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+from app import __version__
+from app.cli.engine_commands import parse_size
+from app.core.recipe import parse_recipe, save_recipe
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def frankenmoe(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "app", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+
+
+@pytest.fixture
+def recipe_file(llama_donors, tmp_path):
+    recipe = parse_recipe(
+        "\n".join(
+            [
+                f"base_model: {llama_donors['base']}",
+                "gate_mode: hidden",
+                "experts:",
+                f"  - source_model: {llama_donors['expert0']}",
+                "    positive_prompts: ['What is 12 plus 30?']",
+                f"  - source_model: {llama_donors['expert1']}",
+                "    positive_prompts: ['def add(a, b): return a + b']",
+                f"  - source_model: {llama_donors['expert2']}",
+                "    positive_prompts: ['The storm rolled in over the sea.']",
+            ]
+        )
+    )
+    path = tmp_path / "recipe.yml"
+    save_recipe(recipe, path)
+    return path
+
+
+def test_version():
+    result = frankenmoe("--version")
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"FrankenMoE Studio {__version__}"
+
+
+def test_merge_writes_a_loadable_model(recipe_file, tmp_path):
+    out = tmp_path / "moe"
+    result = frankenmoe("merge", str(recipe_file), str(out), "--dtype", "bfloat16", "--shard-size", "50KB")
+    assert result.returncode == 0, result.stderr
+    assert f"merged 3 experts into {out}" in result.stdout
+    assert "writing" in result.stderr  # the tqdm bar
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    assert len(list(out.glob("model-*.safetensors"))) > 1
+    assert AutoModelForCausalLM.from_pretrained(out).config.num_local_experts == 3
+
+
+def test_merge_refuses_an_existing_folder_with_a_clear_message(recipe_file, tmp_path):
+    out = tmp_path / "moe"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    result = frankenmoe("merge", str(recipe_file), str(out), "--quiet")
+    assert result.returncode == 1
+    assert "already exists and is not empty" in result.stderr
+    assert "fix: choose another folder, or allow overwriting (--overwrite)" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert (out / "config.json").read_text() == "{}"
+    assert frankenmoe("merge", str(recipe_file), str(out), "--quiet", "--overwrite").returncode == 0
+
+
+def test_check_prints_gate_diagnostics(recipe_file):
+    result = frankenmoe("check", str(recipe_file), "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert "recipe OK: 3 experts, top-2, gate mode hidden" in result.stdout
+    assert "layer  condition  most similar pair" in result.stdout
+    assert len([line for line in result.stdout.splitlines() if line.strip().startswith(("0 ", "1 "))]) == 2
+
+
+def test_check_fails_on_a_recipe_that_cannot_be_merged(recipe_file, tmp_path):
+    bad = tmp_path / "bad.yml"
+    bad.write_text(recipe_file.read_text().replace("experts_per_token: 2", "experts_per_token: 7"))
+    result = frankenmoe("check", str(bad))
+    assert result.returncode == 1
+    assert "experts_per_token is 7, but there are only 3 experts" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_malformed_recipe_is_one_message_with_its_line(tmp_path):
+    bad = tmp_path / "bad.yml"
+    bad.write_text("base_model: a/b\nexperts: [\n")
+    result = frankenmoe("merge", str(bad), str(tmp_path / "out"))
+    assert result.returncode == 1
+    assert "(line 3)" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_parse_size():
+    assert parse_size("5GB") == 5 * 10**9
+    assert parse_size("500mb") == 500 * 10**6
+    assert parse_size("2GiB") == 2 * 2**30
+    assert parse_size("1234") == 1234
+    with pytest.raises(Exception, match="not a size"):
+        parse_size("lots")

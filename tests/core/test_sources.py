@@ -1,0 +1,116 @@
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from app.core.recipe import ModelRef
+from app.core.sources import ModelNotDownloaded, ModelSource, ModelSourceError, open_model
+from tests.models import make_tiny_model
+
+
+def test_single_file_and_sharded_models_read_exactly(llama_donors, mistral_donors):
+    for folder in (llama_donors["base"], mistral_donors["expert0"]):
+        expected = {}
+        for file in folder.glob("*.safetensors"):
+            expected.update(load_file(file))
+        with ModelSource(folder) as source:
+            assert sorted(source.tensor_names) == sorted(expected)
+            for name, tensor in expected.items():
+                read = source.read_tensor(name)
+                assert read.dtype == tensor.dtype
+                assert torch.equal(read, tensor)
+    assert (mistral_donors["expert0"] / "model.safetensors.index.json").exists()
+
+
+def test_description(llama_donors):
+    with ModelSource(llama_donors["base"]) as source:
+        assert source.family == "llama"
+        assert source.dtype == "float32"
+        assert source.size_bytes == 4 * source.parameter_count
+        assert {p.name for p in source.tokenizer_files()} >= {"tokenizer.json", "tokenizer_config.json"}
+
+
+class _Exploit:
+    """Unpickling this would create a file: proof that nothing is ever unpickled."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_pickle_only_checkpoint_is_refused_without_unpickling(tmp_path, llama_donors):
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    shutil.copy(llama_donors["base"] / "config.json", folder)
+    marker = tmp_path / "pwned"
+    (folder / "pytorch_model.bin").write_bytes(pickle.dumps(_Exploit(marker)))
+    with pytest.raises(ModelSourceError) as caught:
+        ModelSource(folder)
+    assert "pytorch_model.bin" in caught.value.message
+    assert "never unpickles" in caught.value.message
+    assert "safetensors" in caught.value.hint
+    assert not marker.exists()
+
+
+def test_folder_without_config(tmp_path):
+    with pytest.raises(ModelSourceError, match="no config.json"):
+        ModelSource(tmp_path)
+
+
+def test_truncated_safetensors_file(tmp_path, llama_donors):
+    folder = tmp_path / "truncated"
+    shutil.copytree(llama_donors["base"], folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(ModelSourceError, match="truncated"):
+        ModelSource(folder)
+
+
+def test_missing_shard(tmp_path, mistral_donors):
+    folder = tmp_path / "missing"
+    shutil.copytree(mistral_donors["expert1"], folder)
+    (folder / "model-00002-of-00004.safetensors").unlink()
+    with pytest.raises(ModelSourceError, match="missing shard"):
+        ModelSource(folder)
+
+
+def test_local_folder_that_does_not_exist(tmp_path):
+    with pytest.raises(ModelSourceError, match="does not exist"):
+        open_model(ModelRef(path=str(tmp_path / "nope")))
+
+
+def test_hub_model_not_downloaded_says_how_to_get_it(tmp_path, monkeypatch):
+    with pytest.raises(ModelNotDownloaded) as caught:
+        open_model(ModelRef(path="some-org/some-model", revision="main"), cache_dir=tmp_path)
+    assert "not downloaded yet" in caught.value.message
+    assert "frankenmoe hub download some-org/some-model@main" in caught.value.hint
+
+
+def test_hub_model_is_read_from_the_standard_cache(tmp_path, llama_donors):
+    """A snapshot laid out as huggingface_hub lays it out is found by id and revision."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "models--some-org--tiny"
+    snapshot = repo / "snapshots" / commit
+    shutil.copytree(llama_donors["expert0"], snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    with open_model(ModelRef(path="some-org/tiny"), cache_dir=tmp_path) as source:
+        assert source.path == snapshot
+        assert source.config == json.loads((llama_donors["expert0"] / "config.json").read_text())
+    with open_model(ModelRef(path="some-org/tiny", revision=commit), cache_dir=tmp_path) as source:
+        assert source.path == snapshot
+
+
+def test_bf16_model_reads_as_bf16(tmp_path):
+    folder = make_tiny_model(tmp_path / "bf16", dtype="bfloat16")
+    with ModelSource(folder) as source:
+        assert source.dtype == "bfloat16"
+        assert source.read_tensor("model.embed_tokens.weight").dtype == torch.bfloat16
