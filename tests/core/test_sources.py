@@ -61,7 +61,7 @@ def test_pickle_only_checkpoint_is_refused_without_unpickling(tmp_path, llama_do
 
 
 def test_folder_without_config(tmp_path):
-    with pytest.raises(ModelSourceError, match="no config.json"):
+    with pytest.raises(ModelSourceError, match=r"no config\.json"):
         ModelSource(tmp_path)
 
 
