@@ -15,11 +15,18 @@ import hashlib
 import json
 import struct
 import threading
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlencode, urlsplit
+
+import pytest
+
+from app.core.hub import HubConfig
 
 LFS_SUFFIXES = (".safetensors", ".bin", ".model")
 
@@ -92,9 +99,10 @@ class HubServer:
         self.lock = threading.Lock()
         self._drops: dict[str, list[int]] = {}  # file path -> [bytes to send before dropping, times]
         self._connections_to_refuse = 0
+        self._throttles: dict[str, tuple[int, float]] = {}  # file path -> (piece size, pause per piece)
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
         self._httpd.daemon_threads = True
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,), daemon=True)
 
     @property
     def url(self) -> str:
@@ -130,6 +138,10 @@ class HubServer:
     def drop_connection(self, path: str, after_bytes: int, times: int = 1) -> None:
         """The next ``times`` downloads of ``path`` send ``after_bytes`` bytes and hang up."""
         self._drops[path] = [after_bytes, times]
+
+    def throttle(self, path: str, piece: int, pause_s: float) -> None:
+        """Serve ``path`` slowly, ``piece`` bytes at a time, so that a test can act mid-file."""
+        self._throttles[path] = (piece, pause_s)
 
     def refuse_connections(self, count: int) -> None:
         """Close the next ``count`` connections without answering."""
@@ -274,8 +286,11 @@ def _make_handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
         def _fields(self, repo: HubRepo, sha: str, blobs: bool) -> dict[str, Any]:
             files = repo.commits[sha]
             parameters: dict[str, int] = {}
+            index = files.get("model.safetensors.index.json")
+            # Like the Hub, count the weights once: the indexed shards when there is an index.
+            counted = set(json.loads(index)["weight_map"].values()) if index else set(files)
             for name, content in files.items():
-                if name.endswith(".safetensors"):
+                if name.endswith(".safetensors") and name in counted:
                     for dtype, count in safetensors_parameters(content).items():
                         parameters[dtype] = parameters.get(dtype, 0) + count
             siblings = []
@@ -427,6 +442,108 @@ def _make_handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
                 self.wfile.flush()
                 self.close_connection = True
                 return
-            self.wfile.write(body)
+            piece, pause_s = hub._throttles.get(name, (len(body) or 1, 0.0))
+            for start in range(0, len(body), piece):
+                self.wfile.write(body[start : start + piece])
+                self.wfile.flush()
+                time.sleep(pause_s)
 
     return Handler
+
+
+# ---------------------------------------------------------------------- pytest fixtures
+# Test modules load these with `pytest_plugins = ["tests.hubserver"]`.
+
+REPO_EXTRAS = {"README.md": b"# A tiny test model\n", ".gitattributes": b"*.safetensors filter=lfs\n"}
+
+
+def _folder_files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+@pytest.fixture(scope="session")
+def tiny_hub_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, bytes]]:
+    """The files of the tiny models the Hub serves, generated once per session by the engine's fixture."""
+    from tests.models import make_tiny_model
+
+    root = tmp_path_factory.mktemp("hub-models")
+    return {
+        "llama-a": _folder_files(make_tiny_model(root / "a", "llama", seed=0)),
+        "llama-b": _folder_files(make_tiny_model(root / "b", "llama", seed=1)),
+        "llama-wide": _folder_files(make_tiny_model(root / "wide", "llama", seed=2, hidden_size=48)),
+        "llama-sharded": _folder_files(
+            make_tiny_model(root / "sharded", "llama", seed=3, max_shard_size="40KB")
+        ),
+    }
+
+
+@pytest.fixture
+def hub_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty Hugging Face home for this test: cache and token files, no HF_TOKEN, not offline.
+
+    huggingface_hub reads these settings into ``constants`` at import time, so both the
+    environment (for subprocesses) and ``constants`` (for this process) are pointed here.
+    """
+    from huggingface_hub import constants
+
+    home = tmp_path / "hf-home"
+    cache = home / "hub"
+    token_path = home / "token"
+    for name in ("HF_TOKEN", "HF_HUB_OFFLINE", "HF_ENDPOINT", "HF_HUB_CACHE", "HF_TOKEN_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setattr(constants, "HF_HOME", str(home))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(token_path))
+    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(home / "stored_tokens"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    return home
+
+
+@pytest.fixture
+def hub(tiny_hub_files: dict[str, dict[str, bytes]]) -> Iterator[HubServer]:
+    """A running local Hub with a handful of tiny models, a gated one and a pickle-only one."""
+    server = HubServer()
+    files = tiny_hub_files
+    server.add_model(
+        "acme/tiny-llama-instruct",
+        files["llama-a"] | REPO_EXTRAS,
+        downloads=500,
+        likes=3,
+        last_modified=datetime(2024, 3, 1, tzinfo=UTC),
+    )
+    server.add_model("acme/tiny-llama-instruct", files["llama-b"] | REPO_EXTRAS, ref="v1")
+    server.add_model(
+        "acme/tiny-llama-chat",
+        files["llama-b"] | REPO_EXTRAS,
+        downloads=200,
+        likes=40,
+        license="llama3",
+        last_modified=datetime(2024, 6, 1, tzinfo=UTC),
+    )
+    sharded = files["llama-sharded"] | REPO_EXTRAS
+    # A second copy of the weights under another name, as many repos carry: a merge needs only one.
+    sharded["consolidated.safetensors"] = files["llama-a"]["model.safetensors"]
+    server.add_model("acme/tiny-llama-sharded", sharded, downloads=100, likes=1)
+    server.add_model("acme/tiny-llama-wide", files["llama-wide"] | REPO_EXTRAS, downloads=50)
+    server.add_model("acme/gated-llama", files["llama-a"] | REPO_EXTRAS, gated="manual", downloads=10)
+    server.add_model("acme/secret-llama", files["llama-a"], private=True)
+    server.add_model(
+        "acme/pickle-llama",
+        {"config.json": files["llama-a"]["config.json"], "pytorch_model.bin": b"\x80\x04pickle"},
+        downloads=5,
+    )
+    server.add_model(
+        "acme/llama-embeddings", files["llama-a"], pipeline_tag="feature-extraction", downloads=900
+    )
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def hub_config(hub: HubServer, hub_home: Path) -> HubConfig:
+    """Settings for the local Hub, with quick retries so failure tests stay fast."""
+    return HubConfig(
+        endpoint=hub.url, cache_dir=hub_home / "hub", max_retries=2, retry_delay_s=0.01, max_workers=2
+    )

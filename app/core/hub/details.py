@@ -13,7 +13,7 @@ from huggingface_hub.errors import EntryNotFoundError
 
 from app.core.hub.config import HubConfig, resolve_config
 from app.core.hub.errors import ModelNotFoundError, hub_errors
-from app.core.hub.files import RemoteFile, has_weights, remote_merge_files
+from app.core.hub.files import CHAT_TEMPLATE_FILES, RemoteFile, has_weights, remote_merge_files
 from app.core.hub.search import ModelSummary, summarize
 from app.core.problems import Problem
 from app.core.recipe import ModelRef
@@ -89,8 +89,9 @@ def text_config(config: Mapping[str, Any]) -> Mapping[str, Any]:
 
 
 def describe_architecture(
-    config: Mapping[str, Any], tokenizer_config: Mapping[str, Any] | None
+    config: Mapping[str, Any], tokenizer_config: Mapping[str, Any] | None, chat_template_file: bool = False
 ) -> Architecture:
+    """The facts of a config that matter for merging; the chat template may sit in its own file."""
     text = text_config(config)
 
     def number(*keys: str) -> Any:
@@ -115,7 +116,7 @@ def describe_architecture(
         rope_scaling=rope_scaling if isinstance(rope_scaling, Mapping) else None,
         torch_dtype=text.get("torch_dtype") or text.get("dtype") or config.get("torch_dtype"),
         tokenizer_class=tokenizer_config.get("tokenizer_class"),
-        has_chat_template=bool(tokenizer_config.get("chat_template")),
+        has_chat_template=chat_template_file or bool(tokenizer_config.get("chat_template")),
     )
 
 
@@ -195,7 +196,9 @@ def inspect_model(
         url=config.repo_url(ref.path),
         summary=summarize(info),
         config=model_config,
-        architecture=describe_architecture(model_config, tokenizer_config),
+        architecture=describe_architecture(
+            model_config, tokenizer_config, any(f.path in CHAT_TEMPLATE_FILES for f in files)
+        ),
         files=tuple(files),
         problems=tuple(problems),
     )

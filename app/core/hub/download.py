@@ -25,7 +25,14 @@ from tqdm.std import tqdm
 
 from app.core.hub.config import HubConfig, resolve_config
 from app.core.hub.details import format_bytes
-from app.core.hub.errors import DiskFullError, NoSafetensorsError, hub_errors, is_transient, translate_error
+from app.core.hub.errors import (
+    DiskFullError,
+    HubError,
+    NoSafetensorsError,
+    hub_errors,
+    is_transient,
+    translate_error,
+)
 from app.core.hub.files import RemoteFile, cached_snapshot, has_weights, refresh_cached, remote_merge_files
 from app.core.progress import Cancelled, Job, Progress, check_cancel
 from app.core.recipe import ModelRef, Recipe
@@ -136,35 +143,43 @@ def download_model(
 
     Files already in the cache are not fetched again. Connection failures are retried
     ``config.max_retries`` times with growing pauses, each attempt resuming with the files finished
-    so far; the download pins the commit it planned, so a push meanwhile cannot mix two versions.
+    so far. The revision is fetched by its name (main by default), as huggingface_hub then records
+    it in the cache's refs, which is how later offline runs find the snapshot.
     """
     ref = ModelRef.parse(ref) if isinstance(ref, str) else ref
     config = resolve_config(config)
-    yield DownloadProgress(STAGE, 0, 0, message=f"looking up {ref}", repo_id=ref.path)
-    commit, files = plan_download(ref, config)
-    _check_disk_space(sum(f.size for f in files if not f.cached), config, ref.path)
-    names = [f.path for f in files]
-    bytes_total = sum(f.size for f in files if not f.cached)
-    cached_before = {f.path for f in files if f.cached}
+    plan: tuple[str, list[RemoteFile]] | None = None
+    cached_before: set[str] = set()
     attempt = 0
     while True:
         check_cancel(cancel)
-        # Bytes of files finished in earlier attempts; a file cut off midway starts again.
-        carried = sum(
-            f.size
-            for f in refresh_cached(files, ref.path, config)
-            if f.cached and f.path not in cached_before
-        )
         try:
+            if plan is None:
+                yield DownloadProgress(
+                    STAGE, 0, 0, message=f"looking up {ref}", repo_id=ref.path, retry=attempt
+                )
+                plan = plan_download(ref, config)
+                cached_before = {f.path for f in plan[1] if f.cached}
+                _check_disk_space(sum(f.size for f in plan[1] if not f.cached), config, ref.path)
+            files = plan[1]
+            # Bytes of files finished in earlier attempts; a file cut off midway starts again.
+            carried = sum(
+                f.size
+                for f in refresh_cached(files, ref.path, config)
+                if f.cached and f.path not in cached_before
+            )
+            bytes_total = sum(f.size for f in files if f.path not in cached_before)
             return (
                 yield from _run_snapshot_download(
-                    ref, commit, names, bytes_total, carried, attempt, cancel, config
+                    ref, [f.path for f in files], bytes_total, carried, attempt, cancel, config
                 )
             )
         except Cancelled:
             raise
         except Exception as exc:
             if not is_transient(exc) or attempt >= config.max_retries:
+                if isinstance(exc, HubError):
+                    raise
                 translated = translate_error(exc, ref.path, ref.revision, config)
                 if translated is None:
                     raise
@@ -174,9 +189,7 @@ def download_model(
             yield DownloadProgress(
                 STAGE,
                 0,
-                len(names),
-                carried,
-                bytes_total,
+                0,
                 message=f"connection lost; retrying in {delay:.0f} s ({attempt} of {config.max_retries})",
                 repo_id=ref.path,
                 retry=attempt,
@@ -193,7 +206,6 @@ def _sleep_unless_cancelled(seconds: float, cancel: threading.Event | None) -> N
 
 def _run_snapshot_download(
     ref: ModelRef,
-    commit: str,
     names: list[str],
     bytes_total: int,
     bytes_before: int,
@@ -209,7 +221,7 @@ def _run_snapshot_download(
         try:
             folder = snapshot_download(
                 ref.path,
-                revision=commit,
+                revision=ref.revision or "main",
                 allow_patterns=names,
                 cache_dir=config.cache_dir,
                 endpoint=config.endpoint,

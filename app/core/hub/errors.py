@@ -98,7 +98,7 @@ def is_transient(exc: BaseException) -> bool:
         ):
             return True
     # snapshot_download turns "no connection and not in the cache" into LocalEntryNotFoundError
-    return isinstance(exc, LocalEntryNotFoundError)
+    return any(isinstance(e, LocalEntryNotFoundError) for e in chain)
 
 
 def translate_error(

@@ -29,6 +29,7 @@ TOKENIZER_FILES = frozenset(
         "chat_template.jinja",
     }
 )
+CHAT_TEMPLATE_FILES = frozenset({"chat_template.jinja", "chat_template.json"})
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_WEIGHTS_FILE = "model.safetensors"
 
