@@ -418,7 +418,6 @@ class GateComputer:
             int(config["hidden_size"]),
             len(recipe.experts),
         )
-        yield Progress("gates", 0, 1, message=f"{recipe.gate_mode} gates for {experts} experts")
         check_cancel(cancel)
         generator = torch.Generator().manual_seed(recipe.studio.seed)
         if recipe.gate_mode == "random":
@@ -430,7 +429,7 @@ class GateComputer:
             router = self._cheap_embed(recipe, layers)
         else:
             router = yield from self._hidden(recipe, cancel)
-        yield Progress("gates", 1, 1)
+        yield Progress("gates", 1, 1, message=f"{recipe.gate_mode} gates for {experts} experts")
         return GateResult(recipe.gate_mode, router.contiguous(), layer_diagnostics(router))
 
     def _cheap_embed(self, recipe: Recipe, layers: int) -> torch.Tensor:
@@ -457,7 +456,7 @@ class GateComputer:
         reduction: Reduction = "mean" if recipe.gate_mode == "hidden_avg" else "last"
         prompts = sorted({p for e in recipe.experts for p in (*e.positive_prompts, *e.negative_prompts)})
         states = yield from self.probe().collect(
-            encode_prompts(self.tokenizer, prompts), reduction, cancel, stage="gates: running the base model"
+            encode_prompts(self.tokenizer, prompts), reduction, cancel, stage="gates"
         )
         by_prompt = dict(zip(prompts, states, strict=True))
 
@@ -486,9 +485,7 @@ class GateComputer:
             (expert, text) for expert, texts in enumerate(prompts_by_expert) for text in texts if text.strip()
         ]
         token_ids = encode_prompts(self.tokenizer, [text for _, text in labelled])
-        states = yield from self.probe().collect(
-            token_ids, "tokens", cancel, stage="preview: routing test prompts"
-        )
+        states = yield from self.probe().collect(token_ids, "tokens", cancel, stage="routing test prompts")
         skip = (
             1 if getattr(self.tokenizer, "bos_token", None) else 0
         )  # the BOS token is the same for every prompt

@@ -52,3 +52,12 @@ def run_job(job: Job[T], on_progress: Callable[[Progress], None] | None = None) 
             return stop.value
         if on_progress is not None:
             on_progress(record)
+
+
+def format_bytes(count: float) -> str:
+    """Human-readable decimal size, as disks and the Hub show them."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(count) < 1000:
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1000
+    return f"{count:.1f} TB"

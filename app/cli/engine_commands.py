@@ -1,0 +1,117 @@
+"""`frankenmoe merge` and `frankenmoe check`."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from app.core.devices import DEVICE_CHOICES
+from app.core.problems import Problem
+from app.core.progress import format_bytes, run_job
+from app.core.recipe import DTYPE_ALIASES, load_recipe
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
+_UNITS = {
+    **{unit: 10 ** (3 * power) for power, unit in enumerate(("", "k", "m", "g", "t"))},
+    **{f"{unit}b": 10 ** (3 * power) for power, unit in enumerate(("", "k", "m", "g", "t"))},
+    **{f"{unit}ib": 2 ** (10 * power) for power, unit in enumerate(("k", "m", "g", "t"), start=1)},
+}
+
+
+def parse_size(text: str) -> int:
+    """Bytes from sizes such as 5GB, 500MB, 2GiB or a plain number of bytes."""
+    match = _SIZE.match(text)
+    unit = match.group(2).lower() if match else ""
+    if not match or unit not in _UNITS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size; write e.g. 5GB or 500MB")
+    size = int(float(match.group(1)) * _UNITS[unit])
+    if size < 1:
+        raise argparse.ArgumentTypeError("the shard size must be at least one byte")
+    return size
+
+
+def register(commands: Any) -> None:
+    merge = commands.add_parser("merge", help="merge a recipe into a Mixtral MoE model folder")
+    merge.add_argument("recipe", type=Path, help="mergekit-moe YAML recipe")
+    merge.add_argument("out", type=Path, help="output folder (created; must be new or empty)")
+    merge.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="where to compute gates")
+    merge.add_argument("--dtype", choices=sorted(set(DTYPE_ALIASES.values())), help="output dtype")
+    merge.add_argument(
+        "--shard-size", type=parse_size, default="5GB", help="largest shard, e.g. 5GB (default)"
+    )
+    merge.add_argument("--overwrite", action="store_true", help="replace an existing model in OUT")
+    merge.add_argument("--quiet", action="store_true", help="no progress bars")
+    merge.set_defaults(handler=run_merge)
+
+    check = commands.add_parser("check", help="check a recipe: problems, compatibility and gate diagnostics")
+    check.add_argument("recipe", type=Path)
+    check.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
+    check.add_argument("--no-gates", action="store_true", help="skip computing gate diagnostics")
+    check.set_defaults(handler=run_check)
+
+
+def _print_problems(problems: list[Problem]) -> None:
+    for problem in problems:
+        print(str(problem), file=sys.stderr)
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    from app.cli.progress import ProgressBars
+    from app.core.merge import MergeOptions, merge_moe
+
+    recipe = load_recipe(args.recipe)
+    options = MergeOptions(
+        out_dir=args.out,
+        shard_size=args.shard_size,
+        overwrite=args.overwrite,
+        dtype=args.dtype,
+        device=args.device,
+    )
+    with ProgressBars(enabled=not args.quiet) as bars:
+        result = run_job(merge_moe(recipe, options), bars)
+    for warning in result.gates.degenerate_warnings(
+        [recipe.expert_label(i) for i in range(len(recipe.experts))]
+    ):
+        print(f"warning: {warning}", file=sys.stderr)
+    print(
+        f"merged {len(recipe.experts)} experts into {result.out_dir} "
+        f"({format_bytes(result.bytes_written)} in {len(result.shard_files)} shard(s), {result.seconds:.1f} s)"
+    )
+    return 0
+
+
+def run_check(args: argparse.Namespace) -> int:
+    from app.core.compat import check_recipe
+
+    recipe = load_recipe(args.recipe)
+    problems = check_recipe(recipe)
+    _print_problems(problems)
+    errors = [p for p in problems if p.is_error]
+    if errors:
+        print(f"{len(errors)} error(s): this recipe cannot be merged yet", file=sys.stderr)
+        return 1
+    print(
+        f"recipe OK: {len(recipe.experts)} experts, top-{recipe.experts_per_token}, gate mode {recipe.gate_mode}"
+    )
+    if args.no_gates:
+        return 0
+    from app.cli.progress import ProgressBars
+    from app.core.gates import compute_gates
+
+    with ProgressBars() as bars:
+        gates = run_job(compute_gates(recipe, device=args.device), bars)
+    labels = [recipe.expert_label(i) for i in range(len(recipe.experts))]
+    print("layer  condition  most similar pair")
+    for diag in gates.diagnostics:
+        pairs = [(diag.similarity[i][j], i, j) for i in range(len(labels)) for j in range(i + 1, len(labels))]
+        similarity, i, j = max(pairs) if pairs else (0.0, 0, 0)
+        flag = "  DEGENERATE" if diag.is_degenerate else ""
+        print(
+            f"{diag.layer:5d}  {diag.condition_number:9.2f}  {labels[i]} ~ {labels[j]}: {similarity:.3f}{flag}"
+        )
+    for warning in gates.degenerate_warnings(labels):
+        print(f"warning: {warning}", file=sys.stderr)
+    return 0
