@@ -164,15 +164,11 @@ class HubServer:
 
     def file_requests(self, path: str, method: str = "GET") -> list[str | None]:
         """The Range headers of every ``method`` request for a repo file ending in ``path``."""
-        return [
-            rng for m, p, rng in self.requests if m == method and "/resolve/" in p and p.endswith("/" + path)
-        ]
+        return [rng for m, p, rng in self.requests if m == method and "/resolve/" in p and p.endswith("/" + path)]
 
 
 class _HubError(Exception):
-    def __init__(
-        self, status: int, code: str | None, message: str, headers: dict[str, str] | None = None
-    ) -> None:
+    def __init__(self, status: int, code: str | None, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
@@ -323,9 +319,7 @@ def _make_handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
                 "library_name": "transformers",
                 "cardData": {"license": repo.license} if repo.license else {},
                 "siblings": siblings,
-                "safetensors": {"parameters": parameters, "total": sum(parameters.values())}
-                if parameters
-                else None,
+                "safetensors": {"parameters": parameters, "total": sum(parameters.values())} if parameters else None,
                 "usedStorage": sum(len(c) for c in files.values()),
             }
 
@@ -373,17 +367,11 @@ def _make_handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
             items = []
             for repo in page:
                 data = self._fields(repo, repo.refs["main"], blobs=False)
-                keep = (
-                    {"_id", "id", *expand}
-                    if expand
-                    else {"_id", "id", "likes", "downloads", "tags", "pipeline_tag"}
-                )
+                keep = {"_id", "id", *expand} if expand else {"_id", "id", "likes", "downloads", "tags", "pipeline_tag"}
                 items.append({k: v for k, v in data.items() if k in keep})
             headers = {}
             if offset + limit < len(found):
-                next_query = {k: v for k, v in query.items() if k != "cursor"} | {
-                    "cursor": [str(offset + limit)]
-                }
+                next_query = {k: v for k, v in query.items() if k != "cursor"} | {"cursor": [str(offset + limit)]}
                 headers["Link"] = f'<{hub.url}/api/models?{urlencode(next_query, doseq=True)}>; rel="next"'
             return items, headers
 
@@ -471,9 +459,7 @@ def tiny_hub_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[s
         "llama-a": _folder_files(make_tiny_model(root / "a", "llama", seed=0)),
         "llama-b": _folder_files(make_tiny_model(root / "b", "llama", seed=1)),
         "llama-wide": _folder_files(make_tiny_model(root / "wide", "llama", seed=2, hidden_size=48)),
-        "llama-sharded": _folder_files(
-            make_tiny_model(root / "sharded", "llama", seed=3, max_shard_size="40KB")
-        ),
+        "llama-sharded": _folder_files(make_tiny_model(root / "sharded", "llama", seed=3, max_shard_size="40KB")),
     }
 
 
@@ -533,9 +519,7 @@ def hub(tiny_hub_files: dict[str, dict[str, bytes]]) -> Iterator[HubServer]:
         {"config.json": files["llama-a"]["config.json"], "pytorch_model.bin": b"\x80\x04pickle"},
         downloads=5,
     )
-    server.add_model(
-        "acme/llama-embeddings", files["llama-a"], pipeline_tag="feature-extraction", downloads=900
-    )
+    server.add_model("acme/llama-embeddings", files["llama-a"], pipeline_tag="feature-extraction", downloads=900)
     server.start()
     yield server
     server.stop()
@@ -544,6 +528,4 @@ def hub(tiny_hub_files: dict[str, dict[str, bytes]]) -> Iterator[HubServer]:
 @pytest.fixture
 def hub_config(hub: HubServer, hub_home: Path) -> HubConfig:
     """Settings for the local Hub, with quick retries so failure tests stay fast."""
-    return HubConfig(
-        endpoint=hub.url, cache_dir=hub_home / "hub", max_retries=2, retry_delay_s=0.01, max_workers=2
-    )
+    return HubConfig(endpoint=hub.url, cache_dir=hub_home / "hub", max_retries=2, retry_delay_s=0.01, max_workers=2)

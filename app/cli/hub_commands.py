@@ -127,9 +127,7 @@ def _drive(job: Job[Any], cancel: threading.Event) -> Any:
                 return stop.value
             if not isinstance(record, DownloadProgress) or not record.bytes_total:
                 if record.message:
-                    tqdm.write(
-                        f"{record.repo_id if isinstance(record, DownloadProgress) else ''} {record.message}"
-                    )
+                    tqdm.write(f"{record.repo_id if isinstance(record, DownloadProgress) else ''} {record.message}")
                 continue
             if bar is None or current != record.repo_id:
                 if bar is not None:
@@ -166,8 +164,5 @@ def run_login(args: argparse.Namespace) -> int:
     # getpass keeps the token off the screen; a pipe (no terminal) is read as is.
     token = getpass.getpass("Hugging Face access token: ") if sys.stdin.isatty() else sys.stdin.readline()
     user = save_token(token)
-    print(
-        f"logged in as {user.name}"
-        + (f" (token {user.token_name!r}, {user.role})" if user.token_name else "")
-    )
+    print(f"logged in as {user.name}" + (f" (token {user.token_name!r}, {user.role})" if user.token_name else ""))
     return 0

@@ -62,9 +62,7 @@ def test_download_is_pinned_to_the_revision(hub, hub_config, tiny_hub_files):
     assert (folder / "model.safetensors").read_bytes() == tiny_hub_files["llama-b"]["model.safetensors"]
 
 
-def test_cancel_leaves_a_consistent_cache_and_the_next_download_completes(
-    hub, hub_config, tiny_hub_files, monkeypatch
-):
+def test_cancel_leaves_a_consistent_cache_and_the_next_download_completes(hub, hub_config, tiny_hub_files, monkeypatch):
     monkeypatch.setattr(constants, "DOWNLOAD_CHUNK_SIZE", 4096)
     hub.throttle("model.safetensors", piece=4096, pause_s=0.03)
     cancel = threading.Event()
@@ -81,9 +79,7 @@ def test_cancel_leaves_a_consistent_cache_and_the_next_download_completes(
     weights = tiny_hub_files["llama-a"]["model.safetensors"]
     # The weights were cut off midway, so no file of that name is in the snapshot.
     assert not (snapshot / "model.safetensors").exists()
-    assert all(
-        (snapshot / p.name).read_bytes() == tiny_hub_files["llama-a"][p.name] for p in snapshot.iterdir()
-    )
+    assert all((snapshot / p.name).read_bytes() == tiny_hub_files["llama-a"][p.name] for p in snapshot.iterdir())
     assert cached_snapshot(ModelRef.parse(REPO), hub_config) is None
 
     finished_before = {p.name for p in snapshot.iterdir()}

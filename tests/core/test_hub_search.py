@@ -79,9 +79,7 @@ def test_search_pages_through_results(hub_config):
 
 
 def test_inspect_reads_small_files_only_and_checks_against_the_base(hub, hub_config, tiny_hub_files):
-    report = inspect_model(
-        "acme/tiny-llama-chat", base=ModelRef.parse("acme/tiny-llama-instruct"), config=hub_config
-    )
+    report = inspect_model("acme/tiny-llama-chat", base=ModelRef.parse("acme/tiny-llama-instruct"), config=hub_config)
     arch = report.architecture
     assert (arch.family, arch.layers, arch.hidden_size, arch.intermediate_size) == ("llama", 2, 32, 64)
     assert arch.vocab_size > 0 and arch.rope_theta and arch.has_chat_template
@@ -98,9 +96,7 @@ def test_inspect_reads_small_files_only_and_checks_against_the_base(hub, hub_con
 
 
 def test_inspect_reports_an_incompatible_model(hub_config):
-    report = inspect_model(
-        "acme/tiny-llama-wide", base=ModelRef.parse("acme/tiny-llama-instruct"), config=hub_config
-    )
+    report = inspect_model("acme/tiny-llama-wide", base=ModelRef.parse("acme/tiny-llama-instruct"), config=hub_config)
     assert not report.can_join
     assert any("hidden" in p.message for p in report.problems if p.is_error), report.problems
 
@@ -227,7 +223,5 @@ def test_fit_estimates_memory_of_gates_and_chat():
     assert {p.field for p in tight.problems} == {"gates", "chat"}
     assert all(p.is_error for p in tight.problems if p.field == "chat")
 
-    gpu = MachineMemory(
-        ram_total=16 * 10**9, ram_available=10 * 10**9, vram_free=80 * 10**9, vram_total=80 * 10**9
-    )
+    gpu = MachineMemory(ram_total=16 * 10**9, ram_available=10 * 10**9, vram_free=80 * 10**9, vram_total=80 * 10**9)
     assert estimate_fit(LLAMA_7B, dense_parameters=7_241_732_096, n_experts=4, machine=gpu).problems == ()

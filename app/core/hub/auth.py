@@ -46,9 +46,7 @@ def check_token(token: str | None = None, config: HubConfig | None = None) -> Hu
             ) from None  # the original error holds the request, whose headers hold the token
         raise
     access = (answer.get("auth") or {}).get("accessToken") or {}
-    return HubUser(
-        name=str(answer.get("name", "")), token_name=access.get("displayName"), role=access.get("role")
-    )
+    return HubUser(name=str(answer.get("name", "")), token_name=access.get("displayName"), role=access.get("role"))
 
 
 def save_token(token: str, config: HubConfig | None = None) -> HubUser:

@@ -171,9 +171,7 @@ def inspect_model(
     if model_config is None:
         model_config = {}
         problems.append(
-            Problem(
-                "model", f"{ref} has no config.json, so it is not a transformers model", "pick another model"
-            )
+            Problem("model", f"{ref} has no config.json, so it is not a transformers model", "pick another model")
         )
     tokenizer_config = _download_json(ref.path, "tokenizer_config.json", commit, config)
     files = remote_merge_files(info, config)

@@ -155,18 +155,14 @@ def download_model(
         check_cancel(cancel)
         try:
             if plan is None:
-                yield DownloadProgress(
-                    STAGE, 0, 0, message=f"looking up {ref}", repo_id=ref.path, retry=attempt
-                )
+                yield DownloadProgress(STAGE, 0, 0, message=f"looking up {ref}", repo_id=ref.path, retry=attempt)
                 plan = plan_download(ref, config)
                 cached_before = {f.path for f in plan[1] if f.cached}
                 _check_disk_space(sum(f.size for f in plan[1] if not f.cached), config, ref.path)
             files = plan[1]
             # Bytes of files finished in earlier attempts; a file cut off midway starts again.
             carried = sum(
-                f.size
-                for f in refresh_cached(files, ref.path, config)
-                if f.cached and f.path not in cached_before
+                f.size for f in refresh_cached(files, ref.path, config) if f.cached and f.path not in cached_before
             )
             bytes_total = sum(f.size for f in files if f.path not in cached_before)
             return (

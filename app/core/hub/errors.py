@@ -83,19 +83,13 @@ def _status(exc: BaseException) -> int | None:
 def is_transient(exc: BaseException) -> bool:
     """A failure that may go away by itself: a dropped or refused connection, a timeout, a 5xx."""
     chain = list(_exception_chain(exc))
-    if any(
-        isinstance(e, OfflineModeIsEnabled | RepositoryNotFoundError | HfRevisionNotFoundError) for e in chain
-    ):
+    if any(isinstance(e, OfflineModeIsEnabled | RepositoryNotFoundError | HfRevisionNotFoundError) for e in chain):
         return False
     for error in chain:
         if isinstance(error, httpx2.TransportError):
             return True
         status = _status(error)
-        if (
-            isinstance(error, HfHubHTTPError)
-            and status is not None
-            and (status >= 500 or status in (408, 429))
-        ):
+        if isinstance(error, HfHubHTTPError) and status is not None and (status >= 500 or status in (408, 429)):
             return True
     # snapshot_download turns "no connection and not in the cache" into LocalEntryNotFoundError
     return any(isinstance(e, LocalEntryNotFoundError) for e in chain)
@@ -117,9 +111,7 @@ def translate_error(
                 )
             else:
                 hint = f"open {url} while logged in as the token's owner and accept the terms"
-            return GatedModelError(
-                f"{name} is gated: its authors ask you to accept their terms first", hint, url
-            )
+            return GatedModelError(f"{name} is gated: its authors ask you to accept their terms first", hint, url)
     for error in chain:
         if isinstance(error, RepositoryNotFoundError):
             return ModelNotFoundError(

@@ -114,16 +114,12 @@ def refresh_cached(files: Iterable[RemoteFile], repo_id: str, config: HubConfig)
 def cached_snapshot(ref: ModelRef, config: HubConfig) -> Path | None:
     """The snapshot folder of a Hub model if the cache already holds every file a merge needs; no network."""
     revision = ref.revision or "main"
-    config_path = try_to_load_from_cache(
-        ref.path, "config.json", cache_dir=config.cache_dir, revision=revision
-    )
+    config_path = try_to_load_from_cache(ref.path, "config.json", cache_dir=config.cache_dir, revision=revision)
     if not isinstance(config_path, str):
         return None
     snapshot = Path(config_path).parent
     try:
-        listed = [
-            f.path for f in get_cached_repo_tree(ref.path, revision=revision, cache_dir=config.cache_dir)
-        ]
+        listed = [f.path for f in get_cached_repo_tree(ref.path, revision=revision, cache_dir=config.cache_dir)]
     except CachedRepoTreeNotFoundError:
         # Downloaded by another tool that kept no file listing: judge by what the folder holds.
         listed = [p.name for p in snapshot.iterdir()]

@@ -93,8 +93,7 @@ def estimate_fit(
     moe_parameters = moe_parameter_count(config, dense_parameters, n_experts)
     gate_bytes = int(dense_parameters * per_parameter * RUNTIME_OVERHEAD)
     chat_bytes = int(
-        moe_parameters * per_parameter * RUNTIME_OVERHEAD
-        + kv_cache_bytes(config, CHAT_CONTEXT_TOKENS, per_parameter)
+        moe_parameters * per_parameter * RUNTIME_OVERHEAD + kv_cache_bytes(config, CHAT_CONTEXT_TOKENS, per_parameter)
     )
     problems: list[Problem] = []
     for field, needed, doing in (

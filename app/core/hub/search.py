@@ -88,9 +88,7 @@ def summarize(info: ModelInfo) -> ModelSummary:
         size = sum(n * DTYPE_BYTES.get(name, 2) for name, n in counts.items())
     license_ = getattr(info.card_data, "license", None) if info.card_data is not None else None
     if license_ is None:
-        license_ = next(
-            (t.removeprefix("license:") for t in info.tags or [] if t.startswith("license:")), None
-        )
+        license_ = next((t.removeprefix("license:") for t in info.tags or [] if t.startswith("license:")), None)
     if isinstance(license_, list):
         license_ = ", ".join(map(str, license_))
     return ModelSummary(
