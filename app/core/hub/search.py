@@ -1,0 +1,133 @@
+"""Searching the Hub for text-generation models, with the facts that matter for merging."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from itertools import islice
+from typing import Literal, get_args
+
+from huggingface_hub.hf_api import ModelInfo
+
+from app.core.hub.config import HubConfig, resolve_config
+from app.core.hub.errors import hub_errors
+
+SortKey = Literal["downloads", "likes", "trending", "updated"]
+SORT_KEYS: tuple[str, ...] = get_args(SortKey)
+_HUB_SORT = {
+    "downloads": "downloads",
+    "likes": "likes",
+    "trending": "trending_score",
+    "updated": "last_modified",
+}
+
+# Bytes per parameter for the dtype names the Hub uses in its safetensors metadata.
+DTYPE_BYTES = {
+    "F64": 8,
+    "I64": 8,
+    "F32": 4,
+    "I32": 4,
+    "U32": 4,
+    "BF16": 2,
+    "F16": 2,
+    "I16": 2,
+    "U16": 2,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+}
+
+SEARCH_FIELDS = [
+    "downloads",
+    "likes",
+    "lastModified",
+    "trendingScore",
+    "gated",
+    "safetensors",
+    "cardData",
+    "tags",
+    "pipeline_tag",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSummary:
+    """One Hub model as a search result. Sizes are None when the Hub has no safetensors metadata."""
+
+    repo_id: str
+    parameters: int | None
+    dtype: str | None
+    size_bytes: int | None
+    license: str | None
+    gated: bool
+    downloads: int | None
+    likes: int | None
+    last_modified: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class SearchPage:
+    models: tuple[ModelSummary, ...]
+    offset: int
+    has_more: bool
+
+    @property
+    def next_offset(self) -> int:
+        return self.offset + len(self.models)
+
+
+def summarize(info: ModelInfo) -> ModelSummary:
+    parameters = dtype = size = None
+    if info.safetensors is not None and info.safetensors.parameters:
+        counts = info.safetensors.parameters
+        parameters = info.safetensors.total or sum(counts.values())
+        dtype = max(counts, key=lambda name: counts[name])
+        # Unknown dtypes count as 2 bytes, the common case for today's checkpoints.
+        size = sum(n * DTYPE_BYTES.get(name, 2) for name, n in counts.items())
+    license_ = getattr(info.card_data, "license", None) if info.card_data is not None else None
+    if license_ is None:
+        license_ = next((t.removeprefix("license:") for t in info.tags or [] if t.startswith("license:")), None)
+    if isinstance(license_, list):
+        license_ = ", ".join(map(str, license_))
+    return ModelSummary(
+        repo_id=info.id,
+        parameters=parameters,
+        dtype=dtype,
+        size_bytes=size,
+        license=license_,
+        gated=bool(info.gated),
+        downloads=info.downloads,
+        likes=info.likes,
+        last_modified=info.last_modified,
+    )
+
+
+def search_models(
+    query: str,
+    *,
+    sort: SortKey = "downloads",
+    limit: int = 20,
+    offset: int = 0,
+    config: HubConfig | None = None,
+) -> SearchPage:
+    """Text-generation models matching ``query``, ``limit`` at a time, starting after ``offset`` results.
+
+    huggingface_hub's listing cannot resume at a page, so a later page asks for all results up to
+    its end and skips the ones already shown; one result more than needed tells whether more exist.
+    """
+    if sort not in _HUB_SORT:
+        raise ValueError(f"sort must be one of {', '.join(SORT_KEYS)}")
+    config = resolve_config(config)
+    wanted = offset + limit + 1
+    with hub_errors(None, None, config):
+        listing = config.api().list_models(
+            search=query.strip() or None,
+            filter="text-generation",
+            sort=_HUB_SORT[sort],  # type: ignore[arg-type]  # checked against _HUB_SORT above
+            limit=wanted,
+            expand=SEARCH_FIELDS,  # type: ignore[arg-type]  # names from ExpandModelProperty_T
+        )
+        found = [summarize(info) for info in islice(listing, offset, wanted)]
+    return SearchPage(models=tuple(found[:limit]), offset=offset, has_more=len(found) > limit)
