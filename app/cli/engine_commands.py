@@ -58,6 +58,7 @@ def _print_problems(problems: list[Problem]) -> None:
 
 def run_merge(args: argparse.Namespace) -> int:
     from app.cli.progress import ProgressBars
+    from app.core.hub import ensure_recipe_models
     from app.core.merge import MergeOptions, merge_moe
 
     recipe = load_recipe(args.recipe)
@@ -69,6 +70,8 @@ def run_merge(args: argparse.Namespace) -> int:
         device=args.device,
     )
     with ProgressBars(enabled=not args.quiet) as bars:
+        # Hub models the cache lacks are downloaded first, with their own progress.
+        run_job(ensure_recipe_models(recipe), bars)
         result = run_job(merge_moe(recipe, options), bars)
     for warning in result.gates.degenerate_warnings([recipe.expert_label(i) for i in range(len(recipe.experts))]):
         print(f"warning: {warning}", file=sys.stderr)

@@ -16,7 +16,7 @@ Handler = Callable[[argparse.Namespace], int]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from app.cli import engine_commands
+    from app.cli import engine_commands, hub_commands
 
     parser = argparse.ArgumentParser(
         prog="frankenmoe",
@@ -25,12 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"FrankenMoE Studio {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     engine_commands.register(commands)
-    try:
-        from app.cli import hub_commands
-    except ImportError:
-        pass
-    else:
-        hub_commands.register(commands)
+    hub_commands.register(commands)
     return parser
 
 

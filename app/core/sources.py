@@ -135,22 +135,27 @@ def resolve_model_dir(ref: ModelRef, cache_dir: Path | None = None) -> Path:
                 "check the path, or give a Hub id such as org/name",
             )
         return folder
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
+    from dataclasses import replace
 
+    from app.core.hub.config import HubConfig
+    from app.core.hub.files import cached_snapshot
+
+    config = HubConfig.current()
+    if cache_dir is not None:
+        config = replace(config, cache_dir=Path(cache_dir))
     try:
-        folder = snapshot_download(ref.path, revision=ref.revision, local_files_only=True, cache_dir=cache_dir)
-    except LocalEntryNotFoundError as exc:
-        raise ModelNotDownloaded(
-            f"the Hub model {ref} is not downloaded yet",
-            f"download it first: frankenmoe hub download {ref}",
-        ) from exc
+        snapshot = cached_snapshot(ref, config)
     except ValueError as exc:  # malformed repo id
         raise ModelSourceError(
             f"{ref.path!r} is neither a local folder nor a Hub id ({exc})",
             "give an existing folder, or a Hub id written as org/name",
         ) from exc
-    return Path(folder)
+    if snapshot is None:
+        raise ModelNotDownloaded(
+            f"the Hub model {ref} is not downloaded yet",
+            f"download it first: frankenmoe hub download {ref}",
+        )
+    return snapshot
 
 
 class ModelSource:

@@ -62,3 +62,22 @@ def test_gated_download_explains_what_to_do(cli_hub, capsys):
     err = capsys.readouterr().err
     assert "error: acme/gated-llama is gated" in err
     assert f"{cli_hub.url}/acme/gated-llama" in err
+
+
+def test_merge_downloads_missing_hub_models_first(cli_hub, hub_home, tmp_path, capsys):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        "base_model: acme/tiny-llama-instruct\ngate_mode: hidden\nexperts:\n"
+        "  - source_model: acme/tiny-llama-chat\n    positive_prompts: [chat with me]\n"
+        "  - source_model: acme/tiny-llama-sharded\n    positive_prompts: [what is 2 plus 2]\n"
+    )
+    out = tmp_path / "moe"
+    assert run_cli(["merge", str(recipe), str(out), "--quiet"]) == 0
+    assert f"merged 2 experts into {out}" in capsys.readouterr().out
+    cached = sorted(p.name for p in (hub_home / "hub").iterdir() if p.name.startswith("models--"))
+    assert cached == [f"models--acme--tiny-llama-{name}" for name in ("chat", "instruct", "sharded")]
+    assert (out / "config.json").is_file()
+    # A second merge finds everything in the cache: the Hub is not asked for files again.
+    requests_before = len(cli_hub.requests)
+    assert run_cli(["merge", str(recipe), str(tmp_path / "again"), "--quiet"]) == 0
+    assert cli_hub.requests[requests_before:] == []

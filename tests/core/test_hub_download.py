@@ -163,12 +163,6 @@ def test_the_engine_opens_a_downloaded_model(hub, hub_config):
         assert source.config["model_type"] == "llama"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="sources.resolve_model_dir calls snapshot_download(local_files_only=True) without the "
-    "download's file selection, so huggingface_hub calls the snapshot incomplete (README.md etc. "
-    "were not fetched); it should use app.core.hub.cached_snapshot",
-)
 def test_the_engine_resolves_a_downloaded_hub_ref(hub, hub_config):
     from app.core.sources import resolve_model_dir
 
