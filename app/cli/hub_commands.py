@@ -16,12 +16,11 @@ from app.core.hub import (
     ModelReport,
     download_model,
     ensure_recipe_models,
-    format_bytes,
     inspect_model,
     save_token,
     search_models,
 )
-from app.core.progress import Job, Progress
+from app.core.progress import Job, Progress, format_bytes
 from app.core.recipe import ModelRef, load_recipe
 
 

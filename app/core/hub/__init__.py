@@ -6,7 +6,7 @@ as :class:`HubError` subclasses that say what to do.
 
 from app.core.hub.auth import HubUser, check_token, has_token, save_token
 from app.core.hub.config import HubConfig
-from app.core.hub.details import Architecture, ModelReport, fetch_config, format_bytes, inspect_model
+from app.core.hub.details import Architecture, ModelReport, fetch_config, inspect_model
 from app.core.hub.download import (
     DownloadProgress,
     download_model,
@@ -58,7 +58,6 @@ __all__ = [
     "ensure_recipe_models",
     "estimate_fit",
     "fetch_config",
-    "format_bytes",
     "has_token",
     "inspect_model",
     "machine_memory",

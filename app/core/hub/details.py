@@ -16,6 +16,7 @@ from app.core.hub.errors import ModelNotFoundError, hub_errors
 from app.core.hub.files import CHAT_TEMPLATE_FILES, RemoteFile, has_weights, remote_merge_files
 from app.core.hub.search import ModelSummary, summarize
 from app.core.problems import Problem
+from app.core.progress import format_bytes
 from app.core.recipe import ModelRef
 
 
@@ -72,14 +73,6 @@ class ModelReport:
             return f"all {format_bytes(self.bytes_total)} already cached"
         text = f"{format_bytes(self.bytes_to_fetch)} to fetch"
         return f"{text}, {format_bytes(self.bytes_cached)} already cached" if self.bytes_cached else text
-
-
-def format_bytes(count: float) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if abs(count) < 1000:
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1000
-    return f"{count:.1f} TB"
 
 
 def text_config(config: Mapping[str, Any]) -> Mapping[str, Any]:

@@ -24,7 +24,6 @@ from huggingface_hub import snapshot_download
 from tqdm.std import tqdm
 
 from app.core.hub.config import HubConfig, resolve_config
-from app.core.hub.details import format_bytes
 from app.core.hub.errors import (
     DiskFullError,
     HubError,
@@ -34,7 +33,7 @@ from app.core.hub.errors import (
     translate_error,
 )
 from app.core.hub.files import RemoteFile, cached_snapshot, has_weights, refresh_cached, remote_merge_files
-from app.core.progress import Cancelled, Job, Progress, check_cancel
+from app.core.progress import Cancelled, Job, Progress, check_cancel, format_bytes
 from app.core.recipe import ModelRef, Recipe
 
 STAGE = "download"

@@ -7,8 +7,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from app.core.hub.details import format_bytes, text_config
+from app.core.hub.details import text_config
 from app.core.problems import Problem, Severity
+from app.core.progress import format_bytes
 
 BYTES_PER_PARAMETER = {"float32": 4, "float16": 2, "bfloat16": 2}
 # Activations, allocator slack and framework buffers on top of the weights, from experience with
