@@ -31,7 +31,7 @@ class Progress:
         return min(1.0, self.done / self.total) if self.total else 0.0
 
 
-class Cancelled(Exception):  # noqa: N818 - reads naturally at the call sites: `except Cancelled`
+class Cancelled(Exception):
     """The user asked the job to stop; whatever it had started has been cleaned up."""
 
 

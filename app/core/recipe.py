@@ -220,7 +220,11 @@ def load_recipe(source: str | os.PathLike[str]) -> Recipe:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ProblemsError(
-            [Problem("recipe", f"cannot read {path}: {exc.strerror or exc}", "check the path and permissions")]
+            [
+                Problem(
+                    "recipe", f"cannot read {path}: {exc.strerror or exc}", "check the path and permissions"
+                )
+            ]
         ) from exc
     return parse_recipe(text)
 
@@ -343,7 +347,10 @@ def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
         extras = recipe.studio.model_dump(exclude_defaults=True)
         if "experts" in extras:
             extras["experts"] = [
-                {k: list(v) if isinstance(v, tuple) else v for k, v in e.model_dump(exclude_defaults=True).items()}
+                {
+                    k: list(v) if isinstance(v, tuple) else v
+                    for k, v in e.model_dump(exclude_defaults=True).items()
+                }
                 for e in recipe.studio.experts
             ]
             while extras["experts"] and not extras["experts"][-1]:
@@ -464,15 +471,15 @@ def validate_recipe(recipe: Recipe) -> list[Problem]:
                     )
                 )
 
-    if n_experts > 1 and len({e.source_model for e in recipe.experts}) == 1:
-        if not recipe.studio.allow_identical_experts:
-            problems.append(
-                Problem(
-                    "experts",
-                    f"all experts are the same model ({recipe.experts[0].source_model}): the MoE would be "
-                    "larger and slower but answer exactly as that model does",
-                    f"use different fine-tunes, or set `{EXTENSION_KEY}: {{allow_identical_experts: true}}` "
-                    "if you will train the MoE after merging (upcycling)",
-                )
+    identical = n_experts > 1 and len({e.source_model for e in recipe.experts}) == 1
+    if identical and not recipe.studio.allow_identical_experts:
+        problems.append(
+            Problem(
+                "experts",
+                f"all experts are the same model ({recipe.experts[0].source_model}): the MoE would be "
+                "larger and slower but answer exactly as that model does",
+                f"use different fine-tunes, or set `{EXTENSION_KEY}: {{allow_identical_experts: true}}` "
+                "if you will train the MoE after merging (upcycling)",
             )
+        )
     return problems

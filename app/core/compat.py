@@ -1,0 +1,284 @@
+"""Can these models be merged? Every mismatch is named with both values, before any heavy work."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from app.core.families import SUPPORTED_FAMILIES, config_value, rope_settings
+from app.core.problems import FrankenMoEError, Problem, Severity
+from app.core.recipe import Recipe, validate_recipe
+from app.core.sources import ModelSource, open_model
+
+# (config key, what to call it, why it matters)
+SHAPE_KEYS = (
+    ("hidden_size", "hidden size", "the attention and experts would not fit together"),
+    ("intermediate_size", "intermediate size", "Mixtral experts must all have the same MLP size"),
+    ("num_hidden_layers", "layer count", "each layer of the MoE takes one layer of every expert"),
+    ("num_attention_heads", "attention heads", "the attention comes from the base and must match"),
+    ("num_key_value_heads", "KV heads", "the attention comes from the base and must match"),
+    ("head_dim", "head dim", "the attention comes from the base and must match"),
+    ("vocab_size", "vocab size", "the embeddings come from the base and must match the experts'"),
+    ("hidden_act", "activation", "experts trained with another activation would compute garbage"),
+    ("tie_word_embeddings", "tied embeddings", "the LM head comes from the base"),
+)
+
+UNSUPPORTED_FLAGS = (
+    ("attention_bias", "attention biases", "Mixtral's attention has no biases"),
+    ("mlp_bias", "MLP biases", "Mixtral's experts have no biases"),
+)
+
+
+def compare_configs(
+    base_config: Mapping[str, Any], other_config: Mapping[str, Any], who: str
+) -> list[Problem]:
+    """Mismatches between a donor's config and the base's, each naming both values."""
+    problems: list[Problem] = []
+    base_family = str(base_config.get("model_type"))
+    family = str(other_config.get("model_type"))
+    for name, config in (("base model", base_config), (who, other_config)):
+        model_type = str(config.get("model_type"))
+        if model_type not in SUPPORTED_FAMILIES:
+            problems.append(
+                Problem(
+                    who if config is other_config else "base_model",
+                    f"{name} is a {model_type!r} model; Mixtral output takes "
+                    f"{' or '.join(SUPPORTED_FAMILIES)}",
+                    "choose models of a supported family",
+                )
+            )
+        for key, label, why in UNSUPPORTED_FLAGS:
+            if config_value(config, key):
+                problems.append(
+                    Problem(
+                        who if config is other_config else "base_model",
+                        f"{name} uses {label}, but {why}",
+                        "choose models without them",
+                    )
+                )
+    if problems:
+        return _dedupe(problems)
+    if family != base_family:
+        problems.append(
+            Problem(who, f"model family differs: base is {base_family}, {who} is {family}", _SAME_FAMILY_HINT)
+        )
+    for key, label, why in SHAPE_KEYS:
+        base_value, value = config_value(base_config, key), config_value(other_config, key)
+        if base_value != value:
+            problems.append(
+                Problem(
+                    who,
+                    f"{label} differs: base has {base_value}, {who} has {value}; {why}",
+                    _SAME_FAMILY_HINT,
+                )
+            )
+    base_rope, rope = rope_settings(base_config), rope_settings(other_config)
+    if base_rope != rope:
+        problems.append(
+            Problem(
+                who,
+                f"RoPE settings differ: base has {_short(base_rope)}, {who} has {_short(rope)}; "
+                "the experts would see positions differently and produce garbage",
+                _SAME_FAMILY_HINT,
+            )
+        )
+    if config_value(base_config, "sliding_window") != config_value(other_config, "sliding_window"):
+        problems.append(
+            Problem(
+                who,
+                f"sliding window differs: base has {config_value(base_config, 'sliding_window')}, "
+                f"{who} has {config_value(other_config, 'sliding_window')}; the base's is used",
+                "check that the expert was trained with the base's attention window",
+                severity=Severity.WARNING,
+            )
+        )
+    return problems
+
+
+_SAME_FAMILY_HINT = "use fine-tunes of the same base model as experts"
+
+
+def _short(settings: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(settings.items()))
+
+
+def _dedupe(problems: list[Problem]) -> list[Problem]:
+    seen: list[Problem] = []
+    for problem in problems:
+        if problem not in seen:
+            seen.append(problem)
+    return seen
+
+
+# --------------------------------------------------------------------------- tokenizers
+
+
+def tokenizer_fingerprint(folder: Path) -> dict[str, Any]:
+    """What a tokenizer is made of: its vocabulary, special tokens and chat template."""
+    vocab: dict[str, int] | None = None
+    vocab_digest: str | None = None
+    tokenizer_json = folder / "tokenizer.json"
+    if tokenizer_json.is_file():
+        data = json.loads(tokenizer_json.read_text(encoding="utf-8"))
+        model_vocab = (data.get("model") or {}).get("vocab") or {}
+        if isinstance(model_vocab, list):  # Unigram: [[piece, score], ...]
+            vocab = {piece: index for index, (piece, _score) in enumerate(model_vocab)}
+        else:
+            vocab = dict(model_vocab)
+        for token in data.get("added_tokens") or []:
+            vocab[token["content"]] = token["id"]
+        vocab_digest = hashlib.sha256(json.dumps(sorted(vocab.items())).encode()).hexdigest()
+    elif (folder / "tokenizer.model").is_file():
+        vocab_digest = hashlib.sha256((folder / "tokenizer.model").read_bytes()).hexdigest()
+
+    config: dict[str, Any] = {}
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        path = folder / name
+        if path.is_file():
+            config.update(json.loads(path.read_text(encoding="utf-8")))
+    specials = {}
+    for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        value = config.get(key)
+        specials[key] = value.get("content") if isinstance(value, Mapping) else value
+    template = config.get("chat_template")
+    if template is None and (folder / "chat_template.jinja").is_file():
+        template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    if template is None and (folder / "chat_template.json").is_file():
+        template = json.loads((folder / "chat_template.json").read_text(encoding="utf-8")).get(
+            "chat_template"
+        )
+    return {"vocab_digest": vocab_digest, "vocab": vocab, "specials": specials, "chat_template": template}
+
+
+def compare_tokenizers(base: Mapping[str, Any], other: Mapping[str, Any], who: str) -> list[Problem]:
+    problems: list[Problem] = []
+    if base["vocab_digest"] is None:
+        return [
+            Problem(
+                "base_model",
+                "the base model has no tokenizer files (tokenizer.json or tokenizer.model)",
+                "use a base folder that includes its tokenizer",
+            )
+        ]
+    if other["vocab_digest"] is None:
+        return [
+            Problem(
+                who,
+                f"{who} has no tokenizer files, so its vocabulary cannot be checked",
+                "make sure it was fine-tuned with the base's tokenizer",
+                severity=Severity.WARNING,
+            )
+        ]
+    if base["vocab_digest"] != other["vocab_digest"]:
+        problems.append(
+            Problem(
+                who,
+                f"vocabulary differs from the base's: {_vocab_difference(base['vocab'], other['vocab'])}; "
+                "token ids would mean different things to the experts",
+                "use experts fine-tuned with the base model's tokenizer",
+            )
+        )
+    for key, base_value in base["specials"].items():
+        if other["specials"].get(key) != base_value:
+            problems.append(
+                Problem(
+                    who,
+                    f"{key} differs: base has {base_value!r}, {who} has {other['specials'].get(key)!r}; "
+                    "the base's tokenizer is used",
+                    "check that the expert expects the base's special tokens",
+                    severity=Severity.WARNING,
+                )
+            )
+    if (base["chat_template"] or "") != (other["chat_template"] or ""):
+        problems.append(
+            Problem(
+                who,
+                f"chat template differs from the base's; the MoE uses the base's "
+                f"({'none' if not base['chat_template'] else 'present'})",
+                "check that the expert was tuned on the base's chat format",
+                severity=Severity.WARNING,
+            )
+        )
+    return problems
+
+
+def _vocab_difference(base: Mapping[str, int] | None, other: Mapping[str, int] | None) -> str:
+    if base is None or other is None:
+        return "the tokenizer model files differ"
+    only_base = len(set(base) - set(other))
+    only_other = len(set(other) - set(base))
+    moved = sum(1 for token, index in other.items() if token in base and base[token] != index)
+    return (
+        f"{len(base)} vs {len(other)} tokens, {only_base} only in the base, "
+        f"{only_other} only in it, {moved} renumbered"
+    )
+
+
+# --------------------------------------------------------------------------- whole recipes
+
+
+def check_models(base: ModelSource, donors: Sequence[tuple[str, ModelSource]]) -> list[Problem]:
+    """Compatibility of each (field, donor) with the base: configs, tensors present, tokenizers."""
+    problems: list[Problem] = []
+    base_tokenizer = tokenizer_fingerprint(base.path)
+    tokenizers: dict[Path, dict[str, Any]] = {base.path: base_tokenizer}
+    for field, donor in donors:
+        config_problems = compare_configs(base.config, donor.config, field)
+        problems.extend(config_problems)
+        if donor.path not in tokenizers:
+            tokenizers[donor.path] = tokenizer_fingerprint(donor.path)
+        problems.extend(compare_tokenizers(base_tokenizer, tokenizers[donor.path], field))
+        if not any(p.is_error for p in config_problems):
+            problems.extend(_missing_mlp_tensors(donor, field))
+    return _dedupe(problems)
+
+
+def _missing_mlp_tensors(donor: ModelSource, field: str) -> list[Problem]:
+    layers = int(donor.config["num_hidden_layers"])
+    missing = [
+        name
+        for layer in range(layers)
+        for projection in ("gate", "up", "down")
+        if not donor.has_tensor(name := f"model.layers.{layer}.mlp.{projection}_proj.weight")
+    ]
+    if not missing:
+        return []
+    return [
+        Problem(
+            field,
+            f"{donor.ref} lacks {len(missing)} MLP tensor(s), e.g. {missing[0]}",
+            "the checkpoint is incomplete or not a plain Llama/Mistral model; download it again",
+        )
+    ]
+
+
+def check_recipe(recipe: Recipe, cache_dir: Path | None = None) -> list[Problem]:
+    """Recipe validation plus, where the models can be opened, their compatibility."""
+    problems = validate_recipe(recipe)
+    base: ModelSource | None = None
+    donors: list[tuple[str, ModelSource]] = []
+    opened: dict[str, ModelSource] = {}
+    try:
+        for field, ref in [("base_model", recipe.base_model)] + [
+            (f"experts.{i}.source_model", e.source_model) for i, e in enumerate(recipe.experts)
+        ]:
+            key = str(ref)
+            try:
+                if key not in opened:
+                    opened[key] = open_model(ref, cache_dir)
+            except FrankenMoEError as exc:
+                problems.append(Problem(field, exc.message, exc.hint))
+                continue
+            if field == "base_model":
+                base = opened[key]
+            else:
+                donors.append((field, opened[key]))
+        if base is not None:
+            problems.extend(check_models(base, donors))
+    finally:
+        for source in opened.values():
+            source.close()
+    return problems

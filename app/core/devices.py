@@ -1,0 +1,83 @@
+"""Device and dtype choice, and how much memory there is to use."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from app.core.problems import FrankenMoEError
+
+if TYPE_CHECKING:
+    import torch
+
+DEVICE_CHOICES = ("auto", "cuda", "mps", "cpu")
+
+
+def resolve_device(name: str = "auto") -> str:
+    """The torch device to use: the best available for "auto", checked otherwise."""
+    import torch
+
+    name = (name or "auto").lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if _mps_available():
+            return "mps"
+        return "cpu"
+    kind = name.split(":", 1)[0]
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise FrankenMoEError(
+                "CUDA was asked for, but no CUDA GPU is available", "use --device cpu or auto"
+            )
+        if ":" in name and int(name.split(":", 1)[1]) >= torch.cuda.device_count():
+            raise FrankenMoEError(
+                f"{name} does not exist; this machine has {torch.cuda.device_count()} CUDA device(s)",
+                "use cuda:0 or auto",
+            )
+        return name
+    if kind == "mps":
+        if not _mps_available():
+            raise FrankenMoEError(
+                "Apple MPS was asked for, but it is not available", "use --device cpu or auto"
+            )
+        return name
+    if kind == "cpu":
+        return "cpu"
+    raise FrankenMoEError(f"unknown device {name!r}", f"use one of {', '.join(DEVICE_CHOICES)}")
+
+
+def _mps_available() -> bool:
+    import torch
+
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend is not None and backend.is_available())
+
+
+def compute_dtype(device: str, requested: str | None = None) -> torch.dtype:
+    """The dtype to run a model in: as requested, else bfloat16 (or float16) on GPUs, float32 on CPUs."""
+    import torch
+
+    if requested:
+        from app.core.recipe import DTYPE_ALIASES
+
+        canonical = DTYPE_ALIASES.get(requested.lower())
+        if canonical is None:
+            raise FrankenMoEError(f"unknown dtype {requested!r}", "use bfloat16, float16 or float32")
+        return getattr(torch, canonical)
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.startswith("mps"):
+        return torch.float16
+    return torch.float32
+
+
+def available_memory(device: str) -> int:
+    """Bytes free for new tensors on the device (system RAM for the CPU)."""
+    if device.startswith("cuda"):
+        import torch
+
+        free, _total = torch.cuda.mem_get_info(torch.device(device))
+        return int(free)
+    import psutil
+
+    return int(psutil.virtual_memory().available)

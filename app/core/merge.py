@@ -1,0 +1,341 @@
+"""The merge: Llama/Mistral donors into a Mixtral MoE, streamed tensor by tensor, committed atomically.
+
+The model is built in a hidden folder beside the target and renamed into place only when every
+file is written, so a cancel, an error or a killed process never leaves a model that looks complete.
+Leftovers of a killed run are removed by the next run for the same target.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from app.core.architectures import (
+    EXPERT_PROJECTIONS,
+    mixtral_config,
+    mixtral_expert_name,
+    mixtral_router_name,
+)
+from app.core.compat import check_recipe
+from app.core.gates import GateResult, compute_gates
+from app.core.modelcard import ModelCardFields, render_model_card
+from app.core.problems import FrankenMoEError, raise_if_errors
+from app.core.progress import Job, Progress, check_cancel
+from app.core.recipe import Recipe, dump_recipe
+from app.core.shards import PlannedTensor, ShardWriter, plan_shards
+from app.core.sources import ModelSource, open_model
+
+if TYPE_CHECKING:
+    import torch
+
+PARTIAL_MARK = ".frankenmoe-partial-"
+REPLACED_MARK = ".frankenmoe-replaced-"
+RECIPE_FILENAME = "frankenmoe-recipe.yml"
+DEFAULT_SHARD_SIZE = 5 * 10**9
+_MLP_TENSOR = re.compile(r"^model\.layers\.(\d+)\.mlp\.")
+_LAYER_TENSOR = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+@dataclass(frozen=True, slots=True)
+class MergeOptions:
+    out_dir: Path
+    shard_size: int = DEFAULT_SHARD_SIZE
+    overwrite: bool = False
+    dtype: str | None = None  # output dtype; overrides the recipe's
+    device: str = "auto"  # where gates are computed
+    cache_dir: Path | None = None
+    card: ModelCardFields = field(default_factory=ModelCardFields)
+
+
+@dataclass(frozen=True, slots=True)
+class MergeResult:
+    out_dir: Path
+    bytes_written: int
+    shard_files: tuple[str, ...]
+    seconds: float
+    gates: GateResult
+
+
+def output_dtype(recipe: Recipe, options: MergeOptions, base_config: dict[str, object]) -> str:
+    """The requested dtype, else the base model's, else bfloat16."""
+    from app.core.recipe import DTYPE_ALIASES
+
+    for candidate in (options.dtype, recipe.dtype, base_config.get("dtype"), base_config.get("torch_dtype")):
+        if isinstance(candidate, str) and candidate.lower() in DTYPE_ALIASES:
+            return DTYPE_ALIASES[candidate.lower()]
+        if candidate and isinstance(candidate, str) and candidate in (options.dtype, recipe.dtype):
+            raise FrankenMoEError(f"unknown dtype {candidate!r}", "use bfloat16, float16 or float32")
+    return "bfloat16"
+
+
+# --------------------------------------------------------------------------- the output folder
+
+
+def _pid_alive(pid: int) -> bool:
+    import psutil
+
+    return psutil.pid_exists(pid)
+
+
+def _leftovers(out_dir: Path, mark: str) -> list[tuple[Path, int]]:
+    found = []
+    for path in out_dir.parent.glob(f".{out_dir.name}{mark}*"):
+        pid_text = path.name[len(f".{out_dir.name}{mark}") :].split("-", 1)[0]
+        if pid_text.isdigit():
+            found.append((path, int(pid_text)))
+    return found
+
+
+def clean_leftovers(out_dir: Path) -> None:
+    """Remove what a killed merge into out_dir left behind; restore a model it was replacing."""
+    for path, pid in _leftovers(out_dir, PARTIAL_MARK):
+        if not _pid_alive(pid):
+            shutil.rmtree(path, ignore_errors=True)
+    for path, pid in _leftovers(out_dir, REPLACED_MARK):
+        if _pid_alive(pid):
+            continue
+        if out_dir.exists():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.rename(out_dir)
+
+
+def check_target(out_dir: Path, overwrite: bool, input_dirs: Sequence[Path]) -> None:
+    """Refuse any target whose replacement could destroy something the user did not ask to lose."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FrankenMoEError(f"{out_dir} is a file", "choose a folder path for the merged model")
+    for folder in input_dirs:
+        folder = folder.resolve()
+        if out_dir == folder or out_dir in folder.parents:
+            raise FrankenMoEError(
+                f"the output folder {out_dir} holds an input model ({folder})",
+                "choose an output folder outside the models being merged",
+            )
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise FrankenMoEError(
+                f"the output folder {out_dir} already exists and is not empty",
+                "choose another folder, or allow overwriting (--overwrite)",
+            )
+        if not (out_dir / "config.json").is_file():
+            raise FrankenMoEError(
+                f"{out_dir} is not empty and does not look like a model folder, so it will not be replaced",
+                "choose an empty or new folder",
+            )
+
+
+def _commit(partial: Path, out_dir: Path) -> None:
+    if out_dir.exists():
+        replaced = out_dir.parent / f".{out_dir.name}{REPLACED_MARK}{os.getpid()}-{secrets.token_hex(4)}"
+        out_dir.rename(replaced)
+        partial.rename(out_dir)
+        shutil.rmtree(replaced, ignore_errors=True)
+    else:
+        partial.rename(out_dir)
+
+
+# --------------------------------------------------------------------------- planning tensors
+
+
+Producer = Callable[[], "torch.Tensor"]
+
+
+def _layer_of(name: str) -> int:
+    match = _LAYER_TENSOR.match(name)
+    return int(match.group(1)) if match else -1
+
+
+def plan_tensors(
+    recipe: Recipe,
+    base: ModelSource,
+    experts: Sequence[ModelSource],
+    gates: GateResult,
+    out_dtype: str,
+) -> list[tuple[PlannedTensor, Producer]]:
+    """Every output tensor, layer by layer, with a function that produces it when its turn comes."""
+    import torch
+
+    dtype = getattr(torch, out_dtype)
+    num_layers = int(base.config["num_hidden_layers"])
+    copied = [
+        n for n in base.tensor_names if not _MLP_TENSOR.match(n) and not n.endswith("rotary_emb.inv_freq")
+    ]
+    before = sorted(n for n in copied if _layer_of(n) == -1 and "embed" in n)
+    after = sorted(n for n in copied if _layer_of(n) == -1 and n not in before)
+    by_layer: dict[int, list[str]] = {}
+    for name in copied:
+        if _layer_of(name) >= 0:
+            by_layer.setdefault(_layer_of(name), []).append(name)
+
+    def copy(name: str) -> tuple[PlannedTensor, Producer]:
+        shape = base.tensor_info(name).shape
+        return PlannedTensor(name, shape, out_dtype), lambda: base.read_tensor(name).to(dtype)
+
+    plan = [copy(name) for name in before]
+    for layer in range(num_layers):
+        plan += [copy(name) for name in sorted(by_layer.get(layer, []))]
+        router = gates.router[layer]
+        plan.append(
+            (
+                PlannedTensor(mixtral_router_name(layer), tuple(router.shape), out_dtype),
+                lambda router=router: router.to(dtype),
+            )
+        )
+        for index, (expert, source) in enumerate(zip(recipe.experts, experts, strict=True)):
+            for projection, slot in EXPERT_PROJECTIONS:
+                source_name = f"model.layers.{layer}.mlp.{projection}_proj.weight"
+                planned = PlannedTensor(
+                    mixtral_expert_name(layer, index, slot), source.tensor_info(source_name).shape, out_dtype
+                )
+                seed = hash_seed(recipe.studio.seed, layer, index, projection)
+
+                def produce(
+                    source: ModelSource = source,
+                    source_name: str = source_name,
+                    noise: float | None = expert.noise_scale,
+                    scale: float | None = expert.residual_scale if projection == "down" else None,
+                    seed: int = seed,
+                ) -> torch.Tensor:
+                    tensor = source.read_tensor(source_name)
+                    if noise:
+                        generator = torch.Generator().manual_seed(seed)
+                        tensor = tensor.float() + torch.randn(tensor.shape, generator=generator) * noise
+                    if scale is not None:
+                        tensor = tensor.float() * scale
+                    return tensor.to(dtype)
+
+                plan.append((planned, produce))
+    plan += [copy(name) for name in after]
+    return plan
+
+
+def hash_seed(*parts: object) -> int:
+    """A stable per-tensor seed (Python's hash() of strings changes between runs)."""
+    import zlib
+
+    return zlib.crc32("/".join(map(str, parts)).encode())
+
+
+# --------------------------------------------------------------------------- the merge
+
+
+def merge_moe(
+    recipe: Recipe,
+    options: MergeOptions,
+    cancel: threading.Event | None = None,
+    gates: GateResult | None = None,
+) -> Job[MergeResult]:
+    """Build the MoE into options.out_dir. Yields progress; returns a MergeResult."""
+    started = time.monotonic()
+    out_dir = Path(os.path.abspath(os.path.expanduser(options.out_dir)))
+    yield Progress("checking", 0, 1, message="checking the recipe and models")
+    raise_if_errors(check_recipe(recipe, options.cache_dir))
+    clean_leftovers(out_dir)
+
+    sources: dict[str, ModelSource] = {}
+    try:
+        for ref in recipe.model_refs():
+            sources[str(ref)] = open_model(ref, options.cache_dir)
+        base = sources[str(recipe.base_model)]
+        experts = [sources[str(e.source_model)] for e in recipe.experts]
+        check_target(out_dir, options.overwrite, [s.path for s in sources.values()])
+        out_dtype = output_dtype(recipe, options, base.config)
+
+        if gates is None:
+            gates = yield from compute_gates(
+                recipe, device=options.device, cache_dir=options.cache_dir, cancel=cancel
+            )
+        expected = (
+            int(base.config["num_hidden_layers"]),
+            len(recipe.experts),
+            int(base.config["hidden_size"]),
+        )
+        if tuple(gates.router.shape) != expected:
+            raise FrankenMoEError(
+                f"the gates are shaped {tuple(gates.router.shape)}, but this recipe needs {expected}",
+                "compute the gates again for this recipe",
+            )
+        check_cancel(cancel)
+
+        plan = plan_tensors(recipe, base, experts, gates, out_dtype)
+        shards = plan_shards([planned for planned, _ in plan], options.shard_size)
+        total_bytes = sum(s.nbytes for s in shards)
+        _check_free_space(out_dir.parent, total_bytes)
+
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        partial = out_dir.parent / f".{out_dir.name}{PARTIAL_MARK}{os.getpid()}-{secrets.token_hex(4)}"
+        partial.mkdir()
+        try:
+            with ShardWriter(partial, shards) as writer:
+                for done, (planned, produce) in enumerate(plan):
+                    check_cancel(cancel)
+                    writer.write(planned.name, produce())
+                    yield Progress(
+                        "writing",
+                        done + 1,
+                        len(plan),
+                        writer.bytes_written,
+                        total_bytes,
+                        message=planned.name,
+                    )
+            _write_side_files(partial, recipe, options, base, out_dtype, out_dir.name)
+            check_cancel(cancel)
+            _commit(partial, out_dir)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+    finally:
+        for source in sources.values():
+            source.close()
+    yield Progress("done", 1, 1, total_bytes, total_bytes)
+    return MergeResult(
+        out_dir=out_dir,
+        bytes_written=total_bytes,
+        shard_files=tuple(s.filename for s in shards),
+        seconds=time.monotonic() - started,
+        gates=gates,
+    )
+
+
+def _check_free_space(folder: Path, needed: int) -> None:
+    probe = folder
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    margin = 64 * 2**20
+    if free < needed + margin:
+        raise FrankenMoEError(
+            f"not enough disk space in {probe}: the model needs {needed / 1e9:.2f} GB, "
+            f"{free / 1e9:.2f} GB are free",
+            "free some space or choose an output folder on another disk",
+        )
+
+
+def _write_side_files(
+    folder: Path, recipe: Recipe, options: MergeOptions, base: ModelSource, out_dtype: str, out_name: str
+) -> None:
+    config = mixtral_config(base.config, len(recipe.experts), recipe.experts_per_token, out_dtype)
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    generation = base.path / "generation_config.json"
+    if generation.is_file():
+        shutil.copyfile(generation, folder / "generation_config.json")
+    else:
+        defaults = {
+            k: base.config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in base.config
+        }
+        (folder / "generation_config.json").write_text(json.dumps(defaults, indent=2) + "\n")
+    for file in base.tokenizer_files():
+        shutil.copyfile(file, folder / file.name)
+    (folder / RECIPE_FILENAME).write_text(dump_recipe(recipe), encoding="utf-8")
+    (folder / "README.md").write_text(
+        render_model_card(recipe, options.card, base.path, out_name), encoding="utf-8"
+    )

@@ -1,0 +1,78 @@
+"""Routing quality: do held-out prompts go to the expert they belong to?
+
+Works on router weights laid out as layers x tokens x experts, whoever computed them (the gate
+preview before a merge, or a merged model run through transformers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True, slots=True)
+class PromptRouting:
+    text: str
+    intended_expert: int
+    weights: np.ndarray  # layers x tokens x experts, router softmax
+
+    @property
+    def layer_choices(self) -> np.ndarray:
+        """The top-1 expert of each layer for each token: layers x tokens."""
+        return self.weights.argmax(axis=-1)
+
+    def token_choices(self) -> np.ndarray:
+        """Each token's expert by majority over layers (ties go to the lower index)."""
+        choices = self.layer_choices
+        num_experts = self.weights.shape[-1]
+        return np.array(
+            [np.bincount(choices[:, t], minlength=num_experts).argmax() for t in range(choices.shape[1])],
+            dtype=int,
+        )
+
+    def prompt_choice(self) -> int:
+        num_experts = self.weights.shape[-1]
+        return int(np.bincount(self.token_choices(), minlength=num_experts).argmax())
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingQuality:
+    prompt_share: float
+    token_share: float  # majority over layers
+    layer_token_share: tuple[float, ...]  # per layer
+    usage: tuple[float, ...]  # share of (token, layer) top-1 choices each expert received
+    prompts: int
+    tokens: int
+
+    def summary(self) -> str:
+        return (
+            f"{self.prompt_share:.0%} of {self.prompts} test prompts and {self.token_share:.0%} of their "
+            f"{self.tokens} tokens go to the intended expert"
+        )
+
+
+def evaluate_routing(routings: Sequence[PromptRouting], num_experts: int) -> RoutingQuality:
+    if not routings:
+        return RoutingQuality(0.0, 0.0, (), tuple(0.0 for _ in range(num_experts)), 0, 0)
+    num_layers = routings[0].weights.shape[0]
+    prompts_right = sum(r.prompt_choice() == r.intended_expert for r in routings)
+    tokens = sum(r.weights.shape[1] for r in routings)
+    tokens_right = sum(int((r.token_choices() == r.intended_expert).sum()) for r in routings)
+    per_layer = [
+        sum(int((r.layer_choices[layer] == r.intended_expert).sum()) for r in routings) / max(tokens, 1)
+        for layer in range(num_layers)
+    ]
+    counts = np.zeros(num_experts)
+    for routing in routings:
+        counts += np.bincount(routing.layer_choices.ravel(), minlength=num_experts)[:num_experts]
+    usage = counts / max(counts.sum(), 1)
+    return RoutingQuality(
+        prompt_share=prompts_right / len(routings),
+        token_share=tokens_right / max(tokens, 1),
+        layer_token_share=tuple(per_layer),
+        usage=tuple(float(u) for u in usage),
+        prompts=len(routings),
+        tokens=tokens,
+    )

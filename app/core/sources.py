@@ -1,0 +1,306 @@
+"""Model sources: a local folder or a downloaded Hub snapshot, read lazily from safetensors.
+
+Tensors are read by offset straight from the files (no memory map, nothing unpickled), so reading
+one layer costs one layer's worth of memory however large the model is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+from app.core.problems import FrankenMoEError
+from app.core.recipe import ModelRef
+
+if TYPE_CHECKING:
+    import torch
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+# safetensors dtype names -> (torch dtype name, bytes per element)
+SAFETENSORS_DTYPES = {
+    "F64": ("float64", 8),
+    "F32": ("float32", 4),
+    "F16": ("float16", 2),
+    "BF16": ("bfloat16", 2),
+    "I64": ("int64", 8),
+    "I32": ("int32", 4),
+    "I16": ("int16", 2),
+    "I8": ("int8", 1),
+    "U8": ("uint8", 1),
+    "BOOL": ("bool", 1),
+    "F8_E4M3": ("float8_e4m3fn", 1),
+    "F8_E5M2": ("float8_e5m2", 1),
+}
+TORCH_TO_SAFETENSORS = {torch_name: st for st, (torch_name, _) in SAFETENSORS_DTYPES.items()}
+
+
+class ModelSourceError(FrankenMoEError):
+    """A model folder that cannot be used as it is."""
+
+
+class ModelNotDownloaded(ModelSourceError):
+    """A Hub model that is not in the local Hugging Face cache yet."""
+
+
+@dataclass(frozen=True, slots=True)
+class TensorInfo:
+    name: str
+    dtype: str  # safetensors name, e.g. "BF16"
+    shape: tuple[int, ...]
+    file: Path
+    start: int  # absolute byte offset in the file
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+    @property
+    def numel(self) -> int:
+        count = 1
+        for dim in self.shape:
+            count *= dim
+        return count
+
+    @property
+    def torch_dtype_name(self) -> str:
+        return SAFETENSORS_DTYPES[self.dtype][0]
+
+
+def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
+    """Parse a safetensors header. Raises ModelSourceError for a truncated or corrupt file."""
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(8)
+            if len(head) < 8:
+                raise ValueError("file shorter than its header length")
+            (header_len,) = struct.unpack("<Q", head)
+            if header_len > 100 * 2**20:
+                raise ValueError(f"header length {header_len} is implausible")
+            header = json.loads(handle.read(header_len))
+        size = path.stat().st_size
+    except (OSError, ValueError) as exc:
+        raise ModelSourceError(
+            f"{path} is not a readable safetensors file ({exc})",
+            "download or convert the model again; the file may be incomplete",
+        ) from exc
+    data_start = 8 + header_len
+    tensors = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = entry["data_offsets"]
+        if data_start + end > size:
+            raise ModelSourceError(
+                f"{path} is truncated: tensor {name} ends past the end of the file",
+                "download the model again; the file is incomplete",
+            )
+        tensors[name] = TensorInfo(
+            name=name,
+            dtype=entry["dtype"],
+            shape=tuple(entry["shape"]),
+            file=path,
+            start=data_start + start,
+            end=data_start + end,
+        )
+    return tensors
+
+
+def resolve_model_dir(ref: ModelRef, cache_dir: Path | None = None) -> Path:
+    """The folder holding a model: the local folder itself, or the Hub snapshot in the cache."""
+    if ref.is_local:
+        folder = Path(os.path.expanduser(ref.path))
+        if not folder.is_dir():
+            raise ModelSourceError(
+                f"the model folder {folder} does not exist",
+                "check the path, or give a Hub id such as org/name",
+            )
+        return folder
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        folder = snapshot_download(
+            ref.path, revision=ref.revision, local_files_only=True, cache_dir=cache_dir
+        )
+    except LocalEntryNotFoundError as exc:
+        raise ModelNotDownloaded(
+            f"the Hub model {ref} is not downloaded yet",
+            f"download it first: frankenmoe hub download {ref}",
+        ) from exc
+    except ValueError as exc:  # malformed repo id
+        raise ModelSourceError(
+            f"{ref.path!r} is neither a local folder nor a Hub id ({exc})",
+            "give an existing folder, or a Hub id written as org/name",
+        ) from exc
+    return Path(folder)
+
+
+class ModelSource:
+    """A model's config, tokenizer files and tensors, read lazily. Use as a context manager."""
+
+    def __init__(self, folder: Path, ref: ModelRef | None = None) -> None:
+        self.path = folder
+        self.ref = ref or ModelRef(path=str(folder))
+        self.config = _read_config(folder)
+        self._tensors = _index_tensors(folder)
+        self._handles: dict[Path, BinaryIO] = {}
+
+    # -- description
+
+    @property
+    def family(self) -> str:
+        return str(self.config.get("model_type", "unknown"))
+
+    @property
+    def tensor_names(self) -> list[str]:
+        return list(self._tensors)
+
+    @property
+    def parameter_count(self) -> int:
+        return sum(t.numel for t in self._tensors.values())
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(t.nbytes for t in self._tensors.values())
+
+    @property
+    def dtype(self) -> str:
+        """The dtype most of the weights are stored in, as a torch name."""
+        by_bytes: Counter[str] = Counter()
+        for info in self._tensors.values():
+            by_bytes[info.torch_dtype_name] += info.nbytes
+        return by_bytes.most_common(1)[0][0] if by_bytes else "unknown"
+
+    def tokenizer_files(self) -> list[Path]:
+        return [self.path / name for name in TOKENIZER_FILES if (self.path / name).is_file()]
+
+    def has_tensor(self, name: str) -> bool:
+        return name in self._tensors
+
+    def tensor_info(self, name: str) -> TensorInfo:
+        try:
+            return self._tensors[name]
+        except KeyError:
+            raise ModelSourceError(
+                f"{self.ref} has no tensor {name}",
+                "check that the model is complete and of the family its config.json names",
+            ) from None
+
+    # -- reading
+
+    def read_tensor(self, name: str) -> torch.Tensor:
+        """Read one tensor into fresh CPU memory, in its stored dtype."""
+        import torch
+
+        info = self.tensor_info(name)
+        buffer = torch.empty(info.nbytes, dtype=torch.uint8)
+        handle = self._handle(info.file)
+        handle.seek(info.start)
+        if handle.readinto(buffer.numpy()) != info.nbytes:
+            raise ModelSourceError(
+                f"{info.file} ended early while reading {name}", "download the model again"
+            )
+        return buffer.view(getattr(torch, info.torch_dtype_name)).reshape(info.shape)
+
+    def _handle(self, file: Path) -> BinaryIO:
+        if file not in self._handles:
+            self._handles[file] = file.open("rb", buffering=0)
+        return self._handles[file]
+
+    def close(self) -> None:
+        for handle in self._handles.values():
+            handle.close()
+        self._handles.clear()
+
+    def __enter__(self) -> ModelSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"ModelSource({self.ref}, family={self.family}, tensors={len(self._tensors)})"
+
+
+def open_model(ref: ModelRef, cache_dir: Path | None = None) -> ModelSource:
+    return ModelSource(resolve_model_dir(ref, cache_dir), ref)
+
+
+def _read_config(folder: Path) -> dict[str, Any]:
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise ModelSourceError(
+            f"{folder} has no config.json, so it is not a transformers model folder",
+            "point at the folder that holds config.json and the .safetensors files",
+        )
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelSourceError(
+            f"{config_path} is not valid JSON ({exc})", "repair or re-download it"
+        ) from exc
+    if not isinstance(config, Mapping):
+        raise ModelSourceError(f"{config_path} is not a JSON object", "repair or re-download it")
+    return dict(config)
+
+
+def _index_tensors(folder: Path) -> dict[str, TensorInfo]:
+    index_path = folder / SAFETENSORS_INDEX
+    if index_path.is_file():
+        try:
+            weight_map: Mapping[str, str] = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise ModelSourceError(f"{index_path} is malformed ({exc})", "re-download the model") from exc
+        files = sorted({folder / name for name in weight_map.values()})
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise ModelSourceError(
+                f"{folder} is missing shard(s) {', '.join(missing)} listed in {SAFETENSORS_INDEX}",
+                "finish the download, or download the model again",
+            )
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        pickled = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickled:
+            raise ModelSourceError(
+                f"{folder} has only pickle checkpoints ({', '.join(pickled[:3])}); loading them could run "
+                "arbitrary code, so FrankenMoE Studio never unpickles files",
+                "use a safetensors version of the model (many Hub repos have one), or convert it yourself "
+                "with a trusted tool and save it with safe_serialization=True",
+            )
+        raise ModelSourceError(
+            f"{folder} has no .safetensors weights",
+            "point at a folder that holds the model's .safetensors files",
+        )
+    tensors: dict[str, TensorInfo] = {}
+    for file in files:
+        tensors.update(read_safetensors_header(file))
+    return tensors
+
+
+def iter_layer_tensors(source: ModelSource, layer: int) -> Iterator[TensorInfo]:
+    prefix = f"model.layers.{layer}."
+    for name in source.tensor_names:
+        if name.startswith(prefix):
+            yield source.tensor_info(name)
