@@ -51,10 +51,11 @@ class AppContext(QObject):
             def on_progress(record: Progress) -> None:
                 if not stages or stages[-1] != record.stage:
                     stages.append(record.stage)
-                    self.log(f"{name}: {record.message or record.stage}")
+                    detail = f" ({record.message})" if record.message else ""
+                    self.log(f"{name}: {record.stage}{detail}")
 
             handle.progress.connect(on_progress)
-            handle.succeeded.connect(lambda _result: self.log(f"{name}: done"))
+            handle.succeeded.connect(lambda _result: self.log(f"{name}: finished"))
             handle.cancelled.connect(lambda: self.log(f"{name}: cancelled"))
         handle.failed.connect(lambda error: self.log(f"{name}: failed: {describe_error(error)}"))
         handle.finished.connect(lambda: self._forget(handle))

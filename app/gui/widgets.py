@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from PySide6.QtCore import Qt
-from PySide6.QtGui import QColor, QIcon, QPixmap
+from PySide6.QtGui import QColor, QIcon, QPalette, QPixmap
 from PySide6.QtWidgets import QLabel, QWidget
 
 
@@ -20,12 +20,8 @@ def explanation(text: str, parent: QWidget | None = None) -> QLabel:
     label = QLabel(text, parent)
     label.setWordWrap(True)
     label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
-    label.setForegroundRole(label.foregroundRole())
-    font = label.font()
-    font.setPointSizeF(font.pointSizeF() * 0.92)
-    label.setFont(font)
-    label.setEnabled(True)
-    label.setStyleSheet("color: palette(placeholder-text);")
+    # A palette role rather than a colour, so that the text follows a switch to a dark theme.
+    label.setForegroundRole(QPalette.ColorRole.PlaceholderText)
     return label
 
 

@@ -158,7 +158,7 @@ class PromptsPage(QWidget):
         self._refreshing = False
 
         self.experts = QListWidget()
-        self.experts.setMaximumWidth(240)
+        self.experts.setMaximumWidth(200)
         self.experts.currentRowChanged.connect(lambda _row: self._refresh(self.document.recipe))
         self.positive = PromptListEditor(
             "positive", "Text this expert should handle: the router learns to send text like this here."
@@ -215,10 +215,13 @@ class PromptsPage(QWidget):
         right_layout.setContentsMargins(0, 0, 0, 0)
         right_layout.addWidget(self.tabs, 1)
         right_layout.addWidget(self.expert_problems)
+        settings.setMaximumWidth(380)
         splitter = QSplitter()
         splitter.addWidget(self.experts)
         splitter.addWidget(right)
+        splitter.addWidget(settings)
         splitter.setStretchFactor(1, 1)
+        splitter.setChildrenCollapsible(False)
 
         layout = QVBoxLayout(self)
         layout.addWidget(heading("2  Prompts"))
@@ -228,8 +231,7 @@ class PromptsPage(QWidget):
                 "give a router that tells them apart; Preview shows how well it does."
             )
         )
-        layout.addWidget(splitter, 3)
-        layout.addWidget(settings, 0)
+        layout.addWidget(splitter, 1)
         document.changed.connect(self._refresh)
         self._refresh(document.recipe)
 
