@@ -63,6 +63,15 @@ class AppContext(QObject):
         self.jobs_changed.emit()
         return handle
 
+    def shutdown(self) -> None:
+        """Cancel every job, wait for them, and deliver nothing more: the pages are going away."""
+        for handle in self._running:
+            handle.detach()
+            handle.cancel()
+        for handle in self._running:
+            handle.wait()
+        self._running.clear()
+
     def _forget(self, handle: JobHandle) -> None:
         if handle in self._running:
             self._running.remove(handle)

@@ -35,11 +35,9 @@ from app.gui.pages.start import StartPage
 from app.gui.settings import AppSettings
 from app.gui.settings_dialog import SettingsDialog
 from app.gui.theme import apply_theme
-from app.gui.workers import stop_all
 
 STEPS = ("1  Models", "2  Prompts", "3  Preview", "4  Merge", "5  Chat")
 RECIPE_FILTER = "mergekit-moe recipes (*.yml *.yaml);;All files (*)"
-SHUTDOWN_TIMEOUT_MS = 30_000
 
 
 class Step(int, Enum):
@@ -321,6 +319,7 @@ class MainWindow(QMainWindow):
                 return
             self.statusBar().showMessage("Stopping running work…")
         # Cancel first, then join: each job stops at its next step, so this is quick.
-        stop_all(SHUTDOWN_TIMEOUT_MS)
+        self.models_page.shutdown()
+        self.context.shutdown()
         self.preview_page.shutdown()
         event.accept()

@@ -107,6 +107,11 @@ class JobHandle(QObject):
     def is_running(self) -> bool:
         return self._thread.isRunning()
 
+    def detach(self) -> None:
+        """Stop delivering to whoever listens, for a window that is going away; the job still ends."""
+        for signal in (self.progress, self.succeeded, self.failed, self.cancelled, self.finished):
+            signal.disconnect()
+
     def wait(self, timeout_ms: int = 30_000) -> bool:
         """Block until the thread ends; for shutdown, after :meth:`cancel`."""
         return self._thread.wait(timeout_ms)

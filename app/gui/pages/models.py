@@ -270,6 +270,11 @@ class ModelsPage(QWidget):
         self.infos.pop(reference, None)
         self._recipe_changed(self.document.recipe)
 
+    def shutdown(self) -> None:
+        """No new checks once the window is closing."""
+        self._check_timer.stop()
+        self.document.changed.disconnect(self._recipe_changed)
+
     # ------------------------------------------------------------------ edits
 
     def _edit(self, recipe: Recipe, text: str, merge_id: int = -1) -> None:
