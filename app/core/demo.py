@@ -51,10 +51,24 @@ def _code(rng: random.Random) -> str:
 
 
 def _prose(rng: random.Random) -> str:
-    subject = rng.choice(["The old fisherman", "My grandmother", "A quiet girl", "The tired traveller", "Our neighbour"])
-    verb = rng.choice(["walked slowly along", "sang softly beside", "dreamed about", "painted a picture of", "remembered"])
-    place = rng.choice(["the river", "the green hills", "a small village", "the autumn forest", "the sea at dawn"])
-    tail = rng.choice(["while the sun went down.", "and smiled.", "long ago.", "with a warm heart.", "in the morning light."])
+    subject = rng.choice(
+        ["The old fisherman", "My grandmother", "A quiet girl", "The tired traveller", "Our neighbour"]
+    )
+    verb = rng.choice(
+        ["walked slowly along", "sang softly beside", "dreamed about", "painted a picture of", "remembered"]
+    )
+    place = rng.choice(
+        ["the river", "the green hills", "a small village", "the autumn forest", "the sea at dawn"]
+    )
+    tail = rng.choice(
+        [
+            "while the sun went down.",
+            "and smiled.",
+            "long ago.",
+            "with a warm heart.",
+            "in the morning light.",
+        ]
+    )
     return f"{subject} {verb} {place} {tail}"
 
 
@@ -71,12 +85,21 @@ PROMPTS = {
         ["33 + 48 =", "7 * 6 = 42", "90 - 17 = 73"],
     ),
     "code": (
-        ["def add(a, b):\n    return a + b", "for i in range(10):\n    print(i)", "import os", "class Point:"],
+        [
+            "def add(a, b):\n    return a + b",
+            "for i in range(10):\n    print(i)",
+            "import os",
+            "class Point:",
+        ],
         ["if items is None:\n    items = []", "def get_total(row):", "values = [x * 2 for x in values]"],
     ),
     "prose": (
         ["The old man walked along the river.", "She smiled in the morning light.", "Once upon a time"],
-        ["My grandmother painted the green hills.", "The tired traveller dreamed about the sea.", "Our neighbour sang softly."],
+        [
+            "My grandmother painted the green hills.",
+            "The tired traveller dreamed about the sea.",
+            "Our neighbour sang softly.",
+        ],
     ),
 }
 COLORS = {"arithmetic": "#E69F00", "code": "#56B4E9", "prose": "#009E73"}
@@ -120,7 +143,9 @@ def build_demo(
     return recipe_path
 
 
-def _build_into(workspace: Path, cancel: threading.Event | None, base_steps: int, expert_steps: int) -> Job[None]:
+def _build_into(
+    workspace: Path, cancel: threading.Event | None, base_steps: int, expert_steps: int
+) -> Job[None]:
     import torch
 
     total = base_steps + expert_steps * len(DOMAINS)
@@ -149,11 +174,15 @@ def _build_into(workspace: Path, cancel: threading.Event | None, base_steps: int
         torch.manual_seed(SEED + len(experts) + 1)
         for step in _train(model, stream, expert_steps, lambda parameter: ".mlp." in parameter, cancel):
             done += 1
-            yield Progress(f"demo: {name} expert", done, total, message=f"training the {name} expert, step {step}")
+            yield Progress(
+                f"demo: {name} expert", done, total, message=f"training the {name} expert, step {step}"
+            )
         expert_dir = workspace / f"expert-{name}"
         _save(model, tokenizer, expert_dir)
         positive, held_out = PROMPTS[name]
-        experts.append(Expert(source_model=ModelRef(path=str(_final_path(expert_dir))), positive_prompts=tuple(positive)))
+        experts.append(
+            Expert(source_model=ModelRef(path=str(_final_path(expert_dir))), positive_prompts=tuple(positive))
+        )
         extras.append(ExpertExtras(label=LABELS[name], color=COLORS[name], test_prompts=tuple(held_out)))
 
     recipe = Recipe(
@@ -172,7 +201,10 @@ def _build_into(workspace: Path, cancel: threading.Event | None, base_steps: int
 def _final_path(path_in_workspace: Path) -> Path:
     """Where a file in the workspace will be once the workspace is renamed into place."""
     workspace = path_in_workspace.parent
-    return workspace.with_name(workspace.name.removeprefix(".").removesuffix(".partial")) / path_in_workspace.name
+    return (
+        workspace.with_name(workspace.name.removeprefix(".").removesuffix(".partial"))
+        / path_in_workspace.name
+    )
 
 
 def _train_tokenizer(texts: list[str]) -> Any:
@@ -228,7 +260,9 @@ def _new_model(tokenizer: Any) -> Any:
     return LlamaForCausalLM(config)
 
 
-def _train(model: Any, stream: Any, steps: int, trains: Callable[[str], bool], cancel: threading.Event | None) -> Any:
+def _train(
+    model: Any, stream: Any, steps: int, trains: Callable[[str], bool], cancel: threading.Event | None
+) -> Any:
     """Yield after each optimiser step on random windows of ``stream``."""
     import torch
 

@@ -9,7 +9,7 @@ from PySide6.QtCore import QObject, Signal
 from app.core.problems import FrankenMoEError, ProblemsError
 from app.core.progress import Progress
 from app.gui.settings import AppSettings
-from app.gui.workers import JobFactory, JobHandle, start_job
+from app.gui.workers import JobFactory, JobHandle
 
 
 def describe_error(error: BaseException) -> str:

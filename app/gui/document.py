@@ -19,7 +19,9 @@ def empty_recipe() -> Recipe:
 
 
 class RecipeEdit(QUndoCommand):
-    def __init__(self, document: RecipeDocument, before: Recipe, after: Recipe, text: str, merge_id: int) -> None:
+    def __init__(
+        self, document: RecipeDocument, before: Recipe, after: Recipe, text: str, merge_id: int
+    ) -> None:
         super().__init__(text)
         self._document = document
         self._before = before
@@ -29,7 +31,7 @@ class RecipeEdit(QUndoCommand):
     def id(self) -> int:
         return self._merge_id
 
-    def mergeWith(self, other: QUndoCommand) -> bool:  # noqa: N802 - Qt's name
+    def mergeWith(self, other: QUndoCommand) -> bool:
         # Typing into one field makes one undo step, not one per keystroke.
         if not isinstance(other, RecipeEdit) or other.id() != self.id() or self.id() < 0:
             return False

@@ -104,7 +104,11 @@ class GateSession:
             self.close()
         if self._computer is None:
             self._computer = GateComputer(
-                recipe.base_model, device=self.device, dtype=self.dtype, keep_loaded=True, cache_dir=self.cache_dir
+                recipe.base_model,
+                device=self.device,
+                dtype=self.dtype,
+                keep_loaded=True,
+                cache_dir=self.cache_dir,
             )
         return self._computer
 
@@ -157,7 +161,9 @@ def merge(recipe: Recipe, request: MergeRequest, gates: GateResult | None) -> Jo
             device=request.device,
             cache_dir=request.cache_dir,
             card=ModelCardFields(
-                name=request.name or None, description=request.description or None, license=request.license or None
+                name=request.name or None,
+                description=request.description or None,
+                license=request.license or None,
             ),
         )
         return (yield from merge_moe(recipe, options, cancel, gates))

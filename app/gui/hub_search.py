@@ -40,7 +40,9 @@ def _item(text: str, sort_value: object) -> QStandardItem:
 
 
 class HubSearchDialog(QDialog):
-    def __init__(self, hub: HubBackend | None, recipe: Recipe, context: AppContext, parent: QWidget | None = None) -> None:
+    def __init__(
+        self, hub: HubBackend | None, recipe: Recipe, context: AppContext, parent: QWidget | None = None
+    ) -> None:
         super().__init__(parent)
         self.setWindowTitle("Add a model from the Hub")
         self.resize(980, 560)
@@ -102,8 +104,8 @@ class HubSearchDialog(QDialog):
                 widget.setEnabled(False)
             self.details.setPlainText(
                 "Hub search is not available in this build yet. Meanwhile, add experts from local folders "
-                "(Models page, Add from folder…), or from models already in your Hugging Face cache by typing "
-                "their id."
+                "(Models page, Add from folder…), or from models already in your Hugging Face cache "
+                "by typing their id."
             )
 
     @property
@@ -153,13 +155,17 @@ class HubSearchDialog(QDialog):
         lines = [
             f"{row.repo_id}",
             f"Parameters: {format_count(row.parameters) if row.parameters else 'unknown'}",
-            f"Size: {format_bytes(row.size_bytes) if row.size_bytes else 'unknown'}, dtype {row.dtype or 'unknown'}",
-            f"Licence: {row.license or 'unknown'}{' (gated: accept the terms on the Hub first)' if row.gated else ''}",
+            f"Size: {format_bytes(row.size_bytes) if row.size_bytes else 'unknown'}",
+            f"dtype: {row.dtype or 'unknown'}",
+            f"Licence: {row.license or 'unknown'}",
+            "Gated: accept the terms on the Hub first" if row.gated else "Open: no terms to accept",
             f"{row.downloads:,} downloads, {row.likes:,} likes, updated {row.last_modified}",
         ]
         self.details.setPlainText("\n".join(lines))
         if self.hub is not None:
             inspect = self.context.run(f"Inspect {repo}", self.hub.inspect(repo, self.recipe), quiet=True)
             inspect.succeeded.connect(
-                lambda text: self.chosen_repo == repo and self.details.setPlainText("\n".join([*lines, "", text]))
+                lambda text: (
+                    self.chosen_repo == repo and self.details.setPlainText("\n".join([*lines, "", text]))
+                )
             )

@@ -48,7 +48,7 @@ class Heatmap(QWidget):
         self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Expanding)
         self.setMinimumSize(320, 240)
 
-    def sizeHint(self) -> QSize:  # noqa: N802 - Qt's name
+    def sizeHint(self) -> QSize:
         return QSize(480, 360)
 
     @property
@@ -73,7 +73,7 @@ class Heatmap(QWidget):
         cold = QColor("#4f8fdc")
         return _mix(cold, background, t * 2) if t < 0.5 else _mix(background, hot, (t - 0.5) * 2)
 
-    def paintEvent(self, event: QPaintEvent) -> None:  # noqa: N802 - Qt's name
+    def paintEvent(self, event: QPaintEvent) -> None:
         painter = QPainter(self)
         painter.setRenderHint(QPainter.RenderHint.Antialiasing)
         palette = self.palette()
@@ -82,7 +82,9 @@ class Heatmap(QWidget):
         painter.setPen(text_color)
         data = self._data
         if data is None or not data.values:
-            painter.drawText(self.rect(), Qt.AlignmentFlag.AlignCenter | Qt.TextFlag.TextWordWrap, self._empty_text)
+            painter.drawText(
+                self.rect(), Qt.AlignmentFlag.AlignCenter | Qt.TextFlag.TextWordWrap, self._empty_text
+            )
             painter.end()
             return
 
@@ -159,7 +161,9 @@ class Heatmap(QWidget):
         painter.save()
         painter.translate(2, plot.center().y())
         painter.rotate(-90)
-        painter.drawText(QRectF(-plot.height() / 2, 0, plot.height(), line), Qt.AlignmentFlag.AlignCenter, data.y_label)
+        painter.drawText(
+            QRectF(-plot.height() / 2, 0, plot.height(), line), Qt.AlignmentFlag.AlignCenter, data.y_label
+        )
         painter.restore()
 
         self._draw_colour_bar(painter, QRectF(plot.right() + 14, plot.top(), 14, plot.height()), metrics)

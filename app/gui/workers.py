@@ -62,7 +62,7 @@ class JobWorker(QObject):
                     last_sent, last_stage = now, record.stage
         except Cancelled:
             self.cancelled.emit()
-        except Exception as exc:  # noqa: BLE001 - reported to the user, never swallowed
+        except Exception as exc:
             self.failed.emit(exc)
         finally:
             self.done.emit()

@@ -27,7 +27,9 @@ def isolated_settings(tmp_path_factory: pytest.TempPathFactory) -> None:
     QCoreApplication.setOrganizationName("FrankenMoE-tests")
     QCoreApplication.setApplicationName("FrankenMoE Studio tests")
     QSettings.setDefaultFormat(QSettings.Format.IniFormat)
-    QSettings.setPath(QSettings.Format.IniFormat, QSettings.Scope.UserScope, str(tmp_path_factory.mktemp("settings")))
+    QSettings.setPath(
+        QSettings.Format.IniFormat, QSettings.Scope.UserScope, str(tmp_path_factory.mktemp("settings"))
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -37,7 +39,9 @@ def no_thread_left_running(qapp: QApplication) -> Iterator[None]:
     deadline = time.monotonic() + THREAD_GRACE_S
     while time.monotonic() < deadline:
         QCoreApplication.processEvents()
-        leftover_threads = [t for t in threading.enumerate() if t not in before and t.is_alive() and not t.daemon]
+        leftover_threads = [
+            t for t in threading.enumerate() if t not in before and t.is_alive() and not t.daemon
+        ]
         if not running_jobs() and not leftover_threads:
             break
         time.sleep(0.02)
@@ -52,7 +56,7 @@ def no_thread_left_running(qapp: QApplication) -> Iterator[None]:
 
 @pytest.fixture(scope="session")
 def demo_recipe(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The demo, built once with fewer training steps than the app uses: tests need its shape, not its skill."""
+    """The demo, built once with fewer training steps than the app: tests need its shape, not its skill."""
     return run_job(build_demo(tmp_path_factory.mktemp("demo"), base_steps=60, expert_steps=30))
 
 

@@ -21,7 +21,8 @@ class ChatPage(QWidget):
         layout.addWidget(
             explanation(
                 "Chat arrives with a merged model: merge on the Merge page, then choose Open in Chat. "
-                "Each reply will show, token by token, which experts the router chose, in the experts' colours."
+                "Each reply will show, token by token, which experts the router chose, "
+                "in the experts' colours."
             )
         )
         layout.addWidget(self.model_label)

@@ -114,8 +114,9 @@ class MergePage(QWidget):
         layout.addWidget(heading("4  Merge"))
         layout.addWidget(
             explanation(
-                "Writes a Mixtral-architecture model that transformers loads directly. It is built beside the "
-                "target folder and moved into place only when complete, so cancelling leaves nothing behind."
+                "Writes a Mixtral-architecture model that transformers loads directly. "
+                "It is built beside the target folder and moved into place only when complete, "
+                "so cancelling leaves nothing behind."
             )
         )
         layout.addWidget(output)
@@ -178,7 +179,9 @@ class MergePage(QWidget):
         self.job = self.context.run("Merge", merge(recipe, self.request(), gates))
         self.job.progress.connect(self._progress)
         self.job.succeeded.connect(self._merged)
-        self.job.failed.connect(lambda error: self.stage.setText(f"✗ The merge failed: {describe_error(error)}"))
+        self.job.failed.connect(
+            lambda error: self.stage.setText(f"✗ The merge failed: {describe_error(error)}")
+        )
         self.job.cancelled.connect(lambda: self.stage.setText("Merge cancelled; nothing was left behind."))
         self.job.finished.connect(self._job_finished)
 

@@ -3,6 +3,7 @@ compatibility badge whose tooltip names every reason."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from PySide6.QtCore import Qt, QTimer, Signal
@@ -15,6 +16,7 @@ from PySide6.QtWidgets import (
     QHeaderView,
     QLabel,
     QLineEdit,
+    QProgressBar,
     QPushButton,
     QTableWidget,
     QTableWidgetItem,
@@ -23,6 +25,7 @@ from PySide6.QtWidgets import (
 )
 
 from app.core.problems import Problem
+from app.core.progress import Progress
 from app.core.recipe import ModelRef, Recipe, validate_recipe
 from app.gui import recipe_edits
 from app.gui.context import AppContext
@@ -186,7 +189,8 @@ class ModelsPage(QWidget):
             return "reading…" if reference.path else ""
         if info.error:
             return f"{info.error} {info.hint}".strip()
-        return f"{info.family}, {format_count(info.parameter_count)} parameters, {format_bytes(info.size_bytes)}, {info.dtype}"
+        parameters = format_count(info.parameter_count)
+        return f"{info.family}, {parameters} parameters, {format_bytes(info.size_bytes)}, {info.dtype}"
 
     def _refresh(self, recipe: Recipe) -> None:
         self._refreshing = True
@@ -208,21 +212,26 @@ class ModelsPage(QWidget):
             general = [
                 p
                 for p in self.problems
-                if not p.field.startswith(("experts.", "base_model")) and p.field != "recipe" or p.field == "experts"
+                if (not p.field.startswith(("experts.", "base_model")) and p.field != "recipe")
+                or p.field == "experts"
             ]
-            self.general_problems.setText("\n".join(f"{'✗' if p.is_error else '⚠'} {p.message}. {p.hint}" for p in general))
+            self.general_problems.setText(
+                "\n".join(f"{'✗' if p.is_error else '⚠'} {p.message}. {p.hint}" for p in general)
+            )
         finally:
             self._refreshing = False
         self._update_buttons()
 
     def _fill_row(self, recipe: Recipe, row: int, reference: ModelRef, checked: bool) -> None:
         def cell(column: int, text: str, tooltip: str = "", editable: bool = False) -> QTableWidgetItem:
-            item = self.table.item(row, column) or QTableWidgetItem()
+            item = self.table.item(row, column)
+            if item is None:
+                item = QTableWidgetItem()
+                self.table.setItem(row, column, item)
             item.setText(text)
             item.setToolTip(tooltip)
             flags = Qt.ItemFlag.ItemIsEnabled | Qt.ItemFlag.ItemIsSelectable
             item.setFlags(flags | Qt.ItemFlag.ItemIsEditable if editable else flags)
-            self.table.setItem(row, column, item)
             return item
 
         color = recipe_edits.expert_color(recipe, row)
@@ -264,7 +273,9 @@ class ModelsPage(QWidget):
             return
         if isinstance(self.table.cellWidget(row, DOWNLOAD), DownloadCell):
             return
-        self.table.setCellWidget(row, DOWNLOAD, DownloadCell(info.reference, self.hub, self.context, self._downloaded))
+        self.table.setCellWidget(
+            row, DOWNLOAD, DownloadCell(info.reference, self.hub, self.context, self._downloaded)
+        )
 
     def _downloaded(self, reference: ModelRef) -> None:
         self.infos.pop(reference, None)
@@ -353,10 +364,14 @@ class ModelsPage(QWidget):
 class DownloadCell(QWidget):
     """A Download button that becomes a progress bar with a cancel button while it runs."""
 
-    def __init__(self, reference: ModelRef, hub: HubBackend | None, context: AppContext, on_done: object) -> None:
+    def __init__(
+        self,
+        reference: ModelRef,
+        hub: HubBackend | None,
+        context: AppContext,
+        on_done: Callable[[ModelRef], None],
+    ) -> None:
         super().__init__()
-        from PySide6.QtWidgets import QProgressBar
-
         self.reference = reference
         self.hub = hub
         self.context = context
@@ -386,12 +401,12 @@ class DownloadCell(QWidget):
         self.progress.setVisible(True)
         self.cancel_button.setVisible(True)
         self.job.progress.connect(self._progress)
-        self.job.succeeded.connect(lambda _path: self.on_done(self.reference))  # type: ignore[operator]
+        self.job.succeeded.connect(lambda _path: self.on_done(self.reference))
         self.job.finished.connect(self._finished)
 
-    def _progress(self, record: object) -> None:
-        self.progress.setValue(int(getattr(record, "fraction", 0.0) * 100))
-        self.progress.setFormat(f"{getattr(record, 'message', '') or '%p%'}")
+    def _progress(self, record: Progress) -> None:
+        self.progress.setValue(int(record.fraction * 100))
+        self.progress.setFormat(record.message or "%p%")
 
     def _finished(self) -> None:
         self.button.setVisible(True)

@@ -102,9 +102,9 @@ class PreviewPage(QWidget):
         layout.addWidget(heading("3  Preview"))
         layout.addWidget(
             explanation(
-                "Before merging, see what the router will do. Left: how alike each pair of experts looks to the "
-                "router in one layer (1 means it cannot tell them apart). Right: for a test prompt, each layer's "
-                "router weights; the outlined cell is the expert that layer picks."
+                "Before merging, see what the router will do. Left: how alike each pair of experts "
+                "looks to the router in one layer (1 means it cannot tell them apart). Right: for a "
+                "test prompt, each layer's router weights; the outlined cell is the expert that layer picks."
             )
         )
         layout.addLayout(controls)
@@ -132,7 +132,9 @@ class PreviewPage(QWidget):
         self.job = self.context.run("Preview", self.session.preview(recipe))
         self.job.progress.connect(self._progress)
         self.job.succeeded.connect(self._computed)
-        self.job.failed.connect(lambda error: self.status.setText(f"The preview failed: {describe_error(error)}"))
+        self.job.failed.connect(
+            lambda error: self.status.setText(f"The preview failed: {describe_error(error)}")
+        )
         self.job.cancelled.connect(lambda: self.status.setText("Preview cancelled."))
         self.job.finished.connect(self._job_finished)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from PySide6.QtCore import Qt, Signal
+from PySide6.QtCore import Signal
 from PySide6.QtWidgets import (
     QApplication,
     QComboBox,
@@ -112,7 +112,9 @@ class PromptListEditor(QWidget):
         row = self.list.currentRow()
         if row < 0:
             return
-        text, ok = QInputDialog.getMultiLineText(self, f"Edit {self.kind} prompt", "Prompt:", self.prompts[row])
+        text, ok = QInputDialog.getMultiLineText(
+            self, f"Edit {self.kind} prompt", "Prompt:", self.prompts[row]
+        )
         if ok and text.strip():
             prompts = list(self.prompts)
             prompts[row] = text.strip()
@@ -135,13 +137,17 @@ class PromptListEditor(QWidget):
         self.add_many(QApplication.clipboard().text())
 
     def import_file(self) -> None:
-        name, _filter = QFileDialog.getOpenFileName(self, "Import prompts, one per line", "", "Text (*.txt);;All files (*)")
+        name, _filter = QFileDialog.getOpenFileName(
+            self, "Import prompts, one per line", "", "Text (*.txt);;All files (*)"
+        )
         if not name:
             return
         try:
             text = Path(name).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
-            QMessageBox.warning(self, "Cannot import prompts", f"{name} could not be read as UTF-8 text: {exc}")
+            QMessageBox.warning(
+                self, "Cannot import prompts", f"{name} could not be read as UTF-8 text: {exc}"
+            )
             return
         self.add_many(text)
 
@@ -167,14 +173,20 @@ class PromptsPage(QWidget):
             "negative", "Text this expert should not get: it is subtracted from the expert's router vector."
         )
         self.test = PromptListEditor(
-            "test", "Held-out examples of this expert's text, not used to build the router: Preview checks where they go."
+            "test",
+            "Held-out examples of this expert's text, not used to build the router: "
+            "Preview checks where they go.",
         )
         self.tabs = QTabWidget()
         self.tabs.addTab(self.positive, "Positive prompts")
         self.tabs.addTab(self.negative, "Negative prompts")
         self.tabs.addTab(self.test, "Test prompts")
-        self.positive.prompts_edited.connect(lambda p, text: self._set_expert_prompts("positive_prompts", p, text))
-        self.negative.prompts_edited.connect(lambda p, text: self._set_expert_prompts("negative_prompts", p, text))
+        self.positive.prompts_edited.connect(
+            lambda p, text: self._set_expert_prompts("positive_prompts", p, text)
+        )
+        self.negative.prompts_edited.connect(
+            lambda p, text: self._set_expert_prompts("negative_prompts", p, text)
+        )
         self.test.prompts_edited.connect(self._set_test_prompts)
         self.expert_problems = QLabel()
         self.expert_problems.setWordWrap(True)
@@ -227,8 +239,8 @@ class PromptsPage(QWidget):
         layout.addWidget(heading("2  Prompts"))
         layout.addWidget(
             explanation(
-                "For each expert, show the router what it is for. Prompts that differ clearly between experts "
-                "give a router that tells them apart; Preview shows how well it does."
+                "For each expert, show the router what it is for. Prompts that differ clearly between "
+                "experts give a router that tells them apart; Preview shows how well it does."
             )
         )
         layout.addWidget(splitter, 1)
@@ -266,7 +278,9 @@ class PromptsPage(QWidget):
             self.gate_help.setText(GATE_MODE_HELP.get(recipe.gate_mode, "Unknown gate mode."))
             self.top_k.setValue(recipe.experts_per_token)
             self.dtype.setCurrentIndex(max(0, self.dtype.findData(recipe.canonical_dtype or "")))
-            self.architecture.setCurrentIndex(max(0, self.architecture.findData((recipe.architecture or "").lower())))
+            self.architecture.setCurrentIndex(
+                max(0, self.architecture.findData((recipe.architecture or "").lower()))
+            )
             problems = validate_recipe(recipe)
             mine = [p for p in problems if has_expert and p.field.startswith(f"experts.{index}.")]
             self.expert_problems.setText("\n".join(f"✗ {p.message}. {p.hint}" for p in mine))
@@ -279,12 +293,16 @@ class PromptsPage(QWidget):
     def _set_expert_prompts(self, field: str, prompts: tuple[str, ...], text: str) -> None:
         index = self.current_expert
         if index >= 0:
-            self.document.edit(recipe_edits.update_expert(self.document.recipe, index, **{field: prompts}), text)
+            self.document.edit(
+                recipe_edits.update_expert(self.document.recipe, index, **{field: prompts}), text
+            )
 
     def _set_test_prompts(self, prompts: tuple[str, ...], text: str) -> None:
         index = self.current_expert
         if index >= 0:
-            self.document.edit(recipe_edits.update_extras(self.document.recipe, index, test_prompts=prompts), text)
+            self.document.edit(
+                recipe_edits.update_extras(self.document.recipe, index, test_prompts=prompts), text
+            )
 
     def _settings_edited(self) -> None:
         if self._refreshing:
