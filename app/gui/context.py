@@ -1,0 +1,78 @@
+"""What every page shares: settings, the log, and starting jobs that report into the log."""
+
+from __future__ import annotations
+
+import time
+
+from PySide6.QtCore import QObject, Signal
+
+from app.core.problems import FrankenMoEError, ProblemsError
+from app.core.progress import Progress
+from app.gui.settings import AppSettings
+from app.gui.workers import JobFactory, JobHandle
+
+
+def describe_error(error: BaseException) -> str:
+    """One readable paragraph: the problem and its fix, never a traceback."""
+    if isinstance(error, ProblemsError):
+        return "\n".join(str(problem) for problem in error.problems)
+    if isinstance(error, FrankenMoEError):
+        return f"{error.message}\nFix: {error.hint}" if error.hint else error.message
+    return f"{type(error).__name__}: {error}"
+
+
+class AppContext(QObject):
+    logged = Signal(str)
+    status = Signal(str)
+    jobs_changed = Signal()
+    chat_requested = Signal(object)
+
+    def __init__(self, settings: AppSettings, parent: QObject | None = None) -> None:
+        super().__init__(parent)
+        self.settings = settings
+        self._running: list[JobHandle] = []
+
+    def log(self, message: str) -> None:
+        self.logged.emit(f"{time.strftime('%H:%M:%S')}  {message}")
+
+    @property
+    def running(self) -> list[JobHandle]:
+        return [handle for handle in self._running if handle.is_running]
+
+    def run(self, name: str, make_job: JobFactory, *, quiet: bool = False) -> JobHandle:
+        """Start a job whose stages, errors and end are written to the log (unless ``quiet``)."""
+        # No Qt parent: pages may keep a finished handle, and Python alone decides when it goes.
+        handle = JobHandle(name, make_job)
+        self._running.append(handle)
+        if not quiet:
+            self.log(f"{name}: started")
+            stages: list[str] = []
+
+            def on_progress(record: Progress) -> None:
+                if not stages or stages[-1] != record.stage:
+                    stages.append(record.stage)
+                    detail = f" ({record.message})" if record.message else ""
+                    self.log(f"{name}: {record.stage}{detail}")
+
+            handle.progress.connect(on_progress)
+            handle.succeeded.connect(lambda _result: self.log(f"{name}: finished"))
+            handle.cancelled.connect(lambda: self.log(f"{name}: cancelled"))
+        handle.failed.connect(lambda error: self.log(f"{name}: failed: {describe_error(error)}"))
+        handle.finished.connect(lambda: self._forget(handle))
+        handle.start()
+        self.jobs_changed.emit()
+        return handle
+
+    def shutdown(self) -> None:
+        """Cancel every job, wait for them, and deliver nothing more: the pages are going away."""
+        for handle in self._running:
+            handle.detach()
+            handle.cancel()
+        for handle in self._running:
+            handle.wait()
+        self._running.clear()
+
+    def _forget(self, handle: JobHandle) -> None:
+        if handle in self._running:
+            self._running.remove(handle)
+        self.jobs_changed.emit()

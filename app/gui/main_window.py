@@ -1,0 +1,338 @@
+"""The main window: the recipe as a document, the five steps, the log, and orderly shutdown."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+
+from PySide6.QtCore import QSize, Qt
+from PySide6.QtGui import QAction, QCloseEvent, QKeySequence
+from PySide6.QtWidgets import (
+    QApplication,
+    QFileDialog,
+    QHBoxLayout,
+    QLabel,
+    QListWidget,
+    QMainWindow,
+    QMessageBox,
+    QProgressBar,
+    QStackedWidget,
+    QWidget,
+)
+
+from app.core.demo import build_demo
+from app.core.problems import ProblemsError
+from app.gui.context import AppContext, describe_error
+from app.gui.document import RecipeDocument
+from app.gui.hub_search import HubSearchDialog
+from app.gui.log_panel import LogPanel
+from app.gui.pages.chat import ChatPage
+from app.gui.pages.merge import MergePage
+from app.gui.pages.models import ModelsPage
+from app.gui.pages.preview import PreviewPage
+from app.gui.pages.prompts import PromptsPage
+from app.gui.pages.start import StartPage
+from app.gui.settings import AppSettings
+from app.gui.settings_dialog import SettingsDialog
+from app.gui.theme import apply_theme
+
+STEPS = ("1  Models", "2  Prompts", "3  Preview", "4  Merge", "5  Chat")
+RECIPE_FILTER = "mergekit-moe recipes (*.yml *.yaml);;All files (*)"
+
+
+class Step(int, Enum):
+    MODELS = 0
+    PROMPTS = 1
+    PREVIEW = 2
+    MERGE = 3
+    CHAT = 4
+
+
+class MainWindow(QMainWindow):
+    def __init__(self, settings: AppSettings | None = None) -> None:
+        super().__init__()
+        self.settings = settings or AppSettings.load()
+        self.context = AppContext(self.settings, self)
+        self.document = RecipeDocument(self)
+
+        self.start_page = StartPage()
+        self.models_page = ModelsPage(self.document, self.context)
+        self.prompts_page = PromptsPage(self.document)
+        self.preview_page = PreviewPage(self.document, self.context)
+        self.merge_page = MergePage(self.document, self.context)
+        self.chat_page = ChatPage()
+        self.pages = QStackedWidget()
+        for page in (self.models_page, self.prompts_page, self.preview_page, self.merge_page, self.chat_page):
+            self.pages.addWidget(page)
+        self.steps = QListWidget()
+        self.steps.addItems(STEPS)
+        self.steps.setMaximumWidth(170)
+        self.steps.setIconSize(QSize(0, 0))
+        font = self.steps.font()
+        font.setPointSizeF(font.pointSizeF() * 1.1)
+        self.steps.setFont(font)
+        self.steps.setSpacing(4)
+        self.steps.currentRowChanged.connect(self.pages.setCurrentIndex)
+        self.workspace = QWidget()
+        workspace_layout = QHBoxLayout(self.workspace)
+        workspace_layout.addWidget(self.steps)
+        workspace_layout.addWidget(self.pages, 1)
+        self.central = QStackedWidget()
+        self.central.addWidget(self.start_page)
+        self.central.addWidget(self.workspace)
+        self.setCentralWidget(self.central)
+
+        self.log_panel = LogPanel(self)
+        self.addDockWidget(Qt.DockWidgetArea.BottomDockWidgetArea, self.log_panel)
+        self.context.logged.connect(self.log_panel.append)
+        self.jobs_label = QLabel("")
+        self.job_progress = QProgressBar()
+        self.job_progress.setMaximumWidth(160)
+        self.job_progress.setRange(0, 0)
+        self.job_progress.setVisible(False)
+        self.statusBar().addPermanentWidget(self.jobs_label)
+        self.statusBar().addPermanentWidget(self.job_progress)
+        self.context.jobs_changed.connect(self._jobs_changed)
+
+        self._make_actions()
+        self.start_page.new_requested.connect(self.new_recipe)
+        self.start_page.open_requested.connect(self.open_recipe_dialog)
+        self.start_page.demo_requested.connect(self.try_demo)
+        self.start_page.recent_requested.connect(self.open_recipe)
+        self.start_page.set_recent_files(self.settings.recent_files)
+        self.models_page.add_from_hub_requested.connect(self.search_hub)
+        self.preview_page.computed.connect(self.merge_page.use_preview)
+        self.merge_page.open_in_chat.connect(self.open_in_chat)
+        self.document.undo_stack.cleanChanged.connect(self._update_title)
+        self.document.path_changed.connect(lambda _path: self._update_title())
+        self.document.opened.connect(self._document_opened)
+
+        self.resize(1180, 800)
+        self.resizeDocks([self.log_panel], [150], Qt.Orientation.Vertical)
+        self._update_title()
+        self._update_actions()
+
+    # ------------------------------------------------------------------ actions
+
+    def _action(self, text: str, slot: object, shortcut: QKeySequence | str | None = None) -> QAction:
+        action = QAction(text, self)
+        if shortcut is not None:
+            action.setShortcut(QKeySequence(shortcut))
+        action.triggered.connect(slot)
+        return action
+
+    def _make_actions(self) -> None:
+        keys = QKeySequence.StandardKey
+        self.new_action = self._action("&New recipe", self.new_recipe, keys.New)
+        self.open_action = self._action("&Open recipe…", self.open_recipe_dialog, keys.Open)
+        self.save_action = self._action("&Save", self.save, keys.Save)
+        self.save_as_action = self._action("Save &As…", self.save_as, keys.SaveAs)
+        self.settings_action = self._action("Se&ttings…", self.show_settings, keys.Preferences)
+        self.quit_action = self._action("&Quit", self.close, keys.Quit)
+        self.undo_action = self.document.undo_stack.createUndoAction(self, "&Undo")
+        self.undo_action.setShortcut(keys.Undo)
+        self.redo_action = self.document.undo_stack.createRedoAction(self, "&Redo")
+        self.redo_action.setShortcuts([QKeySequence(keys.Redo), QKeySequence("Ctrl+Y")])
+        self.demo_action = self._action("Try the &demo", self.try_demo)
+        self.step_actions = [
+            self._action(
+                name.split("  ")[1], lambda _checked=False, i=i: self.show_step(Step(i)), f"Ctrl+{i + 1}"
+            )
+            for i, name in enumerate(STEPS)
+        ]
+
+        file_menu = self.menuBar().addMenu("&File")
+        file_menu.addActions([self.new_action, self.open_action])
+        self.recent_menu = file_menu.addMenu("Open &Recent")
+        self.recent_menu.aboutToShow.connect(self._fill_recent_menu)
+        file_menu.addActions([self.save_action, self.save_as_action])
+        file_menu.addSeparator()
+        file_menu.addAction(self.settings_action)
+        file_menu.addSeparator()
+        file_menu.addAction(self.quit_action)
+        edit_menu = self.menuBar().addMenu("&Edit")
+        edit_menu.addActions([self.undo_action, self.redo_action])
+        view_menu = self.menuBar().addMenu("&View")
+        view_menu.addActions(self.step_actions)
+        view_menu.addSeparator()
+        view_menu.addAction(self.log_panel.toggleViewAction())
+        help_menu = self.menuBar().addMenu("&Help")
+        help_menu.addAction(self.demo_action)
+
+    def _fill_recent_menu(self) -> None:
+        self.recent_menu.clear()
+        for path in self.settings.recent_files:
+            self.recent_menu.addAction(str(path), lambda p=path: self.open_recipe(p))
+        self.recent_menu.setEnabled(bool(self.settings.recent_files))
+
+    def _update_actions(self) -> None:
+        is_open = self.document.is_open
+        for action in (self.save_action, self.save_as_action, *self.step_actions):
+            action.setEnabled(is_open)
+
+    def _update_title(self) -> None:
+        if not self.document.is_open:
+            self.setWindowTitle("FrankenMoE Studio")
+            return
+        self.setWindowModified(self.document.is_modified)
+        self.setWindowTitle(f"{self.document.display_name}[*] — FrankenMoE Studio")
+
+    def _jobs_changed(self) -> None:
+        running = self.context.running
+        self.job_progress.setVisible(bool(running))
+        self.jobs_label.setText(", ".join(handle.name for handle in running))
+
+    def show_step(self, step: Step) -> None:
+        self.steps.setCurrentRow(int(step))
+
+    # ------------------------------------------------------------------ document
+
+    def _document_opened(self) -> None:
+        self.central.setCurrentWidget(self.workspace)
+        self.show_step(Step.MODELS)
+        self._update_actions()
+        self._update_title()
+
+    def confirm_discard(self) -> bool:
+        """True when there is nothing unsaved, or the user saved or chose to discard it."""
+        if not self.document.is_open or not self.document.is_modified:
+            return True
+        answer = QMessageBox.question(
+            self,
+            "Unsaved changes",
+            f"Save the changes to {self.document.display_name} first?",
+            QMessageBox.StandardButton.Save
+            | QMessageBox.StandardButton.Discard
+            | QMessageBox.StandardButton.Cancel,
+            QMessageBox.StandardButton.Save,
+        )
+        if answer == QMessageBox.StandardButton.Save:
+            return self.save()
+        return answer == QMessageBox.StandardButton.Discard
+
+    def new_recipe(self) -> None:
+        if self.confirm_discard():
+            self.document.new()
+            self.statusBar().showMessage("New recipe: add a base model and experts.", 5000)
+
+    def open_recipe_dialog(self) -> None:
+        if not self.confirm_discard():
+            return
+        name, _filter = QFileDialog.getOpenFileName(self, "Open a recipe", "", RECIPE_FILTER)
+        if name:
+            self.open_recipe(Path(name), confirmed=True)
+
+    def open_recipe(self, path: Path, confirmed: bool = False) -> bool:
+        if not confirmed and not self.confirm_discard():
+            return False
+        try:
+            self.document.open(Path(path))
+        except ProblemsError as error:
+            self.report_problems(f"{Path(path).name} is not a valid recipe", error)
+            return False
+        self.settings.remember(Path(path))
+        self.start_page.set_recent_files(self.settings.recent_files)
+        self.context.log(f"opened {path}")
+        self.statusBar().showMessage(f"Opened {path}", 5000)
+        return True
+
+    def report_problems(self, title: str, error: ProblemsError) -> None:
+        lines = []
+        for problem in error.problems:
+            where = f"line {problem.line}: " if problem.line is not None else ""
+            lines.append(
+                f"{where}{problem.field}: {problem.message}"
+                + (f"\nFix: {problem.hint}" if problem.hint else "")
+            )
+        self.context.log(f"{title}: " + "; ".join(lines))
+        QMessageBox.warning(self, title, "\n\n".join(lines))
+
+    def save(self) -> bool:
+        if self.document.path is None:
+            return self.save_as()
+        return self._save_to(self.document.path)
+
+    def save_as(self) -> bool:
+        name, _filter = QFileDialog.getSaveFileName(
+            self, "Save the recipe", self.document.display_name, RECIPE_FILTER
+        )
+        return bool(name) and self._save_to(Path(name))
+
+    def _save_to(self, path: Path) -> bool:
+        try:
+            self.document.save(path)
+        except OSError as error:
+            QMessageBox.warning(
+                self, "Cannot save", f"{path} could not be written: {error.strerror or error}"
+            )
+            return False
+        self.settings.remember(path)
+        self.statusBar().showMessage(f"Saved {path}", 5000)
+        return True
+
+    # ------------------------------------------------------------------ demo, Hub, settings, chat
+
+    def try_demo(self) -> None:
+        if not self.confirm_discard():
+            return
+        self.statusBar().showMessage("Building the demo models (about 20 s the first time)…")
+        self.start_page.demo_button.setEnabled(False)
+        self.demo_job = self.context.run("Demo", lambda cancel: build_demo(self.settings.demo_dir, cancel))
+        self.demo_job.progress.connect(
+            lambda record: self.statusBar().showMessage(f"Demo: {record.message} ({record.fraction:.0%})")
+        )
+        self.demo_job.succeeded.connect(self._demo_built)
+        self.demo_job.failed.connect(
+            lambda error: QMessageBox.warning(self, "The demo failed", describe_error(error))
+        )
+        self.demo_job.finished.connect(lambda: self.start_page.demo_button.setEnabled(True))
+
+    def _demo_built(self, recipe_path: Path) -> None:
+        if self.open_recipe(recipe_path, confirmed=True):
+            self.merge_page.out_dir.setText(str(self.settings.demo_dir / "merged-demo-moe"))
+            self.merge_page.overwrite.setChecked(True)
+            self.show_step(Step.PREVIEW)
+            self.statusBar().showMessage("Demo ready: compute the preview, then merge.", 8000)
+
+    def search_hub(self) -> None:
+        dialog = HubSearchDialog(self.models_page.hub, self.document.recipe, self.context, self)
+        if dialog.exec() and dialog.chosen_repo:
+            self.models_page.add_expert(dialog.chosen_repo, dialog.chosen_repo.rsplit("/", 1)[-1])
+
+    def show_settings(self) -> None:
+        dialog = SettingsDialog(self.settings, self.context, self)
+        if dialog.exec():
+            dialog.apply()
+            application = QApplication.instance()
+            if isinstance(application, QApplication):
+                apply_theme(application, self.settings.theme)
+
+    def open_in_chat(self, folder: Path) -> None:
+        self.chat_page.set_model(folder)
+        self.show_step(Step.CHAT)
+
+    # ------------------------------------------------------------------ shutdown
+
+    def closeEvent(self, event: QCloseEvent) -> None:
+        if not self.confirm_discard():
+            event.ignore()
+            return
+        running = self.context.running
+        if running:
+            names = ", ".join(handle.name for handle in running)
+            answer = QMessageBox.question(
+                self,
+                "Work is running",
+                f"Stop {names} and quit? Anything half-written is removed.",
+                QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No,
+                QMessageBox.StandardButton.No,
+            )
+            if answer != QMessageBox.StandardButton.Yes:
+                event.ignore()
+                return
+            self.statusBar().showMessage("Stopping running work…")
+        # Cancel first, then join: each job stops at its next step, so this is quick.
+        self.models_page.shutdown()
+        self.context.shutdown()
+        self.preview_page.shutdown()
+        event.accept()

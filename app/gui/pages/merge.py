@@ -1,0 +1,229 @@
+"""Merge page: where to write the MoE and how, its model card, and the merge with progress,
+speed, ETA and cancel."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from PySide6.QtCore import QUrl, Signal
+from PySide6.QtGui import QDesktopServices
+from PySide6.QtWidgets import (
+    QCheckBox,
+    QDoubleSpinBox,
+    QFileDialog,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QPlainTextEdit,
+    QProgressBar,
+    QPushButton,
+    QVBoxLayout,
+    QWidget,
+)
+
+from app.core.progress import Progress
+from app.core.recipe import Recipe, validate_recipe
+from app.gui.context import AppContext, describe_error
+from app.gui.document import RecipeDocument
+from app.gui.engine import MergeRequest, PreviewResult, merge
+from app.gui.widgets import explanation, format_bytes, format_duration, heading
+from app.gui.workers import JobHandle
+
+DEFAULT_SHARD_GB = 5.0
+
+
+class MergePage(QWidget):
+    open_in_chat = Signal(object)
+
+    def __init__(self, document: RecipeDocument, context: AppContext, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.document = document
+        self.context = context
+        self.preview: PreviewResult | None = None
+        self.job: JobHandle | None = None
+        self.merged_folder: Path | None = None
+        self._writing_started: tuple[float, int] | None = None
+
+        self.out_dir = QLineEdit()
+        self.out_dir.setPlaceholderText("Folder for the merged model")
+        browse = QPushButton("Browse…")
+        browse.clicked.connect(self._browse)
+        self.shard_size = QDoubleSpinBox()
+        self.shard_size.setRange(0.01, 100.0)
+        self.shard_size.setDecimals(2)
+        self.shard_size.setSuffix(" GB")
+        self.shard_size.setValue(DEFAULT_SHARD_GB)
+        self.overwrite = QCheckBox("Replace the folder if it already holds files")
+        self.name = QLineEdit()
+        self.name.setPlaceholderText("Defaults to the folder's name")
+        self.description = QPlainTextEdit()
+        self.description.setPlaceholderText("What this model is for; goes at the top of its README.md")
+        self.description.setMaximumHeight(70)
+        self.license = QLineEdit()
+        self.license.setPlaceholderText("Defaults to the base model's licence, e.g. apache-2.0")
+
+        self.merge_button = QPushButton("Merge")
+        self.merge_button.setDefault(True)
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        self.merge_button.clicked.connect(self.start_merge)
+        self.cancel_button.clicked.connect(self.cancel)
+        self.progress = QProgressBar()
+        self.progress.setRange(0, 1000)
+        self.stage = QLabel("")
+        self.speed = QLabel("")
+        self.problems = QLabel()
+        self.problems.setWordWrap(True)
+        self.result_label = QLabel()
+        self.result_label.setWordWrap(True)
+        self.chat_button = QPushButton("Open in Chat")
+        self.show_button = QPushButton("Show folder")
+        self.chat_button.clicked.connect(lambda: self.open_in_chat.emit(self.merged_folder))
+        self.show_button.clicked.connect(self._show_folder)
+        for button in (self.chat_button, self.show_button):
+            button.setVisible(False)
+
+        output = QGroupBox("Output")
+        output_form = QFormLayout(output)
+        folder_row = QHBoxLayout()
+        folder_row.addWidget(self.out_dir, 1)
+        folder_row.addWidget(browse)
+        output_form.addRow("Folder", folder_row)
+        output_form.addRow("Shard size", self.shard_size)
+        output_form.addRow("", explanation("Weights are written in files of at most this size."))
+        output_form.addRow("", self.overwrite)
+        card = QGroupBox("Model card")
+        card_form = QFormLayout(card)
+        card_form.addRow("Name", self.name)
+        card_form.addRow("Description", self.description)
+        card_form.addRow("Licence", self.license)
+
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.merge_button)
+        buttons.addWidget(self.cancel_button)
+        buttons.addWidget(self.progress, 1)
+        done_row = QHBoxLayout()
+        done_row.addWidget(self.result_label, 1)
+        done_row.addWidget(self.chat_button)
+        done_row.addWidget(self.show_button)
+
+        layout = QVBoxLayout(self)
+        layout.addWidget(heading("4  Merge"))
+        layout.addWidget(
+            explanation(
+                "Writes a Mixtral-architecture model that transformers loads directly. "
+                "It is built beside the target folder and moved into place only when complete, "
+                "so cancelling leaves nothing behind."
+            )
+        )
+        layout.addWidget(output)
+        layout.addWidget(card)
+        layout.addWidget(self.problems)
+        layout.addLayout(buttons)
+        layout.addWidget(self.stage)
+        layout.addWidget(self.speed)
+        layout.addLayout(done_row)
+        layout.addStretch(1)
+        document.changed.connect(self._recipe_changed)
+        document.path_changed.connect(self._suggest_folder)
+
+    def use_preview(self, result: PreviewResult) -> None:
+        self.preview = result
+
+    def _suggest_folder(self, path: Path | None) -> None:
+        if path is not None and not self.out_dir.text():
+            self.out_dir.setText(str(path.parent / f"{path.stem}-moe"))
+
+    def _browse(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Folder for the merged model")
+        if folder:
+            self.out_dir.setText(folder)
+
+    def _recipe_changed(self, recipe: Recipe) -> None:
+        errors = [p for p in validate_recipe(recipe) if p.is_error]
+        self.problems.setText("\n".join(f"✗ {p.field}: {p.message}. {p.hint}" for p in errors))
+
+    def request(self) -> MergeRequest:
+        settings = self.context.settings
+        return MergeRequest(
+            out_dir=Path(self.out_dir.text().strip()).expanduser(),
+            shard_size=int(self.shard_size.value() * 1e9),
+            overwrite=self.overwrite.isChecked(),
+            device=settings.device,
+            name=self.name.text().strip(),
+            description=self.description.toPlainText().strip(),
+            license=self.license.text().strip(),
+        )
+
+    def start_merge(self) -> None:
+        if self.job is not None and self.job.is_running:
+            return
+        if not self.out_dir.text().strip():
+            self.stage.setText("✗ Choose a folder for the merged model first.")
+            return
+        recipe = self.document.recipe
+        # The preview's routers are the merge's routers when nothing has changed since.
+        gates = self.preview.gates if self.preview is not None and self.preview.recipe == recipe else None
+        self.merged_folder = None
+        self._writing_started = None
+        for button in (self.chat_button, self.show_button):
+            button.setVisible(False)
+        self.result_label.clear()
+        self.merge_button.setEnabled(False)
+        self.cancel_button.setEnabled(True)
+        self.stage.setText("Starting…")
+        self.speed.clear()
+        self.job = self.context.run("Merge", merge(recipe, self.request(), gates))
+        self.job.progress.connect(self._progress)
+        self.job.succeeded.connect(self._merged)
+        self.job.failed.connect(
+            lambda error: self.stage.setText(f"✗ The merge failed: {describe_error(error)}")
+        )
+        self.job.cancelled.connect(lambda: self.stage.setText("Merge cancelled; nothing was left behind."))
+        self.job.finished.connect(self._job_finished)
+
+    def cancel(self) -> None:
+        if self.job is not None:
+            self.job.cancel()
+            self.stage.setText("Cancelling…")
+
+    def _progress(self, record: Progress) -> None:
+        self.progress.setValue(int(record.fraction * 1000))
+        self.stage.setText(f"{record.stage}: {record.message}" if record.message else record.stage)
+        if not record.bytes_total:
+            return
+        now = time.monotonic()
+        if self._writing_started is None:
+            self._writing_started = (now, record.bytes_done)
+            return
+        started, first_bytes = self._writing_started
+        elapsed = now - started
+        if elapsed > 0.2:
+            rate = (record.bytes_done - first_bytes) / elapsed
+            remaining = (record.bytes_total - record.bytes_done) / rate if rate > 0 else 0
+            self.speed.setText(
+                f"{format_bytes(record.bytes_done)} of {format_bytes(record.bytes_total)} · "
+                f"{format_bytes(rate)}/s · about {format_duration(remaining)} left"
+            )
+
+    def _merged(self, result: object) -> None:
+        self.merged_folder = Path(result.out_dir)  # type: ignore[attr-defined]
+        self.progress.setValue(1000)
+        self.stage.setText("Merged.")
+        self.result_label.setText(
+            f"✓ {self.merged_folder} · {format_bytes(result.bytes_written)} "  # type: ignore[attr-defined]
+            f"in {format_duration(result.seconds)}"  # type: ignore[attr-defined]
+        )
+        for button in (self.chat_button, self.show_button):
+            button.setVisible(True)
+
+    def _job_finished(self) -> None:
+        self.merge_button.setEnabled(True)
+        self.cancel_button.setEnabled(False)
+
+    def _show_folder(self) -> None:
+        if self.merged_folder is not None:
+            QDesktopServices.openUrl(QUrl.fromLocalFile(str(self.merged_folder)))

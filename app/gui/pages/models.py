@@ -1,0 +1,414 @@
+"""Models page: the base model and the experts, each with its family, size, parameters and a
+compatibility badge whose tooltip names every reason."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from PySide6.QtCore import Qt, QTimer, Signal
+from PySide6.QtGui import QColor
+from PySide6.QtWidgets import (
+    QAbstractItemView,
+    QColorDialog,
+    QFileDialog,
+    QHBoxLayout,
+    QHeaderView,
+    QLabel,
+    QLineEdit,
+    QProgressBar,
+    QPushButton,
+    QTableWidget,
+    QTableWidgetItem,
+    QVBoxLayout,
+    QWidget,
+)
+
+from app.core.problems import Problem
+from app.core.progress import Progress
+from app.core.recipe import ModelRef, Recipe, validate_recipe
+from app.gui import recipe_edits
+from app.gui.context import AppContext
+from app.gui.document import RecipeDocument
+from app.gui.engine import ModelInfo, check_compatibility, inspect_models
+from app.gui.hub_backend import HubBackend, load_hub_backend
+from app.gui.widgets import color_icon, explanation, format_bytes, format_count, heading
+from app.gui.workers import JobHandle
+
+COLUMNS = ("Colour", "Label", "Model", "Family", "Size", "Parameters", "Compatibility", "Download")
+COLOR, LABEL, MODEL, FAMILY, SIZE, PARAMETERS, COMPATIBILITY, DOWNLOAD = range(len(COLUMNS))
+# Edits of one expert's label merge into one undo step.
+LABEL_MERGE_ID = 1000
+
+CHECK_DELAY_MS = 300
+
+
+def problems_for_expert(problems: list[Problem], index: int) -> list[Problem]:
+    prefixes = (f"experts.{index}.", f"experts[{index}]")
+    return [p for p in problems if p.field == f"experts.{index}" or p.field.startswith(prefixes)]
+
+
+def badge(problems: list[Problem]) -> tuple[str, str]:
+    """Badge text and tooltip: every reason with its fix."""
+    errors = [p for p in problems if p.is_error]
+    warnings = [p for p in problems if not p.is_error]
+    if errors:
+        text = f"✗ {len(errors)} problem{'s' * (len(errors) > 1)}"
+    elif warnings:
+        text = f"⚠ {len(warnings)} warning{'s' * (len(warnings) > 1)}"
+    else:
+        return "✓ Compatible", "Compatible with the base model."
+    reasons = [f"• {p.message}" + (f"\n   Fix: {p.hint}" if p.hint else "") for p in [*errors, *warnings]]
+    return text, "\n".join(reasons)
+
+
+class ModelsPage(QWidget):
+    add_from_hub_requested = Signal()
+
+    def __init__(self, document: RecipeDocument, context: AppContext, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.document = document
+        self.context = context
+        self.hub: HubBackend | None = load_hub_backend()
+        self.infos: dict[ModelRef, ModelInfo] = {}
+        self.problems: list[Problem] = []
+        self.checked_recipe: Recipe | None = None
+        self._inspecting: set[ModelRef] = set()
+        self._check_job: JobHandle | None = None
+        self._refreshing = False
+
+        self.base_edit = QLineEdit()
+        self.base_edit.setPlaceholderText("A local folder or a Hub id such as mistralai/Mistral-7B-v0.1")
+        self.base_edit.editingFinished.connect(self._base_edited)
+        base_folder = QPushButton("Folder…")
+        base_folder.clicked.connect(self._choose_base_folder)
+        self.base_info = QLabel()
+        self.base_info.setWordWrap(True)
+
+        self.table = QTableWidget(0, len(COLUMNS))
+        self.table.setHorizontalHeaderLabels(COLUMNS)
+        self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
+        self.table.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
+        self.table.verticalHeader().setVisible(False)
+        header = self.table.horizontalHeader()
+        header.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+        header.setSectionResizeMode(MODEL, QHeaderView.ResizeMode.Stretch)
+        self.table.itemChanged.connect(self._item_changed)
+        self.table.cellDoubleClicked.connect(self._cell_double_clicked)
+
+        self.add_folder_button = QPushButton("Add from folder…")
+        self.add_hub_button = QPushButton("Add from Hub…")
+        self.remove_button = QPushButton("Remove")
+        self.up_button = QPushButton("Move up")
+        self.down_button = QPushButton("Move down")
+        self.color_button = QPushButton("Colour…")
+        self.add_folder_button.clicked.connect(self._add_from_folder)
+        self.add_hub_button.clicked.connect(self.add_from_hub_requested)
+        self.remove_button.clicked.connect(self._remove)
+        self.up_button.clicked.connect(lambda: self._move(-1))
+        self.down_button.clicked.connect(lambda: self._move(1))
+        self.color_button.clicked.connect(lambda: self._choose_color(self.table.currentRow()))
+        self.table.itemSelectionChanged.connect(self._update_buttons)
+
+        self.general_problems = QLabel()
+        self.general_problems.setWordWrap(True)
+
+        base_row = QHBoxLayout()
+        base_row.addWidget(QLabel("Base model"))
+        base_row.addWidget(self.base_edit, 1)
+        base_row.addWidget(base_folder)
+        buttons = QHBoxLayout()
+        for button in (self.add_folder_button, self.add_hub_button):
+            buttons.addWidget(button)
+        buttons.addStretch(1)
+        for button in (self.color_button, self.up_button, self.down_button, self.remove_button):
+            buttons.addWidget(button)
+
+        layout = QVBoxLayout(self)
+        layout.addWidget(heading("1  Models"))
+        layout.addWidget(
+            explanation(
+                "The base model gives the merged model its attention, embeddings and tokenizer; each expert "
+                "gives its MLPs. All must share the base's architecture and tokenizer. Double-click a label "
+                "to rename an expert, or its colour to change it; the colour marks the expert everywhere."
+            )
+        )
+        layout.addLayout(base_row)
+        layout.addWidget(self.base_info)
+        layout.addWidget(self.table, 1)
+        layout.addLayout(buttons)
+        layout.addWidget(self.general_problems)
+
+        self._check_timer = QTimer(self)
+        self._check_timer.setSingleShot(True)
+        self._check_timer.setInterval(CHECK_DELAY_MS)
+        self._check_timer.timeout.connect(self._start_check)
+        document.changed.connect(self._recipe_changed)
+        self._recipe_changed(document.recipe)
+
+    # ------------------------------------------------------------------ reacting to the recipe
+
+    def _recipe_changed(self, recipe: Recipe) -> None:
+        self._refresh(recipe)
+        missing = [ref for ref in recipe.model_refs() if ref.path and ref not in self.infos]
+        missing = [ref for ref in missing if ref not in self._inspecting]
+        if missing:
+            self._inspecting.update(missing)
+            handle = self.context.run("Read models", inspect_models(missing), quiet=True)
+            handle.succeeded.connect(self._models_inspected)
+            handle.finished.connect(lambda: self._inspecting.difference_update(missing))
+        self._check_timer.start()
+
+    def _models_inspected(self, found: dict[ModelRef, ModelInfo]) -> None:
+        self.infos.update(found)
+        self._refresh(self.document.recipe)
+
+    def _start_check(self) -> None:
+        recipe = self.document.recipe
+        if not recipe.base_model.path or not recipe.experts:
+            self.problems, self.checked_recipe = validate_recipe(recipe), recipe
+            self._refresh(recipe)
+            return
+        if self._check_job is not None and self._check_job.is_running:
+            self._check_job.cancel()
+        self._check_job = self.context.run("Check compatibility", check_compatibility(recipe), quiet=True)
+        self._check_job.succeeded.connect(lambda problems: self._checked(recipe, problems))
+        self._check_job.failed.connect(lambda error: self._checked(recipe, [Problem("recipe", str(error))]))
+
+    def _checked(self, recipe: Recipe, problems: list[Problem]) -> None:
+        if recipe != self.document.recipe:
+            return  # an answer about a recipe that has since changed; a fresh check is on its way
+        self.problems, self.checked_recipe = problems, recipe
+        self._refresh(recipe)
+
+    # ------------------------------------------------------------------ drawing
+
+    def _info_text(self, reference: ModelRef) -> str:
+        info = self.infos.get(reference)
+        if info is None:
+            return "reading…" if reference.path else ""
+        if info.error:
+            return f"{info.error} {info.hint}".strip()
+        parameters = format_count(info.parameter_count)
+        return f"{info.family}, {parameters} parameters, {format_bytes(info.size_bytes)}, {info.dtype}"
+
+    def _refresh(self, recipe: Recipe) -> None:
+        self._refreshing = True
+        try:
+            if not self.base_edit.hasFocus():
+                self.base_edit.setText(str(recipe.base_model) if recipe.base_model.path else "")
+            base_problems = [p for p in self.problems if p.field.startswith("base_model")]
+            base_text = self._info_text(recipe.base_model)
+            if base_problems:
+                base_text += "\n" + "\n".join(f"✗ {p.message}" for p in base_problems)
+            self.base_info.setText(base_text)
+            selected = self.table.currentRow()
+            self.table.setRowCount(len(recipe.experts))
+            checked = self.checked_recipe == recipe
+            for row, expert in enumerate(recipe.experts):
+                self._fill_row(recipe, row, expert.source_model, checked)
+            if 0 <= selected < len(recipe.experts):
+                self.table.selectRow(selected)
+            general = [
+                p
+                for p in self.problems
+                if (not p.field.startswith(("experts.", "base_model")) and p.field != "recipe")
+                or p.field == "experts"
+            ]
+            self.general_problems.setText(
+                "\n".join(f"{'✗' if p.is_error else '⚠'} {p.message}. {p.hint}" for p in general)
+            )
+        finally:
+            self._refreshing = False
+        self._update_buttons()
+
+    def _fill_row(self, recipe: Recipe, row: int, reference: ModelRef, checked: bool) -> None:
+        def cell(column: int, text: str, tooltip: str = "", editable: bool = False) -> QTableWidgetItem:
+            item = self.table.item(row, column)
+            if item is None:
+                item = QTableWidgetItem()
+                self.table.setItem(row, column, item)
+            item.setText(text)
+            item.setToolTip(tooltip)
+            flags = Qt.ItemFlag.ItemIsEnabled | Qt.ItemFlag.ItemIsSelectable
+            item.setFlags(flags | Qt.ItemFlag.ItemIsEditable if editable else flags)
+            return item
+
+        color = recipe_edits.expert_color(recipe, row)
+        swatch = cell(COLOR, "", "Double-click to choose this expert's colour")
+        swatch.setIcon(color_icon(color, 16))
+        swatch.setData(Qt.ItemDataRole.UserRole, color)
+        cell(LABEL, recipe.expert_label(row), "Double-click to rename", editable=True)
+        cell(MODEL, str(reference), str(reference))
+        info = self.infos.get(reference)
+        if info is None:
+            cell(FAMILY, "reading…")
+            cell(SIZE, "")
+            cell(PARAMETERS, "")
+        elif info.error:
+            cell(FAMILY, "—", f"{info.error}\n{info.hint}")
+            cell(SIZE, "—")
+            cell(PARAMETERS, "—")
+        else:
+            cell(FAMILY, info.family)
+            cell(SIZE, format_bytes(info.size_bytes))
+            cell(PARAMETERS, format_count(info.parameter_count))
+        if checked:
+            text, tooltip = badge(problems_for_expert(self.problems, row))
+        else:
+            text, tooltip = "… checking", "Checking compatibility with the base model"
+        badge_item = cell(COMPATIBILITY, text, tooltip)
+        if text.startswith("✗"):
+            badge_item.setForeground(QColor("#d93025"))
+        elif text.startswith("⚠"):
+            badge_item.setForeground(QColor("#e37400"))
+        elif text.startswith("✓"):
+            badge_item.setForeground(QColor("#1e8e3e"))
+        self._fill_download_cell(row, info)
+
+    def _fill_download_cell(self, row: int, info: ModelInfo | None) -> None:
+        if info is None or not info.downloadable:
+            self.table.removeCellWidget(row, DOWNLOAD)
+            self.table.setItem(row, DOWNLOAD, QTableWidgetItem("local" if info and not info.error else ""))
+            return
+        if isinstance(self.table.cellWidget(row, DOWNLOAD), DownloadCell):
+            return
+        self.table.setCellWidget(
+            row, DOWNLOAD, DownloadCell(info.reference, self.hub, self.context, self._downloaded)
+        )
+
+    def _downloaded(self, reference: ModelRef) -> None:
+        self.infos.pop(reference, None)
+        self._recipe_changed(self.document.recipe)
+
+    def shutdown(self) -> None:
+        """No new checks once the window is closing."""
+        self._check_timer.stop()
+        self.document.changed.disconnect(self._recipe_changed)
+
+    # ------------------------------------------------------------------ edits
+
+    def _edit(self, recipe: Recipe, text: str, merge_id: int = -1) -> None:
+        self.document.edit(recipe, text, merge_id)
+
+    def _base_edited(self) -> None:
+        text = self.base_edit.text().strip()
+        if text != str(self.document.recipe.base_model):
+            self._edit(recipe_edits.set_base(self.document.recipe, text), "Change base model")
+
+    def _choose_base_folder(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Choose the base model's folder")
+        if folder:
+            self._edit(recipe_edits.set_base(self.document.recipe, folder), "Change base model")
+
+    def add_expert(self, reference: str, label: str | None = None) -> None:
+        recipe = self.document.recipe
+        if not recipe.base_model.path:
+            # The first model chosen is the natural base; the user can change it.
+            self._edit(recipe_edits.set_base(recipe, reference), "Set base model")
+            recipe = self.document.recipe
+        self._edit(recipe_edits.add_expert(recipe, reference, label), "Add expert")
+        self.table.selectRow(len(self.document.recipe.experts) - 1)
+
+    def _add_from_folder(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Choose an expert model's folder")
+        if folder:
+            self.add_expert(folder, Path(folder).name)
+
+    def _remove(self) -> None:
+        row = self.table.currentRow()
+        if row >= 0:
+            self._edit(recipe_edits.remove_expert(self.document.recipe, row), "Remove expert")
+
+    def _move(self, offset: int) -> None:
+        row = self.table.currentRow()
+        if row >= 0:
+            self._edit(recipe_edits.move_expert(self.document.recipe, row, offset), "Move expert")
+            self.table.selectRow(row + offset)
+
+    def _choose_color(self, row: int) -> None:
+        if row < 0:
+            return
+        current = QColor(recipe_edits.expert_color(self.document.recipe, row))
+        chosen = QColorDialog.getColor(current, self, "Expert colour")
+        if chosen.isValid():
+            self.set_color(row, chosen.name())
+
+    def set_color(self, row: int, color: str) -> None:
+        self._edit(recipe_edits.update_extras(self.document.recipe, row, color=color), "Change expert colour")
+
+    def _cell_double_clicked(self, row: int, column: int) -> None:
+        if column == COLOR:
+            self._choose_color(row)
+
+    def _item_changed(self, item: QTableWidgetItem) -> None:
+        if self._refreshing or item.column() != LABEL:
+            return
+        row = item.row()
+        label = item.text().strip() or None
+        self._edit(
+            recipe_edits.update_extras(self.document.recipe, row, label=label),
+            "Rename expert",
+            LABEL_MERGE_ID + row,
+        )
+
+    def _update_buttons(self) -> None:
+        row = self.table.currentRow()
+        has_row = row >= 0
+        self.remove_button.setEnabled(has_row)
+        self.color_button.setEnabled(has_row)
+        self.up_button.setEnabled(has_row and row > 0)
+        self.down_button.setEnabled(has_row and row < self.table.rowCount() - 1)
+
+
+class DownloadCell(QWidget):
+    """A Download button that becomes a progress bar with a cancel button while it runs."""
+
+    def __init__(
+        self,
+        reference: ModelRef,
+        hub: HubBackend | None,
+        context: AppContext,
+        on_done: Callable[[ModelRef], None],
+    ) -> None:
+        super().__init__()
+        self.reference = reference
+        self.hub = hub
+        self.context = context
+        self.on_done = on_done
+        self.job: JobHandle | None = None
+        self.button = QPushButton("Download")
+        self.progress = QProgressBar()
+        self.progress.setVisible(False)
+        self.progress.setTextVisible(True)
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setVisible(False)
+        if hub is None:
+            self.button.setEnabled(False)
+            self.button.setToolTip("Downloading needs the Hub module, which this build does not have yet.")
+        self.button.clicked.connect(self.start)
+        self.cancel_button.clicked.connect(lambda: self.job and self.job.cancel())
+        layout = QHBoxLayout(self)
+        layout.setContentsMargins(2, 0, 2, 0)
+        layout.addWidget(self.button)
+        layout.addWidget(self.progress, 1)
+        layout.addWidget(self.cancel_button)
+
+    def start(self) -> None:
+        assert self.hub is not None
+        self.job = self.context.run(f"Download {self.reference}", self.hub.download(self.reference))
+        self.button.setVisible(False)
+        self.progress.setVisible(True)
+        self.cancel_button.setVisible(True)
+        self.job.progress.connect(self._progress)
+        self.job.succeeded.connect(lambda _path: self.on_done(self.reference))
+        self.job.finished.connect(self._finished)
+
+    def _progress(self, record: Progress) -> None:
+        self.progress.setValue(int(record.fraction * 100))
+        self.progress.setFormat(record.message or "%p%")
+
+    def _finished(self) -> None:
+        self.button.setVisible(True)
+        self.progress.setVisible(False)
+        self.cancel_button.setVisible(False)

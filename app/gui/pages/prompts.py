@@ -1,0 +1,321 @@
+"""Prompts page: what each expert is for (positive and negative prompts), held-out test prompts,
+and the router settings, each with a one-line explanation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PySide6.QtCore import Signal
+from PySide6.QtWidgets import (
+    QApplication,
+    QComboBox,
+    QFileDialog,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QInputDialog,
+    QLabel,
+    QListWidget,
+    QListWidgetItem,
+    QMessageBox,
+    QPushButton,
+    QSpinBox,
+    QSplitter,
+    QTabWidget,
+    QVBoxLayout,
+    QWidget,
+)
+
+from app.core.recipe import ARCHITECTURES, GATE_MODE_HELP, GATE_MODES, Recipe, validate_recipe
+from app.gui import recipe_edits
+from app.gui.document import RecipeDocument
+from app.gui.widgets import color_icon, explanation, heading
+
+# A prompt's line breaks matter (code prompts); the list shows them as a visible mark.
+NEWLINE_MARK = " ⏎ "
+DTYPE_CHOICES = (
+    ("", "Same as the base model"),
+    ("bfloat16", "bfloat16"),
+    ("float16", "float16"),
+    ("float32", "float32"),
+)
+DTYPE_HELP = "Precision of the merged weights: bfloat16 halves the size of float32 and suits most GPUs."
+TOP_K_HELP = "How many experts each token goes through: more is slower but blends more knowledge; 2 is usual."
+ARCHITECTURE_HELP = "The merged model's layout. Mixtral loads in transformers and most inference tools."
+
+
+def lines_to_prompts(text: str) -> list[str]:
+    """One prompt per non-empty line, for pasting and importing many at once."""
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+class PromptListEditor(QWidget):
+    """A list of prompts with add, edit, delete, paste-many and import-from-file."""
+
+    prompts_edited = Signal(tuple, str)
+
+    def __init__(self, kind: str, help_text: str, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.kind = kind
+        self.prompts: tuple[str, ...] = ()
+        self.list = QListWidget()
+        self.list.setWordWrap(True)
+        self.list.setAlternatingRowColors(True)
+        self.list.itemDoubleClicked.connect(lambda _item: self.edit_selected())
+        self.list.currentRowChanged.connect(self._update_buttons)
+        add = QPushButton("Add…")
+        self.edit_button = QPushButton("Edit…")
+        self.delete_button = QPushButton("Delete")
+        paste = QPushButton("Paste lines")
+        paste.setToolTip("Adds each line of the clipboard as a prompt")
+        import_file = QPushButton("Import file…")
+        import_file.setToolTip("Adds each line of a text file as a prompt")
+        add.clicked.connect(self.add)
+        self.edit_button.clicked.connect(self.edit_selected)
+        self.delete_button.clicked.connect(self.delete_selected)
+        paste.clicked.connect(self.paste_lines)
+        import_file.clicked.connect(self.import_file)
+        buttons = QHBoxLayout()
+        for button in (add, self.edit_button, self.delete_button):
+            buttons.addWidget(button)
+        buttons.addStretch(1)
+        buttons.addWidget(paste)
+        buttons.addWidget(import_file)
+        layout = QVBoxLayout(self)
+        layout.addWidget(explanation(help_text))
+        layout.addWidget(self.list, 1)
+        layout.addLayout(buttons)
+        self._update_buttons()
+
+    def set_prompts(self, prompts: tuple[str, ...]) -> None:
+        if prompts == self.prompts and self.list.count() == len(prompts):
+            return
+        row = self.list.currentRow()
+        self.prompts = prompts
+        self.list.clear()
+        for prompt in prompts:
+            item = QListWidgetItem(prompt.replace("\n", NEWLINE_MARK))
+            item.setToolTip(prompt)
+            self.list.addItem(item)
+        self.list.setCurrentRow(min(row, len(prompts) - 1))
+        self._update_buttons()
+
+    def _emit(self, prompts: list[str], text: str) -> None:
+        self.prompts_edited.emit(tuple(prompts), text)
+
+    def add(self) -> None:
+        text, ok = QInputDialog.getMultiLineText(self, f"Add {self.kind} prompt", "Prompt:")
+        if ok and text.strip():
+            self._emit([*self.prompts, text.strip()], f"Add {self.kind} prompt")
+
+    def edit_selected(self) -> None:
+        row = self.list.currentRow()
+        if row < 0:
+            return
+        text, ok = QInputDialog.getMultiLineText(
+            self, f"Edit {self.kind} prompt", "Prompt:", self.prompts[row]
+        )
+        if ok and text.strip():
+            prompts = list(self.prompts)
+            prompts[row] = text.strip()
+            self._emit(prompts, f"Edit {self.kind} prompt")
+
+    def delete_selected(self) -> None:
+        row = self.list.currentRow()
+        if row >= 0:
+            prompts = list(self.prompts)
+            del prompts[row]
+            self._emit(prompts, f"Delete {self.kind} prompt")
+
+    def add_many(self, text: str) -> int:
+        new = lines_to_prompts(text)
+        if new:
+            self._emit([*self.prompts, *new], f"Add {len(new)} {self.kind} prompts")
+        return len(new)
+
+    def paste_lines(self) -> None:
+        self.add_many(QApplication.clipboard().text())
+
+    def import_file(self) -> None:
+        name, _filter = QFileDialog.getOpenFileName(
+            self, "Import prompts, one per line", "", "Text (*.txt);;All files (*)"
+        )
+        if not name:
+            return
+        try:
+            text = Path(name).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            QMessageBox.warning(
+                self, "Cannot import prompts", f"{name} could not be read as UTF-8 text: {exc}"
+            )
+            return
+        self.add_many(text)
+
+    def _update_buttons(self) -> None:
+        has_row = self.list.currentRow() >= 0
+        self.edit_button.setEnabled(has_row)
+        self.delete_button.setEnabled(has_row)
+
+
+class PromptsPage(QWidget):
+    def __init__(self, document: RecipeDocument, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.document = document
+        self._refreshing = False
+
+        self.experts = QListWidget()
+        self.experts.setMaximumWidth(200)
+        self.experts.currentRowChanged.connect(lambda _row: self._refresh(self.document.recipe))
+        self.positive = PromptListEditor(
+            "positive", "Text this expert should handle: the router learns to send text like this here."
+        )
+        self.negative = PromptListEditor(
+            "negative", "Text this expert should not get: it is subtracted from the expert's router vector."
+        )
+        self.test = PromptListEditor(
+            "test",
+            "Held-out examples of this expert's text, not used to build the router: "
+            "Preview checks where they go.",
+        )
+        self.tabs = QTabWidget()
+        self.tabs.addTab(self.positive, "Positive prompts")
+        self.tabs.addTab(self.negative, "Negative prompts")
+        self.tabs.addTab(self.test, "Test prompts")
+        self.positive.prompts_edited.connect(
+            lambda p, text: self._set_expert_prompts("positive_prompts", p, text)
+        )
+        self.negative.prompts_edited.connect(
+            lambda p, text: self._set_expert_prompts("negative_prompts", p, text)
+        )
+        self.test.prompts_edited.connect(self._set_test_prompts)
+        self.expert_problems = QLabel()
+        self.expert_problems.setWordWrap(True)
+
+        self.gate_mode = QComboBox()
+        self.gate_mode.addItems(GATE_MODES)
+        self.gate_help = explanation("")
+        self.top_k = QSpinBox()
+        self.top_k.setRange(1, 64)
+        self.dtype = QComboBox()
+        for value, text in DTYPE_CHOICES:
+            self.dtype.addItem(text, value)
+        self.architecture = QComboBox()
+        self.architecture.addItem("Chosen from the donors (Mixtral)", "")
+        for name in ARCHITECTURES:
+            self.architecture.addItem(name.capitalize(), name)
+        self.gate_mode.currentTextChanged.connect(self._settings_edited)
+        self.top_k.valueChanged.connect(self._settings_edited)
+        self.dtype.currentIndexChanged.connect(self._settings_edited)
+        self.architecture.currentIndexChanged.connect(self._settings_edited)
+        self.settings_problems = QLabel()
+        self.settings_problems.setWordWrap(True)
+
+        settings = QGroupBox("Router and output")
+        form = QFormLayout(settings)
+        form.addRow("Gate mode", self.gate_mode)
+        form.addRow("", self.gate_help)
+        form.addRow("Experts per token", self.top_k)
+        form.addRow("", explanation(TOP_K_HELP))
+        form.addRow("Output dtype", self.dtype)
+        form.addRow("", explanation(DTYPE_HELP))
+        form.addRow("Output architecture", self.architecture)
+        form.addRow("", explanation(ARCHITECTURE_HELP))
+        form.addRow(self.settings_problems)
+
+        right = QWidget()
+        right_layout = QVBoxLayout(right)
+        right_layout.setContentsMargins(0, 0, 0, 0)
+        right_layout.addWidget(self.tabs, 1)
+        right_layout.addWidget(self.expert_problems)
+        settings.setMaximumWidth(380)
+        splitter = QSplitter()
+        splitter.addWidget(self.experts)
+        splitter.addWidget(right)
+        splitter.addWidget(settings)
+        splitter.setStretchFactor(1, 1)
+        splitter.setChildrenCollapsible(False)
+
+        layout = QVBoxLayout(self)
+        layout.addWidget(heading("2  Prompts"))
+        layout.addWidget(
+            explanation(
+                "For each expert, show the router what it is for. Prompts that differ clearly between "
+                "experts give a router that tells them apart; Preview shows how well it does."
+            )
+        )
+        layout.addWidget(splitter, 1)
+        document.changed.connect(self._refresh)
+        self._refresh(document.recipe)
+
+    @property
+    def current_expert(self) -> int:
+        return self.experts.currentRow()
+
+    def _refresh(self, recipe: Recipe) -> None:
+        self._refreshing = True
+        try:
+            row = self.experts.currentRow()
+            if self.experts.count() != len(recipe.experts):
+                self.experts.clear()
+                self.experts.addItems([""] * len(recipe.experts))
+            for index in range(len(recipe.experts)):
+                item = self.experts.item(index)
+                item.setText(recipe.expert_label(index))
+                item.setIcon(color_icon(recipe_edits.expert_color(recipe, index)))
+            if recipe.experts:
+                self.experts.setCurrentRow(min(max(row, 0), len(recipe.experts) - 1))
+            index = self.experts.currentRow()
+            has_expert = 0 <= index < len(recipe.experts)
+            self.tabs.setEnabled(has_expert)
+            if has_expert:
+                self.positive.set_prompts(recipe.experts[index].positive_prompts)
+                self.negative.set_prompts(recipe.experts[index].negative_prompts)
+                self.test.set_prompts(recipe.studio.experts[index].test_prompts)
+            else:
+                for editor in (self.positive, self.negative, self.test):
+                    editor.set_prompts(())
+            self.gate_mode.setCurrentText(recipe.gate_mode)
+            self.gate_help.setText(GATE_MODE_HELP.get(recipe.gate_mode, "Unknown gate mode."))
+            self.top_k.setValue(recipe.experts_per_token)
+            self.dtype.setCurrentIndex(max(0, self.dtype.findData(recipe.canonical_dtype or "")))
+            self.architecture.setCurrentIndex(
+                max(0, self.architecture.findData((recipe.architecture or "").lower()))
+            )
+            problems = validate_recipe(recipe)
+            mine = [p for p in problems if has_expert and p.field.startswith(f"experts.{index}.")]
+            self.expert_problems.setText("\n".join(f"✗ {p.message}. {p.hint}" for p in mine))
+            settings_fields = ("gate_mode", "experts_per_token", "dtype", "architecture")
+            general = [p for p in problems if p.field in settings_fields or p.field == "experts"]
+            self.settings_problems.setText("\n".join(f"✗ {p.message}. {p.hint}" for p in general))
+        finally:
+            self._refreshing = False
+
+    def _set_expert_prompts(self, field: str, prompts: tuple[str, ...], text: str) -> None:
+        index = self.current_expert
+        if index >= 0:
+            self.document.edit(
+                recipe_edits.update_expert(self.document.recipe, index, **{field: prompts}), text
+            )
+
+    def _set_test_prompts(self, prompts: tuple[str, ...], text: str) -> None:
+        index = self.current_expert
+        if index >= 0:
+            self.document.edit(
+                recipe_edits.update_extras(self.document.recipe, index, test_prompts=prompts), text
+            )
+
+    def _settings_edited(self) -> None:
+        if self._refreshing:
+            return
+        recipe = self.document.recipe
+        dtype = self.dtype.currentData() or None
+        if dtype == recipe.canonical_dtype:
+            dtype = recipe.dtype  # keep the user's spelling (bf16) when the meaning is unchanged
+        changed = recipe_edits.update_settings(
+            recipe,
+            gate_mode=self.gate_mode.currentText(),
+            experts_per_token=self.top_k.value(),
+            dtype=dtype,
+            architecture=self.architecture.currentData() or None,
+        )
+        self.document.edit(changed, "Change router settings")

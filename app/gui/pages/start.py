@@ -1,0 +1,73 @@
+"""The empty start screen: new, open, recent files, and the demo for newcomers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PySide6.QtCore import Qt, Signal
+from PySide6.QtWidgets import QHBoxLayout, QListWidget, QListWidgetItem, QPushButton, QVBoxLayout, QWidget
+
+from app.gui.widgets import explanation, heading
+
+
+class StartPage(QWidget):
+    new_requested = Signal()
+    open_requested = Signal()
+    demo_requested = Signal()
+    recent_requested = Signal(object)
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.demo_button = QPushButton("Try the demo")
+        self.demo_button.setDefault(True)
+        self.demo_button.setToolTip(
+            "Builds three tiny local experts (arithmetic, code, prose) and opens their recipe."
+        )
+        new_button = QPushButton("New recipe")
+        open_button = QPushButton("Open recipe…")
+        self.demo_button.clicked.connect(self.demo_requested)
+        new_button.clicked.connect(self.new_requested)
+        open_button.clicked.connect(self.open_requested)
+        self.recent = QListWidget()
+        self.recent.setMaximumHeight(180)
+        self.recent.itemActivated.connect(
+            lambda item: self.recent_requested.emit(item.data(Qt.ItemDataRole.UserRole))
+        )
+
+        buttons = QHBoxLayout()
+        for button in (self.demo_button, new_button, open_button):
+            button.setMinimumHeight(36)
+            buttons.addWidget(button)
+
+        column = QVBoxLayout()
+        column.addStretch(2)
+        column.addWidget(heading("FrankenMoE Studio"))
+        column.addWidget(
+            explanation(
+                "Build a Mixture-of-Experts model from models you already have: pick a base and experts, "
+                "describe with prompts what each expert is for, preview how the router will send text, "
+                "merge, and chat. New here? Try the demo: it needs no Hub access and runs in about a minute "
+                "on a CPU."
+            )
+        )
+        column.addSpacing(12)
+        column.addLayout(buttons)
+        column.addSpacing(16)
+        self.recent_heading = explanation("Recent recipes")
+        column.addWidget(self.recent_heading)
+        column.addWidget(self.recent)
+        column.addStretch(3)
+
+        outer = QHBoxLayout(self)
+        outer.addStretch(1)
+        outer.addLayout(column, 3)
+        outer.addStretch(1)
+
+    def set_recent_files(self, paths: list[Path]) -> None:
+        self.recent.clear()
+        for path in paths:
+            item = QListWidgetItem(f"{path.name}    {path.parent}")
+            item.setData(Qt.ItemDataRole.UserRole, path)
+            self.recent.addItem(item)
+        self.recent.setVisible(bool(paths))
+        self.recent_heading.setVisible(bool(paths))

@@ -1,0 +1,52 @@
+"""The demo flow end to end: open the demo recipe, preview, merge, and the output loads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from app.gui.main_window import Step
+from tests.gui.conftest import screenshot
+
+WORK_TIMEOUT_MS = 60_000
+
+
+def test_demo_flow_preview_merge_and_load(window, qtbot, demo_recipe: Path, tmp_path: Path) -> None:
+    screenshot(window, "0-start")
+    assert window.open_recipe(demo_recipe)
+    window.show_step(Step.MODELS)
+    qtbot.waitUntil(
+        lambda: window.models_page.table.item(0, 6).text() == "✓ Compatible", timeout=WORK_TIMEOUT_MS
+    )
+    assert window.models_page.table.item(0, 3).text() == "llama"
+    screenshot(window, "1-models")
+    window.show_step(Step.PROMPTS)
+    screenshot(window, "2-prompts")
+
+    window.show_step(Step.PREVIEW)
+    page = window.preview_page
+    with qtbot.waitSignal(page.computed, timeout=WORK_TIMEOUT_MS):
+        page.compute_button.click()
+    assert "test prompts" in page.quality.text()
+    assert page.similarity.data is not None and len(page.similarity.data.values) == 3
+    assert page.routing.data is not None and len(page.routing.data.outlined) == 4
+    screenshot(window, "3-preview")
+
+    window.show_step(Step.MERGE)
+    merge = window.merge_page
+    out = tmp_path / "merged"
+    merge.out_dir.setText(str(out))
+    merge.name.setText("Demo MoE")
+    merge.merge_button.click()
+    qtbot.waitUntil(lambda: merge.merged_folder is not None, timeout=WORK_TIMEOUT_MS)
+    assert (out / "config.json").is_file()
+    assert merge.chat_button.isVisible() and merge.show_button.isVisible()
+    screenshot(window, "4-merge")
+
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.num_local_experts == 3
+
+    merge.chat_button.click()
+    assert window.pages.currentWidget() is window.chat_page
+    screenshot(window, "5-chat")

@@ -1,0 +1,90 @@
+"""Long work: cancel of preview and merge, closing with work running, incompatible experts, Hub dialog."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PySide6.QtWidgets import QMessageBox
+
+from app.gui.hub_backend import HubModelRow
+from app.gui.hub_search import HubSearchDialog
+from app.gui.pages.models import COMPATIBILITY
+from app.gui.workers import running_jobs
+from tests.gui.conftest import screenshot
+from tests.models import make_tiny_model
+
+TIMEOUT_MS = 60_000
+
+
+def test_cancel_preview(window, qtbot, demo_recipe: Path) -> None:
+    assert window.open_recipe(demo_recipe)
+    page = window.preview_page
+    page.compute_button.click()
+    page.cancel_button.click()
+    qtbot.waitUntil(lambda: page.compute_button.isEnabled(), timeout=TIMEOUT_MS)
+    assert page.result is None
+    assert "cancelled" in page.status.text()
+
+
+def test_cancel_merge_leaves_nothing(window, qtbot, demo_recipe: Path, tmp_path: Path) -> None:
+    assert window.open_recipe(demo_recipe)
+    page = window.merge_page
+    page.out_dir.setText(str(tmp_path / "out"))
+    page.merge_button.click()
+    page.cancel_button.click()
+    qtbot.waitUntil(lambda: page.merge_button.isEnabled(), timeout=TIMEOUT_MS)
+    assert "cancelled" in page.stage.text()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_closing_with_work_running_asks_then_stops_it(window, qtbot, answer) -> None:
+    window.try_demo()
+    qtbot.waitUntil(lambda: window.demo_job.last_progress is not None, timeout=TIMEOUT_MS)
+    answer["question"] = QMessageBox.StandardButton.No
+    assert not window.close()
+    assert window.isVisible() and running_jobs()
+    answer["question"] = QMessageBox.StandardButton.Yes
+    assert window.close()
+    assert not running_jobs()
+    assert "Stop Demo and quit?" in answer["asked"][-1]
+    assert not (window.settings.demo_dir / "demo-v1").exists()
+
+
+def test_incompatible_expert_shown_with_its_reasons(window, qtbot, demo_recipe: Path, tmp_path: Path) -> None:
+    assert window.open_recipe(demo_recipe)
+    odd = make_tiny_model(tmp_path / "wider", "llama", seed=3, hidden_size=48)
+    window.models_page.add_expert(str(odd), "Wider")
+    table = window.models_page.table
+    qtbot.waitUntil(lambda: table.item(3, COMPATIBILITY).text().startswith("✗"), timeout=TIMEOUT_MS)
+    reasons = table.item(3, COMPATIBILITY).toolTip()
+    assert "hidden size differs: base has 64" in reasons and "Fix:" in reasons
+    assert table.item(0, COMPATIBILITY).text() == "✓ Compatible"
+    screenshot(window, "1-models-incompatible")
+
+
+def test_hub_dialog_sorts_and_shows_details(qtbot, window) -> None:
+    dialog = HubSearchDialog(None, window.document.recipe, window.context, window)
+    qtbot.addWidget(dialog)
+    dialog.show_results(
+        [
+            HubModelRow("org/small", 1_000_000, 2_000_000, "bfloat16", "mit", False, 50, 3, "2025-01-02"),
+            HubModelRow(
+                "org/big",
+                7_000_000_000,
+                14_000_000_000,
+                "bfloat16",
+                "apache-2.0",
+                True,
+                900,
+                40,
+                "2025-03-04",
+            ),
+        ]
+    )
+    dialog.table.sortByColumn(1, dialog.table.horizontalHeader().sortIndicatorOrder().DescendingOrder)
+    assert dialog.proxy.index(0, 0).data() == "org/big"
+    dialog.table.selectRow(0)
+    assert dialog.chosen_repo == "org/big"
+    assert "Gated: accept the terms" in dialog.details.toPlainText()
+    assert dialog.add_button.isEnabled()
+    screenshot(dialog, "hub-search")
