@@ -164,7 +164,7 @@ class Recipe(BaseModel):
             return data
         data = dict(data)
         ignored = list(data.get("ignored_keys", ()))
-        known = {*cls.model_fields, EXTENSION_KEY} - {"studio", "ignored_keys"}
+        known = {*cls.model_fields, EXTENSION_KEY} - {"ignored_keys"}
         for key in [k for k in data if k not in known and k != "ignored_keys"]:
             ignored.append(str(key))
             del data[key]

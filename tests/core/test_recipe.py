@@ -187,3 +187,14 @@ def test_unreadable_recipe_file(tmp_path):
     with pytest.raises(ProblemsError) as caught:
         load_recipe(tmp_path / "missing.yml")
     assert "cannot read" in caught.value.problems[0].message
+
+
+def test_extras_can_be_given_by_field_name_in_code():
+    recipe = parse_recipe(MERGEKIT_RECIPE)
+    from app.core.recipe import Recipe, StudioExtras
+
+    rebuilt = Recipe(
+        base_model=recipe.base_model, experts=recipe.experts, studio=StudioExtras(allow_identical_experts=True)
+    )
+    assert rebuilt.studio.allow_identical_experts
+    assert rebuilt.ignored_keys == ()
