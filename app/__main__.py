@@ -1,4 +1,5 @@
-"""Entry point: `frankenmoe` opens the app; `frankenmoe COMMAND ...` runs the CLI."""
+"""Entry point: `frankenmoe` opens the app; `frankenmoe COMMAND ...` runs the CLI;
+`frankenmoe --self-test` checks the installation. Also the script PyInstaller freezes."""
 
 from __future__ import annotations
 
@@ -6,9 +7,16 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    from app.cli.main import GUI_FLAGS, run_cli
+    from app.startup import prepare_process
 
+    prepare_process()
+    args = sys.argv[1:] if argv is None else argv
+    from app.cli.main import GUI_FLAGS, SELF_TEST_FLAG, run_cli
+
+    if args[:1] == [SELF_TEST_FLAG]:
+        from app.selftest import run_self_test
+
+        return run_self_test()
     if not args or args[0] in GUI_FLAGS:
         from app.gui.launch import launch
 
@@ -16,5 +24,6 @@ def main(argv: list[str] | None = None) -> int:
     return run_cli(args)
 
 
+# PyInstaller runs this file as __main__, with no package around it; the imports above are absolute.
 if __name__ == "__main__":
     sys.exit(main())

@@ -11,6 +11,8 @@ from app.core.problems import FrankenMoEError, ProblemsError
 
 # Arguments that mean "open the window" rather than "run a command".
 GUI_FLAGS = ("--demo", "--gui")
+# Checks the installation end to end (app.selftest); handled before the parser, like the GUI flags.
+SELF_TEST_FLAG = "--self-test"
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -21,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="frankenmoe",
         description="Build Mixture-of-Experts models from existing models. Without a command, opens the app.",
+        epilog=f"{SELF_TEST_FLAG}: check that this installation works (offline, about a minute), exit 0 if so.",
     )
     parser.add_argument("--version", action="version", version=f"FrankenMoE Studio {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -5,15 +5,27 @@ from __future__ import annotations
 import sys
 
 from PySide6.QtCore import QTimer
+from PySide6.QtGui import QIcon
 from PySide6.QtWidgets import QApplication
 
 from app.gui.engine import warm_up
 from app.gui.main_window import MainWindow
 from app.gui.settings import AppSettings
 from app.gui.theme import apply_theme, follow_system_theme
+from app.resources import icon_paths
 
 ORGANIZATION = "FrankenMoE"
 APPLICATION = "FrankenMoE Studio"
+# The installed desktop entry's name without .desktop: Wayland compositors find the icon through it.
+DESKTOP_FILE = "frankenmoe-studio"
+
+
+def app_icon() -> QIcon:
+    """The app icon from its PNG renderings (no SVG plugin needed); null if resources/ is missing."""
+    icon = QIcon()
+    for path in icon_paths():
+        icon.addFile(str(path))
+    return icon
 
 
 def create_window(args: list[str]) -> MainWindow:
@@ -22,6 +34,8 @@ def create_window(args: list[str]) -> MainWindow:
         application = QApplication(sys.argv[:1])
     application.setOrganizationName(ORGANIZATION)
     application.setApplicationName(APPLICATION)
+    application.setDesktopFileName(DESKTOP_FILE)
+    application.setWindowIcon(app_icon())
     settings = AppSettings.load()
     apply_theme(application, settings.theme)
     if settings.theme == "system":

@@ -1,0 +1,28 @@
+"""Files shipped beside the code (icons), found the same way from a source checkout and a bundle.
+
+From source (or an editable install) they are in ``resources/`` at the repository root; in a
+PyInstaller bundle the spec copies that folder to ``resources/`` under ``sys._MEIPASS``, the
+bundle's data folder. A plain wheel does not carry them: callers treat a missing file as "no icon".
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+
+def resources_dir() -> Path:
+    bundle = getattr(sys, "_MEIPASS", None)
+    if bundle:
+        return Path(bundle) / "resources"
+    return Path(__file__).resolve().parent.parent / "resources"
+
+
+def resource_path(name: str) -> Path:
+    """The path of resources/NAME, e.g. ``resource_path("icons/frankenmoe-64.png")``; it may not exist."""
+    return resources_dir() / name
+
+
+def icon_paths() -> list[Path]:
+    """The app icon's PNG renderings, smallest first."""
+    return sorted(resources_dir().glob("icons/frankenmoe-*.png"), key=lambda path: int(path.stem.rsplit("-", 1)[1]))
