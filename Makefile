@@ -25,11 +25,11 @@ demo: $(VENV)/.installed
 
 test: TORCH = torch==2.13.0
 test: $(VENV)/.installed
-	$(BIN)/ruff check app tests bench
+	$(BIN)/ruff check app tests bench packaging
 	QT_QPA_PLATFORM=offscreen $(BIN)/python -m pytest -q
 
 lint: $(VENV)/.installed
-	$(BIN)/ruff check app tests bench
+	$(BIN)/ruff check app tests bench packaging
 
 clean:
 	rm -rf $(VENV) build dist .pytest_cache
