@@ -49,6 +49,12 @@ rm -rf "$BUNDLE"
 "$VENV/bin/pyinstaller" --noconfirm --log-level WARN --distpath "$DIST" --workpath build/pyinstaller \
     packaging/frankenmoe.spec
 
+step "self-test of the bundle"
+# In a throw-away home: the frozen app writes its log under ~/.local/state.
+SELF_TEST_HOME=$(mktemp -d)
+HOME=$SELF_TEST_HOME XDG_STATE_HOME="" QT_QPA_PLATFORM=offscreen "$BUNDLE/frankenmoe" --self-test
+rm -rf "$SELF_TEST_HOME"
+
 step "tarball"
 TARBALL=$DIST/$PACKAGE-$VERSION-linux-$(uname -m).tar.gz
 # The desktop entry and icon travel with it for users who want a menu entry without the package.

@@ -37,6 +37,10 @@ class Recorder:
             ("torch/lib/libtorchbind_test.so", "", "BINARY"),
             ("nvidia/cudnn/lib/libcudnn.so.9", "", "BINARY"),
             ("PySide6/Qt/plugins/platforms/libqxcb.so", "", "BINARY"),
+            ("PySide6/Qt/plugins/platforms/libqeglfs.so", "", "BINARY"),
+            ("PySide6/Qt/plugins/platforms/qwindows.dll", "", "BINARY"),
+            ("PySide6/Qt/plugins/platformthemes/libqgtk3.so", "", "BINARY"),
+            ("libcairo.so.2", "", "BINARY"),
         ]
         self.datas: list[tuple[str, str, str]] = [
             ("resources/icons/frankenmoe-64.png", "", "DATA"),
@@ -102,7 +106,9 @@ def test_spec_runs_and_ships_resources_metadata_and_models(monkeypatch):
     hidden = analysis.kwargs["hiddenimports"]
     assert "transformers.models.llama.modeling_llama" in hidden
     assert "transformers.models.bert.modeling_bert" not in hidden  # unsupported families stay out
-    assert "PySide6.QtQml" in analysis.kwargs["excludes"]
+    excludes = analysis.kwargs["excludes"]
+    assert "PySide6.QtQml" in excludes and "transformers.models.bert" in excludes
+    assert "transformers.models.llama" not in excludes and "transformers.models.mixtral" not in excludes
     (executable,) = by_kind(made, "EXE")
     assert executable.kwargs["name"] == "frankenmoe" and executable.kwargs["console"] is True
     (folder,) = by_kind(made, "COLLECT")
@@ -118,6 +124,7 @@ def test_spec_leaves_out_tests_headers_translations_and_cuda_in_a_cpu_build(monk
         "torch/lib/libtorch_cpu.so",
         "torch/bin/torch_shm_manager",
         "PySide6/Qt/plugins/platforms/libqxcb.so",
+        "PySide6/Qt/plugins/platforms/qwindows.dll",
         "resources/icons/frankenmoe-64.png",
         "transformers/models/llama/modeling_llama.py",
     }
@@ -126,7 +133,7 @@ def test_spec_leaves_out_tests_headers_translations_and_cuda_in_a_cpu_build(monk
 def test_unslimmed_spec_keeps_everything(monkeypatch):
     made = run_spec(monkeypatch, "linux", slim=False)
     (analysis,) = by_kind(made, "Analysis")
-    assert len(analysis.binaries) == 6 and len(analysis.datas) == 4
+    assert len(analysis.binaries) == 10 and len(analysis.datas) == 4
     assert "transformers.models.bert.modeling_bert" in analysis.kwargs["hiddenimports"]
 
 
