@@ -119,6 +119,23 @@ def _layer_ranges(layers: Sequence[int]) -> str:
     return f"layer {text}" if len(layers) == 1 else f"layers {text}"
 
 
+def contrast_gates(recipe: Recipe, summarise: Callable[[Sequence[str]], torch.Tensor]) -> torch.Tensor:
+    """Each expert's gate: its positive prompts' summary minus its negative prompts', unit length.
+
+    ``summarise`` maps prompts to one vector, or one per layer (layers x hidden); the experts are
+    stacked on the second-to-last axis.
+    """
+    import torch
+
+    vectors = []
+    for expert in recipe.experts:
+        vector = summarise(expert.positive_prompts)
+        if expert.negative_prompts:
+            vector = vector - summarise(expert.negative_prompts)
+        vectors.append(vector / vector.norm(dim=-1, keepdim=True).clamp(min=1e-8))
+    return torch.stack(vectors, dim=-2)
+
+
 # --------------------------------------------------------------------------- tokenisation
 
 
@@ -447,15 +464,7 @@ class GateComputer:
             total = sum(embed[ids].sum(dim=0) for ids in encode_prompts(self.tokenizer, prompts))
             return total / total.norm().clamp(min=1e-8)
 
-        vectors = []
-        for expert in recipe.experts:
-            vector = normalised_sum(expert.positive_prompts)
-            if expert.negative_prompts:
-                vector = vector - normalised_sum(expert.negative_prompts)
-            vectors.append(vector / vector.norm().clamp(min=1e-8))
-        import torch
-
-        return torch.stack(vectors).unsqueeze(0).repeat(layers, 1, 1)
+        return contrast_gates(recipe, normalised_sum).unsqueeze(0).repeat(layers, 1, 1)
 
     def _hidden(self, recipe: Recipe, cancel: threading.Event | None) -> Job[torch.Tensor]:
         import torch
@@ -467,16 +476,7 @@ class GateComputer:
         )
         by_prompt = dict(zip(prompts, states, strict=True))
 
-        def mean_state(texts: Sequence[str]) -> torch.Tensor:
-            return torch.stack([by_prompt[t] for t in texts]).mean(dim=0)
-
-        vectors = []
-        for expert in recipe.experts:
-            vector = mean_state(expert.positive_prompts)
-            if expert.negative_prompts:
-                vector = vector - mean_state(expert.negative_prompts)
-            vectors.append(vector / vector.norm(dim=-1, keepdim=True).clamp(min=1e-8))
-        return torch.stack(vectors, dim=1)
+        return contrast_gates(recipe, lambda texts: torch.stack([by_prompt[t] for t in texts]).mean(dim=0))
 
     def _calibrated(self, recipe: Recipe, cancel: threading.Event | None) -> Job[GateResult]:
         import time
@@ -492,17 +492,8 @@ class GateComputer:
         by_prompt = dict(zip(prompts, states, strict=True))
         skip = 1 if getattr(self.tokenizer, "bos_token", None) else 0  # every prompt's BOS looks the same
 
-        def mean_state(texts: Sequence[str]) -> torch.Tensor:
-            return torch.stack([by_prompt[t].mean(dim=1) for t in texts]).mean(dim=0)
-
         # The hidden_avg gates are where the fit starts and what it is pulled towards.
-        initial = []
-        for expert in recipe.experts:
-            vector = mean_state(expert.positive_prompts)
-            if expert.negative_prompts:
-                vector = vector - mean_state(expert.negative_prompts)
-            initial.append(vector / vector.norm(dim=-1, keepdim=True).clamp(min=1e-8))
-        init = torch.stack(initial, dim=1)
+        init = contrast_gates(recipe, lambda texts: torch.stack([by_prompt[t].mean(dim=1) for t in texts]).mean(dim=0))
 
         labelled = [(text, index, -1) for index, e in enumerate(recipe.experts) for text in e.positive_prompts]
         labelled += [(text, -1, index) for index, e in enumerate(recipe.experts) for text in e.negative_prompts]
