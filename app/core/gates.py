@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Literal
 from app.core.devices import available_memory, compute_dtype, resolve_device
 from app.core.problems import FrankenMoEError
 from app.core.progress import Cancelled, Job, Progress, check_cancel
-from app.core.recipe import GATE_MODES, ModelRef, Recipe
+from app.core.recipe import GATE_MODES, PROMPT_GATE_MODES, Expert, ModelRef, Recipe
 from app.core.routing import PromptRouting, RoutingQuality, evaluate_routing
 from app.core.sources import ModelSource, open_model
 
@@ -52,6 +52,9 @@ class GateResult:
     mode: str
     router: torch.Tensor  # layers x experts x hidden, float32, on the CPU
     diagnostics: tuple[LayerDiagnostics, ...]
+    # layers x hidden: the shared expert's gate, computed like the others' from its prompts; None
+    # where there is no shared expert or it has no prompts to compute one from (it is then always on).
+    shared_router: torch.Tensor | None = None
 
     def degenerate_warnings(self, labels: Sequence[str]) -> list[str]:
         return describe_degenerate_layers(self.diagnostics, labels)
@@ -422,19 +425,23 @@ class GateComputer:
         )
         check_cancel(cancel)
         generator = torch.Generator().manual_seed(recipe.studio.seed)
+        gated = (*recipe.experts, *prompted_shared_experts(recipe))
         if recipe.gate_mode == "random":
             router = torch.randn((layers, experts, hidden), generator=generator)
         elif recipe.gate_mode == "uniform_random":
             scale = math.sqrt(1.0 / hidden)
             router = torch.rand((layers, experts, hidden), generator=generator) * 2 * scale - scale
         elif recipe.gate_mode == "cheap_embed":
-            router = self._cheap_embed(recipe, layers)
+            router = self._cheap_embed(gated, layers)
         else:
-            router = yield from self._hidden(recipe, cancel)
+            router = yield from self._hidden(recipe.gate_mode, gated, cancel)
+        # The prompt modes computed the shared expert's gate vector along with the others'; split it off.
+        shared_router = router[:, experts].contiguous() if router.shape[1] > experts else None
+        router = router[:, :experts]
         yield Progress("gates", 1, 1, message=f"{recipe.gate_mode} gates for {experts} experts")
-        return GateResult(recipe.gate_mode, router.contiguous(), layer_diagnostics(router))
+        return GateResult(recipe.gate_mode, router.contiguous(), layer_diagnostics(router), shared_router)
 
-    def _cheap_embed(self, recipe: Recipe, layers: int) -> torch.Tensor:
+    def _cheap_embed(self, experts: Sequence[Expert], layers: int) -> torch.Tensor:
         """mergekit-moe's definition: normalised sums of token embeddings, positive minus negative."""
         embed = self.source.read_tensor("model.embed_tokens.weight").float()
 
@@ -443,7 +450,7 @@ class GateComputer:
             return total / total.norm().clamp(min=1e-8)
 
         vectors = []
-        for expert in recipe.experts:
+        for expert in experts:
             vector = normalised_sum(expert.positive_prompts)
             if expert.negative_prompts:
                 vector = vector - normalised_sum(expert.negative_prompts)
@@ -452,11 +459,11 @@ class GateComputer:
 
         return torch.stack(vectors).unsqueeze(0).repeat(layers, 1, 1)
 
-    def _hidden(self, recipe: Recipe, cancel: threading.Event | None) -> Job[torch.Tensor]:
+    def _hidden(self, gate_mode: str, experts: Sequence[Expert], cancel: threading.Event | None) -> Job[torch.Tensor]:
         import torch
 
-        reduction: Reduction = "mean" if recipe.gate_mode == "hidden_avg" else "last"
-        prompts = sorted({p for e in recipe.experts for p in (*e.positive_prompts, *e.negative_prompts)})
+        reduction: Reduction = "mean" if gate_mode == "hidden_avg" else "last"
+        prompts = sorted({p for e in experts for p in (*e.positive_prompts, *e.negative_prompts)})
         states = yield from self.probe().collect(
             encode_prompts(self.tokenizer, prompts), reduction, cancel, stage="gates"
         )
@@ -466,7 +473,7 @@ class GateComputer:
             return torch.stack([by_prompt[t] for t in texts]).mean(dim=0)
 
         vectors = []
-        for expert in recipe.experts:
+        for expert in experts:
             vector = mean_state(expert.positive_prompts)
             if expert.negative_prompts:
                 vector = vector - mean_state(expert.negative_prompts)
@@ -496,6 +503,13 @@ class GateComputer:
             token_texts.append(tuple(self.tokenizer.decode([i]) for i in ids[skip:]))  # type: ignore[attr-defined]
         quality = evaluate_routing(routings, len(recipe.experts))
         return RoutingPreview(tuple(routings), tuple(token_texts), quality)
+
+
+def prompted_shared_experts(recipe: Recipe) -> tuple[Expert, ...]:
+    """The shared experts whose gate comes from their prompts: those with prompts, in prompt modes."""
+    if recipe.gate_mode not in PROMPT_GATE_MODES:
+        return ()
+    return tuple(e for e in recipe.shared_experts if any(p.strip() for p in e.positive_prompts))
 
 
 def compute_gates(

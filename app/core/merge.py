@@ -1,4 +1,4 @@
-"""The merge: Llama/Mistral donors into a Mixtral MoE, streamed tensor by tensor, committed atomically.
+"""The merge: dense donors into a MoE (Mixtral, Qwen2-MoE, Qwen3-MoE), streamed tensor by tensor, committed atomically.
 
 The model is built in a hidden folder beside the target and renamed into place only when every
 file is written, so a cancel, an error or a killed process never leaves a model that looks complete.
@@ -17,20 +17,16 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from app.core.architectures import (
-    EXPERT_PROJECTIONS,
-    mixtral_config,
-    mixtral_expert_name,
-    mixtral_router_name,
-)
+from app.core.architectures import MLP_PROJECTIONS, MoEShape, OutputArchitecture, choose_architecture
 from app.core.compat import check_recipe
-from app.core.gates import GateResult, compute_gates
+from app.core.families import QKV_BIAS, config_value, model_parts
+from app.core.gates import GateResult, compute_gates, prompted_shared_experts
 from app.core.modelcard import ModelCardFields, render_model_card
 from app.core.problems import FrankenMoEError, raise_if_errors
 from app.core.progress import Job, Progress, check_cancel
-from app.core.recipe import Recipe, dump_recipe
+from app.core.recipe import Expert, Recipe, dump_recipe
 from app.core.shards import PlannedTensor, ShardWriter, plan_shards
 from app.core.sources import ModelSource, open_model
 
@@ -43,6 +39,9 @@ RECIPE_FILENAME = "frankenmoe-recipe.yml"
 DEFAULT_SHARD_SIZE = 5 * 10**9
 _MLP_TENSOR = re.compile(r"^model\.layers\.(\d+)\.mlp\.")
 _LAYER_TENSOR = re.compile(r"^model\.layers\.(\d+)\.")
+# A shared expert without a gate vector gets a zero gate: sigmoid(0) = 1/2 for every token, which
+# doubling its down projection turns into exactly its donor's MLP output, always on.
+ALWAYS_ON_DOWN_SCALE = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,8 +155,10 @@ def _layer_of(name: str) -> int:
 
 def plan_tensors(
     recipe: Recipe,
+    architecture: OutputArchitecture,
     base: ModelSource,
     experts: Sequence[ModelSource],
+    shared_expert: ModelSource | None,
     gates: GateResult,
     out_dtype: str,
 ) -> list[tuple[PlannedTensor, Producer]]:
@@ -178,42 +179,84 @@ def plan_tensors(
         shape = base.tensor_info(name).shape
         return PlannedTensor(name, shape, out_dtype), lambda: base.read_tensor(name).to(dtype)
 
+    def computed(name: str, tensor: torch.Tensor) -> tuple[PlannedTensor, Producer]:
+        return PlannedTensor(name, tuple(tensor.shape), out_dtype), lambda: tensor.to(dtype)
+
+    def from_donor(
+        name: str, source: ModelSource, source_name: str, expert: Expert, seed: int, scale: float | None
+    ) -> tuple[PlannedTensor, Producer]:
+        def produce() -> torch.Tensor:
+            tensor = source.read_tensor(source_name)
+            if expert.noise_scale:
+                generator = torch.Generator().manual_seed(seed)
+                tensor = tensor.float() + torch.randn(tensor.shape, generator=generator) * expert.noise_scale
+            if scale is not None:
+                tensor = tensor.float() * scale
+            return tensor.to(dtype)
+
+        return PlannedTensor(name, source.tensor_info(source_name).shape, out_dtype), produce
+
+    zero_biases = _zero_attention_biases(architecture, base.config)
+    shared = recipe.shared_experts[0] if shared_expert is not None else None
     plan = [copy(name) for name in before]
     for layer in range(num_layers):
         plan += [copy(name) for name in sorted(by_layer.get(layer, []))]
-        router = gates.router[layer]
-        plan.append(
-            (
-                PlannedTensor(mixtral_router_name(layer), tuple(router.shape), out_dtype),
-                lambda router=router: router.to(dtype),
-            )
-        )
+        plan += [computed(f"model.layers.{layer}.{suffix}", zeros) for suffix, zeros in zero_biases]
+        plan.append(computed(architecture.router_name(layer), gates.router[layer]))
         for index, (expert, source) in enumerate(zip(recipe.experts, experts, strict=True)):
-            for projection, slot in EXPERT_PROJECTIONS:
-                source_name = f"model.layers.{layer}.mlp.{projection}_proj.weight"
-                planned = PlannedTensor(
-                    mixtral_expert_name(layer, index, slot), source.tensor_info(source_name).shape, out_dtype
+            for projection in MLP_PROJECTIONS:
+                plan.append(
+                    from_donor(
+                        architecture.expert_name(layer, index, projection),
+                        source,
+                        f"model.layers.{layer}.mlp.{projection}_proj.weight",
+                        expert,
+                        hash_seed(recipe.studio.seed, layer, index, projection),
+                        expert.residual_scale if projection == "down" else None,
+                    )
                 )
-                seed = hash_seed(recipe.studio.seed, layer, index, projection)
-
-                def produce(
-                    source: ModelSource = source,
-                    source_name: str = source_name,
-                    noise: float | None = expert.noise_scale,
-                    scale: float | None = expert.residual_scale if projection == "down" else None,
-                    seed: int = seed,
-                ) -> torch.Tensor:
-                    tensor = source.read_tensor(source_name)
-                    if noise:
-                        generator = torch.Generator().manual_seed(seed)
-                        tensor = tensor.float() + torch.randn(tensor.shape, generator=generator) * noise
-                    if scale is not None:
-                        tensor = tensor.float() * scale
-                    return tensor.to(dtype)
-
-                plan.append((planned, produce))
+        if shared is not None and shared_expert is not None:
+            always_on = gates.shared_router is None
+            hidden = int(base.config["hidden_size"])
+            gate = torch.zeros(1, hidden) if always_on else gates.shared_router[layer].reshape(1, hidden)
+            plan.append(computed(architecture.shared_gate_name(layer), gate))
+            for projection in MLP_PROJECTIONS:
+                scale = None
+                if projection == "down":
+                    scale = (shared.residual_scale if shared.residual_scale is not None else 1.0) * (
+                        ALWAYS_ON_DOWN_SCALE if always_on else 1.0
+                    )
+                    scale = None if scale == 1.0 else scale
+                plan.append(
+                    from_donor(
+                        architecture.shared_expert_name(layer, projection),
+                        shared_expert,
+                        f"model.layers.{layer}.mlp.{projection}_proj.weight",
+                        shared,
+                        hash_seed(recipe.studio.seed, layer, "shared", projection),
+                        scale,
+                    )
+                )
     plan += [copy(name) for name in after]
     return plan
+
+
+def _zero_attention_biases(
+    architecture: OutputArchitecture, base_config: dict[str, object]
+) -> list[tuple[str, torch.Tensor]]:
+    """(name within a layer, zeros) for the q/k/v biases an architecture always has and the base lacks."""
+    import torch
+
+    if QKV_BIAS not in architecture.zero_filled or QKV_BIAS in model_parts(base_config):
+        return []
+    head_dim = int(config_value(base_config, "head_dim"))
+    query = int(config_value(base_config, "num_attention_heads")) * head_dim
+    key_value = int(config_value(base_config, "num_key_value_heads")) * head_dim
+    return [
+        ("self_attn.q_proj.bias", torch.zeros(query)),
+        ("self_attn.k_proj.bias", torch.zeros(key_value)),
+        ("self_attn.v_proj.bias", torch.zeros(key_value)),
+    ]
 
 
 def hash_seed(*parts: object) -> int:
@@ -245,6 +288,8 @@ def merge_moe(
             sources[str(ref)] = open_model(ref, options.cache_dir)
         base = sources[str(recipe.base_model)]
         experts = [sources[str(e.source_model)] for e in recipe.experts]
+        architecture = choose_architecture(recipe, base.config)
+        shared_expert = sources[str(recipe.shared_experts[0].source_model)] if recipe.shared_experts else None
         check_target(out_dir, options.overwrite, [s.path for s in sources.values()])
         out_dtype = output_dtype(recipe, options, base.config)
 
@@ -255,14 +300,17 @@ def merge_moe(
             len(recipe.experts),
             int(base.config["hidden_size"]),
         )
-        if tuple(gates.router.shape) != expected:
+        shared_expected = (expected[0], expected[2]) if prompted_shared_experts(recipe) else None
+        shared_shape = tuple(gates.shared_router.shape) if gates.shared_router is not None else None
+        if tuple(gates.router.shape) != expected or shared_shape != shared_expected:
             raise FrankenMoEError(
-                f"the gates are shaped {tuple(gates.router.shape)}, but this recipe needs {expected}",
+                f"the gates are shaped {tuple(gates.router.shape)} (shared expert: {shared_shape}), "
+                f"but this recipe needs {expected} (shared expert: {shared_expected})",
                 "compute the gates again for this recipe",
             )
         check_cancel(cancel)
 
-        plan = plan_tensors(recipe, base, experts, gates, out_dtype)
+        plan = plan_tensors(recipe, architecture, base, experts, shared_expert, gates, out_dtype)
         shards = plan_shards([planned for planned, _ in plan], options.shard_size)
         total_bytes = sum(s.nbytes for s in shards)
         _check_free_space(out_dir.parent, total_bytes)
@@ -283,7 +331,8 @@ def merge_moe(
                         total_bytes,
                         message=planned.name,
                     )
-            _write_side_files(partial, recipe, options, base, out_dtype, out_dir.name)
+            config = architecture.build_config(base.config, _moe_shape(recipe, base, shared_expert, out_dtype))
+            _write_side_files(partial, recipe, options, base, config, out_dir.name)
             check_cancel(cancel)
             _commit(partial, out_dir)
         except BaseException:
@@ -315,10 +364,20 @@ def _check_free_space(folder: Path, needed: int) -> None:
         )
 
 
+def _moe_shape(recipe: Recipe, base: ModelSource, shared_expert: ModelSource | None, out_dtype: str) -> MoEShape:
+    return MoEShape(
+        num_experts=len(recipe.experts),
+        experts_per_token=recipe.experts_per_token,
+        # The compatibility check made every expert's MLP the base's size.
+        expert_intermediate_size=int(base.config["intermediate_size"]),
+        dtype=out_dtype,
+        shared_expert_intermediate_size=int(shared_expert.config["intermediate_size"]) if shared_expert else None,
+    )
+
+
 def _write_side_files(
-    folder: Path, recipe: Recipe, options: MergeOptions, base: ModelSource, out_dtype: str, out_name: str
+    folder: Path, recipe: Recipe, options: MergeOptions, base: ModelSource, config: dict[str, Any], out_name: str
 ) -> None:
-    config = mixtral_config(base.config, len(recipe.experts), recipe.experts_per_token, out_dtype)
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     generation = base.path / "generation_config.json"
     if generation.is_file():
