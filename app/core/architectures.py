@@ -106,10 +106,10 @@ class OutputArchitecture:
         reasons = []
         unheld = parts - self.holds
         if unheld:
-            reasons.append(f"its {describe_parts(unheld)}, which {self.title} cannot hold")
+            reasons.append(f"it has {describe_parts(unheld)}, which {self.title} cannot hold")
         missing = self.requires - parts
         if missing:
-            reasons.append(f"no {describe_parts(missing)}, which {self.title} always applies")
+            reasons.append(f"it has no {describe_parts(missing)}, which {self.title} always applies")
         if family not in self.donor_families and not reasons:
             reasons.append(f"{self.title} takes {' or '.join(FAMILIES[f].title for f in self.donor_families)} models")
         if family in self.donor_families and not reasons:

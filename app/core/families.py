@@ -95,7 +95,9 @@ def model_parts(config: Mapping[str, Any]) -> frozenset[str]:
 
 def describe_parts(parts: frozenset[str] | set[str]) -> str:
     ordered = [part for part in (QKV_BIAS, OUTPUT_BIAS, QK_NORM, MLP_BIAS) if part in parts]
-    return " and ".join(ordered) if ordered else "none"
+    if len(ordered) > 1:
+        return f"{', '.join(ordered[:-1])} and {ordered[-1]}"
+    return ordered[0] if ordered else "none of these"
 
 
 def sliding_window(config: Mapping[str, Any]) -> int | None:
