@@ -329,55 +329,54 @@ def choose_architecture(recipe: Recipe, base_config: Mapping[str, Any]) -> Outpu
             "choose models of a supported family",
         )
     if recipe.architecture:
-        named = recipe.architecture.lower()
-        candidates = [a for a in OUTPUT_ARCHITECTURES if a.name == named]
-        if not candidates:
-            raise ArchitectureRefused(
-                "architecture",
-                f"unknown or unsupported output architecture {recipe.architecture!r}",
-                f"use one of: {', '.join(a.name for a in OUTPUT_ARCHITECTURES)}, or leave it out",
-            )
-        architecture = candidates[0]
-        if architecture.name == "qwen" and family == "qwen3" and not recipe.shared_experts:
-            # mergekit-moe matches `qwen` as a prefix of both Qwen MoE and Qwen3 MoE, and takes the one
-            # that fits: for Qwen3 donors without a shared expert that is Qwen3 MoE.
-            architecture = QWEN3_MOE
+        architecture = _named_architecture(recipe, family)
         how = f"the recipe asks for {architecture.title}"
     else:
         architecture = default_architecture(base_config) or MIXTRAL
         how = f"{FAMILIES[family].title} donors become {architecture.title}"
-        if recipe.shared_experts and not architecture.has_shared_expert:
-            raise ArchitectureRefused(
-                "shared_experts",
-                f"{how}, which has no shared expert",
-                "remove shared_experts, or set `architecture: qwen` for a Qwen2-MoE with a shared expert"
-                if family in QWEN2_MOE.donor_families
-                else "remove shared_experts, or move it into experts",
-            )
     refusal = architecture.refusal(base_config)
     if refusal:
         raise ArchitectureRefused(
-            "architecture" if recipe.architecture else "base_model",
-            f"{refusal}",
-            _hint_for(family),
+            "architecture" if recipe.architecture else "base_model", refusal, _fitting_hint(base_config)
         )
     if recipe.shared_experts and not architecture.has_shared_expert:
+        can_share = QWEN2_MOE.refusal(base_config) is None
         raise ArchitectureRefused(
             "shared_experts",
             f"{how}, which has no shared expert",
-            "remove shared_experts, or move it into experts",
+            "remove shared_experts, or set `architecture: qwen` for a Qwen2-MoE, which has one"
+            if can_share
+            else "remove shared_experts, or move it into experts",
         )
     if architecture.has_shared_expert and len(recipe.shared_experts) != 1:
         raise ArchitectureRefused(
             "shared_experts",
             f"{how}, which has exactly one shared expert in every layer; the recipe has {len(recipe.shared_experts)}",
-            "add one entry to shared_experts (the base model is a fine choice)"
-            if not recipe.shared_experts
-            else "keep one entry in shared_experts",
+            "keep one entry in shared_experts"
+            if recipe.shared_experts
+            else "add one entry to shared_experts (the base model is a fine choice)",
         )
     return architecture
 
 
-def _hint_for(family: str) -> str:
-    fitting = [a.name for a in OUTPUT_ARCHITECTURES if family in a.donor_families]
+def _named_architecture(recipe: Recipe, family: str) -> OutputArchitecture:
+    named = (recipe.architecture or "").lower()
+    if named == QWEN2_MOE.name and not recipe.shared_experts:
+        # mergekit-moe matches `qwen` as a prefix of both Qwen MoE and Qwen3 MoE and takes the one that
+        # fits; without a shared expert only Qwen3 MoE can, so `qwen` means Qwen3-MoE for Qwen3 donors.
+        return QWEN3_MOE if family in QWEN3_MOE.donor_families else QWEN2_MOE
+    for architecture in OUTPUT_ARCHITECTURES:
+        if architecture.name == named:
+            return architecture
+    raise ArchitectureRefused(
+        "architecture",
+        f"unknown or unsupported output architecture {recipe.architecture!r}",
+        f"use one of: {', '.join(a.name for a in OUTPUT_ARCHITECTURES)}, or leave it out",
+    )
+
+
+def _fitting_hint(base_config: Mapping[str, Any]) -> str:
+    fitting = [a.name for a in OUTPUT_ARCHITECTURES if a.refusal(base_config) is None]
+    if not fitting:
+        return "choose models whose layers one of the output architectures can hold"
     return f"set `architecture` to {' or '.join(fitting)}, or leave it out to choose from the donors"

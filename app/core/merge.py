@@ -216,17 +216,9 @@ def plan_tensors(
                     )
                 )
         if shared is not None and shared_expert is not None:
-            always_on = gates.shared_router is None
-            hidden = int(base.config["hidden_size"])
-            gate = torch.zeros(1, hidden) if always_on else gates.shared_router[layer].reshape(1, hidden)
+            gate, down_scale = _shared_expert_gate(shared, gates, layer, int(base.config["hidden_size"]))
             plan.append(computed(architecture.shared_gate_name(layer), gate))
             for projection in MLP_PROJECTIONS:
-                scale = None
-                if projection == "down":
-                    scale = (shared.residual_scale if shared.residual_scale is not None else 1.0) * (
-                        ALWAYS_ON_DOWN_SCALE if always_on else 1.0
-                    )
-                    scale = None if scale == 1.0 else scale
                 plan.append(
                     from_donor(
                         architecture.shared_expert_name(layer, projection),
@@ -234,11 +226,27 @@ def plan_tensors(
                         f"model.layers.{layer}.mlp.{projection}_proj.weight",
                         shared,
                         hash_seed(recipe.studio.seed, layer, "shared", projection),
-                        scale,
+                        down_scale if projection == "down" else None,
                     )
                 )
     plan += [copy(name) for name in after]
     return plan
+
+
+def _shared_expert_gate(
+    shared: Expert, gates: GateResult, layer: int, hidden_size: int
+) -> tuple[torch.Tensor, float | None]:
+    """The shared expert's 1 x hidden gate, and the scale of its down projection (None: unscaled).
+
+    With a gate vector from its prompts, that vector; without one, the always-on zero gate, whose
+    sigmoid of 1/2 the doubled down projection undoes.
+    """
+    import torch
+
+    if gates.shared_router is not None:
+        return gates.shared_router[layer].reshape(1, hidden_size), shared.residual_scale
+    residual = shared.residual_scale if shared.residual_scale is not None else 1.0
+    return torch.zeros(1, hidden_size), residual * ALWAYS_ON_DOWN_SCALE
 
 
 def _zero_attention_biases(
