@@ -135,6 +135,11 @@ def _legacy_rope(base_config: Mapping[str, Any]) -> tuple[float, dict[str, Any] 
     return rope_theta, rope if rope.get("rope_type", "default") != "default" else None
 
 
+def _fresh(rope_scaling: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A copy for a config class, which adds rope_theta to the dict it is given (not for transformers 4)."""
+    return dict(rope_scaling) if rope_scaling is not None else None
+
+
 def _finish(data: dict[str, Any], architecture: str, shape: MoEShape, rope_theta: float, rope_scaling: Any) -> None:
     """Keys transformers 4 reads besides what transformers 5 writes.
 
@@ -174,7 +179,7 @@ def mixtral_config(base_config: Mapping[str, Any], shape: MoEShape) -> dict[str,
         **_carried_settings(base_config),
         sliding_window=sliding_window(base_config),
         rope_theta=rope_theta,
-        rope_scaling=rope_scaling,
+        rope_scaling=_fresh(rope_scaling),
         num_local_experts=shape.num_experts,
         num_experts_per_tok=shape.experts_per_token,
         output_router_logits=False,
@@ -210,7 +215,7 @@ def qwen2_moe_config(base_config: Mapping[str, Any], shape: MoEShape) -> dict[st
         **_carried_settings(base_config),
         **_qwen_moe_settings(shape),
         rope_theta=rope_theta,
-        rope_scaling=rope_scaling,
+        rope_scaling=_fresh(rope_scaling),
         shared_expert_intermediate_size=shape.shared_expert_intermediate_size,
         # transformers 4 always gives Qwen2-MoE q/k/v biases; transformers 5 only with qkv_bias.
         qkv_bias=True,
@@ -236,7 +241,7 @@ def qwen3_moe_config(base_config: Mapping[str, Any], shape: MoEShape) -> dict[st
         **_carried_settings(base_config),
         **_qwen_moe_settings(shape),
         rope_theta=rope_theta,
-        rope_scaling=rope_scaling,
+        rope_scaling=_fresh(rope_scaling),
         attention_bias=bool(config_value(base_config, "attention_bias")),
         use_sliding_window=window is not None,
         sliding_window=window,

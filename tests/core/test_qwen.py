@@ -16,7 +16,15 @@ from transformers import (
     Qwen3MoeForCausalLM,
 )
 
-from app.core.architectures import QWEN2_MOE, QWEN3_MOE, ArchitectureRefused, choose_architecture
+from app.core.architectures import (
+    QWEN2_MOE,
+    QWEN3_MOE,
+    ArchitectureRefused,
+    MoEShape,
+    choose_architecture,
+    qwen2_moe_config,
+    qwen3_moe_config,
+)
 from app.core.compat import check_recipe, compare_configs
 from app.core.gates import compute_gates
 from app.core.merge import MergeOptions, merge_moe
@@ -349,3 +357,52 @@ def test_only_the_shared_expert_may_have_its_own_mlp_size():
     assert compare_configs(qwen2, larger, "shared_experts.0", QWEN2_MOE, shared_expert=True) == []
     (problem,) = compare_configs(qwen2, larger, "experts.0", QWEN2_MOE)
     assert problem.message.startswith("intermediate size differs: base has 64, experts.0 has 96")
+
+
+# --------------------------------------------------------------------------- carried settings
+
+SHAPE = MoEShape(
+    num_experts=4,
+    experts_per_token=2,
+    expert_intermediate_size=64,
+    dtype="bfloat16",
+    shared_expert_intermediate_size=96,
+)
+DENSE = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 320,
+}
+
+
+@pytest.mark.parametrize(
+    ("base", "layer_types", "max_window_layers"),
+    [
+        ({"model_type": "mistral", "sliding_window": 4096}, ["sliding_attention"] * 4, 0),
+        ({"model_type": "qwen2", "sliding_window": 4096, "use_sliding_window": False}, ["full_attention"] * 4, 28),
+        (
+            {"model_type": "qwen2", "sliding_window": 4096, "use_sliding_window": True, "max_window_layers": 2},
+            ["full_attention"] * 2 + ["sliding_attention"] * 2,
+            2,
+        ),
+    ],
+)
+def test_qwen2_moe_keeps_the_base_s_sliding_window_layers(base, layer_types, max_window_layers):
+    config = qwen2_moe_config({**DENSE, **base}, SHAPE)
+    assert config["layer_types"] == layer_types
+    assert config["max_window_layers"] == max_window_layers
+    assert config["use_sliding_window"] is ("sliding_attention" in layer_types)
+    assert Qwen2MoeConfig(**config).layer_types == layer_types
+
+
+def test_qwen_configs_carry_rope_scaling_both_ways():
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+    base = {**DENSE, "model_type": "qwen3", "head_dim": 16, "rope_theta": 1e6, "rope_scaling": yarn}
+    config = qwen3_moe_config(base, SHAPE)
+    assert config["rope_parameters"] == {**yarn, "rope_theta": 1e6}
+    assert (config["rope_theta"], config["rope_scaling"]) == (1e6, yarn)  # what transformers 4 reads
+    assert Qwen3MoeConfig(**config).rope_parameters == config["rope_parameters"]
+    assert (config["head_dim"], config["num_experts"], config["torch_dtype"]) == (16, 4, "bfloat16")
