@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Literal
 from app.core.devices import available_memory, compute_dtype, resolve_device
 from app.core.problems import FrankenMoEError
 from app.core.progress import Cancelled, Job, Progress, check_cancel
-from app.core.recipe import GATE_MODES, PROMPT_GATE_MODES, Expert, ModelRef, Recipe
+from app.core.recipe import GATE_MODES, Expert, ModelRef, Recipe
 from app.core.routing import PromptRouting, RoutingQuality, evaluate_routing
 from app.core.sources import ModelSource, open_model
 
@@ -52,8 +52,11 @@ class GateResult:
     mode: str
     router: torch.Tensor  # layers x experts x hidden, float32, on the CPU
     diagnostics: tuple[LayerDiagnostics, ...]
+    # For `calibrated`: seconds spent fitting, and each layer's accuracy on the prompts' tokens.
+    fit_seconds: float | None = None
+    train_accuracy: tuple[float, ...] = ()
     # layers x hidden: the shared expert's gate, computed like the others' from its prompts; None
-    # where there is no shared expert or it has no prompts to compute one from (it is then always on).
+    # where there is no shared expert or no gate computed from prompts (it is then always on).
     shared_router: torch.Tensor | None = None
 
     def degenerate_warnings(self, labels: Sequence[str]) -> list[str]:
@@ -433,13 +436,15 @@ class GateComputer:
             router = torch.rand((layers, experts, hidden), generator=generator) * 2 * scale - scale
         elif recipe.gate_mode == "cheap_embed":
             router = self._cheap_embed(gated, layers)
+        elif recipe.gate_mode == "calibrated":
+            return (yield from self._calibrated(recipe, cancel))
         else:
             router = yield from self._hidden(recipe.gate_mode, gated, cancel)
         # The prompt modes computed the shared expert's gate vector along with the others'; split it off.
         shared_router = router[:, experts].contiguous() if router.shape[1] > experts else None
         router = router[:, :experts]
         yield Progress("gates", 1, 1, message=f"{recipe.gate_mode} gates for {experts} experts")
-        return GateResult(recipe.gate_mode, router.contiguous(), layer_diagnostics(router), shared_router)
+        return GateResult(recipe.gate_mode, router.contiguous(), layer_diagnostics(router), shared_router=shared_router)
 
     def _cheap_embed(self, experts: Sequence[Expert], layers: int) -> torch.Tensor:
         """mergekit-moe's definition: normalised sums of token embeddings, positive minus negative."""
@@ -480,6 +485,57 @@ class GateComputer:
             vectors.append(vector / vector.norm(dim=-1, keepdim=True).clamp(min=1e-8))
         return torch.stack(vectors, dim=1)
 
+    def _calibrated(self, recipe: Recipe, cancel: threading.Event | None) -> Job[GateResult]:
+        import time
+
+        import torch
+
+        from app.core.calibration import fit_layer, label_tokens
+
+        prompts = sorted({p for e in recipe.experts for p in (*e.positive_prompts, *e.negative_prompts)})
+        states = yield from self.probe().collect(
+            encode_prompts(self.tokenizer, prompts), "tokens", cancel, stage="gates"
+        )
+        by_prompt = dict(zip(prompts, states, strict=True))
+        skip = 1 if getattr(self.tokenizer, "bos_token", None) else 0  # every prompt's BOS looks the same
+
+        def mean_state(texts: Sequence[str]) -> torch.Tensor:
+            return torch.stack([by_prompt[t].mean(dim=1) for t in texts]).mean(dim=0)
+
+        # The hidden_avg gates are where the fit starts and what it is pulled towards.
+        initial = []
+        for expert in recipe.experts:
+            vector = mean_state(expert.positive_prompts)
+            if expert.negative_prompts:
+                vector = vector - mean_state(expert.negative_prompts)
+            initial.append(vector / vector.norm(dim=-1, keepdim=True).clamp(min=1e-8))
+        init = torch.stack(initial, dim=1)
+
+        labelled = [(text, index, -1) for index, e in enumerate(recipe.experts) for text in e.positive_prompts]
+        labelled += [(text, -1, index) for index, e in enumerate(recipe.experts) for text in e.negative_prompts]
+        num_layers = init.shape[0]
+        started = time.perf_counter()
+        weights, accuracies = [], []
+        for layer in range(num_layers):
+            check_cancel(cancel)
+            tokens = label_tokens(
+                [by_prompt[text][layer, skip:] for text, _, _ in labelled],
+                [positive for _, positive, _ in labelled],
+                [negative for _, _, negative in labelled],
+            )
+            fit = fit_layer(tokens, init[layer])
+            weights.append(fit.weight)
+            accuracies.append(fit.train_accuracy)
+            yield Progress("calibrating", layer + 1, num_layers, message=f"layer {layer}: {fit.train_accuracy:.0%}")
+        router = torch.stack(weights).contiguous()
+        return GateResult(
+            "calibrated",
+            router,
+            layer_diagnostics(router),
+            fit_seconds=time.perf_counter() - started,
+            train_accuracy=tuple(accuracies),
+        )
+
     def route(
         self,
         recipe: Recipe,
@@ -505,9 +561,14 @@ class GateComputer:
         return RoutingPreview(tuple(routings), tuple(token_texts), quality)
 
 
+# The calibrated mode fits the routed experts' routers to labelled tokens; the shared expert is not
+# routed, so there it is always on.
+SHARED_GATE_MODES = ("hidden", "hidden_avg", "hidden_last", "cheap_embed")
+
+
 def prompted_shared_experts(recipe: Recipe) -> tuple[Expert, ...]:
-    """The shared experts whose gate comes from their prompts: those with prompts, in prompt modes."""
-    if recipe.gate_mode not in PROMPT_GATE_MODES:
+    """The shared experts whose gate comes from their prompts: those with prompts, in the modes that use them."""
+    if recipe.gate_mode not in SHARED_GATE_MODES:
         return ()
     return tuple(e for e in recipe.shared_experts if any(p.strip() for p in e.positive_prompts))
 

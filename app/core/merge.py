@@ -25,10 +25,10 @@ from app.core.families import QKV_BIAS, config_value, model_parts
 from app.core.gates import GateResult, compute_gates, prompted_shared_experts
 from app.core.modelcard import ModelCardFields, render_model_card
 from app.core.problems import FrankenMoEError, raise_if_errors
-from app.core.progress import Job, Progress, check_cancel
+from app.core.progress import BackgroundJob, Job, Progress, check_cancel
 from app.core.recipe import Expert, Recipe, dump_recipe
 from app.core.shards import PlannedTensor, ShardWriter, plan_shards
-from app.core.sources import ModelSource, open_model
+from app.core.sources import ByteRange, ModelSource, open_model
 
 if TYPE_CHECKING:
     import torch
@@ -145,7 +145,7 @@ def _commit(partial: Path, out_dir: Path) -> None:
 # --------------------------------------------------------------------------- planning tensors
 
 
-Producer = Callable[[], "torch.Tensor"]
+Producer = Callable[[], "torch.Tensor | ByteRange"]
 
 
 def _layer_of(name: str) -> int:
@@ -159,14 +159,17 @@ def plan_tensors(
     base: ModelSource,
     experts: Sequence[ModelSource],
     shared_expert: ModelSource | None,
-    gates: GateResult,
+    gates_of: Callable[[], GateResult],
     out_dtype: str,
 ) -> list[tuple[PlannedTensor, Producer]]:
-    """Every output tensor, layer by layer, with a function that produces it when its turn comes."""
-    import torch
+    """Every output tensor with a function that produces it when its turn comes.
 
-    dtype = getattr(torch, out_dtype)
+    Tensors stored in the output dtype are copied as bytes, file to file, without torch. The
+    routers (and the shared expert's gates) come last, so that everything else can be written
+    while the gates are computed; gates_of waits for them.
+    """
     num_layers = int(base.config["num_hidden_layers"])
+    num_experts, hidden = len(recipe.experts), int(base.config["hidden_size"])
     copied = [n for n in base.tensor_names if not _MLP_TENSOR.match(n) and not n.endswith("rotary_emb.inv_freq")]
     before = sorted(n for n in copied if _layer_of(n) == -1 and "embed" in n)
     after = sorted(n for n in copied if _layer_of(n) == -1 and n not in before)
@@ -175,96 +178,129 @@ def plan_tensors(
         if _layer_of(name) >= 0:
             by_layer.setdefault(_layer_of(name), []).append(name)
 
-    def copy(name: str) -> tuple[PlannedTensor, Producer]:
-        shape = base.tensor_info(name).shape
-        return PlannedTensor(name, shape, out_dtype), lambda: base.read_tensor(name).to(dtype)
+    def planned_copy(source: ModelSource, name: str, out_name: str) -> tuple[PlannedTensor, Producer]:
+        info = source.tensor_info(name)
+        planned = PlannedTensor(out_name, info.shape, out_dtype)
+        if info.torch_dtype_name == out_dtype:
+            return planned, lambda: source.byte_range(name)
+        return planned, lambda: _converted(source.read_tensor(name), out_dtype)
 
-    def computed(name: str, tensor: torch.Tensor) -> tuple[PlannedTensor, Producer]:
-        return PlannedTensor(name, tuple(tensor.shape), out_dtype), lambda: tensor.to(dtype)
-
-    def from_donor(
-        name: str, source: ModelSource, source_name: str, expert: Expert, seed: int, scale: float | None
+    def planned_expert(
+        source: ModelSource, out_name: str, expert: Expert, seed: int, layer: int, projection: str, scale: float | None
     ) -> tuple[PlannedTensor, Producer]:
+        source_name = f"model.layers.{layer}.mlp.{projection}_proj.weight"
+        if not expert.noise_scale and scale is None:
+            return planned_copy(source, source_name, out_name)
+        planned = PlannedTensor(out_name, source.tensor_info(source_name).shape, out_dtype)
+
         def produce() -> torch.Tensor:
+            import torch
+
             tensor = source.read_tensor(source_name)
             if expert.noise_scale:
                 generator = torch.Generator().manual_seed(seed)
                 tensor = tensor.float() + torch.randn(tensor.shape, generator=generator) * expert.noise_scale
             if scale is not None:
                 tensor = tensor.float() * scale
-            return tensor.to(dtype)
+            return _converted(tensor, out_dtype)
 
-        return PlannedTensor(name, source.tensor_info(source_name).shape, out_dtype), produce
+        return planned, produce
 
     zero_biases = _zero_attention_biases(architecture, base.config)
     shared = recipe.shared_experts[0] if shared_expert is not None else None
-    plan = [copy(name) for name in before]
+    always_on = shared is not None and not prompted_shared_experts(recipe)
+    plan = [planned_copy(base, name, name) for name in before]
     for layer in range(num_layers):
-        plan += [copy(name) for name in sorted(by_layer.get(layer, []))]
-        plan += [computed(f"model.layers.{layer}.{suffix}", zeros) for suffix, zeros in zero_biases]
-        plan.append(computed(architecture.router_name(layer), gates.router[layer]))
+        plan += [planned_copy(base, name, name) for name in sorted(by_layer.get(layer, []))]
+        plan += [_zero_bias(f"model.layers.{layer}.{name}", size, out_dtype) for name, size in zero_biases]
         for index, (expert, source) in enumerate(zip(recipe.experts, experts, strict=True)):
             for projection in MLP_PROJECTIONS:
                 plan.append(
-                    from_donor(
-                        architecture.expert_name(layer, index, projection),
+                    planned_expert(
                         source,
-                        f"model.layers.{layer}.mlp.{projection}_proj.weight",
+                        architecture.expert_name(layer, index, projection),
                         expert,
                         hash_seed(recipe.studio.seed, layer, index, projection),
+                        layer,
+                        projection,
                         expert.residual_scale if projection == "down" else None,
                     )
                 )
         if shared is not None and shared_expert is not None:
-            gate, down_scale = _shared_expert_gate(shared, gates, layer, int(base.config["hidden_size"]))
-            plan.append(computed(architecture.shared_gate_name(layer), gate))
+            down_scale = _shared_down_scale(shared, always_on)
             for projection in MLP_PROJECTIONS:
                 plan.append(
-                    from_donor(
-                        architecture.shared_expert_name(layer, projection),
+                    planned_expert(
                         shared_expert,
-                        f"model.layers.{layer}.mlp.{projection}_proj.weight",
+                        architecture.shared_expert_name(layer, projection),
                         shared,
                         hash_seed(recipe.studio.seed, layer, "shared", projection),
+                        layer,
+                        projection,
                         down_scale if projection == "down" else None,
                     )
                 )
-    plan += [copy(name) for name in after]
+    plan += [planned_copy(base, name, name) for name in after]
+    for layer in range(num_layers):
+        plan.append(
+            (
+                PlannedTensor(architecture.router_name(layer), (num_experts, hidden), out_dtype),
+                lambda layer=layer: _converted(gates_of().router[layer], out_dtype),
+            )
+        )
+        if shared is not None:
+            plan.append(
+                (
+                    PlannedTensor(architecture.shared_gate_name(layer), (1, hidden), out_dtype),
+                    lambda layer=layer: _converted(_shared_gate(gates_of(), layer, hidden), out_dtype),
+                )
+            )
     return plan
 
 
-def _shared_expert_gate(
-    shared: Expert, gates: GateResult, layer: int, hidden_size: int
-) -> tuple[torch.Tensor, float | None]:
-    """The shared expert's 1 x hidden gate, and the scale of its down projection (None: unscaled).
+def _shared_down_scale(shared: Expert, always_on: bool) -> float | None:
+    """The shared expert's down projection scale: its residual_scale, doubled where it is always on."""
+    if not always_on:
+        return shared.residual_scale
+    return (shared.residual_scale if shared.residual_scale is not None else 1.0) * ALWAYS_ON_DOWN_SCALE
 
-    With a gate vector from its prompts, that vector; without one, the always-on zero gate, whose
-    sigmoid of 1/2 the doubled down projection undoes.
-    """
+
+def _shared_gate(gates: GateResult, layer: int, hidden: int) -> torch.Tensor:
+    """The gate vector from the shared expert's prompts, or the always-on zero gate."""
     import torch
 
-    if gates.shared_router is not None:
-        return gates.shared_router[layer].reshape(1, hidden_size), shared.residual_scale
-    residual = shared.residual_scale if shared.residual_scale is not None else 1.0
-    return torch.zeros(1, hidden_size), residual * ALWAYS_ON_DOWN_SCALE
+    if gates.shared_router is None:
+        return torch.zeros(1, hidden)
+    return gates.shared_router[layer].reshape(1, hidden)
 
 
-def _zero_attention_biases(
-    architecture: OutputArchitecture, base_config: dict[str, object]
-) -> list[tuple[str, torch.Tensor]]:
-    """(name within a layer, zeros) for the q/k/v biases an architecture always has and the base lacks."""
-    import torch
-
+def _zero_attention_biases(architecture: OutputArchitecture, base_config: dict[str, Any]) -> list[tuple[str, int]]:
+    """(name within a layer, length) of the q/k/v biases an architecture always has and the base lacks."""
     if QKV_BIAS not in architecture.zero_filled or QKV_BIAS in model_parts(base_config):
         return []
     head_dim = int(config_value(base_config, "head_dim"))
     query = int(config_value(base_config, "num_attention_heads")) * head_dim
     key_value = int(config_value(base_config, "num_key_value_heads")) * head_dim
     return [
-        ("self_attn.q_proj.bias", torch.zeros(query)),
-        ("self_attn.k_proj.bias", torch.zeros(key_value)),
-        ("self_attn.v_proj.bias", torch.zeros(key_value)),
+        ("self_attn.q_proj.bias", query),
+        ("self_attn.k_proj.bias", key_value),
+        ("self_attn.v_proj.bias", key_value),
     ]
+
+
+def _zero_bias(name: str, size: int, out_dtype: str) -> tuple[PlannedTensor, Producer]:
+    def produce() -> torch.Tensor:
+        import torch
+
+        return torch.zeros(size, dtype=getattr(torch, out_dtype))
+
+    return PlannedTensor(name, (size,), out_dtype), produce
+
+
+def _converted(tensor: torch.Tensor, dtype: str) -> torch.Tensor:
+    import torch
+
+    return tensor.to(getattr(torch, dtype))
 
 
 def hash_seed(*parts: object) -> int:
@@ -301,51 +337,65 @@ def merge_moe(
         check_target(out_dir, options.overwrite, [s.path for s in sources.values()])
         out_dtype = output_dtype(recipe, options, base.config)
 
-        if gates is None:
-            gates = yield from compute_gates(recipe, device=options.device, cache_dir=options.cache_dir, cancel=cancel)
-        expected = (
-            int(base.config["num_hidden_layers"]),
-            len(recipe.experts),
-            int(base.config["hidden_size"]),
-        )
+        expected = (int(base.config["num_hidden_layers"]), len(recipe.experts), int(base.config["hidden_size"]))
         shared_expected = (expected[0], expected[2]) if prompted_shared_experts(recipe) else None
-        shared_shape = tuple(gates.shared_router.shape) if gates.shared_router is not None else None
-        if tuple(gates.router.shape) != expected or shared_shape != shared_expected:
-            raise FrankenMoEError(
-                f"the gates are shaped {tuple(gates.router.shape)} (shared expert: {shared_shape}), "
-                f"but this recipe needs {expected} (shared expert: {shared_expected})",
-                "compute the gates again for this recipe",
+        computed: list[GateResult] = [] if gates is None else [_checked(gates, expected, shared_expected)]
+        stop = threading.Event()
+        background = (
+            None
+            if computed
+            else BackgroundJob(
+                compute_gates(recipe, device=options.device, cache_dir=options.cache_dir, cancel=stop),
+                name="frankenmoe-gates",
             )
-        check_cancel(cancel)
+        )
 
-        plan = plan_tensors(recipe, architecture, base, experts, shared_expert, gates, out_dtype)
-        shards = plan_shards([planned for planned, _ in plan], options.shard_size)
-        total_bytes = sum(s.nbytes for s in shards)
-        _check_free_space(out_dir.parent, total_bytes)
+        def gates_of() -> GateResult:
+            if not computed:
+                assert background is not None
+                computed.append(_checked(background.result(), expected, shared_expected))
+            return computed[0]
 
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        partial = out_dir.parent / f".{out_dir.name}{PARTIAL_MARK}{os.getpid()}-{secrets.token_hex(4)}"
-        partial.mkdir()
         try:
-            with ShardWriter(partial, shards) as writer:
-                for done, (planned, produce) in enumerate(plan):
-                    check_cancel(cancel)
-                    writer.write(planned.name, produce())
-                    yield Progress(
-                        "writing",
-                        done + 1,
-                        len(plan),
-                        writer.bytes_written,
-                        total_bytes,
-                        message=planned.name,
-                    )
-            config = architecture.build_config(base.config, _moe_shape(recipe, base, shared_expert, out_dtype))
-            _write_side_files(partial, recipe, options, base, config, out_dir.name)
-            check_cancel(cancel)
-            _commit(partial, out_dir)
-        except BaseException:
-            shutil.rmtree(partial, ignore_errors=True)
-            raise
+            plan = plan_tensors(recipe, architecture, base, experts, shared_expert, gates_of, out_dtype)
+            shards = plan_shards([planned for planned, _ in plan], options.shard_size)
+            total_bytes = sum(s.nbytes for s in shards)
+            _check_free_space(out_dir.parent, total_bytes)
+            out_dir.parent.mkdir(parents=True, exist_ok=True)
+            partial = out_dir.parent / f".{out_dir.name}{PARTIAL_MARK}{os.getpid()}-{secrets.token_hex(4)}"
+            partial.mkdir()
+            try:
+                with ShardWriter(partial, shards) as writer:
+                    for done, (planned, produce) in enumerate(plan):
+                        if cancel is not None and cancel.is_set():
+                            stop.set()
+                        check_cancel(cancel)
+                        if background is not None and not computed:
+                            if background.failed:
+                                background.result()  # raises the gate computation's error now
+                            if planned.name == architecture.router_name(0):
+                                # Everything else is written; the routers wait for the gates.
+                                while not background.wait(0.1):
+                                    yield from background.drain()
+                                    if cancel is not None and cancel.is_set():
+                                        stop.set()
+                                yield from background.drain()
+                        writer.write(planned.name, produce())
+                        yield Progress(
+                            "writing", done + 1, len(plan), writer.bytes_written, total_bytes, message=planned.name
+                        )
+                config = architecture.build_config(base.config, _moe_shape(recipe, base, shared_expert, out_dtype))
+                _write_side_files(partial, recipe, options, base, config, out_dir.name)
+                check_cancel(cancel)
+                _commit(partial, out_dir)
+            except BaseException:
+                shutil.rmtree(partial, ignore_errors=True)
+                raise
+        finally:
+            stop.set()
+            if background is not None:
+                background.close()
+        gates = computed[0]
     finally:
         for source in sources.values():
             source.close()
@@ -357,6 +407,17 @@ def merge_moe(
         seconds=time.monotonic() - started,
         gates=gates,
     )
+
+
+def _checked(gates: GateResult, expected: tuple[int, int, int], shared_expected: tuple[int, int] | None) -> GateResult:
+    shared_shape = tuple(gates.shared_router.shape) if gates.shared_router is not None else None
+    if tuple(gates.router.shape) != expected or shared_shape != shared_expected:
+        raise FrankenMoEError(
+            f"the gates are shaped {tuple(gates.router.shape)} (shared expert: {shared_shape}), "
+            f"but this recipe needs {expected} (shared expert: {shared_expected})",
+            "compute the gates again for this recipe",
+        )
+    return gates
 
 
 def _check_free_space(folder: Path, needed: int) -> None:
