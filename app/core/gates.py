@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Literal
 from app.core.devices import available_memory, compute_dtype, resolve_device
 from app.core.problems import FrankenMoEError
 from app.core.progress import Cancelled, Job, Progress, check_cancel
-from app.core.recipe import GATE_MODES, ModelRef, Recipe
+from app.core.recipe import GATE_MODES, Expert, ModelRef, Recipe
 from app.core.routing import PromptRouting, RoutingQuality, evaluate_routing
 from app.core.sources import ModelSource, open_model
 
@@ -55,6 +55,9 @@ class GateResult:
     # For `calibrated`: seconds spent fitting, and each layer's accuracy on the prompts' tokens.
     fit_seconds: float | None = None
     train_accuracy: tuple[float, ...] = ()
+    # layers x hidden: the shared expert's gate, computed like the others' from its prompts; None
+    # where there is no shared expert or no gate computed from prompts (it is then always on).
+    shared_router: torch.Tensor | None = None
 
     def degenerate_warnings(self, labels: Sequence[str]) -> list[str]:
         return describe_degenerate_layers(self.diagnostics, labels)
@@ -119,7 +122,7 @@ def _layer_ranges(layers: Sequence[int]) -> str:
     return f"layer {text}" if len(layers) == 1 else f"layers {text}"
 
 
-def contrast_gates(recipe: Recipe, summarise: Callable[[Sequence[str]], torch.Tensor]) -> torch.Tensor:
+def contrast_gates(experts: Sequence[Expert], summarise: Callable[[Sequence[str]], torch.Tensor]) -> torch.Tensor:
     """Each expert's gate: its positive prompts' summary minus its negative prompts', unit length.
 
     ``summarise`` maps prompts to one vector, or one per layer (layers x hidden); the experts are
@@ -128,7 +131,7 @@ def contrast_gates(recipe: Recipe, summarise: Callable[[Sequence[str]], torch.Te
     import torch
 
     vectors = []
-    for expert in recipe.experts:
+    for expert in experts:
         vector = summarise(expert.positive_prompts)
         if expert.negative_prompts:
             vector = vector - summarise(expert.negative_prompts)
@@ -442,21 +445,25 @@ class GateComputer:
         )
         check_cancel(cancel)
         generator = torch.Generator().manual_seed(recipe.studio.seed)
+        gated = (*recipe.experts, *prompted_shared_experts(recipe))
         if recipe.gate_mode == "random":
             router = torch.randn((layers, experts, hidden), generator=generator)
         elif recipe.gate_mode == "uniform_random":
             scale = math.sqrt(1.0 / hidden)
             router = torch.rand((layers, experts, hidden), generator=generator) * 2 * scale - scale
         elif recipe.gate_mode == "cheap_embed":
-            router = self._cheap_embed(recipe, layers)
+            router = self._cheap_embed(gated, layers)
         elif recipe.gate_mode == "calibrated":
             return (yield from self._calibrated(recipe, cancel))
         else:
-            router = yield from self._hidden(recipe, cancel)
+            router = yield from self._hidden(recipe.gate_mode, gated, cancel)
+        # The prompt modes computed the shared expert's gate vector along with the others'; split it off.
+        shared_router = router[:, experts].contiguous() if router.shape[1] > experts else None
+        router = router[:, :experts]
         yield Progress("gates", 1, 1, message=f"{recipe.gate_mode} gates for {experts} experts")
-        return GateResult(recipe.gate_mode, router.contiguous(), layer_diagnostics(router))
+        return GateResult(recipe.gate_mode, router.contiguous(), layer_diagnostics(router), shared_router=shared_router)
 
-    def _cheap_embed(self, recipe: Recipe, layers: int) -> torch.Tensor:
+    def _cheap_embed(self, experts: Sequence[Expert], layers: int) -> torch.Tensor:
         """mergekit-moe's definition: normalised sums of token embeddings, positive minus negative."""
         embed = self.source.read_tensor("model.embed_tokens.weight").float()
 
@@ -464,19 +471,19 @@ class GateComputer:
             total = sum(embed[ids].sum(dim=0) for ids in encode_prompts(self.tokenizer, prompts))
             return total / total.norm().clamp(min=1e-8)
 
-        return contrast_gates(recipe, normalised_sum).unsqueeze(0).repeat(layers, 1, 1)
+        return contrast_gates(experts, normalised_sum).unsqueeze(0).repeat(layers, 1, 1)
 
-    def _hidden(self, recipe: Recipe, cancel: threading.Event | None) -> Job[torch.Tensor]:
+    def _hidden(self, gate_mode: str, experts: Sequence[Expert], cancel: threading.Event | None) -> Job[torch.Tensor]:
         import torch
 
-        reduction: Reduction = "mean" if recipe.gate_mode == "hidden_avg" else "last"
-        prompts = sorted({p for e in recipe.experts for p in (*e.positive_prompts, *e.negative_prompts)})
+        reduction: Reduction = "mean" if gate_mode == "hidden_avg" else "last"
+        prompts = sorted({p for e in experts for p in (*e.positive_prompts, *e.negative_prompts)})
         states = yield from self.probe().collect(
             encode_prompts(self.tokenizer, prompts), reduction, cancel, stage="gates"
         )
         by_prompt = dict(zip(prompts, states, strict=True))
 
-        return contrast_gates(recipe, lambda texts: torch.stack([by_prompt[t] for t in texts]).mean(dim=0))
+        return contrast_gates(experts, lambda texts: torch.stack([by_prompt[t] for t in texts]).mean(dim=0))
 
     def _calibrated(self, recipe: Recipe, cancel: threading.Event | None) -> Job[GateResult]:
         import time
@@ -493,7 +500,9 @@ class GateComputer:
         skip = 1 if getattr(self.tokenizer, "bos_token", None) else 0  # every prompt's BOS looks the same
 
         # The hidden_avg gates are where the fit starts and what it is pulled towards.
-        init = contrast_gates(recipe, lambda texts: torch.stack([by_prompt[t].mean(dim=1) for t in texts]).mean(dim=0))
+        init = contrast_gates(
+            recipe.experts, lambda texts: torch.stack([by_prompt[t].mean(dim=1) for t in texts]).mean(dim=0)
+        )
 
         labelled = [(text, index, -1) for index, e in enumerate(recipe.experts) for text in e.positive_prompts]
         labelled += [(text, -1, index) for index, e in enumerate(recipe.experts) for text in e.negative_prompts]
@@ -543,6 +552,18 @@ class GateComputer:
             token_texts.append(tuple(self.tokenizer.decode([i]) for i in ids[skip:]))  # type: ignore[attr-defined]
         quality = evaluate_routing(routings, len(recipe.experts))
         return RoutingPreview(tuple(routings), tuple(token_texts), quality)
+
+
+# The calibrated mode fits the routed experts' routers to labelled tokens; the shared expert is not
+# routed, so there it is always on.
+SHARED_GATE_MODES = ("hidden", "hidden_avg", "hidden_last", "cheap_embed")
+
+
+def prompted_shared_experts(recipe: Recipe) -> tuple[Expert, ...]:
+    """The shared experts whose gate comes from their prompts: those with prompts, in the modes that use them."""
+    if recipe.gate_mode not in SHARED_GATE_MODES:
+        return ()
+    return tuple(e for e in recipe.shared_experts if any(p.strip() for p in e.positive_prompts))
 
 
 def compute_gates(
