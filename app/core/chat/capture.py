@@ -1,10 +1,10 @@
 """Router capture: which experts every MoE layer chose for each token, and with what weight.
 
 Forward hooks on each decoder layer's router keep a reference to its logits (no copy, no sync);
-at the end of a forward step the logits of all layers are stacked and turned into the router
-distribution, top-k experts and weights in a few batched operations, and brought to the host with a
-single device-to-host copy. The rule is the model's own: softmax in float32, top-k, and the top-k
-weights renormalised when the config says so (Mixtral always; Qwen-MoE per ``norm_topk_prob``).
+at the end of a forward step the logits of all layers are stacked, brought to the host with a single
+device-to-host copy, and turned there into the router distribution, top-k experts and weights. The
+rule is the model's own: softmax in float32, top-k, and the top-k weights renormalised when the
+config says so (Mixtral always; Qwen-MoE per ``norm_topk_prob``).
 
 Routers are found generically, by module path, so Mixtral, Qwen2-MoE (with its shared expert) and
 Qwen3-MoE work alike, under transformers 4 (the router is an ``nn.Linear`` returning logits) and 5
@@ -88,15 +88,15 @@ def routing_rule(config: Any, num_experts: int) -> RoutingRule:
     return RoutingRule(num_experts=num_experts, top_k=min(top_k, num_experts), renormalise=renormalise)
 
 
-def route_logits(logits: torch.Tensor, rule: RoutingRule) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Router distribution, top-k weights and top-k indices from logits (... x experts)."""
-    import torch
-
-    probs = torch.softmax(logits.float(), dim=-1)
-    top_weights, top_experts = torch.topk(probs, rule.top_k, dim=-1)
+def route_logits(logits: np.ndarray, rule: RoutingRule) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Router distribution, top-k weights and top-k expert indices from float32 logits (... x experts)."""
+    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    probs = shifted / shifted.sum(axis=-1, keepdims=True)
+    experts = np.argsort(-probs, axis=-1, kind="stable")[..., : rule.top_k]
+    weights = np.take_along_axis(probs, experts, axis=-1)
     if rule.renormalise:
-        top_weights = top_weights / top_weights.sum(dim=-1, keepdim=True)
-    return probs, top_weights, top_experts
+        weights = weights / weights.sum(axis=-1, keepdims=True)
+    return probs, weights, experts
 
 
 class RouterCapture:
@@ -143,17 +143,13 @@ class RouterCapture:
         experts = self.rule.num_experts
         # With device_map="auto" the layers may sit on different devices; gather them on the first.
         device = self._logits[0].device  # type: ignore[union-attr]
-        logits = torch.stack([t.reshape(-1, experts).to(device) for t in self._logits])  # type: ignore[union-attr]
-        probs, top_weights, top_experts = route_logits(logits, self.rule)
-        # Expert indices are small integers, exact in float32, so everything travels as one tensor.
-        packed = torch.cat([probs, top_weights, top_experts.float()], dim=-1).transpose(0, 1).cpu().numpy()
+        stacked = torch.stack([t.reshape(-1, experts).to(device) for t in self._logits])  # type: ignore[union-attr]
+        # The one device-to-host copy of the step. The few small operations after it run on the host,
+        # where they cost microseconds, rather than as several more kernel launches on the device.
+        logits = stacked.float().cpu().numpy().transpose(1, 0, 2)  # tokens x layers x experts
         self._logits = [None] * len(self.layers)
-        k = self.rule.top_k
-        return StepRouting(
-            probs=packed[..., :experts],
-            weights=packed[..., experts : experts + k],
-            experts=packed[..., experts + k :].astype(np.int64),
-        )
+        probs, weights, top_experts = route_logits(logits, self.rule)
+        return StepRouting(probs=probs, experts=top_experts, weights=weights)
 
     def remove(self) -> None:
         for handle in self._handles:

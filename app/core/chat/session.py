@@ -23,6 +23,7 @@ from app.core.problems import FrankenMoEError
 Role = Literal["user", "assistant"]
 FORMAT = "frankenmoe-chat"
 FORMAT_VERSION = 1
+STOP_REASONS = {"eos": "the end of the answer", "length": "the token limit", "stopped": "the user"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,7 +217,7 @@ class Conversation:
                 info = message.generation
                 lines += [
                     f"*{len(info.generated)} tokens, {info.tokens_per_second:.1f} tokens/s, first token after "
-                    f"{info.time_to_first_token:.2f} s, seed {info.seed}, stopped by {info.stop_reason}*",
+                    f"{info.time_to_first_token:.2f} s, seed {info.seed}, ended by {STOP_REASONS[info.stop_reason]}*",
                     "",
                 ]
         return "\n".join(lines)
@@ -232,7 +233,8 @@ class ChatSession:
         settings: SamplingSettings | None = None,
     ) -> None:
         self.model = model
-        self.conversation = conversation or Conversation(model=model.name)
+        self.conversation = conversation or Conversation()
+        self.conversation.model = self.conversation.model or model.name
         self.settings = settings or SamplingSettings()
 
     def send(self, text: str, stop: threading.Event | None = None) -> Generator[GenerationEvent, None, Message]:
