@@ -52,6 +52,9 @@ class GateResult:
     mode: str
     router: torch.Tensor  # layers x experts x hidden, float32, on the CPU
     diagnostics: tuple[LayerDiagnostics, ...]
+    # For `calibrated`: seconds spent fitting, and each layer's accuracy on the prompts' tokens.
+    fit_seconds: float | None = None
+    train_accuracy: tuple[float, ...] = ()
 
     def degenerate_warnings(self, labels: Sequence[str]) -> list[str]:
         return describe_degenerate_layers(self.diagnostics, labels)
@@ -114,6 +117,23 @@ def _layer_ranges(layers: Sequence[int]) -> str:
             spans.append([layer, layer])
     text = ", ".join(f"{a}-{b}" if a != b else f"{a}" for a, b in spans)
     return f"layer {text}" if len(layers) == 1 else f"layers {text}"
+
+
+def contrast_gates(recipe: Recipe, summarise: Callable[[Sequence[str]], torch.Tensor]) -> torch.Tensor:
+    """Each expert's gate: its positive prompts' summary minus its negative prompts', unit length.
+
+    ``summarise`` maps prompts to one vector, or one per layer (layers x hidden); the experts are
+    stacked on the second-to-last axis.
+    """
+    import torch
+
+    vectors = []
+    for expert in recipe.experts:
+        vector = summarise(expert.positive_prompts)
+        if expert.negative_prompts:
+            vector = vector - summarise(expert.negative_prompts)
+        vectors.append(vector / vector.norm(dim=-1, keepdim=True).clamp(min=1e-8))
+    return torch.stack(vectors, dim=-2)
 
 
 # --------------------------------------------------------------------------- tokenisation
@@ -429,6 +449,8 @@ class GateComputer:
             router = torch.rand((layers, experts, hidden), generator=generator) * 2 * scale - scale
         elif recipe.gate_mode == "cheap_embed":
             router = self._cheap_embed(recipe, layers)
+        elif recipe.gate_mode == "calibrated":
+            return (yield from self._calibrated(recipe, cancel))
         else:
             router = yield from self._hidden(recipe, cancel)
         yield Progress("gates", 1, 1, message=f"{recipe.gate_mode} gates for {experts} experts")
@@ -442,15 +464,7 @@ class GateComputer:
             total = sum(embed[ids].sum(dim=0) for ids in encode_prompts(self.tokenizer, prompts))
             return total / total.norm().clamp(min=1e-8)
 
-        vectors = []
-        for expert in recipe.experts:
-            vector = normalised_sum(expert.positive_prompts)
-            if expert.negative_prompts:
-                vector = vector - normalised_sum(expert.negative_prompts)
-            vectors.append(vector / vector.norm().clamp(min=1e-8))
-        import torch
-
-        return torch.stack(vectors).unsqueeze(0).repeat(layers, 1, 1)
+        return contrast_gates(recipe, normalised_sum).unsqueeze(0).repeat(layers, 1, 1)
 
     def _hidden(self, recipe: Recipe, cancel: threading.Event | None) -> Job[torch.Tensor]:
         import torch
@@ -462,16 +476,49 @@ class GateComputer:
         )
         by_prompt = dict(zip(prompts, states, strict=True))
 
-        def mean_state(texts: Sequence[str]) -> torch.Tensor:
-            return torch.stack([by_prompt[t] for t in texts]).mean(dim=0)
+        return contrast_gates(recipe, lambda texts: torch.stack([by_prompt[t] for t in texts]).mean(dim=0))
 
-        vectors = []
-        for expert in recipe.experts:
-            vector = mean_state(expert.positive_prompts)
-            if expert.negative_prompts:
-                vector = vector - mean_state(expert.negative_prompts)
-            vectors.append(vector / vector.norm(dim=-1, keepdim=True).clamp(min=1e-8))
-        return torch.stack(vectors, dim=1)
+    def _calibrated(self, recipe: Recipe, cancel: threading.Event | None) -> Job[GateResult]:
+        import time
+
+        import torch
+
+        from app.core.calibration import fit_layer, label_tokens
+
+        prompts = sorted({p for e in recipe.experts for p in (*e.positive_prompts, *e.negative_prompts)})
+        states = yield from self.probe().collect(
+            encode_prompts(self.tokenizer, prompts), "tokens", cancel, stage="gates"
+        )
+        by_prompt = dict(zip(prompts, states, strict=True))
+        skip = 1 if getattr(self.tokenizer, "bos_token", None) else 0  # every prompt's BOS looks the same
+
+        # The hidden_avg gates are where the fit starts and what it is pulled towards.
+        init = contrast_gates(recipe, lambda texts: torch.stack([by_prompt[t].mean(dim=1) for t in texts]).mean(dim=0))
+
+        labelled = [(text, index, -1) for index, e in enumerate(recipe.experts) for text in e.positive_prompts]
+        labelled += [(text, -1, index) for index, e in enumerate(recipe.experts) for text in e.negative_prompts]
+        num_layers = init.shape[0]
+        started = time.perf_counter()
+        weights, accuracies = [], []
+        for layer in range(num_layers):
+            check_cancel(cancel)
+            tokens = label_tokens(
+                [by_prompt[text][layer, skip:] for text, _, _ in labelled],
+                [positive for _, positive, _ in labelled],
+                [negative for _, _, negative in labelled],
+            )
+            fit = fit_layer(tokens, init[layer])
+            weights.append(fit.weight)
+            accuracies.append(fit.train_accuracy)
+            yield Progress("calibrating", layer + 1, num_layers, message=f"layer {layer}: {fit.train_accuracy:.0%}")
+        router = torch.stack(weights).contiguous()
+        return GateResult(
+            "calibrated",
+            router,
+            layer_diagnostics(router),
+            fit_seconds=time.perf_counter() - started,
+            train_accuracy=tuple(accuracies),
+        )
 
     def route(
         self,

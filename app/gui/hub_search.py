@@ -165,7 +165,5 @@ class HubSearchDialog(QDialog):
         if self.hub is not None:
             inspect = self.context.run(f"Inspect {repo}", self.hub.inspect(repo, self.recipe), quiet=True)
             inspect.succeeded.connect(
-                lambda text: (
-                    self.chosen_repo == repo and self.details.setPlainText("\n".join([*lines, "", text]))
-                )
+                lambda text: self.chosen_repo == repo and self.details.setPlainText("\n".join([*lines, "", text]))
             )

@@ -212,8 +212,7 @@ class ModelsPage(QWidget):
             general = [
                 p
                 for p in self.problems
-                if (not p.field.startswith(("experts.", "base_model")) and p.field != "recipe")
-                or p.field == "experts"
+                if (not p.field.startswith(("experts.", "base_model")) and p.field != "recipe") or p.field == "experts"
             ]
             self.general_problems.setText(
                 "\n".join(f"{'✗' if p.is_error else '⚠'} {p.message}. {p.hint}" for p in general)
@@ -273,9 +272,7 @@ class ModelsPage(QWidget):
             return
         if isinstance(self.table.cellWidget(row, DOWNLOAD), DownloadCell):
             return
-        self.table.setCellWidget(
-            row, DOWNLOAD, DownloadCell(info.reference, self.hub, self.context, self._downloaded)
-        )
+        self.table.setCellWidget(row, DOWNLOAD, DownloadCell(info.reference, self.hub, self.context, self._downloaded))
 
     def _downloaded(self, reference: ModelRef) -> None:
         self.infos.pop(reference, None)
