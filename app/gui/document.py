@@ -19,9 +19,7 @@ def empty_recipe() -> Recipe:
 
 
 class RecipeEdit(QUndoCommand):
-    def __init__(
-        self, document: RecipeDocument, before: Recipe, after: Recipe, text: str, merge_id: int
-    ) -> None:
+    def __init__(self, document: RecipeDocument, before: Recipe, after: Recipe, text: str, merge_id: int) -> None:
         super().__init__(text)
         self._document = document
         self._before = before

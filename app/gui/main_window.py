@@ -135,9 +135,7 @@ class MainWindow(QMainWindow):
         self.redo_action.setShortcuts([QKeySequence(keys.Redo), QKeySequence("Ctrl+Y")])
         self.demo_action = self._action("Try the &demo", self.try_demo)
         self.step_actions = [
-            self._action(
-                name.split("  ")[1], lambda _checked=False, i=i: self.show_step(Step(i)), f"Ctrl+{i + 1}"
-            )
+            self._action(name.split("  ")[1], lambda _checked=False, i=i: self.show_step(Step(i)), f"Ctrl+{i + 1}")
             for i, name in enumerate(STEPS)
         ]
 
@@ -201,9 +199,7 @@ class MainWindow(QMainWindow):
             self,
             "Unsaved changes",
             f"Save the changes to {self.document.display_name} first?",
-            QMessageBox.StandardButton.Save
-            | QMessageBox.StandardButton.Discard
-            | QMessageBox.StandardButton.Cancel,
+            QMessageBox.StandardButton.Save | QMessageBox.StandardButton.Discard | QMessageBox.StandardButton.Cancel,
             QMessageBox.StandardButton.Save,
         )
         if answer == QMessageBox.StandardButton.Save:
@@ -241,8 +237,7 @@ class MainWindow(QMainWindow):
         for problem in error.problems:
             where = f"line {problem.line}: " if problem.line is not None else ""
             lines.append(
-                f"{where}{problem.field}: {problem.message}"
-                + (f"\nFix: {problem.hint}" if problem.hint else "")
+                f"{where}{problem.field}: {problem.message}" + (f"\nFix: {problem.hint}" if problem.hint else "")
             )
         self.context.log(f"{title}: " + "; ".join(lines))
         QMessageBox.warning(self, title, "\n\n".join(lines))
@@ -253,18 +248,14 @@ class MainWindow(QMainWindow):
         return self._save_to(self.document.path)
 
     def save_as(self) -> bool:
-        name, _filter = QFileDialog.getSaveFileName(
-            self, "Save the recipe", self.document.display_name, RECIPE_FILTER
-        )
+        name, _filter = QFileDialog.getSaveFileName(self, "Save the recipe", self.document.display_name, RECIPE_FILTER)
         return bool(name) and self._save_to(Path(name))
 
     def _save_to(self, path: Path) -> bool:
         try:
             self.document.save(path)
         except OSError as error:
-            QMessageBox.warning(
-                self, "Cannot save", f"{path} could not be written: {error.strerror or error}"
-            )
+            QMessageBox.warning(self, "Cannot save", f"{path} could not be written: {error.strerror or error}")
             return False
         self.settings.remember(path)
         self.statusBar().showMessage(f"Saved {path}", 5000)
@@ -282,9 +273,7 @@ class MainWindow(QMainWindow):
             lambda record: self.statusBar().showMessage(f"Demo: {record.message} ({record.fraction:.0%})")
         )
         self.demo_job.succeeded.connect(self._demo_built)
-        self.demo_job.failed.connect(
-            lambda error: QMessageBox.warning(self, "The demo failed", describe_error(error))
-        )
+        self.demo_job.failed.connect(lambda error: QMessageBox.warning(self, "The demo failed", describe_error(error)))
         self.demo_job.finished.connect(lambda: self.start_page.demo_button.setEnabled(True))
 
     def _demo_built(self, recipe_path: Path) -> None:

@@ -82,9 +82,7 @@ class Heatmap(QWidget):
         painter.setPen(text_color)
         data = self._data
         if data is None or not data.values:
-            painter.drawText(
-                self.rect(), Qt.AlignmentFlag.AlignCenter | Qt.TextFlag.TextWordWrap, self._empty_text
-            )
+            painter.drawText(self.rect(), Qt.AlignmentFlag.AlignCenter | Qt.TextFlag.TextWordWrap, self._empty_text)
             painter.end()
             return
 
@@ -161,9 +159,7 @@ class Heatmap(QWidget):
         painter.save()
         painter.translate(2, plot.center().y())
         painter.rotate(-90)
-        painter.drawText(
-            QRectF(-plot.height() / 2, 0, plot.height(), line), Qt.AlignmentFlag.AlignCenter, data.y_label
-        )
+        painter.drawText(QRectF(-plot.height() / 2, 0, plot.height(), line), Qt.AlignmentFlag.AlignCenter, data.y_label)
         painter.restore()
 
         self._draw_colour_bar(painter, QRectF(plot.right() + 14, plot.top(), 14, plot.height()), metrics)

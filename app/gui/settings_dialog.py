@@ -73,22 +73,16 @@ class SettingsDialog(QDialog):
         form.addRow("", self.login_status)
         form.addRow(
             "",
-            explanation(
-                "The token is checked with the Hub and stored by huggingface_hub, never by this app."
-            ),
+            explanation("The token is checked with the Hub and stored by huggingface_hub, never by this app."),
         )
         form.addRow("Cache folder", cache_row)
         form.addRow("", explanation("Where the demo models and other app data are kept."))
         form.addRow("Default device", self.device)
         form.addRow("", explanation("Where router gates are computed: auto picks a GPU when there is one."))
         form.addRow("Default dtype", self.dtype)
-        form.addRow(
-            "", explanation("Precision for computing gates: auto is bfloat16 on GPUs, float32 on CPUs.")
-        )
+        form.addRow("", explanation("Precision for computing gates: auto is bfloat16 on GPUs, float32 on CPUs."))
         form.addRow("Theme", self.theme)
-        buttons = QDialogButtonBox(
-            QDialogButtonBox.StandardButton.Ok | QDialogButtonBox.StandardButton.Cancel
-        )
+        buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Ok | QDialogButtonBox.StandardButton.Cancel)
         buttons.accepted.connect(self.accept)
         buttons.rejected.connect(self.reject)
         form.addRow(buttons)

@@ -179,9 +179,7 @@ class MergePage(QWidget):
         self.job = self.context.run("Merge", merge(recipe, self.request(), gates))
         self.job.progress.connect(self._progress)
         self.job.succeeded.connect(self._merged)
-        self.job.failed.connect(
-            lambda error: self.stage.setText(f"✗ The merge failed: {describe_error(error)}")
-        )
+        self.job.failed.connect(lambda error: self.stage.setText(f"✗ The merge failed: {describe_error(error)}"))
         self.job.cancelled.connect(lambda: self.stage.setText("Merge cancelled; nothing was left behind."))
         self.job.finished.connect(self._job_finished)
 

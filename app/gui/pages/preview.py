@@ -132,9 +132,7 @@ class PreviewPage(QWidget):
         self.job = self.context.run("Preview", self.session.preview(recipe))
         self.job.progress.connect(self._progress)
         self.job.succeeded.connect(self._computed)
-        self.job.failed.connect(
-            lambda error: self.status.setText(f"The preview failed: {describe_error(error)}")
-        )
+        self.job.failed.connect(lambda error: self.status.setText(f"The preview failed: {describe_error(error)}"))
         self.job.cancelled.connect(lambda: self.status.setText("Preview cancelled."))
         self.job.finished.connect(self._job_finished)
 

@@ -112,9 +112,7 @@ class PromptListEditor(QWidget):
         row = self.list.currentRow()
         if row < 0:
             return
-        text, ok = QInputDialog.getMultiLineText(
-            self, f"Edit {self.kind} prompt", "Prompt:", self.prompts[row]
-        )
+        text, ok = QInputDialog.getMultiLineText(self, f"Edit {self.kind} prompt", "Prompt:", self.prompts[row])
         if ok and text.strip():
             prompts = list(self.prompts)
             prompts[row] = text.strip()
@@ -145,9 +143,7 @@ class PromptListEditor(QWidget):
         try:
             text = Path(name).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
-            QMessageBox.warning(
-                self, "Cannot import prompts", f"{name} could not be read as UTF-8 text: {exc}"
-            )
+            QMessageBox.warning(self, "Cannot import prompts", f"{name} could not be read as UTF-8 text: {exc}")
             return
         self.add_many(text)
 
@@ -174,19 +170,14 @@ class PromptsPage(QWidget):
         )
         self.test = PromptListEditor(
             "test",
-            "Held-out examples of this expert's text, not used to build the router: "
-            "Preview checks where they go.",
+            "Held-out examples of this expert's text, not used to build the router: Preview checks where they go.",
         )
         self.tabs = QTabWidget()
         self.tabs.addTab(self.positive, "Positive prompts")
         self.tabs.addTab(self.negative, "Negative prompts")
         self.tabs.addTab(self.test, "Test prompts")
-        self.positive.prompts_edited.connect(
-            lambda p, text: self._set_expert_prompts("positive_prompts", p, text)
-        )
-        self.negative.prompts_edited.connect(
-            lambda p, text: self._set_expert_prompts("negative_prompts", p, text)
-        )
+        self.positive.prompts_edited.connect(lambda p, text: self._set_expert_prompts("positive_prompts", p, text))
+        self.negative.prompts_edited.connect(lambda p, text: self._set_expert_prompts("negative_prompts", p, text))
         self.test.prompts_edited.connect(self._set_test_prompts)
         self.expert_problems = QLabel()
         self.expert_problems.setWordWrap(True)
@@ -278,9 +269,7 @@ class PromptsPage(QWidget):
             self.gate_help.setText(GATE_MODE_HELP.get(recipe.gate_mode, "Unknown gate mode."))
             self.top_k.setValue(recipe.experts_per_token)
             self.dtype.setCurrentIndex(max(0, self.dtype.findData(recipe.canonical_dtype or "")))
-            self.architecture.setCurrentIndex(
-                max(0, self.architecture.findData((recipe.architecture or "").lower()))
-            )
+            self.architecture.setCurrentIndex(max(0, self.architecture.findData((recipe.architecture or "").lower())))
             problems = validate_recipe(recipe)
             mine = [p for p in problems if has_expert and p.field.startswith(f"experts.{index}.")]
             self.expert_problems.setText("\n".join(f"✗ {p.message}. {p.hint}" for p in mine))
@@ -293,16 +282,12 @@ class PromptsPage(QWidget):
     def _set_expert_prompts(self, field: str, prompts: tuple[str, ...], text: str) -> None:
         index = self.current_expert
         if index >= 0:
-            self.document.edit(
-                recipe_edits.update_expert(self.document.recipe, index, **{field: prompts}), text
-            )
+            self.document.edit(recipe_edits.update_expert(self.document.recipe, index, **{field: prompts}), text)
 
     def _set_test_prompts(self, prompts: tuple[str, ...], text: str) -> None:
         index = self.current_expert
         if index >= 0:
-            self.document.edit(
-                recipe_edits.update_extras(self.document.recipe, index, test_prompts=prompts), text
-            )
+            self.document.edit(recipe_edits.update_extras(self.document.recipe, index, test_prompts=prompts), text)
 
     def _settings_edited(self) -> None:
         if self._refreshing:

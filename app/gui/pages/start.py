@@ -20,9 +20,7 @@ class StartPage(QWidget):
         super().__init__(parent)
         self.demo_button = QPushButton("Try the demo")
         self.demo_button.setDefault(True)
-        self.demo_button.setToolTip(
-            "Builds three tiny local experts (arithmetic, code, prose) and opens their recipe."
-        )
+        self.demo_button.setToolTip("Builds three tiny local experts (arithmetic, code, prose) and opens their recipe.")
         new_button = QPushButton("New recipe")
         open_button = QPushButton("Open recipe…")
         self.demo_button.clicked.connect(self.demo_requested)
@@ -30,9 +28,7 @@ class StartPage(QWidget):
         open_button.clicked.connect(self.open_requested)
         self.recent = QListWidget()
         self.recent.setMaximumHeight(180)
-        self.recent.itemActivated.connect(
-            lambda item: self.recent_requested.emit(item.data(Qt.ItemDataRole.UserRole))
-        )
+        self.recent.itemActivated.connect(lambda item: self.recent_requested.emit(item.data(Qt.ItemDataRole.UserRole)))
 
         buttons = QHBoxLayout()
         for button in (self.demo_button, new_button, open_button):
