@@ -27,9 +27,7 @@ def isolated_settings(tmp_path_factory: pytest.TempPathFactory) -> None:
     QCoreApplication.setOrganizationName("FrankenMoE-tests")
     QCoreApplication.setApplicationName("FrankenMoE Studio tests")
     QSettings.setDefaultFormat(QSettings.Format.IniFormat)
-    QSettings.setPath(
-        QSettings.Format.IniFormat, QSettings.Scope.UserScope, str(tmp_path_factory.mktemp("settings"))
-    )
+    QSettings.setPath(QSettings.Format.IniFormat, QSettings.Scope.UserScope, str(tmp_path_factory.mktemp("settings")))
 
 
 @pytest.fixture(autouse=True)
@@ -39,9 +37,7 @@ def no_thread_left_running(qapp: QApplication) -> Iterator[None]:
     deadline = time.monotonic() + THREAD_GRACE_S
     while time.monotonic() < deadline:
         QCoreApplication.processEvents()
-        leftover_threads = [
-            t for t in threading.enumerate() if t not in before and t.is_alive() and not t.daemon
-        ]
+        leftover_threads = [t for t in threading.enumerate() if t not in before and t.is_alive() and not t.daemon]
         if not running_jobs() and not leftover_threads:
             break
         time.sleep(0.02)

@@ -14,9 +14,7 @@ def test_demo_flow_preview_merge_and_load(window, qtbot, demo_recipe: Path, tmp_
     screenshot(window, "0-start")
     assert window.open_recipe(demo_recipe)
     window.show_step(Step.MODELS)
-    qtbot.waitUntil(
-        lambda: window.models_page.table.item(0, 6).text() == "✓ Compatible", timeout=WORK_TIMEOUT_MS
-    )
+    qtbot.waitUntil(lambda: window.models_page.table.item(0, 6).text() == "✓ Compatible", timeout=WORK_TIMEOUT_MS)
     assert window.models_page.table.item(0, 3).text() == "llama"
     screenshot(window, "1-models")
     window.show_step(Step.PROMPTS)
