@@ -57,9 +57,7 @@ def _prose(rng: random.Random) -> str:
     verb = rng.choice(
         ["walked slowly along", "sang softly beside", "dreamed about", "painted a picture of", "remembered"]
     )
-    place = rng.choice(
-        ["the river", "the green hills", "a small village", "the autumn forest", "the sea at dawn"]
-    )
+    place = rng.choice(["the river", "the green hills", "a small village", "the autumn forest", "the sea at dawn"])
     tail = rng.choice(
         [
             "while the sun went down.",
@@ -143,9 +141,7 @@ def build_demo(
     return recipe_path
 
 
-def _build_into(
-    workspace: Path, cancel: threading.Event | None, base_steps: int, expert_steps: int
-) -> Job[None]:
+def _build_into(workspace: Path, cancel: threading.Event | None, base_steps: int, expert_steps: int) -> Job[None]:
     import torch
 
     total = base_steps + expert_steps * len(DOMAINS)
@@ -174,9 +170,7 @@ def _build_into(
         torch.manual_seed(SEED + len(experts) + 1)
         for step in _train(model, stream, expert_steps, lambda parameter: ".mlp." in parameter, cancel):
             done += 1
-            yield Progress(
-                f"demo: {name} expert", done, total, message=f"training the {name} expert, step {step}"
-            )
+            yield Progress(f"demo: {name} expert", done, total, message=f"training the {name} expert, step {step}")
         expert_dir = workspace / f"expert-{name}"
         _save(model, tokenizer, expert_dir)
         positive, held_out = PROMPTS[name]
@@ -201,10 +195,7 @@ def _build_into(
 def _final_path(path_in_workspace: Path) -> Path:
     """Where a file in the workspace will be once the workspace is renamed into place."""
     workspace = path_in_workspace.parent
-    return (
-        workspace.with_name(workspace.name.removeprefix(".").removesuffix(".partial"))
-        / path_in_workspace.name
-    )
+    return workspace.with_name(workspace.name.removeprefix(".").removesuffix(".partial")) / path_in_workspace.name
 
 
 def _train_tokenizer(texts: list[str]) -> Any:
@@ -224,9 +215,7 @@ def _train_tokenizer(texts: list[str]) -> Any:
     core.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", core.token_to_id("<s>"))]
     )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
-    )
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
 
@@ -260,9 +249,7 @@ def _new_model(tokenizer: Any) -> Any:
     return LlamaForCausalLM(config)
 
 
-def _train(
-    model: Any, stream: Any, steps: int, trains: Callable[[str], bool], cancel: threading.Event | None
-) -> Any:
+def _train(model: Any, stream: Any, steps: int, trains: Callable[[str], bool], cancel: threading.Event | None) -> Any:
     """Yield after each optimiser step on random windows of ``stream``."""
     import torch
 
