@@ -31,6 +31,7 @@ class SettingsDialog(QDialog):
     def __init__(self, settings: AppSettings, context: AppContext, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.setWindowTitle("Settings")
+        self.setMinimumWidth(560)
         self.settings = settings
         self.context = context
         self.token = QLineEdit()

@@ -147,10 +147,10 @@ def test_download_button_shows_progress_and_ends_with_the_badge_updated(
     assert cell.progress.isVisible() and cell.cancel_button.isVisible()
     assert cell.job is not None
     with qtbot.waitSignal(cell.job.finished, timeout=TIMEOUT_MS):
-        qtbot.waitUntil(lambda: "kB of" in cell.progress.format(), timeout=TIMEOUT_MS)
-        assert "acme/tiny-llama-chat: " in cell.progress.format()
+        qtbot.waitUntil(lambda: "kB of" in cell.progress.toolTip(), timeout=TIMEOUT_MS)
+        assert cell.progress.toolTip().startswith("acme/tiny-llama-chat: ")
     qtbot.waitUntil(lambda: table.item(0, COMPATIBILITY).text() == "✓ Compatible", timeout=TIMEOUT_MS)
-    assert table.item(0, DOWNLOAD).text() == "local"
+    assert table.item(0, DOWNLOAD).text() == "downloaded"
     assert cached_snapshot(ModelRef.parse("acme/tiny-llama-chat"), HubConfig.current()) is not None
     assert "Download acme/tiny-llama-chat: finished" in window.log_panel.text
     screenshot(window, "1-models-hub")
@@ -161,7 +161,8 @@ def test_cancelled_download_leaves_the_cache_consistent(window, qtbot, gui_hub, 
     cell = add_hub_expert(window, qtbot, "acme/tiny-llama-chat")
     gui_hub.throttle("model.safetensors", piece=2048, pause_s=0.05)
     cell.button.click()
-    qtbot.waitUntil(lambda: "kB of" in cell.progress.format(), timeout=TIMEOUT_MS)
+    qtbot.waitUntil(lambda: "kB of" in cell.progress.toolTip(), timeout=TIMEOUT_MS)
+    screenshot(window, "1-models-downloading")
     assert cell.job is not None
     with qtbot.waitSignal(cell.job.finished, timeout=TIMEOUT_MS):
         cell.cancel_button.click()

@@ -294,7 +294,8 @@ class ModelsPage(QWidget):
     def _fill_download_cell(self, row: int, info: ModelInfo | None) -> None:
         if info is None or not info.downloadable:
             self.table.removeCellWidget(row, DOWNLOAD)
-            self.table.setItem(row, DOWNLOAD, QTableWidgetItem("local" if info and not info.error else ""))
+            where = "" if info is None or info.error else "local" if info.reference.is_local else "downloaded"
+            self.table.setItem(row, DOWNLOAD, QTableWidgetItem(where))
             return
         current = self.table.cellWidget(row, DOWNLOAD)
         if isinstance(current, DownloadCell) and current.reference == info.reference:
@@ -445,8 +446,10 @@ class DownloadCell(QWidget):
             self.progress.setFormat("cancelling…")
 
     def _progress(self, record: Progress) -> None:
+        # A table cell has room for the percentage only; the sizes, speed and time left are in
+        # its tooltip.
         self.progress.setValue(int(record.fraction * 100))
-        self.progress.setFormat(record.message or "%p%")
+        self.progress.setFormat("%p%")
         self.progress.setToolTip(record.message)
 
     def _succeeded(self, _folder: Path) -> None:
