@@ -12,6 +12,7 @@ from app.core.devices import DEVICE_CHOICES
 from app.core.problems import Problem
 from app.core.progress import format_bytes, run_job
 from app.core.recipe import DTYPE_ALIASES, load_recipe
+from app.core.routing import RoutingQuality
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
 _UNITS = {
@@ -48,7 +49,18 @@ def register(commands: Any) -> None:
     check.add_argument("recipe", type=Path)
     check.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
     check.add_argument("--no-gates", action="store_true", help="skip computing gate diagnostics")
+    check.add_argument(
+        "--routing", action="store_true", help="also score where the recipe's test prompts would be routed"
+    )
     check.set_defaults(handler=run_check)
+
+    evaluate = commands.add_parser(
+        "eval-routing", help="score how a merged model routes held-out prompts to their intended experts"
+    )
+    evaluate.add_argument("model", type=Path, help="merged MoE model folder")
+    evaluate.add_argument("prompts", type=Path, help="YAML: expert label or index -> prompts, or a recipe")
+    evaluate.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
+    evaluate.set_defaults(handler=run_eval_routing)
 
 
 def _print_problems(problems: list[Problem]) -> None:
@@ -96,11 +108,22 @@ def run_check(args: argparse.Namespace) -> int:
     if args.no_gates:
         return 0
     from app.cli.progress import ProgressBars
-    from app.core.gates import compute_gates
+    from app.core.gates import GateComputer
 
-    with ProgressBars() as bars:
-        gates = run_job(compute_gates(recipe, device=args.device), bars)
+    computer = GateComputer(recipe.base_model, device=args.device, keep_loaded=args.routing)
+    try:
+        with ProgressBars() as bars:
+            gates = run_job(computer.compute(recipe), bars)
+            test_prompts = [list(extras.test_prompts) for extras in recipe.studio.experts]
+            if args.routing and not any(test_prompts):
+                print("no test prompts in the recipe: nothing to route", file=sys.stderr)
+                return 1
+            preview = run_job(computer.route(recipe, gates, test_prompts), bars) if args.routing else None
+    finally:
+        computer.close()
     labels = [recipe.expert_label(i) for i in range(len(recipe.experts))]
+    if gates.fit_seconds is not None:
+        print(f"calibrated routers fitted in {gates.fit_seconds:.2f} s")
     print("layer  condition  most similar pair")
     for diag in gates.diagnostics:
         pairs = [(diag.similarity[i][j], i, j) for i in range(len(labels)) for j in range(i + 1, len(labels))]
@@ -109,4 +132,33 @@ def run_check(args: argparse.Namespace) -> int:
         print(f"{diag.layer:5d}  {diag.condition_number:9.2f}  {labels[i]} ~ {labels[j]}: {similarity:.3f}{flag}")
     for warning in gates.degenerate_warnings(labels):
         print(f"warning: {warning}", file=sys.stderr)
+    if preview is not None:
+        print_quality(preview.quality, labels)
+    return 0
+
+
+def print_quality(quality: RoutingQuality, labels: list[str]) -> None:
+    print(f"routing: {quality.summary()}")
+    print(
+        "  per layer (share of tokens whose top-1 is the intended expert): "
+        + ", ".join(f"{share:.0%}" for share in quality.layer_token_share)
+    )
+    print(
+        "  expert usage: "
+        + ", ".join(f"{label} {share:.0%}" for label, share in zip(labels, quality.usage, strict=True))
+    )
+
+
+def run_eval_routing(args: argparse.Namespace) -> int:
+    from app.cli.progress import ProgressBars
+    from app.core.routing_eval import evaluate_model_routing, expert_labels, load_labelled_prompts
+    from app.core.sources import ModelSource
+
+    with ModelSource(args.model) as source:
+        experts = int(source.config.get("num_local_experts") or source.config.get("num_experts") or 0)
+    labels = expert_labels(args.model, experts)
+    prompts = load_labelled_prompts(args.prompts, labels)
+    with ProgressBars() as bars:
+        result = run_job(evaluate_model_routing(args.model, prompts, device=args.device), bars)
+    print_quality(result.quality, list(result.labels))
     return 0

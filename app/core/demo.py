@@ -13,12 +13,13 @@ from __future__ import annotations
 import random
 import shutil
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from app.core.progress import Job, Progress, check_cancel
-from app.core.recipe import EXTENSION_KEY, Expert, ExpertExtras, ModelRef, Recipe, StudioExtras, save_recipe
+from app.core.recipe import Expert, ExpertExtras, ModelRef, Recipe, StudioExtras, save_recipe
 
 # Bump when anything below changes what gets built, so that old caches are rebuilt.
 DEMO_VERSION = 1
@@ -70,38 +71,45 @@ def _prose(rng: random.Random) -> str:
     return f"{subject} {verb} {place} {tail}"
 
 
-DOMAINS: dict[str, Callable[[random.Random], str]] = {
-    "arithmetic": _arithmetic,
-    "code": _code,
-    "prose": _prose,
-}
+@dataclass(frozen=True, slots=True)
+class Domain:
+    """A kind of text: how to make training samples, prompts for the router, and held-out prompts."""
+
+    make_text: Callable[[random.Random], str]
+    label: str
+    color: str
+    positive_prompts: tuple[str, ...]
+    test_prompts: tuple[str, ...]
+
 
 # Positive prompts build the routers; test prompts are held out to check where routing sends them.
-PROMPTS = {
-    "arithmetic": (
-        ["12 + 7 = 19", "45 * 3 = 135", "81 - 26 = 55", "what is 9 * 8"],
-        ["33 + 48 =", "7 * 6 = 42", "90 - 17 = 73"],
+DEMO_DOMAINS = {
+    "arithmetic": Domain(
+        _arithmetic,
+        "Arithmetic",
+        "#E69F00",
+        ("12 + 7 = 19", "45 * 3 = 135", "81 - 26 = 55", "what is 9 * 8"),
+        ("33 + 48 =", "7 * 6 = 42", "90 - 17 = 73"),
     ),
-    "code": (
-        [
-            "def add(a, b):\n    return a + b",
-            "for i in range(10):\n    print(i)",
-            "import os",
-            "class Point:",
-        ],
-        ["if items is None:\n    items = []", "def get_total(row):", "values = [x * 2 for x in values]"],
+    "code": Domain(
+        _code,
+        "Code",
+        "#56B4E9",
+        ("def add(a, b):\n    return a + b", "for i in range(10):\n    print(i)", "import os", "class Point:"),
+        ("if items is None:\n    items = []", "def get_total(row):", "values = [x * 2 for x in values]"),
     ),
-    "prose": (
-        ["The old man walked along the river.", "She smiled in the morning light.", "Once upon a time"],
-        [
+    "prose": Domain(
+        _prose,
+        "Prose",
+        "#009E73",
+        ("The old man walked along the river.", "She smiled in the morning light.", "Once upon a time"),
+        (
             "My grandmother painted the green hills.",
             "The tired traveller dreamed about the sea.",
             "Our neighbour sang softly.",
-        ],
+        ),
     ),
 }
-COLORS = {"arithmetic": "#E69F00", "code": "#56B4E9", "prose": "#009E73"}
-LABELS = {"arithmetic": "Arithmetic", "code": "Code", "prose": "Prose"}
 
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n"
@@ -133,7 +141,9 @@ def build_demo(
     shutil.rmtree(workspace, ignore_errors=True)
     workspace.mkdir()
     try:
-        yield from _build_into(workspace, cancel, base_steps, expert_steps)
+        yield from train_domain_models(
+            workspace, DEMO_DOMAINS, cancel, base_steps=base_steps, expert_steps=expert_steps, final_folder=target
+        )
         shutil.rmtree(target, ignore_errors=True)
         workspace.rename(target)
     finally:
@@ -141,61 +151,70 @@ def build_demo(
     return recipe_path
 
 
-def _build_into(workspace: Path, cancel: threading.Event | None, base_steps: int, expert_steps: int) -> Job[None]:
+def train_domain_models(
+    workspace: Path,
+    domains: Mapping[str, Domain],
+    cancel: threading.Event | None = None,
+    *,
+    base_steps: int,
+    expert_steps: int,
+    final_folder: Path | None = None,
+    seed: int = SEED,
+) -> Job[Recipe]:
+    """Train a base on all domains and one MLP-only expert per domain into workspace; save a recipe.
+
+    Paths in the recipe point into final_folder (where workspace will be renamed to), or workspace.
+    """
     import torch
 
-    total = base_steps + expert_steps * len(DOMAINS)
+    final_folder = final_folder or workspace
+    total = base_steps + expert_steps * len(domains)
     yield Progress("demo: tokenizer", 0, total, message="training a tokenizer on the demo texts")
-    rng = random.Random(SEED)
-    corpora = {name: [make(rng) for _ in range(600)] for name, make in DOMAINS.items()}
+    rng = random.Random(seed)
+    corpora = {name: [domain.make_text(rng) for _ in range(600)] for name, domain in domains.items()}
     tokenizer = _train_tokenizer([text for texts in corpora.values() for text in texts])
     streams = {name: _token_stream(tokenizer, texts) for name, texts in corpora.items()}
     check_cancel(cancel)
 
-    torch.manual_seed(SEED)
+    torch.manual_seed(seed)
     model = _new_model(tokenizer)
     mixed = torch.cat(list(streams.values()))
     done = 0
-    for step in _train(model, mixed, base_steps, lambda name: True, cancel):
+    for step in _train(model, mixed, base_steps, lambda name: True, cancel, seed):
         done += 1
         yield Progress("demo: base model", done, total, message=f"training the base model, step {step}")
-    base_dir = workspace / "base"
-    _save(model, tokenizer, base_dir)
+    _save(model, tokenizer, workspace / "base")
     base_state = {key: value.clone() for key, value in model.state_dict().items()}
 
     experts = []
     extras = []
     for name, stream in streams.items():
         model.load_state_dict(base_state)
-        torch.manual_seed(SEED + len(experts) + 1)
-        for step in _train(model, stream, expert_steps, lambda parameter: ".mlp." in parameter, cancel):
+        torch.manual_seed(seed + len(experts) + 1)
+        for step in _train(model, stream, expert_steps, lambda parameter: ".mlp." in parameter, cancel, seed):
             done += 1
             yield Progress(f"demo: {name} expert", done, total, message=f"training the {name} expert, step {step}")
-        expert_dir = workspace / f"expert-{name}"
-        _save(model, tokenizer, expert_dir)
-        positive, held_out = PROMPTS[name]
+        _save(model, tokenizer, workspace / f"expert-{name}")
+        domain = domains[name]
         experts.append(
-            Expert(source_model=ModelRef(path=str(_final_path(expert_dir))), positive_prompts=tuple(positive))
+            Expert(
+                source_model=ModelRef(path=str(final_folder / f"expert-{name}")),
+                positive_prompts=domain.positive_prompts,
+            )
         )
-        extras.append(ExpertExtras(label=LABELS[name], color=COLORS[name], test_prompts=tuple(held_out)))
+        extras.append(ExpertExtras(label=domain.label, color=domain.color, test_prompts=domain.test_prompts))
 
     recipe = Recipe(
-        base_model=ModelRef(path=str(_final_path(base_dir))),
+        base_model=ModelRef(path=str(final_folder / "base")),
         experts=tuple(experts),
         gate_mode="hidden",
         dtype="float32",
         experts_per_token=2,
-        # By its YAML key: the recipe model sets `studio=` aside as an unknown key.
-        **{EXTENSION_KEY: StudioExtras(experts=tuple(extras), seed=SEED)},
+        studio=StudioExtras(experts=tuple(extras), seed=seed),
     )
     save_recipe(recipe, workspace / RECIPE_NAME)
     yield Progress("demo", total, total, message="demo models ready")
-
-
-def _final_path(path_in_workspace: Path) -> Path:
-    """Where a file in the workspace will be once the workspace is renamed into place."""
-    workspace = path_in_workspace.parent
-    return workspace.with_name(workspace.name.removeprefix(".").removesuffix(".partial")) / path_in_workspace.name
+    return recipe
 
 
 def _train_tokenizer(texts: list[str]) -> Any:
@@ -249,7 +268,9 @@ def _new_model(tokenizer: Any) -> Any:
     return LlamaForCausalLM(config)
 
 
-def _train(model: Any, stream: Any, steps: int, trains: Callable[[str], bool], cancel: threading.Event | None) -> Any:
+def _train(
+    model: Any, stream: Any, steps: int, trains: Callable[[str], bool], cancel: threading.Event | None, seed: int
+) -> Any:
     """Yield after each optimiser step on random windows of ``stream``."""
     import torch
 
@@ -257,7 +278,7 @@ def _train(model: Any, stream: Any, steps: int, trains: Callable[[str], bool], c
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(trains(name))
     optimizer = torch.optim.AdamW(parameters, lr=3e-3)
-    generator = torch.Generator().manual_seed(SEED)
+    generator = torch.Generator().manual_seed(seed)
     model.train()
     for step in range(1, steps + 1):
         check_cancel(cancel)

@@ -52,6 +52,9 @@ class GateResult:
     mode: str
     router: torch.Tensor  # layers x experts x hidden, float32, on the CPU
     diagnostics: tuple[LayerDiagnostics, ...]
+    # For `calibrated`: seconds spent fitting, and each layer's accuracy on the prompts' tokens.
+    fit_seconds: float | None = None
+    train_accuracy: tuple[float, ...] = ()
 
     def degenerate_warnings(self, labels: Sequence[str]) -> list[str]:
         return describe_degenerate_layers(self.diagnostics, labels)
@@ -429,6 +432,8 @@ class GateComputer:
             router = torch.rand((layers, experts, hidden), generator=generator) * 2 * scale - scale
         elif recipe.gate_mode == "cheap_embed":
             router = self._cheap_embed(recipe, layers)
+        elif recipe.gate_mode == "calibrated":
+            return (yield from self._calibrated(recipe, cancel))
         else:
             router = yield from self._hidden(recipe, cancel)
         yield Progress("gates", 1, 1, message=f"{recipe.gate_mode} gates for {experts} experts")
@@ -472,6 +477,57 @@ class GateComputer:
                 vector = vector - mean_state(expert.negative_prompts)
             vectors.append(vector / vector.norm(dim=-1, keepdim=True).clamp(min=1e-8))
         return torch.stack(vectors, dim=1)
+
+    def _calibrated(self, recipe: Recipe, cancel: threading.Event | None) -> Job[GateResult]:
+        import time
+
+        import torch
+
+        from app.core.calibration import fit_layer, label_tokens
+
+        prompts = sorted({p for e in recipe.experts for p in (*e.positive_prompts, *e.negative_prompts)})
+        states = yield from self.probe().collect(
+            encode_prompts(self.tokenizer, prompts), "tokens", cancel, stage="gates"
+        )
+        by_prompt = dict(zip(prompts, states, strict=True))
+        skip = 1 if getattr(self.tokenizer, "bos_token", None) else 0  # every prompt's BOS looks the same
+
+        def mean_state(texts: Sequence[str]) -> torch.Tensor:
+            return torch.stack([by_prompt[t].mean(dim=1) for t in texts]).mean(dim=0)
+
+        # The hidden_avg gates are where the fit starts and what it is pulled towards.
+        initial = []
+        for expert in recipe.experts:
+            vector = mean_state(expert.positive_prompts)
+            if expert.negative_prompts:
+                vector = vector - mean_state(expert.negative_prompts)
+            initial.append(vector / vector.norm(dim=-1, keepdim=True).clamp(min=1e-8))
+        init = torch.stack(initial, dim=1)
+
+        labelled = [(text, index, -1) for index, e in enumerate(recipe.experts) for text in e.positive_prompts]
+        labelled += [(text, -1, index) for index, e in enumerate(recipe.experts) for text in e.negative_prompts]
+        num_layers = init.shape[0]
+        started = time.perf_counter()
+        weights, accuracies = [], []
+        for layer in range(num_layers):
+            check_cancel(cancel)
+            tokens = label_tokens(
+                [by_prompt[text][layer, skip:] for text, _, _ in labelled],
+                [positive for _, positive, _ in labelled],
+                [negative for _, _, negative in labelled],
+            )
+            fit = fit_layer(tokens, init[layer])
+            weights.append(fit.weight)
+            accuracies.append(fit.train_accuracy)
+            yield Progress("calibrating", layer + 1, num_layers, message=f"layer {layer}: {fit.train_accuracy:.0%}")
+        router = torch.stack(weights).contiguous()
+        return GateResult(
+            "calibrated",
+            router,
+            layer_diagnostics(router),
+            fit_seconds=time.perf_counter() - started,
+            train_accuracy=tuple(accuracies),
+        )
 
     def route(
         self,

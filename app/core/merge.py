@@ -29,10 +29,10 @@ from app.core.compat import check_recipe
 from app.core.gates import GateResult, compute_gates
 from app.core.modelcard import ModelCardFields, render_model_card
 from app.core.problems import FrankenMoEError, raise_if_errors
-from app.core.progress import Job, Progress, check_cancel
+from app.core.progress import BackgroundJob, Job, Progress, check_cancel
 from app.core.recipe import Recipe, dump_recipe
 from app.core.shards import PlannedTensor, ShardWriter, plan_shards
-from app.core.sources import ModelSource, open_model
+from app.core.sources import ByteRange, ModelSource, open_model
 
 if TYPE_CHECKING:
     import torch
@@ -146,7 +146,7 @@ def _commit(partial: Path, out_dir: Path) -> None:
 # --------------------------------------------------------------------------- planning tensors
 
 
-Producer = Callable[[], "torch.Tensor"]
+Producer = Callable[[], "torch.Tensor | ByteRange"]
 
 
 def _layer_of(name: str) -> int:
@@ -158,14 +158,16 @@ def plan_tensors(
     recipe: Recipe,
     base: ModelSource,
     experts: Sequence[ModelSource],
-    gates: GateResult,
+    router_of: Callable[[int], torch.Tensor],
     out_dtype: str,
 ) -> list[tuple[PlannedTensor, Producer]]:
-    """Every output tensor, layer by layer, with a function that produces it when its turn comes."""
-    import torch
+    """Every output tensor with a function that produces it when its turn comes.
 
-    dtype = getattr(torch, out_dtype)
+    Tensors stored in the output dtype are copied as bytes, file to file, without torch. The
+    routers come last, so that everything else can be written while the gates are computed.
+    """
     num_layers = int(base.config["num_hidden_layers"])
+    num_experts, hidden = len(recipe.experts), int(base.config["hidden_size"])
     copied = [n for n in base.tensor_names if not _MLP_TENSOR.match(n) and not n.endswith("rotary_emb.inv_freq")]
     before = sorted(n for n in copied if _layer_of(n) == -1 and "embed" in n)
     after = sorted(n for n in copied if _layer_of(n) == -1 and n not in before)
@@ -174,46 +176,59 @@ def plan_tensors(
         if _layer_of(name) >= 0:
             by_layer.setdefault(_layer_of(name), []).append(name)
 
-    def copy(name: str) -> tuple[PlannedTensor, Producer]:
-        shape = base.tensor_info(name).shape
-        return PlannedTensor(name, shape, out_dtype), lambda: base.read_tensor(name).to(dtype)
+    def planned_copy(source: ModelSource, name: str, out_name: str) -> tuple[PlannedTensor, Producer]:
+        info = source.tensor_info(name)
+        planned = PlannedTensor(out_name, info.shape, out_dtype)
+        if info.torch_dtype_name == out_dtype:
+            return planned, lambda: source.byte_range(name)
+        return planned, lambda: _converted(source.read_tensor(name), out_dtype)
 
-    plan = [copy(name) for name in before]
+    plan = [planned_copy(base, name, name) for name in before]
     for layer in range(num_layers):
-        plan += [copy(name) for name in sorted(by_layer.get(layer, []))]
-        router = gates.router[layer]
-        plan.append(
-            (
-                PlannedTensor(mixtral_router_name(layer), tuple(router.shape), out_dtype),
-                lambda router=router: router.to(dtype),
-            )
-        )
+        plan += [planned_copy(base, name, name) for name in sorted(by_layer.get(layer, []))]
         for index, (expert, source) in enumerate(zip(recipe.experts, experts, strict=True)):
             for projection, slot in EXPERT_PROJECTIONS:
                 source_name = f"model.layers.{layer}.mlp.{projection}_proj.weight"
-                planned = PlannedTensor(
-                    mixtral_expert_name(layer, index, slot), source.tensor_info(source_name).shape, out_dtype
-                )
-                seed = hash_seed(recipe.studio.seed, layer, index, projection)
+                out_name = mixtral_expert_name(layer, index, slot)
+                scale = expert.residual_scale if projection == "down" else None
+                if not expert.noise_scale and scale is None:
+                    plan.append(planned_copy(source, source_name, out_name))
+                    continue
+                planned = PlannedTensor(out_name, source.tensor_info(source_name).shape, out_dtype)
 
                 def produce(
                     source: ModelSource = source,
                     source_name: str = source_name,
                     noise: float | None = expert.noise_scale,
-                    scale: float | None = expert.residual_scale if projection == "down" else None,
-                    seed: int = seed,
+                    scale: float | None = scale,
+                    seed: int = hash_seed(recipe.studio.seed, layer, index, projection),
                 ) -> torch.Tensor:
+                    import torch
+
                     tensor = source.read_tensor(source_name)
                     if noise:
                         generator = torch.Generator().manual_seed(seed)
                         tensor = tensor.float() + torch.randn(tensor.shape, generator=generator) * noise
                     if scale is not None:
                         tensor = tensor.float() * scale
-                    return tensor.to(dtype)
+                    return _converted(tensor, out_dtype)
 
                 plan.append((planned, produce))
-    plan += [copy(name) for name in after]
+    plan += [planned_copy(base, name, name) for name in after]
+    for layer in range(num_layers):
+        plan.append(
+            (
+                PlannedTensor(mixtral_router_name(layer), (num_experts, hidden), out_dtype),
+                lambda layer=layer: _converted(router_of(layer), out_dtype),
+            )
+        )
     return plan
+
+
+def _converted(tensor: torch.Tensor, dtype: str) -> torch.Tensor:
+    import torch
+
+    return tensor.to(getattr(torch, dtype))
 
 
 def hash_seed(*parts: object) -> int:
@@ -248,47 +263,63 @@ def merge_moe(
         check_target(out_dir, options.overwrite, [s.path for s in sources.values()])
         out_dtype = output_dtype(recipe, options, base.config)
 
-        if gates is None:
-            gates = yield from compute_gates(recipe, device=options.device, cache_dir=options.cache_dir, cancel=cancel)
-        expected = (
-            int(base.config["num_hidden_layers"]),
-            len(recipe.experts),
-            int(base.config["hidden_size"]),
-        )
-        if tuple(gates.router.shape) != expected:
-            raise FrankenMoEError(
-                f"the gates are shaped {tuple(gates.router.shape)}, but this recipe needs {expected}",
-                "compute the gates again for this recipe",
+        expected = (int(base.config["num_hidden_layers"]), len(recipe.experts), int(base.config["hidden_size"]))
+        computed: list[GateResult] = [] if gates is None else [_checked(gates, expected)]
+        stop = threading.Event()
+        background = (
+            None
+            if computed
+            else BackgroundJob(
+                compute_gates(recipe, device=options.device, cache_dir=options.cache_dir, cancel=stop),
+                name="frankenmoe-gates",
             )
-        check_cancel(cancel)
+        )
 
-        plan = plan_tensors(recipe, base, experts, gates, out_dtype)
-        shards = plan_shards([planned for planned, _ in plan], options.shard_size)
-        total_bytes = sum(s.nbytes for s in shards)
-        _check_free_space(out_dir.parent, total_bytes)
+        def router_of(layer: int) -> torch.Tensor:
+            if not computed:
+                assert background is not None
+                computed.append(_checked(background.result(), expected))
+            return computed[0].router[layer]
 
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        partial = out_dir.parent / f".{out_dir.name}{PARTIAL_MARK}{os.getpid()}-{secrets.token_hex(4)}"
-        partial.mkdir()
         try:
-            with ShardWriter(partial, shards) as writer:
-                for done, (planned, produce) in enumerate(plan):
-                    check_cancel(cancel)
-                    writer.write(planned.name, produce())
-                    yield Progress(
-                        "writing",
-                        done + 1,
-                        len(plan),
-                        writer.bytes_written,
-                        total_bytes,
-                        message=planned.name,
-                    )
-            _write_side_files(partial, recipe, options, base, out_dtype, out_dir.name)
-            check_cancel(cancel)
-            _commit(partial, out_dir)
-        except BaseException:
-            shutil.rmtree(partial, ignore_errors=True)
-            raise
+            plan = plan_tensors(recipe, base, experts, router_of, out_dtype)
+            shards = plan_shards([planned for planned, _ in plan], options.shard_size)
+            total_bytes = sum(s.nbytes for s in shards)
+            _check_free_space(out_dir.parent, total_bytes)
+            out_dir.parent.mkdir(parents=True, exist_ok=True)
+            partial = out_dir.parent / f".{out_dir.name}{PARTIAL_MARK}{os.getpid()}-{secrets.token_hex(4)}"
+            partial.mkdir()
+            try:
+                with ShardWriter(partial, shards) as writer:
+                    for done, (planned, produce) in enumerate(plan):
+                        if cancel is not None and cancel.is_set():
+                            stop.set()
+                        check_cancel(cancel)
+                        if background is not None and not computed:
+                            if background.failed:
+                                background.result()  # raises the gate computation's error now
+                            if planned.name == mixtral_router_name(0):
+                                # Everything else is written; the routers wait for the gates.
+                                while not background.wait(0.1):
+                                    yield from background.drain()
+                                    if cancel is not None and cancel.is_set():
+                                        stop.set()
+                                yield from background.drain()
+                        writer.write(planned.name, produce())
+                        yield Progress(
+                            "writing", done + 1, len(plan), writer.bytes_written, total_bytes, message=planned.name
+                        )
+                _write_side_files(partial, recipe, options, base, out_dtype, out_dir.name)
+                check_cancel(cancel)
+                _commit(partial, out_dir)
+            except BaseException:
+                shutil.rmtree(partial, ignore_errors=True)
+                raise
+        finally:
+            stop.set()
+            if background is not None:
+                background.close()
+        gates = computed[0]
     finally:
         for source in sources.values():
             source.close()
@@ -300,6 +331,15 @@ def merge_moe(
         seconds=time.monotonic() - started,
         gates=gates,
     )
+
+
+def _checked(gates: GateResult, expected: tuple[int, int, int]) -> GateResult:
+    if tuple(gates.router.shape) != expected:
+        raise FrankenMoEError(
+            f"the gates are shaped {tuple(gates.router.shape)}, but this recipe needs {expected}",
+            "compute the gates again for this recipe",
+        )
+    return gates
 
 
 def _check_free_space(folder: Path, needed: int) -> None:

@@ -7,10 +7,11 @@ between steps and raise :class:`Cancelled`, cleaning up anything half-made on th
 
 from __future__ import annotations
 
+import queue
 import threading
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -61,3 +62,51 @@ def format_bytes(count: float) -> str:
             return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
         count /= 1000
     return f"{count:.1f} TB"
+
+
+class BackgroundJob(Generic[T]):
+    """Runs a job in a thread of its own, so that its caller can do other work meanwhile.
+
+    Progress records queue up for the caller to take with :meth:`drain`; the result or the error
+    comes out of :meth:`result`. The thread stops at the job's next step once the cancel event is
+    set, and :meth:`close` always joins it.
+    """
+
+    def __init__(self, job: Job[T], name: str) -> None:
+        self._job = job
+        self._records: queue.SimpleQueue[Progress] = queue.SimpleQueue()
+        self._outcome: list[T] = []
+        self._error: list[BaseException] = []
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._outcome.append(run_job(self._job, self._records.put))
+        except BaseException as exc:  # handed over to the caller's thread by result()
+            self._error.append(exc)
+
+    def drain(self) -> list[Progress]:
+        records = []
+        while True:
+            try:
+                records.append(self._records.get_nowait())
+            except queue.Empty:
+                return records
+
+    @property
+    def failed(self) -> bool:
+        return bool(self._error)
+
+    def wait(self, timeout: float) -> bool:
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def result(self) -> T:
+        self._thread.join()
+        if self._error:
+            raise self._error[0]
+        return self._outcome[0]
+
+    def close(self) -> None:
+        self._thread.join()

@@ -19,15 +19,19 @@ from app.core.problems import Problem, ProblemsError, Severity
 
 EXTENSION_KEY = "frankenmoe"
 
-PROMPT_GATE_MODES = ("hidden", "hidden_avg", "hidden_last", "cheap_embed")
+PROMPT_GATE_MODES = ("hidden", "hidden_avg", "hidden_last", "cheap_embed", "calibrated")
 RANDOM_GATE_MODES = ("random", "uniform_random")
 GATE_MODES = PROMPT_GATE_MODES + RANDOM_GATE_MODES
+# Our own modes, with what mergekit-moe reads in their place: the recipe keeps the real mode under
+# our extension key and writes the fallback as `gate_mode`, so mergekit-moe still runs it.
+MERGEKIT_FALLBACK_MODES = {"calibrated": "hidden"}
 
 GATE_MODE_HELP = {
     "hidden": "Router input of every layer at each prompt's last token (recommended).",
     "hidden_avg": "Router input of every layer averaged over each prompt's tokens.",
     "hidden_last": "Same as hidden (mergekit-moe's alias).",
     "cheap_embed": "Sum of the prompts' token embeddings, the same for every layer; no model run.",
+    "calibrated": "Each layer's router fitted on every prompt token (ours; mergekit-moe reads it as hidden).",
     "random": "Random normal router weights; for training the MoE afterwards.",
     "uniform_random": "Random uniform router weights like a fresh nn.Linear; for training afterwards.",
 }
@@ -181,6 +185,11 @@ class Recipe(BaseModel):
                         del entry[key]
                 cleaned.append(entry)
             data[section] = cleaned
+        extension = data.get(EXTENSION_KEY)
+        if isinstance(extension, Mapping) and "gate_mode" in extension:
+            extension = dict(extension)
+            data["gate_mode"] = extension.pop("gate_mode")
+            data[EXTENSION_KEY] = extension
         data["ignored_keys"] = tuple(ignored)
         return data
 
@@ -335,10 +344,13 @@ def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
     }
     if data["dtype"] is None:
         del data["dtype"]
+    if recipe.gate_mode in MERGEKIT_FALLBACK_MODES:
+        data["gate_mode"] = MERGEKIT_FALLBACK_MODES[recipe.gate_mode]
     if recipe.shared_experts:
         data["shared_experts"] = [expert_dict(e) for e in recipe.shared_experts]
     if recipe.architecture:
         data["architecture"] = recipe.architecture
+    extras: dict[str, Any] = {}
     if not recipe.studio.is_default():
         extras = recipe.studio.model_dump(exclude_defaults=True)
         if "experts" in extras:
@@ -350,13 +362,22 @@ def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
                 extras["experts"].pop()
             if not extras["experts"]:
                 del extras["experts"]
-        if extras:
-            data[EXTENSION_KEY] = extras
+    if recipe.gate_mode in MERGEKIT_FALLBACK_MODES:
+        extras = {"gate_mode": recipe.gate_mode, **extras}
+    if extras:
+        data[EXTENSION_KEY] = extras
     return data
 
 
 def dump_recipe(recipe: Recipe) -> str:
-    return yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False, allow_unicode=True, width=100)
+    text = yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False, allow_unicode=True, width=100)
+    if recipe.gate_mode in MERGEKIT_FALLBACK_MODES:
+        fallback = MERGEKIT_FALLBACK_MODES[recipe.gate_mode]
+        text = (
+            f"# gate_mode {recipe.gate_mode} is FrankenMoE Studio's own (under `{EXTENSION_KEY}:`);\n"
+            f"# mergekit-moe ignores that key and falls back to gate_mode {fallback}.\n" + text
+        )
+    return text
 
 
 def save_recipe(recipe: Recipe, path: str | os.PathLike[str]) -> None:
@@ -383,6 +404,16 @@ def validate_recipe(recipe: Recipe) -> list[Problem]:
                 "gate_mode",
                 f"unknown gate mode {recipe.gate_mode!r}",
                 f"use one of: {', '.join(GATE_MODES)}",
+            )
+        )
+    if recipe.gate_mode in MERGEKIT_FALLBACK_MODES:
+        problems.append(
+            Problem(
+                "gate_mode",
+                f"gate mode {recipe.gate_mode!r} is FrankenMoE Studio's own: mergekit-moe will run this recipe "
+                f"with gate mode {MERGEKIT_FALLBACK_MODES[recipe.gate_mode]!r} instead",
+                "nothing to fix for FrankenMoE Studio; expect different routers from mergekit-moe",
+                severity=Severity.WARNING,
             )
         )
     if recipe.experts_per_token < 1:

@@ -7,14 +7,16 @@ a time, never a whole shard. The index is written last, on a clean exit only.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
-from app.core.sources import SAFETENSORS_DTYPES, SAFETENSORS_INDEX, TORCH_TO_SAFETENSORS
+from app.core.sources import SAFETENSORS_DTYPES, SAFETENSORS_INDEX, TORCH_TO_SAFETENSORS, ByteRange
 
 if TYPE_CHECKING:
     import torch
@@ -96,36 +98,46 @@ class ShardWriter:
     def next_name(self) -> str | None:
         return self._queue[self._position][1].name if self._position < len(self._queue) else None
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        import torch
-
+    def write(self, name: str, data: torch.Tensor | ByteRange) -> None:
+        """Write the next planned tensor: a tensor, or a byte range copied file to file."""
         if self._position >= len(self._queue):
             raise RuntimeError(f"tensor {name} was not planned")
         shard_index, planned = self._queue[self._position]
         if planned.name != name:
             raise RuntimeError(f"expected tensor {planned.name}, got {name}")
+        if shard_index != self._open_shard:
+            self._start_shard(shard_index)
+        assert self._handle is not None
+        if isinstance(data, ByteRange):
+            if data.nbytes != planned.nbytes:
+                raise RuntimeError(f"tensor {name} has {data.nbytes} bytes, {planned.nbytes} were planned")
+            _copy_range(data, self._handle)
+        else:
+            self._write_tensor(planned, data)
+        self.bytes_written += planned.nbytes
+        self._position += 1
+
+    def _write_tensor(self, planned: PlannedTensor, tensor: torch.Tensor) -> None:
+        import torch
+
+        name = planned.name
         if tuple(tensor.shape) != planned.shape or str(tensor.dtype).removeprefix("torch.") != planned.dtype:
             raise RuntimeError(
                 f"tensor {name} is {tuple(tensor.shape)} {tensor.dtype}, "
                 f"but {planned.shape} {planned.dtype} was planned"
             )
-        if shard_index != self._open_shard:
-            self._start_shard(shard_index)
         assert self._handle is not None
         data = tensor.detach().to("cpu").contiguous().view(torch.uint8).reshape(-1).numpy()
-        self._handle.write(memoryview(data))
-        self.bytes_written += planned.nbytes
-        self._position += 1
+        _write_all(self._handle, memoryview(data))
 
     def _start_shard(self, shard_index: int) -> None:
         self._close_handle()
         self._open_shard = shard_index
-        self._handle = (self.folder / self.shards[shard_index].filename).open("wb")
-        self._handle.write(_header_bytes(self.shards[shard_index]))
+        self._handle = (self.folder / self.shards[shard_index].filename).open("wb", buffering=0)
+        _write_all(self._handle, memoryview(_header_bytes(self.shards[shard_index])))
 
     def _close_handle(self) -> None:
         if self._handle is not None:
-            self._handle.flush()
             self._handle.close()
             self._handle = None
 
@@ -144,3 +156,39 @@ class ShardWriter:
                 "weight_map": {t.name: s.filename for s in self.shards for t in s.tensors},
             }
             (self.folder / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+
+_COPY_CHUNK = 16 * 2**20
+
+
+def _copy_range(source: ByteRange, target: BinaryIO) -> None:
+    """Append a file's byte range to target: in the kernel where it can, through a buffer otherwise."""
+    offset, left = source.start, source.nbytes
+    with source.file.open("rb", buffering=0) as handle:
+        if hasattr(os, "copy_file_range"):
+            try:
+                while left:
+                    copied = os.copy_file_range(handle.fileno(), target.fileno(), left, offset_src=offset)
+                    if copied == 0:
+                        raise OSError(errno.EIO, f"{source.file} ended early")
+                    offset += copied
+                    left -= copied
+            except OSError as exc:
+                # Across file systems or where the kernel lacks it; the buffered copy goes on from here.
+                if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                    raise
+        buffer = bytearray(min(_COPY_CHUNK, max(left, 1)))
+        handle.seek(offset)
+        while left:
+            read = handle.readinto(memoryview(buffer)[: min(left, len(buffer))])
+            if not read:
+                raise OSError(errno.EIO, f"{source.file} ended early")
+            _write_all(target, memoryview(buffer)[:read])
+            left -= read
+
+
+def _write_all(target: BinaryIO, data: memoryview) -> None:
+    """Unbuffered writes may take less than they are given."""
+    while data:
+        written = target.write(data)
+        data = data[written:]

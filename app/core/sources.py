@@ -86,6 +86,15 @@ class TensorInfo:
         return SAFETENSORS_DTYPES[self.dtype][0]
 
 
+@dataclass(frozen=True, slots=True)
+class ByteRange:
+    """Where a tensor's bytes lie in a file: copied as they are when no conversion is needed."""
+
+    file: Path
+    start: int
+    nbytes: int
+
+
 def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
     """Parse a safetensors header. Raises ModelSourceError for a truncated or corrupt file."""
     try:
@@ -210,6 +219,10 @@ class ModelSource:
             ) from None
 
     # -- reading
+
+    def byte_range(self, name: str) -> ByteRange:
+        info = self.tensor_info(name)
+        return ByteRange(info.file, info.start, info.nbytes)
 
     def read_tensor(self, name: str) -> torch.Tensor:
         """Read one tensor into fresh CPU memory, in its stored dtype."""

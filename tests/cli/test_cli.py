@@ -113,3 +113,37 @@ def test_parse_size():
     assert parse_size("1234") == 1234
     with pytest.raises(Exception, match="not a size"):
         parse_size("lots")
+
+
+def test_check_routing_and_eval_routing(recipe_file, tmp_path):
+    from app.core.recipe import ExpertExtras, StudioExtras, load_recipe
+
+    recipe = load_recipe(recipe_file)
+    held_out = ("What is 9 times 9?", "def mul(a, b): return a * b", "The cat slept by the fire.")
+    extras = tuple(
+        ExpertExtras(label=name, test_prompts=(text,))
+        for name, text in zip(("maths", "code", "prose"), held_out, strict=True)
+    )
+    recipe = recipe.model_copy(update={"gate_mode": "calibrated", "studio": StudioExtras(experts=extras)})
+    save_recipe(recipe, recipe_file)
+
+    checked = frankenmoe("check", str(recipe_file), "--routing", "--device", "cpu")
+    assert checked.returncode == 0, checked.stderr
+    assert "calibrated routers fitted in" in checked.stdout
+    assert "routing: " in checked.stdout and "of 3 test prompts" in checked.stdout
+    assert "expert usage: maths " in checked.stdout
+
+    out = tmp_path / "moe"
+    assert frankenmoe("merge", str(recipe_file), str(out), "--quiet").returncode == 0
+    prompts = tmp_path / "held-out.yml"
+    prompts.write_text("maths: ['What is 9 times 9?']\n2: ['The cat slept by the fire.']\n")
+    evaluated = frankenmoe("eval-routing", str(out), str(prompts), "--device", "cpu")
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert "of 2 test prompts" in evaluated.stdout
+    # The recipe itself works as a prompts file: its test prompts are used.
+    assert "of 3 test prompts" in frankenmoe("eval-routing", str(out), str(recipe_file)).stdout
+    bad = tmp_path / "bad.yml"
+    bad.write_text("poetry: ['Roses are red']\n")
+    refused = frankenmoe("eval-routing", str(out), str(bad))
+    assert refused.returncode == 1
+    assert "'poetry' is not an expert of this model" in refused.stderr

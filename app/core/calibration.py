@@ -1,0 +1,146 @@
+"""The `calibrated` gate mode: each layer's router fitted as a linear classifier on prompt tokens.
+
+A frankenMoE router is never trained; `hidden` gives each expert one mean vector. Yet the router
+is a linear map over the MLP input, and the prompts are labelled examples: every token of expert
+i's positive prompts should prefer i, and the tokens of its negative prompts should not. So per
+layer we fit regularised multinomial logistic regression (no bias: Mixtral and Qwen routers have
+none) on unit-normalised token states, starting from and pulled towards the `hidden_avg` gates so
+that a handful of prompts cannot overfit, then scale the weights so that the router's softmax on
+the prompts is confident but not one-hot. Deterministic: full-batch L-BFGS in float64 on the CPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+# Mean top-1 router probability on the prompts' tokens after scaling: decisive, never one-hot.
+TARGET_CONFIDENCE = 0.8
+L2_TOWARDS_INIT = 1e-3
+INIT_SCALE = 4.0
+NEGATIVE_WEIGHT = 0.5
+MAX_ITERATIONS = 100
+
+
+@dataclass(frozen=True, slots=True)
+class LabelledTokens:
+    """One layer's router inputs with their labels.
+
+    ``positive[n]`` is the expert token n belongs to, or -1; ``negative[n]`` the expert it must
+    not go to, or -1. Every token has exactly one of the two.
+    """
+
+    states: torch.Tensor  # tokens x hidden
+    positive: torch.Tensor  # tokens, long
+    negative: torch.Tensor  # tokens, long
+
+
+@dataclass(frozen=True, slots=True)
+class LayerFit:
+    weight: torch.Tensor  # experts x hidden, float32: the router weight to write
+    train_accuracy: float  # share of positive tokens whose top-1 is their expert
+    confidence: float  # mean top-1 probability on the positive tokens
+
+
+def _token_weights(labels: LabelledTokens, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each expert's positive tokens together weigh the same, however long its prompts are."""
+    import torch
+
+    positive_weight = torch.zeros(labels.positive.shape, dtype=torch.float64)
+    negative_weight = torch.zeros(labels.negative.shape, dtype=torch.float64)
+    for expert in range(num_experts):
+        mine = labels.positive == expert
+        if mine.any():
+            positive_weight[mine] = 1.0 / (num_experts * int(mine.sum()))
+        avoid = labels.negative == expert
+        if avoid.any():
+            negative_weight[avoid] = NEGATIVE_WEIGHT / (num_experts * int(avoid.sum()))
+    return positive_weight, negative_weight
+
+
+def fit_layer(
+    labels: LabelledTokens,
+    init: torch.Tensor,
+    *,
+    l2: float = L2_TOWARDS_INIT,
+    target_confidence: float = TARGET_CONFIDENCE,
+) -> LayerFit:
+    """Fit one layer's router from labelled token states, starting from the `init` gate vectors."""
+    import torch
+
+    num_experts = init.shape[0]
+    raw = labels.states.to(torch.float64)
+    unit = raw / raw.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+    start = init.to(torch.float64)
+    start = INIT_SCALE * start / start.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+    positive_weight, negative_weight = _token_weights(labels, num_experts)
+    is_positive = labels.positive >= 0
+    is_negative = labels.negative >= 0
+    weight = start.clone().requires_grad_(True)
+    optimiser = torch.optim.LBFGS([weight], max_iter=MAX_ITERATIONS, line_search_fn="strong_wolfe", tolerance_grad=1e-9)
+
+    def loss_fn() -> torch.Tensor:
+        optimiser.zero_grad()
+        log_probs = torch.log_softmax(unit @ weight.T, dim=-1)
+        loss = l2 / 2 * (weight - start).pow(2).sum()
+        if is_positive.any():
+            chosen = log_probs[is_positive].gather(1, labels.positive[is_positive, None]).squeeze(1)
+            loss = loss - (positive_weight[is_positive] * chosen).sum()
+        if is_negative.any():
+            avoided = log_probs[is_negative].gather(1, labels.negative[is_negative, None]).squeeze(1).exp()
+            loss = loss - (negative_weight[is_negative] * torch.log1p(-avoided.clamp(max=1 - 1e-12))).sum()
+        loss.backward()
+        return loss
+
+    optimiser.step(loss_fn)
+    fitted = weight.detach()
+    scale = _scale_for_confidence(fitted, raw[is_positive] if is_positive.any() else raw, target_confidence)
+    router = fitted * scale
+    with torch.no_grad():
+        probabilities = torch.softmax(raw @ router.T, dim=-1)
+        top = probabilities[is_positive].argmax(dim=-1)
+        accuracy = float((top == labels.positive[is_positive]).double().mean()) if is_positive.any() else 0.0
+        confidence = float(probabilities[is_positive].max(dim=-1).values.mean()) if is_positive.any() else 0.0
+    return LayerFit(weight=router.float(), train_accuracy=accuracy, confidence=confidence)
+
+
+def _scale_for_confidence(weight: torch.Tensor, states: torch.Tensor, target: float) -> float:
+    """The factor that makes the mean top-1 softmax probability on the raw states equal target."""
+    import torch
+
+    logits = states @ weight.T
+
+    def confidence(log_scale: float) -> float:
+        return float(torch.softmax(logits * (10.0**log_scale), dim=-1).max(dim=-1).values.mean())
+
+    low, high = -12.0, 12.0
+    if confidence(high) < target:  # cannot get that confident: as decisive as it gets
+        return 10.0**high
+    for _ in range(60):
+        middle = (low + high) / 2
+        if confidence(middle) < target:
+            low = middle
+        else:
+            high = middle
+    return 10.0 ** ((low + high) / 2)
+
+
+def label_tokens(
+    layer_states: Sequence[torch.Tensor], positive_of: Sequence[int], negative_of: Sequence[int]
+) -> LabelledTokens:
+    """Stack prompts' token states (each tokens x hidden) with each prompt's label."""
+    import torch
+
+    states = torch.cat(list(layer_states))
+    lengths = [s.shape[0] for s in layer_states]
+    positive = torch.cat(
+        [torch.full((n,), label, dtype=torch.long) for n, label in zip(lengths, positive_of, strict=True)]
+    )
+    negative = torch.cat(
+        [torch.full((n,), label, dtype=torch.long) for n, label in zip(lengths, negative_of, strict=True)]
+    )
+    return LabelledTokens(states=states, positive=positive, negative=negative)

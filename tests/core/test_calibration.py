@@ -1,0 +1,121 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from app.core.calibration import LabelledTokens, fit_layer, label_tokens
+from app.core.gates import GateComputer, compute_gates
+from app.core.merge import MergeOptions, merge_moe
+from app.core.progress import run_job
+from app.core.recipe import parse_recipe
+from app.core.routing_eval import evaluate_model_routing
+
+
+def clusters(seed=0, per_expert=30, hidden=16, experts=3, spread=0.3):
+    """Token states in well separated clusters around a shared offset (as real hidden states have)."""
+    generator = torch.Generator().manual_seed(seed)
+    centres = torch.randn(experts, hidden, generator=generator) * 2
+    offset = torch.randn(hidden, generator=generator) * 5
+    states = [
+        offset + centres[e] + spread * torch.randn(per_expert, hidden, generator=generator) for e in range(experts)
+    ]
+    return centres, label_tokens(states, list(range(experts)), [-1] * experts)
+
+
+def test_fit_is_deterministic():
+    centres, tokens = clusters()
+    first = fit_layer(tokens, centres)
+    second = fit_layer(tokens, centres)
+    assert torch.equal(first.weight, second.weight)
+
+
+def test_separable_inputs_reach_full_training_accuracy_from_a_poor_start():
+    centres, tokens = clusters()
+    # Start from gates that point the wrong way round: the fit must still separate the clusters.
+    fit = fit_layer(tokens, centres.roll(1, dims=0))
+    assert fit.train_accuracy == 1.0
+    predicted = (tokens.states @ fit.weight.T).argmax(dim=-1)
+    assert torch.equal(predicted, tokens.positive)
+
+
+def test_softmax_is_confident_but_not_one_hot():
+    centres, tokens = clusters()
+    fit = fit_layer(tokens, centres, target_confidence=0.8)
+    assert fit.confidence == pytest.approx(0.8, abs=0.01)
+    probabilities = torch.softmax(tokens.states @ fit.weight.T, dim=-1)
+    assert probabilities.max() < 1.0 - 1e-6
+
+
+def test_negative_prompts_move_the_boundary_the_right_way():
+    """Tokens between experts 0 and 1, marked "not expert 0", go less to expert 0 after the fit."""
+    centres, tokens = clusters(per_expert=20)
+    between = (centres[0] + centres[1]) / 2 + tokens.states[:20].mean(dim=0) - centres[0]
+    generator = torch.Generator().manual_seed(5)
+    ambiguous = between + 0.3 * torch.randn(15, centres.shape[1], generator=generator)
+    with_negatives = LabelledTokens(
+        states=torch.cat([tokens.states, ambiguous]),
+        positive=torch.cat([tokens.positive, torch.full((15,), -1)]),
+        negative=torch.cat([tokens.negative, torch.zeros(15, dtype=torch.long)]),
+    )
+    plain = fit_layer(tokens, centres, target_confidence=0.8)
+    pushed = fit_layer(with_negatives, centres, target_confidence=0.8)
+
+    def share_to_expert_0(weight):
+        return float(torch.softmax(ambiguous @ weight.T, dim=-1)[:, 0].mean())
+
+    assert share_to_expert_0(pushed.weight) < share_to_expert_0(plain.weight) - 0.1
+    assert pushed.train_accuracy == 1.0
+
+
+PROMPTS = {
+    0: ["What is 12 plus 30?", "Compute 7 times 8 and subtract 6", "45 * 3 = 135"],
+    1: ["def add(a, b):\n    return a + b", "for i in range(10): print(i)", "import os"],
+    2: ["The old lighthouse keeper watched the storm.", "She opened the letter slowly.", "Once upon a time"],
+}
+
+
+def calibrated_recipe(donors, negatives=False):
+    lines = [f"base_model: {donors['base']}", "gate_mode: calibrated", "dtype: float32", "experts:"]
+    for index, prompts in PROMPTS.items():
+        lines += [f"  - source_model: {donors[f'expert{index}']}", f"    positive_prompts: {json.dumps(prompts)}"]
+        if negatives and index == 0:
+            lines.append(f"    negative_prompts: {json.dumps(PROMPTS[1][:1])}")
+    return parse_recipe("\n".join(lines))
+
+
+def test_calibrated_gates_route_their_own_prompts_home(llama_donors):
+    recipe = calibrated_recipe(llama_donors)
+    computer = GateComputer(recipe.base_model, device="cpu", keep_loaded=True)
+    gates = run_job(computer.compute(recipe))
+    assert gates.mode == "calibrated"
+    assert gates.fit_seconds is not None and gates.fit_seconds > 0
+    assert len(gates.train_accuracy) == 2
+    assert torch.equal(gates.router, run_job(compute_gates(recipe, device="cpu")).router)  # deterministic
+    preview = run_job(computer.route(recipe, gates, [PROMPTS[i] for i in range(3)]))
+    hidden = recipe.model_copy(update={"gate_mode": "hidden"})
+    hidden_preview = run_job(computer.route(hidden, run_job(computer.compute(hidden)), [PROMPTS[i] for i in range(3)]))
+    # Fitted on exactly these tokens, so per-layer accuracy is the fit's training accuracy.
+    assert preview.quality.layer_token_share == pytest.approx(gates.train_accuracy)
+    assert preview.quality.token_share >= hidden_preview.quality.token_share
+    computer.close()
+
+
+def test_written_routers_reproduce_the_preview_in_the_merged_model(llama_donors, tmp_path):
+    """Layer 0's router input is the same in the base and the MoE, so the preview must match transformers."""
+    recipe = calibrated_recipe(llama_donors, negatives=True)
+    computer = GateComputer(recipe.base_model, device="cpu", keep_loaded=True)
+    gates = run_job(computer.compute(recipe))
+    held_out = [["What is 9 times 9?"], ["def mul(a, b): return a * b"], ["The cat slept by the fire."]]
+    preview = run_job(computer.route(recipe, gates, held_out))
+    computer.close()
+    out = tmp_path / "moe"
+    run_job(merge_moe(recipe, MergeOptions(out_dir=out), gates=gates))
+    merged = run_job(evaluate_model_routing(out, held_out, device="cpu"))
+    assert merged.labels == ("expert 0", "expert 1", "expert 2")
+    for ours, theirs in zip(preview.routings, merged.routings, strict=True):
+        assert ours.text == theirs.text
+        np.testing.assert_allclose(ours.weights[0], theirs.weights[0], rtol=1e-4, atol=1e-6)
+    assert merged.quality.prompts == 3
