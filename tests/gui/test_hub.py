@@ -181,6 +181,7 @@ def test_settings_check_the_saved_token_and_never_show_one(qtbot, window, gui_hu
     monkeypatch.setenv("HF_TOKEN", "hf_alice_secret")
     dialog = SettingsDialog(window.settings, window.context, window)
     qtbot.addWidget(dialog)
+    dialog.show()
     qtbot.waitUntil(lambda: "Logged in to the Hub as alice" in dialog.login_status.text(), timeout=TIMEOUT_MS)
     dialog.token.setText("hf_wrong_secret")
     dialog.login_button.click()
