@@ -209,3 +209,23 @@ def test_merge_downloads_missing_hub_models_first(window, qtbot, gui_hub, hub_ho
     assert "download" in stages
     cached = sorted(p.name for p in (hub_home / "hub").iterdir() if p.name.startswith("models--"))
     assert cached == ["models--acme--tiny-llama-chat", "models--acme--tiny-llama-instruct"]
+
+
+def test_preview_downloads_a_hub_base_first(window, qtbot, gui_hub) -> None:
+    window.new_recipe()
+    window.models_page.set_base("acme/tiny-llama-instruct")
+    window.models_page.add_expert("acme/tiny-llama-chat")
+    window.models_page.add_expert("acme/tiny-llama-instruct")
+    window.document.edit(recipe_edits.update_settings(window.document.recipe, gate_mode="random"), "Gate mode")
+    qtbot.waitUntil(lambda: window.models_page.base_download is not None, timeout=TIMEOUT_MS)
+    page = window.preview_page
+    stages: list[str] = []
+    page.compute_button.click()
+    assert page.job is not None
+    page.job.progress.connect(lambda record: stages.append(record.stage))
+    with qtbot.waitSignal(page.job.finished, timeout=TIMEOUT_MS):
+        pass
+    assert page.result is not None, page.status.text()
+    assert "download" in stages
+    base = ModelRef.parse("acme/tiny-llama-instruct")
+    assert cached_snapshot(base, HubConfig.current()) is not None
