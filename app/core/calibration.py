@@ -22,7 +22,8 @@ if TYPE_CHECKING:
 
 # Mean top-1 router probability on the prompts' tokens after scaling: decisive, never one-hot.
 TARGET_CONFIDENCE = 0.8
-L2_TOWARDS_INIT = 1e-3
+# Pull towards the starting gates, per token fitted: the more tokens, the more the data decides.
+L2_PER_TOKEN = 1e-2
 INIT_SCALE = 4.0
 NEGATIVE_WEIGHT = 0.5
 MAX_ITERATIONS = 100
@@ -68,11 +69,17 @@ def fit_layer(
     labels: LabelledTokens,
     init: torch.Tensor,
     *,
-    l2: float = L2_TOWARDS_INIT,
+    l2: float | None = None,
     target_confidence: float = TARGET_CONFIDENCE,
 ) -> LayerFit:
-    """Fit one layer's router from labelled token states, starting from the `init` gate vectors."""
+    """Fit one layer's router from labelled token states, starting from the `init` gate vectors.
+
+    ``l2`` defaults to L2_PER_TOKEN divided by the number of tokens.
+    """
     import torch
+
+    if l2 is None:
+        l2 = L2_PER_TOKEN / max(1, labels.states.shape[0])
 
     # Progressive calibration fits from inside the probe's inference-mode forward pass.
     with torch.inference_mode(False), torch.enable_grad():
