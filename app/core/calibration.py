@@ -20,8 +20,10 @@ if TYPE_CHECKING:
 
     from app.core.sources import ModelSource
 
-# Mean top-1 router probability on the prompts' tokens after scaling: decisive, never one-hot.
-TARGET_CONFIDENCE = 0.8
+# The scale makes the router's mean top-1 probability on the prompts' tokens match how often its
+# top-1 is right there (temperature scaling), so that a layer that routes less reliably also weighs
+# less where layers disagree; bounded so that no router is ever near one-hot or near flat.
+MAX_CONFIDENCE = 0.95
 # Pull towards the starting gates, per token fitted: the more tokens, the more the data decides.
 L2_PER_TOKEN = 1e-2
 INIT_SCALE = 4.0
@@ -70,11 +72,12 @@ def fit_layer(
     init: torch.Tensor,
     *,
     l2: float | None = None,
-    target_confidence: float = TARGET_CONFIDENCE,
+    target_confidence: float | None = None,
 ) -> LayerFit:
     """Fit one layer's router from labelled token states, starting from the `init` gate vectors.
 
-    ``l2`` defaults to L2_PER_TOKEN divided by the number of tokens.
+    ``l2`` defaults to L2_PER_TOKEN divided by the number of tokens; ``target_confidence`` to the
+    fit's accuracy on the positive tokens, within (1 + 1/experts) / 2 and MAX_CONFIDENCE.
     """
     import torch
 
@@ -87,7 +90,7 @@ def fit_layer(
         return _fit_layer(labels, init.clone(), l2, target_confidence)
 
 
-def _fit_layer(labels: LabelledTokens, init: torch.Tensor, l2: float, target_confidence: float) -> LayerFit:
+def _fit_layer(labels: LabelledTokens, init: torch.Tensor, l2: float, target_confidence: float | None) -> LayerFit:
     import torch
 
     num_experts = init.shape[0]
@@ -116,6 +119,13 @@ def _fit_layer(labels: LabelledTokens, init: torch.Tensor, l2: float, target_con
 
     optimiser.step(loss_fn)
     fitted = weight.detach()
+    if target_confidence is None:
+        accuracy = (
+            float(((raw[is_positive] @ fitted.T).argmax(dim=-1) == labels.positive[is_positive]).double().mean())
+            if is_positive.any()
+            else 0.0
+        )
+        target_confidence = min(MAX_CONFIDENCE, max(accuracy, (1 + 1 / num_experts) / 2))
     scale = _scale_for_confidence(fitted, raw[is_positive] if is_positive.any() else raw, target_confidence)
     router = fitted * scale
     with torch.no_grad():

@@ -129,3 +129,14 @@ def test_written_routers_reproduce_the_preview_in_the_merged_model(llama_donors,
         assert ours.text == theirs.text
         np.testing.assert_allclose(ours.weights[0], theirs.weights[0], rtol=1e-4, atol=1e-6)
     assert merged.quality.prompts == 3
+
+
+def test_default_confidence_follows_accuracy_within_bounds():
+    centres, tokens = clusters()
+    separable = fit_layer(tokens, centres)
+    assert separable.train_accuracy == 1.0
+    assert separable.confidence == pytest.approx(0.95, abs=0.01)  # right every time, yet never one-hot
+    _, overlapping = clusters(spread=6.0)
+    blurred = fit_layer(overlapping, centres)
+    assert blurred.train_accuracy < 0.95
+    assert blurred.confidence == pytest.approx(max(blurred.train_accuracy, 2 / 3), abs=0.02)
