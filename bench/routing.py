@@ -74,9 +74,11 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=REPO / "bench" / "out" / "routing")
     parser.add_argument("--base-steps", type=int, default=300)
     parser.add_argument("--expert-steps", type=int, default=150)
+    parser.add_argument("--hidden-size", type=int, default=64)
+    parser.add_argument("--layers", type=int, default=4)
     args = parser.parse_args()
 
-    models = args.workdir / "models"
+    models = args.workdir / f"models-{args.hidden_size}x{args.layers}"
     if not (models / RECIPE_NAME).is_file():
         shutil.rmtree(models, ignore_errors=True)
         started = time.perf_counter()
@@ -93,7 +95,7 @@ def main() -> None:
     print(f"{'gate mode':15s} {'tokens':>7s} {'prompts':>8s} {'layers (tokens)':>28s}  usage")
     results = {}
     for mode in MODES:
-        out = args.workdir / f"moe-{mode}"
+        out = args.workdir / f"moe-{mode}-{args.hidden_size}x{args.layers}"
         merged = run_job(merge_moe(recipe.model_copy(update={"gate_mode": mode}), MergeOptions(out, overwrite=True)))
         quality = run_job(evaluate_model_routing(out, prompts, device="cpu")).quality
         results[mode] = quality
