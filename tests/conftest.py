@@ -32,3 +32,27 @@ def mistral_donors(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             root / f"expert{index}", "mistral", seed=11 + index, dtype="bfloat16", max_shard_size="20KB"
         )
     return donors
+
+
+@pytest.fixture(scope="session")
+def qwen2_donors(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A Qwen2 base, three experts and a shared expert with a larger MLP (q/k/v biases throughout)."""
+    root = tmp_path_factory.mktemp("qwen2")
+    donors = {"base": make_tiny_model(root / "base", "qwen2", seed=20)}
+    for index in range(3):
+        donors[f"expert{index}"] = make_tiny_model(root / f"expert{index}", "qwen2", seed=21 + index)
+    donors["shared"] = make_tiny_model(root / "shared", "qwen2", seed=25, intermediate_size=96)
+    return donors
+
+
+@pytest.fixture(scope="session")
+def qwen3_donors(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A Qwen3 base and three experts: q/k norms, tied embeddings, head dim unlike hidden size / heads."""
+    root = tmp_path_factory.mktemp("qwen3")
+    overrides = {"tie_word_embeddings": True, "head_dim": 16, "rope_theta": 1000000.0}
+    donors = {"base": make_tiny_model(root / "base", "qwen3", seed=30, config_overrides=overrides)}
+    for index in range(3):
+        donors[f"expert{index}"] = make_tiny_model(
+            root / f"expert{index}", "qwen3", seed=31 + index, config_overrides=overrides
+        )
+    return donors

@@ -83,13 +83,22 @@ def make_tiny_model(
     config_overrides: dict[str, Any] | None = None,
     max_shard_size: str | None = None,
 ) -> Path:
-    """A tiny random model of the given family, deterministic for a seed, saved as safetensors."""
+    """A tiny random model of the given family, deterministic for a seed, saved as safetensors.
+
+    Families: llama, mistral, qwen2 (with q/k/v biases) and qwen3 (with q/k norms; head dim as
+    hidden size / heads unless config_overrides sets it, since Qwen3's own default is 128).
+    """
     import torch
     import transformers
 
     folder = Path(folder)
     vocab_size = write_tokenizer(folder, tokenizer_vocab)
-    config_class = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig}[family]
+    config_class = {
+        "llama": transformers.LlamaConfig,
+        "mistral": transformers.MistralConfig,
+        "qwen2": transformers.Qwen2Config,
+        "qwen3": transformers.Qwen3Config,
+    }[family]
     settings: dict[str, Any] = dict(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
@@ -103,14 +112,16 @@ def make_tiny_model(
         pad_token_id=3,
         tie_word_embeddings=False,
     )
+    if family == "qwen3":
+        settings["head_dim"] = hidden_size // num_attention_heads
     settings.update(config_overrides or {})
     config = config_class(**settings)
     torch.manual_seed(seed)
     model = getattr(transformers, f"{family.capitalize()}ForCausalLM")(config)
     with torch.no_grad():
-        # Default init leaves norms at exactly 1; perturb them so that copying the wrong one shows.
+        # Default init leaves norms at exactly 1 and biases at 0; perturb them so that copying the wrong one shows.
         for name, parameter in model.named_parameters():
-            if "norm" in name:
+            if "norm" in name or name.endswith(".bias"):
                 parameter.add_(torch.randn_like(parameter) * 0.1)
     model = model.to(getattr(torch, dtype))
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}

@@ -18,7 +18,7 @@ Handler = Callable[[argparse.Namespace], int]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from app.cli import engine_commands, hub_commands
+    from app.cli import chat_commands, engine_commands, hub_commands
 
     parser = argparse.ArgumentParser(
         prog="frankenmoe",
@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     engine_commands.register(commands)
     hub_commands.register(commands)
+    chat_commands.register(commands)
     return parser
 
 

@@ -8,7 +8,21 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from app.core.families import SUPPORTED_FAMILIES, config_value, rope_settings
+from app.core.architectures import (
+    ArchitectureRefused,
+    OutputArchitecture,
+    choose_architecture,
+    default_architecture,
+)
+from app.core.families import (
+    FAMILIES,
+    SUPPORTED_FAMILIES,
+    config_value,
+    describe_parts,
+    model_parts,
+    rope_settings,
+    sliding_window,
+)
 from app.core.problems import FrankenMoEError, Problem, Severity
 from app.core.recipe import Recipe, validate_recipe
 from app.core.sources import ModelSource, open_model
@@ -16,7 +30,7 @@ from app.core.sources import ModelSource, open_model
 # (config key, what to call it, why it matters)
 SHAPE_KEYS = (
     ("hidden_size", "hidden size", "the attention and experts would not fit together"),
-    ("intermediate_size", "intermediate size", "Mixtral experts must all have the same MLP size"),
+    ("intermediate_size", "intermediate size", "the experts of a MoE layer all have the same MLP size"),
     ("num_hidden_layers", "layer count", "each layer of the MoE takes one layer of every expert"),
     ("num_attention_heads", "attention heads", "the attention comes from the base and must match"),
     ("num_key_value_heads", "KV heads", "the attention comes from the base and must match"),
@@ -25,44 +39,58 @@ SHAPE_KEYS = (
     ("hidden_act", "activation", "experts trained with another activation would compute garbage"),
     ("tie_word_embeddings", "tied embeddings", "the LM head comes from the base"),
 )
-
-UNSUPPORTED_FLAGS = (
-    ("attention_bias", "attention biases", "Mixtral's attention has no biases"),
-    ("mlp_bias", "MLP biases", "Mixtral's experts have no biases"),
-)
+# The shared expert is a separate MLP with its own size in the config.
+SHARED_EXPERT_FREE_KEYS = ("intermediate_size",)
 
 
-def compare_configs(base_config: Mapping[str, Any], other_config: Mapping[str, Any], who: str) -> list[Problem]:
-    """Mismatches between a donor's config and the base's, each naming both values."""
+def compare_configs(
+    base_config: Mapping[str, Any],
+    other_config: Mapping[str, Any],
+    who: str,
+    architecture: OutputArchitecture | None = None,
+    shared_expert: bool = False,
+) -> list[Problem]:
+    """Mismatches between a donor's config and the base's, each naming both values.
+
+    Both models are also checked against the output architecture (by default the base family's),
+    which may not hold their attention biases or lack the q/k norms they need.
+    """
     problems: list[Problem] = []
     base_family = str(base_config.get("model_type"))
     family = str(other_config.get("model_type"))
-    for name, config in (("base model", base_config), (who, other_config)):
+    target = architecture or default_architecture(base_config)
+    for name, field, config in (("base model", "base_model", base_config), (who, who, other_config)):
         model_type = str(config.get("model_type"))
         if model_type not in SUPPORTED_FAMILIES:
             problems.append(
                 Problem(
-                    who if config is other_config else "base_model",
-                    f"{name} is a {model_type!r} model; Mixtral output takes {' or '.join(SUPPORTED_FAMILIES)}",
+                    field,
+                    f"{name} is a {model_type!r} model; supported families are "
+                    f"{', '.join(f.title for f in FAMILIES.values())}",
                     "choose models of a supported family",
                 )
             )
-        for key, label, why in UNSUPPORTED_FLAGS:
-            if config_value(config, key):
-                problems.append(
-                    Problem(
-                        who if config is other_config else "base_model",
-                        f"{name} uses {label}, but {why}",
-                        "choose models without them",
-                    )
-                )
+        elif target is not None and (refusal := target.refusal(config)):
+            problems.append(Problem(field, f"{name}: {refusal}", "choose models whose layers it can hold"))
     if problems:
         return _dedupe(problems)
     if family != base_family:
         problems.append(
             Problem(who, f"model family differs: base is {base_family}, {who} is {family}", _SAME_FAMILY_HINT)
         )
+    base_parts, parts = model_parts(base_config), model_parts(other_config)
+    if base_parts != parts:
+        problems.append(
+            Problem(
+                who,
+                f"attention layout differs: base has {describe_parts(base_parts)}, {who} has "
+                f"{describe_parts(parts)}; {who} was not fine-tuned from the base",
+                _SAME_FAMILY_HINT,
+            )
+        )
     for key, label, why in SHAPE_KEYS:
+        if shared_expert and key in SHARED_EXPERT_FREE_KEYS:
+            continue
         base_value, value = config_value(base_config, key), config_value(other_config, key)
         if base_value != value:
             problems.append(
@@ -82,12 +110,12 @@ def compare_configs(base_config: Mapping[str, Any], other_config: Mapping[str, A
                 _SAME_FAMILY_HINT,
             )
         )
-    if config_value(base_config, "sliding_window") != config_value(other_config, "sliding_window"):
+    if sliding_window(base_config) != sliding_window(other_config):
         problems.append(
             Problem(
                 who,
-                f"sliding window differs: base has {config_value(base_config, 'sliding_window')}, "
-                f"{who} has {config_value(other_config, 'sliding_window')}; the base's is used",
+                f"sliding window differs: base has {sliding_window(base_config)}, "
+                f"{who} has {sliding_window(other_config)}; the base's is used",
                 "check that the expert was trained with the base's attention window",
                 severity=Severity.WARNING,
             )
@@ -214,13 +242,21 @@ def _vocab_difference(base: Mapping[str, int] | None, other: Mapping[str, int] |
 # --------------------------------------------------------------------------- whole recipes
 
 
-def check_models(base: ModelSource, donors: Sequence[tuple[str, ModelSource]]) -> list[Problem]:
-    """Compatibility of each (field, donor) with the base: configs, tensors present, tokenizers."""
+def check_models(
+    base: ModelSource,
+    donors: Sequence[tuple[str, ModelSource]],
+    architecture: OutputArchitecture | None = None,
+) -> list[Problem]:
+    """Compatibility of each (field, donor) with the base: configs, tensors present, tokenizers.
+
+    Donors whose field starts with ``shared_experts`` are shared experts, whose MLP size may differ.
+    """
     problems: list[Problem] = []
     base_tokenizer = tokenizer_fingerprint(base.path)
     tokenizers: dict[Path, dict[str, Any]] = {base.path: base_tokenizer}
     for field, donor in donors:
-        config_problems = compare_configs(base.config, donor.config, field)
+        shared = field.startswith("shared_experts")
+        config_problems = compare_configs(base.config, donor.config, field, architecture, shared_expert=shared)
         problems.extend(config_problems)
         if donor.path not in tokenizers:
             tokenizers[donor.path] = tokenizer_fingerprint(donor.path)
@@ -244,7 +280,7 @@ def _missing_mlp_tensors(donor: ModelSource, field: str) -> list[Problem]:
         Problem(
             field,
             f"{donor.ref} lacks {len(missing)} MLP tensor(s), e.g. {missing[0]}",
-            "the checkpoint is incomplete or not a plain Llama/Mistral model; download it again",
+            "the checkpoint is incomplete or not a plain model of its family; download it again",
         )
     ]
 
@@ -256,8 +292,10 @@ def check_recipe(recipe: Recipe, cache_dir: Path | None = None) -> list[Problem]
     donors: list[tuple[str, ModelSource]] = []
     opened: dict[str, ModelSource] = {}
     try:
-        for field, ref in [("base_model", recipe.base_model)] + [
-            (f"experts.{i}.source_model", e.source_model) for i, e in enumerate(recipe.experts)
+        for field, ref in [
+            ("base_model", recipe.base_model),
+            *((f"experts.{i}.source_model", e.source_model) for i, e in enumerate(recipe.experts)),
+            *((f"shared_experts.{i}.source_model", e.source_model) for i, e in enumerate(recipe.shared_experts)),
         ]:
             key = str(ref)
             try:
@@ -271,8 +309,13 @@ def check_recipe(recipe: Recipe, cache_dir: Path | None = None) -> list[Problem]
             else:
                 donors.append((field, opened[key]))
         if base is not None:
-            problems.extend(check_models(base, donors))
+            architecture: OutputArchitecture | None = None
+            try:
+                architecture = choose_architecture(recipe, base.config)
+            except ArchitectureRefused as exc:
+                problems.append(Problem(exc.field, exc.message, exc.hint))
+            problems.extend(check_models(base, donors, architecture))
     finally:
         for source in opened.values():
             source.close()
-    return problems
+    return _dedupe(problems)

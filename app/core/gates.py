@@ -17,12 +17,12 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from app.core.devices import available_memory, compute_dtype, resolve_device
 from app.core.problems import FrankenMoEError
 from app.core.progress import Cancelled, Job, Progress, check_cancel
-from app.core.recipe import GATE_MODES, ModelRef, Recipe
+from app.core.recipe import GATE_MODES, Expert, ModelRef, Recipe
 from app.core.routing import PromptRouting, RoutingQuality, evaluate_routing
 from app.core.sources import ModelSource, open_model
 
@@ -55,6 +55,9 @@ class GateResult:
     # For `calibrated`: seconds spent fitting, and each layer's accuracy on the prompts' tokens.
     fit_seconds: float | None = None
     train_accuracy: tuple[float, ...] = ()
+    # layers x hidden: the shared expert's gate, computed like the others' from its prompts; None
+    # where there is no shared expert or no gate computed from prompts (it is then always on).
+    shared_router: torch.Tensor | None = None
 
     def degenerate_warnings(self, labels: Sequence[str]) -> list[str]:
         return describe_degenerate_layers(self.diagnostics, labels)
@@ -119,6 +122,23 @@ def _layer_ranges(layers: Sequence[int]) -> str:
     return f"layer {text}" if len(layers) == 1 else f"layers {text}"
 
 
+def contrast_gates(experts: Sequence[Expert], summarise: Callable[[Sequence[str]], torch.Tensor]) -> torch.Tensor:
+    """Each expert's gate: its positive prompts' summary minus its negative prompts', unit length.
+
+    ``summarise`` maps prompts to one vector, or one per layer (layers x hidden); the experts are
+    stacked on the second-to-last axis.
+    """
+    import torch
+
+    vectors = []
+    for expert in experts:
+        vector = summarise(expert.positive_prompts)
+        if expert.negative_prompts:
+            vector = vector - summarise(expert.negative_prompts)
+        vectors.append(vector / vector.norm(dim=-1, keepdim=True).clamp(min=1e-8))
+    return torch.stack(vectors, dim=-2)
+
+
 # --------------------------------------------------------------------------- tokenisation
 
 
@@ -145,6 +165,16 @@ def encode_prompts(tokenizer: object, prompts: Sequence[str]) -> list[list[int]]
 
 
 # --------------------------------------------------------------------------- running the base model
+
+
+class MlpOverride(Protocol):
+    """Replaces a dense model's MLP outputs while the probe runs it, e.g. by a MoE block."""
+
+    def start_batch(self, prompt_indices: Sequence[int]) -> None: ...
+
+    def before_mlp(self, layer: int, hidden: torch.Tensor, mask: torch.Tensor) -> None: ...
+
+    def mlp_output(self, layer: int, hidden: torch.Tensor) -> torch.Tensor: ...
 
 
 @dataclass
@@ -185,12 +215,14 @@ class RouterInputProbe:
         self.body.rotary_emb = type(rotary)(config=self.body.config).to(self.device)
         self._loaded: set[int] = set()
         self._capture: _Capture | None = None
+        self._override: MlpOverride | None = None
         self._progress: Callable[[int], None] | None = None
         self._abort = threading.Event()
         for index, layer in enumerate(self.body.layers):
             layer.register_forward_pre_hook(self._make_load_hook(index))
             layer.register_forward_hook(self._make_unload_hook(index))
             layer.mlp.register_forward_pre_hook(self._make_capture_hook(index))
+            layer.mlp.register_forward_hook(self._make_override_hook(index))
 
     def layer_bytes(self) -> int:
         prefix = "model.layers.0."
@@ -244,8 +276,18 @@ class RouterInputProbe:
             else:
                 reduced = hidden
             state.outputs[index] = reduced.cpu()
+            if self._override is not None:
+                self._override.before_mlp(index, args[0], state.mask)
 
         return capture
+
+    def _make_override_hook(self, index: int) -> Callable[..., torch.Tensor | None]:
+        def override(
+            _module: torch.nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor
+        ) -> torch.Tensor | None:
+            return None if self._override is None else self._override.mlp_output(index, args[0])
+
+        return override
 
     def plan_batches(self, lengths: Sequence[int], reduction: Reduction) -> list[list[int]]:
         """Group prompts, longest first, into batches whose activations fit in a share of free memory."""
@@ -278,14 +320,24 @@ class RouterInputProbe:
         reduction: Reduction,
         cancel: threading.Event | None = None,
         stage: str = "running the base model",
+        override: MlpOverride | None = None,
     ) -> Job[list[torch.Tensor]]:
-        """Per prompt: layers x hidden ("last", "mean") or layers x tokens x hidden ("tokens")."""
+        """Per prompt: layers x hidden ("last", "mean") or layers x tokens x hidden ("tokens").
+
+        With an override, every layer's MLP output is replaced by the override's (all prompts must
+        then fit in one batch, since the override sees each layer once).
+        """
         import torch
 
         lengths = [len(ids) for ids in token_ids]
         if any(length == 0 for length in lengths):
             raise FrankenMoEError("a prompt has no tokens", "remove empty prompts")
         batches = self.plan_batches(lengths, reduction)
+        if override is not None and len(batches) > 1:
+            raise FrankenMoEError(
+                f"{len(token_ids)} prompts do not fit in one batch in the memory there is",
+                "use fewer or shorter prompts, or a device with more memory",
+            )
         pad = int(self.config.pad_token_id or 0) if getattr(self.config, "pad_token_id", None) is not None else 0
         results: list[torch.Tensor | None] = [None] * len(token_ids)
         total = len(batches) * self.num_layers
@@ -297,8 +349,14 @@ class RouterInputProbe:
                 ids[row, : lengths[index]] = torch.tensor(token_ids[index])
                 mask[row, : lengths[index]] = 1
             capture = _Capture(reduction=reduction, mask=mask)
-            for done_layers in self._run(ids, mask, capture, cancel):
-                yield Progress(stage, batch_number * self.num_layers + done_layers, total)
+            if override is not None:
+                override.start_batch(batch)
+            self._override = override
+            try:
+                for done_layers in self._run(ids, mask, capture, cancel):
+                    yield Progress(stage, batch_number * self.num_layers + done_layers, total)
+            finally:
+                self._override = None
             stacked = torch.stack([capture.outputs[layer] for layer in range(self.num_layers)], dim=1)
             for row, index in enumerate(batch):
                 if reduction == "tokens":
@@ -380,6 +438,7 @@ class GateComputer:
         self._source: ModelSource | None = None
         self._probe: RouterInputProbe | None = None
         self._tokenizer: object | None = None
+        self._donors: dict[str, ModelSource] = {}
 
     @property
     def source(self) -> ModelSource:
@@ -408,6 +467,10 @@ class GateComputer:
     def close(self) -> None:
         self._probe = None
         self._tokenizer = None
+        for donor in self._donors.values():
+            if donor is not self._source:
+                donor.close()
+        self._donors.clear()
         if self._source is not None:
             self._source.close()
             self._source = None
@@ -425,21 +488,25 @@ class GateComputer:
         )
         check_cancel(cancel)
         generator = torch.Generator().manual_seed(recipe.studio.seed)
+        gated = (*recipe.experts, *prompted_shared_experts(recipe))
         if recipe.gate_mode == "random":
             router = torch.randn((layers, experts, hidden), generator=generator)
         elif recipe.gate_mode == "uniform_random":
             scale = math.sqrt(1.0 / hidden)
             router = torch.rand((layers, experts, hidden), generator=generator) * 2 * scale - scale
         elif recipe.gate_mode == "cheap_embed":
-            router = self._cheap_embed(recipe, layers)
+            router = self._cheap_embed(gated, layers)
         elif recipe.gate_mode == "calibrated":
             return (yield from self._calibrated(recipe, cancel))
         else:
-            router = yield from self._hidden(recipe, cancel)
+            router = yield from self._hidden(recipe.gate_mode, gated, cancel)
+        # The prompt modes computed the shared expert's gate vector along with the others'; split it off.
+        shared_router = router[:, experts].contiguous() if router.shape[1] > experts else None
+        router = router[:, :experts]
         yield Progress("gates", 1, 1, message=f"{recipe.gate_mode} gates for {experts} experts")
-        return GateResult(recipe.gate_mode, router.contiguous(), layer_diagnostics(router))
+        return GateResult(recipe.gate_mode, router.contiguous(), layer_diagnostics(router), shared_router=shared_router)
 
-    def _cheap_embed(self, recipe: Recipe, layers: int) -> torch.Tensor:
+    def _cheap_embed(self, experts: Sequence[Expert], layers: int) -> torch.Tensor:
         """mergekit-moe's definition: normalised sums of token embeddings, positive minus negative."""
         embed = self.source.read_tensor("model.embed_tokens.weight").float()
 
@@ -447,87 +514,71 @@ class GateComputer:
             total = sum(embed[ids].sum(dim=0) for ids in encode_prompts(self.tokenizer, prompts))
             return total / total.norm().clamp(min=1e-8)
 
-        vectors = []
-        for expert in recipe.experts:
-            vector = normalised_sum(expert.positive_prompts)
-            if expert.negative_prompts:
-                vector = vector - normalised_sum(expert.negative_prompts)
-            vectors.append(vector / vector.norm().clamp(min=1e-8))
+        return contrast_gates(experts, normalised_sum).unsqueeze(0).repeat(layers, 1, 1)
+
+    def _hidden(self, gate_mode: str, experts: Sequence[Expert], cancel: threading.Event | None) -> Job[torch.Tensor]:
         import torch
 
-        return torch.stack(vectors).unsqueeze(0).repeat(layers, 1, 1)
-
-    def _hidden(self, recipe: Recipe, cancel: threading.Event | None) -> Job[torch.Tensor]:
-        import torch
-
-        reduction: Reduction = "mean" if recipe.gate_mode == "hidden_avg" else "last"
-        prompts = sorted({p for e in recipe.experts for p in (*e.positive_prompts, *e.negative_prompts)})
+        reduction: Reduction = "mean" if gate_mode == "hidden_avg" else "last"
+        prompts = sorted({p for e in experts for p in (*e.positive_prompts, *e.negative_prompts)})
         states = yield from self.probe().collect(
             encode_prompts(self.tokenizer, prompts), reduction, cancel, stage="gates"
         )
         by_prompt = dict(zip(prompts, states, strict=True))
 
-        def mean_state(texts: Sequence[str]) -> torch.Tensor:
-            return torch.stack([by_prompt[t] for t in texts]).mean(dim=0)
-
-        vectors = []
-        for expert in recipe.experts:
-            vector = mean_state(expert.positive_prompts)
-            if expert.negative_prompts:
-                vector = vector - mean_state(expert.negative_prompts)
-            vectors.append(vector / vector.norm(dim=-1, keepdim=True).clamp(min=1e-8))
-        return torch.stack(vectors, dim=1)
+        return contrast_gates(experts, lambda texts: torch.stack([by_prompt[t] for t in texts]).mean(dim=0))
 
     def _calibrated(self, recipe: Recipe, cancel: threading.Event | None) -> Job[GateResult]:
         import time
 
         import torch
 
-        from app.core.calibration import fit_layer, label_tokens
+        from app.core.calibration import ExpertWeights, ProgressiveCalibration, PromptLabel, fit_layer_on_prompts
 
-        prompts = sorted({p for e in recipe.experts for p in (*e.positive_prompts, *e.negative_prompts)})
-        states = yield from self.probe().collect(
-            encode_prompts(self.tokenizer, prompts), "tokens", cancel, stage="gates"
-        )
-        by_prompt = dict(zip(prompts, states, strict=True))
+        labelled = [(text, PromptLabel(i, -1)) for i, e in enumerate(recipe.experts) for text in e.positive_prompts]
+        labelled += [(text, PromptLabel(-1, i)) for i, e in enumerate(recipe.experts) for text in e.negative_prompts]
+        token_ids = encode_prompts(self.tokenizer, [text for text, _ in labelled])
         skip = 1 if getattr(self.tokenizer, "bos_token", None) else 0  # every prompt's BOS looks the same
-
-        def mean_state(texts: Sequence[str]) -> torch.Tensor:
-            return torch.stack([by_prompt[t].mean(dim=1) for t in texts]).mean(dim=0)
-
-        # The hidden_avg gates are where the fit starts and what it is pulled towards.
-        initial = []
-        for expert in recipe.experts:
-            vector = mean_state(expert.positive_prompts)
-            if expert.negative_prompts:
-                vector = vector - mean_state(expert.negative_prompts)
-            initial.append(vector / vector.norm(dim=-1, keepdim=True).clamp(min=1e-8))
-        init = torch.stack(initial, dim=1)
-
-        labelled = [(text, index, -1) for index, e in enumerate(recipe.experts) for text in e.positive_prompts]
-        labelled += [(text, -1, index) for index, e in enumerate(recipe.experts) for text in e.negative_prompts]
-        num_layers = init.shape[0]
+        probe = self.probe()
         started = time.perf_counter()
-        weights, accuracies = [], []
-        for layer in range(num_layers):
-            check_cancel(cancel)
-            tokens = label_tokens(
-                [by_prompt[text][layer, skip:] for text, _, _ in labelled],
-                [positive for _, positive, _ in labelled],
-                [negative for _, _, negative in labelled],
+        if len(probe.plan_batches([len(ids) for ids in token_ids], "tokens")) == 1:
+            calibration = ProgressiveCalibration(
+                [ExpertWeights(self.donor(e.source_model), e.residual_scale) for e in recipe.experts],
+                next(
+                    (ExpertWeights(self.donor(e.source_model), e.residual_scale) for e in recipe.shared_experts),
+                    None,
+                ),
+                [label for _, label in labelled],
+                recipe.experts_per_token,
+                skip,
             )
-            fit = fit_layer(tokens, init[layer])
-            weights.append(fit.weight)
-            accuracies.append(fit.train_accuracy)
-            yield Progress("calibrating", layer + 1, num_layers, message=f"layer {layer}: {fit.train_accuracy:.0%}")
-        router = torch.stack(weights).contiguous()
+            yield from probe.collect(token_ids, "last", cancel, stage="calibrating", override=calibration)
+            fits = [calibration.fits[layer] for layer in range(probe.num_layers)]
+        else:
+            # Too many prompts to run as one MoE pass: fit every layer on the base model's own states.
+            states = yield from probe.collect(token_ids, "tokens", cancel, stage="gates")
+            labels = [label for _, label in labelled]
+            fits = []
+            for layer in range(probe.num_layers):
+                check_cancel(cancel)
+                layer_states = [state[layer] for state in states]
+                fits.append(fit_layer_on_prompts(layer_states, labels, len(recipe.experts), skip))
+                yield Progress("calibrating", layer + 1, probe.num_layers)
+        router = torch.stack([fit.weight for fit in fits]).contiguous()
         return GateResult(
             "calibrated",
             router,
             layer_diagnostics(router),
             fit_seconds=time.perf_counter() - started,
-            train_accuracy=tuple(accuracies),
+            train_accuracy=tuple(fit.train_accuracy for fit in fits),
         )
+
+    def donor(self, ref: ModelRef) -> ModelSource:
+        """An expert's model, opened once for as long as this computer lives."""
+        key = str(ref)
+        if key not in self._donors:
+            self._donors[key] = self.source if ref == self.base else open_model(ref, self.cache_dir)
+        return self._donors[key]
 
     def route(
         self,
@@ -552,6 +603,18 @@ class GateComputer:
             token_texts.append(tuple(self.tokenizer.decode([i]) for i in ids[skip:]))  # type: ignore[attr-defined]
         quality = evaluate_routing(routings, len(recipe.experts))
         return RoutingPreview(tuple(routings), tuple(token_texts), quality)
+
+
+# The calibrated mode fits the routed experts' routers to labelled tokens; the shared expert is not
+# routed, so there it is always on.
+SHARED_GATE_MODES = ("hidden", "hidden_avg", "hidden_last", "cheap_embed")
+
+
+def prompted_shared_experts(recipe: Recipe) -> tuple[Expert, ...]:
+    """The shared experts whose gate comes from their prompts: those with prompts, in the modes that use them."""
+    if recipe.gate_mode not in SHARED_GATE_MODES:
+        return ()
+    return tuple(e for e in recipe.shared_experts if any(p.strip() for p in e.positive_prompts))
 
 
 def compute_gates(

@@ -1,4 +1,4 @@
-"""The merge: Llama/Mistral donors into a Mixtral MoE, streamed tensor by tensor, committed atomically.
+"""The merge: dense donors into a MoE (Mixtral, Qwen2-MoE, Qwen3-MoE), streamed tensor by tensor, committed atomically.
 
 The model is built in a hidden folder beside the target and renamed into place only when every
 file is written, so a cancel, an error or a killed process never leaves a model that looks complete.
@@ -17,20 +17,16 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from app.core.architectures import (
-    EXPERT_PROJECTIONS,
-    mixtral_config,
-    mixtral_expert_name,
-    mixtral_router_name,
-)
+from app.core.architectures import MLP_PROJECTIONS, MoEShape, OutputArchitecture, choose_architecture
 from app.core.compat import check_recipe
-from app.core.gates import GateResult, compute_gates
+from app.core.families import QKV_BIAS, config_value, model_parts
+from app.core.gates import GateResult, compute_gates, prompted_shared_experts
 from app.core.modelcard import ModelCardFields, render_model_card
 from app.core.problems import FrankenMoEError, raise_if_errors
 from app.core.progress import BackgroundJob, Job, Progress, check_cancel
-from app.core.recipe import Recipe, dump_recipe
+from app.core.recipe import Expert, Recipe, dump_recipe
 from app.core.shards import PlannedTensor, ShardWriter, plan_shards
 from app.core.sources import ByteRange, ModelSource, open_model
 
@@ -43,6 +39,9 @@ RECIPE_FILENAME = "frankenmoe-recipe.yml"
 DEFAULT_SHARD_SIZE = 5 * 10**9
 _MLP_TENSOR = re.compile(r"^model\.layers\.(\d+)\.mlp\.")
 _LAYER_TENSOR = re.compile(r"^model\.layers\.(\d+)\.")
+# A shared expert without a gate vector gets a zero gate: sigmoid(0) = 1/2 for every token, which
+# doubling its down projection turns into exactly its donor's MLP output, always on.
+ALWAYS_ON_DOWN_SCALE = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +51,7 @@ class MergeOptions:
     overwrite: bool = False
     dtype: str | None = None  # output dtype; overrides the recipe's
     device: str = "auto"  # where gates are computed
+    gate_dtype: str | None = None  # what they are computed in: bfloat16 on GPUs, float32 on CPUs by default
     cache_dir: Path | None = None
     card: ModelCardFields = field(default_factory=ModelCardFields)
 
@@ -156,15 +156,18 @@ def _layer_of(name: str) -> int:
 
 def plan_tensors(
     recipe: Recipe,
+    architecture: OutputArchitecture,
     base: ModelSource,
     experts: Sequence[ModelSource],
-    router_of: Callable[[int], torch.Tensor],
+    shared_expert: ModelSource | None,
+    gates_of: Callable[[], GateResult],
     out_dtype: str,
 ) -> list[tuple[PlannedTensor, Producer]]:
     """Every output tensor with a function that produces it when its turn comes.
 
     Tensors stored in the output dtype are copied as bytes, file to file, without torch. The
-    routers come last, so that everything else can be written while the gates are computed.
+    routers (and the shared expert's gates) come last, so that everything else can be written
+    while the gates are computed; gates_of waits for them.
     """
     num_layers = int(base.config["num_hidden_layers"])
     num_experts, hidden = len(recipe.experts), int(base.config["hidden_size"])
@@ -183,46 +186,116 @@ def plan_tensors(
             return planned, lambda: source.byte_range(name)
         return planned, lambda: _converted(source.read_tensor(name), out_dtype)
 
+    def planned_expert(
+        source: ModelSource, out_name: str, expert: Expert, seed: int, layer: int, projection: str, scale: float | None
+    ) -> tuple[PlannedTensor, Producer]:
+        source_name = f"model.layers.{layer}.mlp.{projection}_proj.weight"
+        if not expert.noise_scale and scale is None:
+            return planned_copy(source, source_name, out_name)
+        planned = PlannedTensor(out_name, source.tensor_info(source_name).shape, out_dtype)
+
+        def produce() -> torch.Tensor:
+            import torch
+
+            tensor = source.read_tensor(source_name)
+            if expert.noise_scale:
+                generator = torch.Generator().manual_seed(seed)
+                tensor = tensor.float() + torch.randn(tensor.shape, generator=generator) * expert.noise_scale
+            if scale is not None:
+                tensor = tensor.float() * scale
+            return _converted(tensor, out_dtype)
+
+        return planned, produce
+
+    zero_biases = _zero_attention_biases(architecture, base.config)
+    shared = recipe.shared_experts[0] if shared_expert is not None else None
+    always_on = shared is not None and not prompted_shared_experts(recipe)
     plan = [planned_copy(base, name, name) for name in before]
     for layer in range(num_layers):
         plan += [planned_copy(base, name, name) for name in sorted(by_layer.get(layer, []))]
+        plan += [_zero_bias(f"model.layers.{layer}.{name}", size, out_dtype) for name, size in zero_biases]
         for index, (expert, source) in enumerate(zip(recipe.experts, experts, strict=True)):
-            for projection, slot in EXPERT_PROJECTIONS:
-                source_name = f"model.layers.{layer}.mlp.{projection}_proj.weight"
-                out_name = mixtral_expert_name(layer, index, slot)
-                scale = expert.residual_scale if projection == "down" else None
-                if not expert.noise_scale and scale is None:
-                    plan.append(planned_copy(source, source_name, out_name))
-                    continue
-                planned = PlannedTensor(out_name, source.tensor_info(source_name).shape, out_dtype)
-
-                def produce(
-                    source: ModelSource = source,
-                    source_name: str = source_name,
-                    noise: float | None = expert.noise_scale,
-                    scale: float | None = scale,
-                    seed: int = hash_seed(recipe.studio.seed, layer, index, projection),
-                ) -> torch.Tensor:
-                    import torch
-
-                    tensor = source.read_tensor(source_name)
-                    if noise:
-                        generator = torch.Generator().manual_seed(seed)
-                        tensor = tensor.float() + torch.randn(tensor.shape, generator=generator) * noise
-                    if scale is not None:
-                        tensor = tensor.float() * scale
-                    return _converted(tensor, out_dtype)
-
-                plan.append((planned, produce))
+            for projection in MLP_PROJECTIONS:
+                plan.append(
+                    planned_expert(
+                        source,
+                        architecture.expert_name(layer, index, projection),
+                        expert,
+                        hash_seed(recipe.studio.seed, layer, index, projection),
+                        layer,
+                        projection,
+                        expert.residual_scale if projection == "down" else None,
+                    )
+                )
+        if shared is not None and shared_expert is not None:
+            down_scale = _shared_down_scale(shared, always_on)
+            for projection in MLP_PROJECTIONS:
+                plan.append(
+                    planned_expert(
+                        shared_expert,
+                        architecture.shared_expert_name(layer, projection),
+                        shared,
+                        hash_seed(recipe.studio.seed, layer, "shared", projection),
+                        layer,
+                        projection,
+                        down_scale if projection == "down" else None,
+                    )
+                )
     plan += [planned_copy(base, name, name) for name in after]
     for layer in range(num_layers):
         plan.append(
             (
-                PlannedTensor(mixtral_router_name(layer), (num_experts, hidden), out_dtype),
-                lambda layer=layer: _converted(router_of(layer), out_dtype),
+                PlannedTensor(architecture.router_name(layer), (num_experts, hidden), out_dtype),
+                lambda layer=layer: _converted(gates_of().router[layer], out_dtype),
             )
         )
+        if shared is not None:
+            plan.append(
+                (
+                    PlannedTensor(architecture.shared_gate_name(layer), (1, hidden), out_dtype),
+                    lambda layer=layer: _converted(_shared_gate(gates_of(), layer, hidden), out_dtype),
+                )
+            )
     return plan
+
+
+def _shared_down_scale(shared: Expert, always_on: bool) -> float | None:
+    """The shared expert's down projection scale: its residual_scale, doubled where it is always on."""
+    if not always_on:
+        return shared.residual_scale
+    return (shared.residual_scale if shared.residual_scale is not None else 1.0) * ALWAYS_ON_DOWN_SCALE
+
+
+def _shared_gate(gates: GateResult, layer: int, hidden: int) -> torch.Tensor:
+    """The gate vector from the shared expert's prompts, or the always-on zero gate."""
+    import torch
+
+    if gates.shared_router is None:
+        return torch.zeros(1, hidden)
+    return gates.shared_router[layer].reshape(1, hidden)
+
+
+def _zero_attention_biases(architecture: OutputArchitecture, base_config: dict[str, Any]) -> list[tuple[str, int]]:
+    """(name within a layer, length) of the q/k/v biases an architecture always has and the base lacks."""
+    if QKV_BIAS not in architecture.zero_filled or QKV_BIAS in model_parts(base_config):
+        return []
+    head_dim = int(config_value(base_config, "head_dim"))
+    query = int(config_value(base_config, "num_attention_heads")) * head_dim
+    key_value = int(config_value(base_config, "num_key_value_heads")) * head_dim
+    return [
+        ("self_attn.q_proj.bias", query),
+        ("self_attn.k_proj.bias", key_value),
+        ("self_attn.v_proj.bias", key_value),
+    ]
+
+
+def _zero_bias(name: str, size: int, out_dtype: str) -> tuple[PlannedTensor, Producer]:
+    def produce() -> torch.Tensor:
+        import torch
+
+        return torch.zeros(size, dtype=getattr(torch, out_dtype))
+
+    return PlannedTensor(name, (size,), out_dtype), produce
 
 
 def _converted(tensor: torch.Tensor, dtype: str) -> torch.Tensor:
@@ -260,29 +333,38 @@ def merge_moe(
             sources[str(ref)] = open_model(ref, options.cache_dir)
         base = sources[str(recipe.base_model)]
         experts = [sources[str(e.source_model)] for e in recipe.experts]
+        architecture = choose_architecture(recipe, base.config)
+        shared_expert = sources[str(recipe.shared_experts[0].source_model)] if recipe.shared_experts else None
         check_target(out_dir, options.overwrite, [s.path for s in sources.values()])
         out_dtype = output_dtype(recipe, options, base.config)
 
         expected = (int(base.config["num_hidden_layers"]), len(recipe.experts), int(base.config["hidden_size"]))
-        computed: list[GateResult] = [] if gates is None else [_checked(gates, expected)]
+        shared_expected = (expected[0], expected[2]) if prompted_shared_experts(recipe) else None
+        computed: list[GateResult] = [] if gates is None else [_checked(gates, expected, shared_expected)]
         stop = threading.Event()
         background = (
             None
             if computed
             else BackgroundJob(
-                compute_gates(recipe, device=options.device, cache_dir=options.cache_dir, cancel=stop),
+                compute_gates(
+                    recipe,
+                    device=options.device,
+                    dtype=options.gate_dtype,
+                    cache_dir=options.cache_dir,
+                    cancel=stop,
+                ),
                 name="frankenmoe-gates",
             )
         )
 
-        def router_of(layer: int) -> torch.Tensor:
+        def gates_of() -> GateResult:
             if not computed:
                 assert background is not None
-                computed.append(_checked(background.result(), expected))
-            return computed[0].router[layer]
+                computed.append(_checked(background.result(), expected, shared_expected))
+            return computed[0]
 
         try:
-            plan = plan_tensors(recipe, base, experts, router_of, out_dtype)
+            plan = plan_tensors(recipe, architecture, base, experts, shared_expert, gates_of, out_dtype)
             shards = plan_shards([planned for planned, _ in plan], options.shard_size)
             total_bytes = sum(s.nbytes for s in shards)
             _check_free_space(out_dir.parent, total_bytes)
@@ -298,7 +380,7 @@ def merge_moe(
                         if background is not None and not computed:
                             if background.failed:
                                 background.result()  # raises the gate computation's error now
-                            if planned.name == mixtral_router_name(0):
+                            if planned.name == architecture.router_name(0):
                                 # Everything else is written; the routers wait for the gates.
                                 while not background.wait(0.1):
                                     yield from background.drain()
@@ -309,7 +391,8 @@ def merge_moe(
                         yield Progress(
                             "writing", done + 1, len(plan), writer.bytes_written, total_bytes, message=planned.name
                         )
-                _write_side_files(partial, recipe, options, base, out_dtype, out_dir.name)
+                config = architecture.build_config(base.config, _moe_shape(recipe, base, shared_expert, out_dtype))
+                _write_side_files(partial, recipe, options, base, config, out_dir.name)
                 check_cancel(cancel)
                 _commit(partial, out_dir)
             except BaseException:
@@ -333,10 +416,12 @@ def merge_moe(
     )
 
 
-def _checked(gates: GateResult, expected: tuple[int, int, int]) -> GateResult:
-    if tuple(gates.router.shape) != expected:
+def _checked(gates: GateResult, expected: tuple[int, int, int], shared_expected: tuple[int, int] | None) -> GateResult:
+    shared_shape = tuple(gates.shared_router.shape) if gates.shared_router is not None else None
+    if tuple(gates.router.shape) != expected or shared_shape != shared_expected:
         raise FrankenMoEError(
-            f"the gates are shaped {tuple(gates.router.shape)}, but this recipe needs {expected}",
+            f"the gates are shaped {tuple(gates.router.shape)} (shared expert: {shared_shape}), "
+            f"but this recipe needs {expected} (shared expert: {shared_expected})",
             "compute the gates again for this recipe",
         )
     return gates
@@ -355,10 +440,20 @@ def _check_free_space(folder: Path, needed: int) -> None:
         )
 
 
+def _moe_shape(recipe: Recipe, base: ModelSource, shared_expert: ModelSource | None, out_dtype: str) -> MoEShape:
+    return MoEShape(
+        num_experts=len(recipe.experts),
+        experts_per_token=recipe.experts_per_token,
+        # The compatibility check made every expert's MLP the base's size.
+        expert_intermediate_size=int(base.config["intermediate_size"]),
+        dtype=out_dtype,
+        shared_expert_intermediate_size=int(shared_expert.config["intermediate_size"]) if shared_expert else None,
+    )
+
+
 def _write_side_files(
-    folder: Path, recipe: Recipe, options: MergeOptions, base: ModelSource, out_dtype: str, out_name: str
+    folder: Path, recipe: Recipe, options: MergeOptions, base: ModelSource, config: dict[str, Any], out_name: str
 ) -> None:
-    config = mixtral_config(base.config, len(recipe.experts), recipe.experts_per_token, out_dtype)
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     generation = base.path / "generation_config.json"
     if generation.is_file():

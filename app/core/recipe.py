@@ -47,7 +47,8 @@ DTYPE_ALIASES = {
     "bf16": "bfloat16",
 }
 
-ARCHITECTURES = ("mixtral",)
+# mergekit-moe's names: Mixtral, Qwen2-MoE (with a shared expert) and Qwen3-MoE.
+ARCHITECTURES = ("mixtral", "qwen", "qwen3")
 
 
 class ModelRef(BaseModel):
@@ -442,12 +443,21 @@ def validate_recipe(recipe: Recipe) -> list[Problem]:
                 f"use one of: {', '.join(ARCHITECTURES)}, or leave it out to choose from the donors",
             )
         )
-    if recipe.shared_experts:
+    if len(recipe.shared_experts) > 1:
         problems.append(
             Problem(
                 "shared_experts",
-                "the Mixtral architecture has no shared experts",
-                "remove shared_experts, or move them into experts",
+                f"{len(recipe.shared_experts)} shared experts, but a MoE layer holds at most one",
+                "keep one shared expert, and move the others into experts",
+            )
+        )
+    architecture = (recipe.architecture or "").lower()
+    if recipe.shared_experts and architecture in ("mixtral", "qwen3"):
+        problems.append(
+            Problem(
+                "shared_experts",
+                f"the {architecture} architecture has no shared expert",
+                "remove shared_experts, or set `architecture: qwen` for a Qwen2-MoE, which has one",
             )
         )
     for key in recipe.ignored_keys:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from app.core.problems import Problem
 from app.core.progress import Job, Progress, check_cancel
 from app.core.recipe import ModelRef, Recipe
+from app.gui.hub_jobs import ensure_downloaded
 from app.gui.workers import JobFactory
 
 if TYPE_CHECKING:
@@ -25,11 +26,13 @@ class ModelInfo:
     size_bytes: int = 0
     parameter_count: int = 0
     dtype: str = ""
-    # Set instead of the figures above when the model cannot be read; `downloadable` when it is
-    # a Hub model that simply is not in the cache yet.
+    # Set instead of the figures above when the model cannot be read.
     error: str = ""
     hint: str = ""
+    # A Hub model the cache does not hold yet; its figures, when the Hub answered, are the Hub's,
+    # and `to_fetch` says how much a download brings.
     downloadable: bool = False
+    to_fetch: str = ""
 
 
 def warm_up(cancel: threading.Event) -> Job[None]:
@@ -55,8 +58,8 @@ def inspect_models(references: list[ModelRef], cache_dir: Path | None = None) ->
             yield Progress("inspecting models", done, len(references), message=f"reading {reference}")
             try:
                 source = open_model(reference, cache_dir)
-            except ModelNotDownloaded as exc:
-                found[reference] = ModelInfo(reference, error=exc.message, hint=exc.hint, downloadable=True)
+            except ModelNotDownloaded:
+                found[reference] = _hub_model_info(reference)
             except FrankenMoEError as exc:
                 found[reference] = ModelInfo(reference, error=exc.message, hint=exc.hint)
             else:
@@ -67,6 +70,26 @@ def inspect_models(references: list[ModelRef], cache_dir: Path | None = None) ->
         return found
 
     return job
+
+
+def _hub_model_info(reference: ModelRef) -> ModelInfo:
+    """What the Hub says about a model the cache lacks, so that its row is filled before a download."""
+    from app.core.hub import HubError, inspect_model
+
+    try:
+        report = inspect_model(reference)
+    except HubError as exc:
+        return ModelInfo(reference, error=exc.message, hint=exc.hint, downloadable=True)
+    summary = report.summary
+    return ModelInfo(
+        reference,
+        report.architecture.family or "unknown",
+        report.bytes_total,
+        summary.parameters or 0,
+        summary.dtype or "",
+        downloadable=True,
+        to_fetch=report.size_text(),
+    )
 
 
 def check_compatibility(recipe: Recipe, cache_dir: Path | None = None) -> JobFactory:
@@ -114,6 +137,8 @@ class GateSession:
 
     def preview(self, recipe: Recipe) -> JobFactory:
         def job(cancel: threading.Event) -> Job[PreviewResult]:
+            # The routers come from the base model alone; fetch it first if it is a Hub model.
+            yield from ensure_downloaded([recipe.base_model], cancel)
             computer = self._computer_for(recipe)
             gates = yield from computer.compute(recipe, cancel)
             test_prompts = [extras.test_prompts for extras in recipe.studio.experts[: len(recipe.experts)]]
@@ -147,7 +172,8 @@ class MergeRequest:
 
 
 def merge(recipe: Recipe, request: MergeRequest, gates: GateResult | None) -> JobFactory:
-    """Reuses the preview's gates when they were computed for this very recipe."""
+    """Downloads the Hub models the cache lacks first, as ``frankenmoe merge`` does; reuses the
+    preview's gates when they were computed for this very recipe."""
 
     def job(cancel: threading.Event) -> Job[MergeResult]:
         from app.core.merge import MergeOptions, merge_moe
@@ -166,6 +192,7 @@ def merge(recipe: Recipe, request: MergeRequest, gates: GateResult | None) -> Jo
                 license=request.license or None,
             ),
         )
+        yield from ensure_downloaded(recipe.model_refs(), cancel)
         return (yield from merge_moe(recipe, options, cancel, gates))
 
     return job

@@ -1,8 +1,16 @@
-"""Search the Hub for a model: a sortable results table and a detail pane."""
+"""Find a model on the Hub: a sortable results table with paging, and a detail pane that says what
+the model is, what it costs to fetch, and whether it can join the recipe.
+
+Everything the Hub says (names, licences, messages) is escaped before it goes into rich text.
+"""
 
 from __future__ import annotations
 
-from PySide6.QtCore import QModelIndex, QSortFilterProxyModel, Qt
+import html
+from enum import Enum
+from typing import TYPE_CHECKING
+
+from PySide6.QtCore import QEvent, QModelIndex, QSortFilterProxyModel, Qt
 from PySide6.QtGui import QStandardItem, QStandardItemModel
 from PySide6.QtWidgets import (
     QAbstractItemView,
@@ -11,6 +19,7 @@ from PySide6.QtWidgets import (
     QDialogButtonBox,
     QHBoxLayout,
     QHeaderView,
+    QLabel,
     QLineEdit,
     QPushButton,
     QSplitter,
@@ -21,45 +30,157 @@ from PySide6.QtWidgets import (
 )
 
 from app.core.recipe import Recipe
+from app.gui import hub_jobs
 from app.gui.context import AppContext, describe_error
-from app.gui.hub_backend import SORTS, HubBackend, HubModelRow
+from app.gui.hub_jobs import HubDetails, SearchAnswer
 from app.gui.widgets import format_bytes, format_count
 from app.gui.workers import JobHandle
 
+if TYPE_CHECKING:
+    from app.core.hub import ModelSummary, SearchPage, SortKey
+    from app.core.problems import Problem
+
 HUB_COLUMNS = ("Model", "Parameters", "Size", "dtype", "Licence", "Gated", "Downloads", "Likes", "Updated")
-SEARCH_LIMIT = 50
+PAGE_SIZE = 50
 # Sorting on the number, not on the text "7.2B".
 SORT_ROLE = Qt.ItemDataRole.UserRole + 1
+OK_COLOR = "#1e8e3e"
+ERROR_COLOR = "#d93025"
+WARNING_COLOR = "#e37400"
 
 
-def _item(text: str, sort_value: object) -> QStandardItem:
+class Purpose(Enum):
+    """What the dialog was opened for: what a double-click chooses, and whether the model is
+    checked against the recipe's base (as an expert) or not (as the new base)."""
+
+    EXPERT = "expert"
+    BASE = "base"
+
+
+def _item(text: str, sort_value: object, tooltip: str = "") -> QStandardItem:
     item = QStandardItem(text)
     item.setEditable(False)
     item.setData(sort_value, SORT_ROLE)
+    if tooltip:
+        item.setToolTip(tooltip)
     return item
+
+
+def _e(value: object) -> str:
+    return html.escape(str(value))
+
+
+def _link(url: str) -> str:
+    return f'<a href="{html.escape(url, quote=True)}">{_e(url)}</a>'
+
+
+def _problem_items(problems: tuple[Problem, ...] | list[Problem]) -> str:
+    items = []
+    for problem in problems:
+        color = ERROR_COLOR if problem.is_error else WARNING_COLOR
+        mark = "✗" if problem.is_error else "⚠"
+        fix = f"<br><i>Fix:</i> {_e(problem.hint)}" if problem.hint else ""
+        items.append(f'<li><span style="color:{color}">{mark}</span> {_e(problem.message)}{fix}</li>')
+    return f"<ul>{''.join(items)}</ul>"
+
+
+def summary_html(model: ModelSummary) -> str:
+    """The search row's facts, shown at once while the model's files are read."""
+    parameters = format_count(model.parameters) if model.parameters else "unknown"
+    size = format_bytes(model.size_bytes) if model.size_bytes else "unknown size"
+    updated = model.last_modified.date().isoformat() if model.last_modified else "unknown"
+    parts = [
+        f"<h3>{_e(model.repo_id)}</h3>",
+        f"<p>{_e(parameters)} parameters · {_e(size)} · {_e(model.dtype or 'dtype unknown')}<br>",
+        f"Licence: {_e(model.license or 'not stated')}<br>",
+        f"{model.downloads or 0:,} downloads · {model.likes or 0:,} likes · updated {_e(updated)}</p>",
+    ]
+    if model.gated:
+        parts.append("<p><b>Gated:</b> its authors ask you to accept their terms on the Hub before downloading.</p>")
+    return "".join(parts)
+
+
+def details_html(details: HubDetails) -> str:
+    """Architecture, sizes, whether the model can join the recipe, and memory, as rich text."""
+    if details.access_url:
+        return (
+            f"<h4>How to get access</h4><p>{_e(details.error)}.</p><ol>"
+            "<li>Log in to the Hub with an access token (File ▸ Settings).</li>"
+            f"<li>Open {_link(details.access_url)} while logged in and accept the terms.</li>"
+            "<li>Search again: the model's details then appear here.</li></ol>"
+        )
+    if details.report is None:
+        fix = f"<br><i>Fix:</i> {_e(details.hint)}" if details.hint else ""
+        return f'<p><span style="color:{ERROR_COLOR}">✗</span> {_e(details.error)}{fix}</p>'
+    report = details.report
+    arch = report.architecture
+    rows = [
+        ("Family", f"{arch.family or '?'} ({', '.join(arch.architectures) or '?'})"),
+        ("Layers", arch.layers),
+        ("Hidden size", f"{arch.hidden_size}, intermediate {arch.intermediate_size}"),
+        ("Heads", f"{arch.attention_heads} attention, {arch.kv_heads} key/value"),
+        ("Vocabulary", arch.vocab_size),
+        ("Context", arch.max_positions),
+        ("Chat template", "yes" if arch.has_chat_template else "no"),
+        ("Files", f"{len(report.files)}: {report.size_text()}"),
+    ]
+    table = "".join(f"<tr><td><b>{_e(name)}</b>&nbsp;&nbsp;</td><td>{_e(value)}</td></tr>" for name, value in rows)
+    parts = [f"<h4>Architecture and size</h4><table>{table}</table>", "<h4>This recipe</h4>"]
+    if report.can_join and not details.base_note:
+        parts.append(f'<p><span style="color:{OK_COLOR}">✓</span> Can join this recipe: it matches the base model.</p>')
+    elif not report.can_join:
+        parts.append(f'<p><span style="color:{ERROR_COLOR}">✗</span> Cannot join this recipe as it is:</p>')
+    if details.base_note:
+        parts.append(f"<p>{_e(details.base_note)}</p>")
+    if report.problems:
+        parts.append(_problem_items(report.problems))
+    if details.fit is not None:
+        fit = details.fit
+        parts.append(
+            "<h4>Memory</h4>"
+            f"<p>Computing the routers needs about {_e(format_bytes(fit.gate_bytes))}; chatting with the "
+            f"{_e(format_count(fit.moe_parameters))}-parameter MoE about {_e(format_bytes(fit.chat_bytes))}.</p>"
+        )
+        if fit.problems:
+            parts.append(_problem_items(fit.problems))
+    parts.append(f"<p>{_link(report.url)}</p>")
+    return "".join(parts)
 
 
 class HubSearchDialog(QDialog):
     def __init__(
-        self, hub: HubBackend | None, recipe: Recipe, context: AppContext, parent: QWidget | None = None
+        self,
+        recipe: Recipe,
+        context: AppContext,
+        purpose: Purpose = Purpose.EXPERT,
+        parent: QWidget | None = None,
     ) -> None:
         super().__init__(parent)
-        self.setWindowTitle("Add a model from the Hub")
-        self.resize(980, 560)
-        self.hub = hub
+        self.setWindowTitle(
+            "Choose a base model from the Hub" if purpose is Purpose.BASE else "Add a model from the Hub"
+        )
+        self.resize(1240, 640)
         self.recipe = recipe
         self.context = context
-        self.rows: list[HubModelRow] = []
-        self.job: JobHandle | None = None
+        self.page_size = PAGE_SIZE
+        self.models: dict[str, ModelSummary] = {}
+        self.details: dict[str, HubDetails] = {}
+        self.last_page: SearchPage | None = None
+        self.chosen_purpose: Purpose | None = None
+        self._search_job: JobHandle | None = None
+        self._inspect_job: JobHandle | None = None
+        self._query = ""
+        self._sort: SortKey = "downloads"
 
         self.query = QLineEdit()
         self.query.setPlaceholderText("Search models, e.g. mistral 7b instruct")
         self.sort = QComboBox()
-        self.sort.addItems(SORTS)
+        self.sort.addItems(list(hub_jobs.SORTS))
         self.search_button = QPushButton("Search")
+        # Enter anywhere searches; choosing a model takes a button or a double-click.
         self.search_button.setDefault(True)
         self.search_button.clicked.connect(self.search)
-        self.query.returnPressed.connect(self.search)
+        self.sort.currentIndexChanged.connect(self._sort_changed)
 
         self.model = QStandardItemModel(0, len(HUB_COLUMNS), self)
         self.model.setHorizontalHeaderLabels(HUB_COLUMNS)
@@ -69,44 +190,63 @@ class HubSearchDialog(QDialog):
         self.table = QTableView()
         self.table.setModel(self.proxy)
         self.table.setSortingEnabled(True)
+        # Until the user sorts by a column, rows stay in the Hub's order for the chosen sort.
+        self.table.horizontalHeader().setSortIndicator(-1, Qt.SortOrder.AscendingOrder)
         self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
         self.table.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
         self.table.verticalHeader().setVisible(False)
+        # One line per model: long names are elided, and their tooltip gives them whole.
+        self.table.setWordWrap(False)
+        self.table.setTextElideMode(Qt.TextElideMode.ElideMiddle)
         self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
         self.table.horizontalHeader().setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
         self.table.selectionModel().currentRowChanged.connect(self._selected)
+        self.table.doubleClicked.connect(lambda _index: self._choose(self.purpose))
+        self.more_button = QPushButton("More results")
+        self.more_button.setEnabled(False)
+        self.more_button.clicked.connect(self.load_more)
+        self.status = QLabel("Search the Hub's text-generation models.")
 
-        self.details = QTextBrowser()
-        self.details.setMinimumWidth(260)
+        self.detail_pane = QTextBrowser()
+        self.detail_pane.setOpenExternalLinks(True)
+        self.detail_pane.setMinimumWidth(280)
+        self.detail_pane.setHtml("<p>Pick a model to see whether it fits the recipe.</p>")
+
         self.buttons = QDialogButtonBox()
+        self.base_button = self.buttons.addButton("Use as base model", QDialogButtonBox.ButtonRole.AcceptRole)
         self.add_button = self.buttons.addButton("Add as expert", QDialogButtonBox.ButtonRole.AcceptRole)
         self.buttons.addButton(QDialogButtonBox.StandardButton.Cancel)
-        self.add_button.setEnabled(False)
-        self.buttons.accepted.connect(self.accept)
+        self.base_button.clicked.connect(lambda: self._choose(Purpose.BASE))
+        self.add_button.clicked.connect(lambda: self._choose(Purpose.EXPERT))
         self.buttons.rejected.connect(self.reject)
+        self.purpose = purpose
+        for button in (self.base_button, self.add_button):
+            button.setEnabled(False)
+            button.setAutoDefault(False)
 
         search_row = QHBoxLayout()
         search_row.addWidget(self.query, 1)
+        search_row.addWidget(QLabel("Sort by"))
         search_row.addWidget(self.sort)
         search_row.addWidget(self.search_button)
+        results = QWidget()
+        results_layout = QVBoxLayout(results)
+        results_layout.setContentsMargins(0, 0, 0, 0)
+        results_layout.addWidget(self.table, 1)
+        paging_row = QHBoxLayout()
+        paging_row.addWidget(self.status, 1)
+        paging_row.addWidget(self.more_button)
+        results_layout.addLayout(paging_row)
         splitter = QSplitter()
-        splitter.addWidget(self.table)
-        splitter.addWidget(self.details)
-        splitter.setStretchFactor(0, 3)
-        splitter.setStretchFactor(1, 1)
+        splitter.addWidget(results)
+        splitter.addWidget(self.detail_pane)
+        splitter.setStretchFactor(0, 1)
+        splitter.setStretchFactor(1, 0)
+        splitter.setSizes([880, 360])
         layout = QVBoxLayout(self)
         layout.addLayout(search_row)
         layout.addWidget(splitter, 1)
         layout.addWidget(self.buttons)
-
-        if hub is None:
-            for widget in (self.query, self.sort, self.search_button):
-                widget.setEnabled(False)
-            self.details.setPlainText(
-                "Hub search is not available in this build yet. Meanwhile, add experts from local folders "
-                "(Models page, Add from folder…), or from models already in your Hugging Face cache "
-                "by typing their id."
-            )
 
     @property
     def chosen_repo(self) -> str | None:
@@ -115,55 +255,118 @@ class HubSearchDialog(QDialog):
             return None
         return self.proxy.index(index.row(), 0).data()
 
+    # ------------------------------------------------------------------ searching
+
     def search(self) -> None:
-        if self.hub is None or not self.query.text().strip():
-            return
-        if self.job is not None and self.job.is_running:
-            self.job.cancel()
-        self.details.setPlainText("Searching…")
-        self.job = self.context.run(
-            "Hub search", self.hub.search(self.query.text().strip(), self.sort.currentText(), SEARCH_LIMIT)
-        )
-        self.job.succeeded.connect(self.show_results)
-        self.job.failed.connect(lambda error: self.details.setPlainText(describe_error(error)))
-
-    def show_results(self, rows: list[HubModelRow]) -> None:
-        self.rows = list(rows)
+        self._query = self.query.text().strip()
         self.model.removeRows(0, self.model.rowCount())
-        for row in self.rows:
-            self.model.appendRow(
-                [
-                    _item(row.repo_id, row.repo_id.lower()),
-                    _item(format_count(row.parameters) if row.parameters else "?", row.parameters or 0),
-                    _item(format_bytes(row.size_bytes) if row.size_bytes else "?", row.size_bytes or 0),
-                    _item(row.dtype or "?", row.dtype),
-                    _item(row.license or "?", row.license),
-                    _item("gated" if row.gated else "open", int(row.gated)),
-                    _item(format_count(row.downloads), row.downloads),
-                    _item(format_count(row.likes), row.likes),
-                    _item(row.last_modified, row.last_modified),
-                ]
-            )
-        self.details.setPlainText(f"{len(self.rows)} models. Pick one to see whether it fits the recipe.")
+        self.models.clear()
+        self.more_button.setEnabled(False)
+        self._fetch(offset=0)
 
-    def _selected(self, current: QModelIndex, _previous: QModelIndex) -> None:
+    def load_more(self) -> None:
+        if self.last_page is not None and self.last_page.has_more:
+            self.more_button.setEnabled(False)
+            self._fetch(offset=self.last_page.next_offset)
+
+    def _fetch(self, offset: int) -> None:
+        if self._search_job is not None and self._search_job.is_running:
+            self._search_job.cancel()
+        self.status.setText("Searching…")
+        self._sort = hub_jobs.SORTS[self.sort.currentText()]
+        self._search_job = self.context.run(
+            "Hub search", hub_jobs.search(self._query, self._sort, self.page_size, offset), quiet=True
+        )
+        self._search_job.succeeded.connect(self.show_answer)
+        self._search_job.failed.connect(self._search_failed)
+
+    def _search_failed(self, error: BaseException) -> None:
+        self.status.setText("The search failed.")
+        self.detail_pane.setPlainText(describe_error(error))
+
+    def _sort_changed(self) -> None:
+        if self.models:
+            self.search()
+
+    def show_answer(self, answer: SearchAnswer) -> None:
+        page = answer.page
+        if (answer.query, answer.sort, page.offset) != (self._query, self._sort, len(self.models)):
+            return  # the answer to a search that has since been replaced
+        self.last_page = page
+        for model in page.models:
+            self.models[model.repo_id] = model
+            self.model.appendRow(self._row(model))
+        self.more_button.setEnabled(page.has_more)
+        found = len(self.models)
+        more = ", more on the Hub" if page.has_more else ""
+        self.status.setText(
+            f"{found} model{'s' * (found != 1)}{more}." if found else "No text-generation models match."
+        )
+
+    @staticmethod
+    def _row(model: ModelSummary) -> list[QStandardItem]:
+        updated = model.last_modified.date().isoformat() if model.last_modified else "?"
+        return [
+            _item(model.repo_id, model.repo_id.lower(), model.repo_id),
+            _item(format_count(model.parameters) if model.parameters else "?", model.parameters or 0),
+            _item(format_bytes(model.size_bytes) if model.size_bytes else "?", model.size_bytes or 0),
+            _item(model.dtype or "?", model.dtype or ""),
+            _item(model.license or "?", model.license or "", model.license or ""),
+            _item("gated" if model.gated else "open", int(model.gated)),
+            _item(format_count(model.downloads or 0), model.downloads or 0),
+            _item(format_count(model.likes or 0), model.likes or 0),
+            _item(updated, updated),
+        ]
+
+    # ------------------------------------------------------------------ details
+
+    def _selected(self, _current: QModelIndex, _previous: QModelIndex) -> None:
         repo = self.chosen_repo
-        self.add_button.setEnabled(repo is not None)
+        for button in (self.base_button, self.add_button):
+            button.setEnabled(repo is not None)
         if repo is None:
             return
-        row = next(r for r in self.rows if r.repo_id == repo)
-        lines = [
-            f"{row.repo_id}",
-            f"Parameters: {format_count(row.parameters) if row.parameters else 'unknown'}",
-            f"Size: {format_bytes(row.size_bytes) if row.size_bytes else 'unknown'}",
-            f"dtype: {row.dtype or 'unknown'}",
-            f"Licence: {row.license or 'unknown'}",
-            "Gated: accept the terms on the Hub first" if row.gated else "Open: no terms to accept",
-            f"{row.downloads:,} downloads, {row.likes:,} likes, updated {row.last_modified}",
-        ]
-        self.details.setPlainText("\n".join(lines))
-        if self.hub is not None:
-            inspect = self.context.run(f"Inspect {repo}", self.hub.inspect(repo, self.recipe), quiet=True)
-            inspect.succeeded.connect(
-                lambda text: self.chosen_repo == repo and self.details.setPlainText("\n".join([*lines, "", text]))
-            )
+        self._show_details(repo)
+        if repo in self.details:
+            return
+        if self._inspect_job is not None and self._inspect_job.is_running:
+            self._inspect_job.cancel()
+        as_base = self.purpose is Purpose.BASE
+        self._inspect_job = self.context.run(
+            f"Inspect {repo}", hub_jobs.inspect(repo, self.recipe, as_base), quiet=True
+        )
+        self._inspect_job.succeeded.connect(self._inspected)
+        self._inspect_job.failed.connect(self._inspect_failed)
+
+    def _inspected(self, details: HubDetails) -> None:
+        self.details[details.repo_id] = details
+        if self.chosen_repo == details.repo_id:
+            self._show_details(details.repo_id)
+
+    def _inspect_failed(self, error: BaseException) -> None:
+        self.detail_pane.append(describe_error(error))
+
+    def _show_details(self, repo: str) -> None:
+        details = self.details.get(repo)
+        more = details_html(details) if details is not None else "<p><i>Reading its configuration…</i></p>"
+        self.detail_pane.setHtml(summary_html(self.models[repo]) + more)
+
+    def changeEvent(self, event: QEvent) -> None:
+        # Rich text takes its link colour from the palette when it is set: set it again after a
+        # switch between light and dark themes.
+        if event.type() == QEvent.Type.PaletteChange and self.chosen_repo is not None:
+            self._show_details(self.chosen_repo)
+        super().changeEvent(event)
+
+    # ------------------------------------------------------------------ closing
+
+    def _choose(self, purpose: Purpose) -> None:
+        self.chosen_purpose = purpose
+        self.accept()
+
+    def done(self, result: int) -> None:
+        # Answers arriving after the dialog has gone would have nowhere to go.
+        for job in (self._search_job, self._inspect_job):
+            if job is not None and job.is_running:
+                job.cancel()
+        super().done(result)

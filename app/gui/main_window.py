@@ -24,7 +24,7 @@ from app.core.demo import build_demo
 from app.core.problems import ProblemsError
 from app.gui.context import AppContext, describe_error
 from app.gui.document import RecipeDocument
-from app.gui.hub_search import HubSearchDialog
+from app.gui.hub_search import HubSearchDialog, Purpose
 from app.gui.log_panel import LogPanel
 from app.gui.pages.chat import ChatPage
 from app.gui.pages.merge import MergePage
@@ -54,6 +54,7 @@ class MainWindow(QMainWindow):
         self.settings = settings or AppSettings.load()
         self.context = AppContext(self.settings, self)
         self.document = RecipeDocument(self)
+        self.hub_dialog: HubSearchDialog | None = None
 
         self.start_page = StartPage()
         self.models_page = ModelsPage(self.document, self.context)
@@ -100,7 +101,8 @@ class MainWindow(QMainWindow):
         self.start_page.demo_requested.connect(self.try_demo)
         self.start_page.recent_requested.connect(self.open_recipe)
         self.start_page.set_recent_files(self.settings.recent_files)
-        self.models_page.add_from_hub_requested.connect(self.search_hub)
+        self.models_page.add_from_hub_requested.connect(lambda: self.search_hub(Purpose.EXPERT))
+        self.models_page.base_from_hub_requested.connect(lambda: self.search_hub(Purpose.BASE))
         self.preview_page.computed.connect(self.merge_page.use_preview)
         self.merge_page.open_in_chat.connect(self.open_in_chat)
         self.document.undo_stack.cleanChanged.connect(self._update_title)
@@ -108,7 +110,7 @@ class MainWindow(QMainWindow):
         self.document.opened.connect(self._document_opened)
 
         self.resize(1180, 800)
-        self.resizeDocks([self.log_panel], [150], Qt.Orientation.Vertical)
+        self.resizeDocks([self.log_panel], [self.log_panel.sizeHint().height()], Qt.Orientation.Vertical)
         self._update_title()
         self._update_actions()
 
@@ -283,10 +285,22 @@ class MainWindow(QMainWindow):
             self.show_step(Step.PREVIEW)
             self.statusBar().showMessage("Demo ready: compute the preview, then merge.", 8000)
 
-    def search_hub(self) -> None:
-        dialog = HubSearchDialog(self.models_page.hub, self.document.recipe, self.context, self)
-        if dialog.exec() and dialog.chosen_repo:
-            self.models_page.add_expert(dialog.chosen_repo, dialog.chosen_repo.rsplit("/", 1)[-1])
+    def search_hub(self, purpose: Purpose = Purpose.EXPERT) -> None:
+        self.hub_dialog = HubSearchDialog(self.document.recipe, self.context, purpose, self)
+        self.hub_dialog.finished.connect(self._hub_dialog_finished)
+        self.hub_dialog.open()
+
+    def _hub_dialog_finished(self, result: int) -> None:
+        dialog = self.hub_dialog
+        assert dialog is not None
+        self.hub_dialog = None
+        repo = dialog.chosen_repo
+        if result and repo:
+            if dialog.chosen_purpose is Purpose.BASE:
+                self.models_page.set_base(repo)
+            else:
+                self.models_page.add_expert(repo, repo.rsplit("/", 1)[-1])
+        dialog.deleteLater()
 
     def show_settings(self) -> None:
         dialog = SettingsDialog(self.settings, self.context, self)

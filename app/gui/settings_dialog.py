@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
+from PySide6.QtCore import Qt
 from PySide6.QtWidgets import (
     QComboBox,
     QDialog,
@@ -18,29 +18,20 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from app.core.progress import Job, Progress
+from app.gui import hub_jobs
 from app.gui.context import AppContext, describe_error
+from app.gui.hub_jobs import HubLogin
 from app.gui.settings import DEVICES, DTYPES, AppSettings
 from app.gui.theme import SCHEMES
 from app.gui.widgets import explanation
-
-
-def hub_login(token: str) -> object:
-    def job(cancel: threading.Event) -> Job[str]:
-        yield Progress("hub login", 0, 1, message="checking the token with the Hub")
-        from huggingface_hub import HfApi, login
-
-        user = HfApi().whoami(token=token)
-        login(token=token, add_to_git_credential=False)
-        return str(user.get("name", "?"))
-
-    return job
+from app.gui.workers import JobFactory, JobHandle
 
 
 class SettingsDialog(QDialog):
     def __init__(self, settings: AppSettings, context: AppContext, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.setWindowTitle("Settings")
+        self.setMinimumWidth(560)
         self.settings = settings
         self.context = context
         self.token = QLineEdit()
@@ -48,7 +39,11 @@ class SettingsDialog(QDialog):
         self.token.setPlaceholderText("hf_… (only needed for gated or private models)")
         self.login_button = QPushButton("Log in")
         self.login_button.clicked.connect(self._login)
-        self.login_status = QLabel("")
+        self.login_status = QLabel("Checking the saved token…")
+        self.login_status.setWordWrap(True)
+        # The user and token names come from the Hub: never let them be read as markup.
+        self.login_status.setTextFormat(Qt.TextFormat.PlainText)
+        self._login_job: JobHandle | None = None
         self.cache_dir = QLineEdit(str(settings.cache_dir))
         browse = QPushButton("Browse…")
         browse.clicked.connect(self._browse)
@@ -86,6 +81,7 @@ class SettingsDialog(QDialog):
         buttons.accepted.connect(self.accept)
         buttons.rejected.connect(self.reject)
         form.addRow(buttons)
+        self._run_login_job(hub_jobs.saved_login())
 
     def _browse(self) -> None:
         folder = QFileDialog.getExistingDirectory(self, "Cache folder", self.cache_dir.text())
@@ -97,13 +93,35 @@ class SettingsDialog(QDialog):
         if not token:
             self.login_status.setText("Paste a token from huggingface.co/settings/tokens first.")
             return
-        self.login_button.setEnabled(False)
-        self.login_status.setText("Checking…")
-        job = self.context.run("Hub login", hub_login(token), quiet=True)
-        job.succeeded.connect(lambda name: self.login_status.setText(f"✓ Logged in as {name}."))
-        job.failed.connect(lambda error: self.login_status.setText(f"✗ {describe_error(error)}"))
-        job.finished.connect(lambda: self.login_button.setEnabled(True))
+        # The field is emptied at once: the token lives on only in the job that checks and saves it.
         self.token.clear()
+        self.login_status.setText("Checking the token with the Hub…")
+        self._run_login_job(hub_jobs.log_in(token))
+
+    def _run_login_job(self, make_job: JobFactory) -> None:
+        self.login_button.setEnabled(False)
+        self._login_job = self.context.run("Hub login", make_job, quiet=True)
+        self._login_job.succeeded.connect(self._show_login)
+        self._login_job.failed.connect(self._login_failed)
+        self._login_job.finished.connect(self._login_finished)
+
+    def _show_login(self, login: HubLogin | None) -> None:
+        if login is None:
+            self.login_status.setText("Not logged in: public models only. Gated and private models need a token.")
+            return
+        token_name = f" (token “{login.token_name}”)" if login.token_name else ""
+        self.login_status.setText(f"✓ Logged in to the Hub as {login.user}{token_name}.")
+
+    def _login_failed(self, error: BaseException) -> None:
+        self.login_status.setText(f"✗ {describe_error(error)}")
+
+    def _login_finished(self) -> None:
+        self.login_button.setEnabled(True)
+
+    def done(self, result: int) -> None:
+        if self._login_job is not None and self._login_job.is_running:
+            self._login_job.cancel()
+        super().done(result)
 
     def apply(self) -> None:
         self.settings.cache_dir = Path(self.cache_dir.text().strip()).expanduser()

@@ -6,6 +6,11 @@ from PySide6.QtCore import Qt
 from PySide6.QtGui import QColor, QIcon, QPalette, QPixmap
 from PySide6.QtWidgets import QLabel, QWidget
 
+# One way of writing sizes across the app, the CLI and the Hub core's own messages ("265.0 kB").
+from app.core.progress import format_bytes
+
+__all__ = ["color_icon", "explanation", "format_bytes", "format_count", "format_duration", "heading"]
+
 
 def heading(text: str, parent: QWidget | None = None) -> QLabel:
     label = QLabel(text, parent)
@@ -29,14 +34,6 @@ def color_icon(color: str, size: int = 14) -> QIcon:
     pixmap = QPixmap(size, size)
     pixmap.fill(QColor(color))
     return QIcon(pixmap)
-
-
-def format_bytes(count: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(count) < 1000 or unit == "TB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1000
-    return f"{count:.1f} TB"
 
 
 def format_count(count: int) -> str:

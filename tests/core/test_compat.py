@@ -60,10 +60,10 @@ def test_family_mismatch():
 
 
 def test_unsupported_family():
-    problems = compare_configs(BASE, {**BASE, "model_type": "qwen2"}, "experts.0")
+    problems = compare_configs(BASE, {**BASE, "model_type": "gemma"}, "experts.0")
     assert len(problems) == 1
-    assert "'qwen2'" in problems[0].message
-    assert "llama or mistral" in problems[0].message
+    assert "'gemma'" in problems[0].message
+    assert "Llama, Mistral, Qwen2, Qwen3" in problems[0].message
 
 
 def test_rope_theta_mismatch():

@@ -137,9 +137,24 @@ def test_bad_dtype():
     assert recipe_with(dtype="bf16").canonical_dtype == "bfloat16"
 
 
-def test_shared_experts_are_refused_for_mixtral():
-    recipe = parse_recipe(MERGEKIT_RECIPE + "shared_experts:\n  - source_model: a/shared\n")
-    assert ("shared_experts", Severity.ERROR) in fields(validate_recipe(recipe))
+SHARED = "shared_experts:\n  - source_model: a/shared\n"
+
+
+@pytest.mark.parametrize("architecture", ["mixtral", "qwen3"])
+def test_shared_experts_are_refused_for_architectures_without_one(architecture):
+    recipe = parse_recipe(MERGEKIT_RECIPE + SHARED + f"architecture: {architecture}\n")
+    problems = [p for p in validate_recipe(recipe) if p.field == "shared_experts"]
+    assert [p.severity for p in problems] == [Severity.ERROR]
+    assert "architecture: qwen" in problems[0].hint
+
+
+def test_one_shared_expert_is_valid_for_qwen_and_two_are_not():
+    recipe = parse_recipe(MERGEKIT_RECIPE + SHARED + "architecture: qwen\n")
+    assert validate_recipe(recipe) == []
+    two = parse_recipe(MERGEKIT_RECIPE + SHARED + "  - source_model: b/shared\narchitecture: qwen\n")
+    (problem,) = validate_recipe(two)
+    assert (problem.field, problem.message) == ("shared_experts", "2 shared experts, but a MoE layer holds at most one")
+    assert dump_recipe(recipe).endswith("shared_experts:\n- source_model: a/shared\narchitecture: qwen\n")
 
 
 def test_malformed_yaml_names_its_line():

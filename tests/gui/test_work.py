@@ -1,4 +1,4 @@
-"""Long work: cancel of preview and merge, closing with work running, incompatible experts, Hub dialog."""
+"""Long work: cancel of preview and merge, closing with work running, incompatible experts."""
 
 from __future__ import annotations
 
@@ -6,8 +6,6 @@ from pathlib import Path
 
 from PySide6.QtWidgets import QMessageBox
 
-from app.gui.hub_backend import HubModelRow
-from app.gui.hub_search import HubSearchDialog
 from app.gui.pages.models import COMPATIBILITY
 from app.gui.workers import running_jobs
 from tests.gui.conftest import screenshot
@@ -60,31 +58,3 @@ def test_incompatible_expert_shown_with_its_reasons(window, qtbot, demo_recipe: 
     assert "hidden size differs: base has 64" in reasons and "Fix:" in reasons
     assert table.item(0, COMPATIBILITY).text() == "✓ Compatible"
     screenshot(window, "1-models-incompatible")
-
-
-def test_hub_dialog_sorts_and_shows_details(qtbot, window) -> None:
-    dialog = HubSearchDialog(None, window.document.recipe, window.context, window)
-    qtbot.addWidget(dialog)
-    dialog.show_results(
-        [
-            HubModelRow("org/small", 1_000_000, 2_000_000, "bfloat16", "mit", False, 50, 3, "2025-01-02"),
-            HubModelRow(
-                "org/big",
-                7_000_000_000,
-                14_000_000_000,
-                "bfloat16",
-                "apache-2.0",
-                True,
-                900,
-                40,
-                "2025-03-04",
-            ),
-        ]
-    )
-    dialog.table.sortByColumn(1, dialog.table.horizontalHeader().sortIndicatorOrder().DescendingOrder)
-    assert dialog.proxy.index(0, 0).data() == "org/big"
-    dialog.table.selectRow(0)
-    assert dialog.chosen_repo == "org/big"
-    assert "Gated: accept the terms" in dialog.details.toPlainText()
-    assert dialog.add_button.isEnabled()
-    screenshot(dialog, "hub-search")

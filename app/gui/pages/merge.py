@@ -45,7 +45,8 @@ class MergePage(QWidget):
         self.preview: PreviewResult | None = None
         self.job: JobHandle | None = None
         self.merged_folder: Path | None = None
-        self._writing_started: tuple[float, int] | None = None
+        # The stage whose speed is shown, when it started, and its bytes then.
+        self._speed_start: tuple[str, float, int] | None = None
 
         self.out_dir = QLineEdit()
         self.out_dir.setPlaceholderText("Folder for the merged model")
@@ -168,7 +169,7 @@ class MergePage(QWidget):
         # The preview's routers are the merge's routers when nothing has changed since.
         gates = self.preview.gates if self.preview is not None and self.preview.recipe == recipe else None
         self.merged_folder = None
-        self._writing_started = None
+        self._speed_start = None
         for button in (self.chat_button, self.show_button):
             button.setVisible(False)
         self.result_label.clear()
@@ -194,10 +195,11 @@ class MergePage(QWidget):
         if not record.bytes_total:
             return
         now = time.monotonic()
-        if self._writing_started is None:
-            self._writing_started = (now, record.bytes_done)
+        # Downloads come before writing, at their own pace: each stage's speed is measured apart.
+        if self._speed_start is None or self._speed_start[0] != record.stage:
+            self._speed_start = (record.stage, now, record.bytes_done)
             return
-        started, first_bytes = self._writing_started
+        _stage, started, first_bytes = self._speed_start
         elapsed = now - started
         if elapsed > 0.2:
             rate = (record.bytes_done - first_bytes) / elapsed

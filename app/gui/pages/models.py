@@ -28,10 +28,10 @@ from app.core.problems import Problem
 from app.core.progress import Progress
 from app.core.recipe import ModelRef, Recipe, validate_recipe
 from app.gui import recipe_edits
-from app.gui.context import AppContext
+from app.gui.context import AppContext, describe_error
 from app.gui.document import RecipeDocument
 from app.gui.engine import ModelInfo, check_compatibility, inspect_models
-from app.gui.hub_backend import HubBackend, load_hub_backend
+from app.gui.hub_jobs import download
 from app.gui.widgets import color_icon, explanation, format_bytes, format_count, heading
 from app.gui.workers import JobHandle
 
@@ -41,6 +41,11 @@ COLOR, LABEL, MODEL, FAMILY, SIZE, PARAMETERS, COMPATIBILITY, DOWNLOAD = range(l
 LABEL_MERGE_ID = 1000
 
 CHECK_DELAY_MS = 300
+NOT_DOWNLOADED_BADGE = "↓ Not downloaded"
+NOT_DOWNLOADED_TOOLTIP = (
+    "This Hub model is not in the Hugging Face cache yet. Download it (the button in this row) to check "
+    "it against the base model; Preview and Merge also download what they need first."
+)
 
 
 def problems_for_expert(problems: list[Problem], index: int) -> list[Problem]:
@@ -64,12 +69,12 @@ def badge(problems: list[Problem]) -> tuple[str, str]:
 
 class ModelsPage(QWidget):
     add_from_hub_requested = Signal()
+    base_from_hub_requested = Signal()
 
     def __init__(self, document: RecipeDocument, context: AppContext, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.document = document
         self.context = context
-        self.hub: HubBackend | None = load_hub_backend()
         self.infos: dict[ModelRef, ModelInfo] = {}
         self.problems: list[Problem] = []
         self.checked_recipe: Recipe | None = None
@@ -82,8 +87,14 @@ class ModelsPage(QWidget):
         self.base_edit.editingFinished.connect(self._base_edited)
         base_folder = QPushButton("Folder…")
         base_folder.clicked.connect(self._choose_base_folder)
+        base_hub = QPushButton("Hub…")
+        base_hub.clicked.connect(self.base_from_hub_requested)
+        self.base_download: DownloadCell | None = None
+        self.base_download_slot = QHBoxLayout()
         self.base_info = QLabel()
         self.base_info.setWordWrap(True)
+        # Model descriptions and errors quote names and messages from the Hub: plain text only.
+        self.base_info.setTextFormat(Qt.TextFormat.PlainText)
 
         self.table = QTableWidget(0, len(COLUMNS))
         self.table.setHorizontalHeaderLabels(COLUMNS)
@@ -112,11 +123,13 @@ class ModelsPage(QWidget):
 
         self.general_problems = QLabel()
         self.general_problems.setWordWrap(True)
+        self.general_problems.setTextFormat(Qt.TextFormat.PlainText)
 
         base_row = QHBoxLayout()
         base_row.addWidget(QLabel("Base model"))
         base_row.addWidget(self.base_edit, 1)
         base_row.addWidget(base_folder)
+        base_row.addWidget(base_hub)
         buttons = QHBoxLayout()
         for button in (self.add_folder_button, self.add_hub_button):
             buttons.addWidget(button)
@@ -134,7 +147,10 @@ class ModelsPage(QWidget):
             )
         )
         layout.addLayout(base_row)
-        layout.addWidget(self.base_info)
+        base_info_row = QHBoxLayout()
+        base_info_row.addWidget(self.base_info, 1)
+        base_info_row.addLayout(self.base_download_slot)
+        layout.addLayout(base_info_row)
         layout.addWidget(self.table, 1)
         layout.addLayout(buttons)
         layout.addWidget(self.general_problems)
@@ -188,16 +204,23 @@ class ModelsPage(QWidget):
         if info is None:
             return "reading…" if reference.path else ""
         if info.error:
-            return f"{info.error} {info.hint}".strip()
+            return f"{info.error}. {info.hint}".strip() if info.hint else info.error
         parameters = format_count(info.parameter_count)
-        return f"{info.family}, {parameters} parameters, {format_bytes(info.size_bytes)}, {info.dtype}"
+        text = f"{info.family}, {parameters} parameters, {format_bytes(info.size_bytes)}, {info.dtype}"
+        if info.downloadable:
+            text += f"; not downloaded yet ({info.to_fetch})"
+        return text
 
     def _refresh(self, recipe: Recipe) -> None:
         self._refreshing = True
         try:
             if not self.base_edit.hasFocus():
                 self.base_edit.setText(str(recipe.base_model) if recipe.base_model.path else "")
-            base_problems = [p for p in self.problems if p.field.startswith("base_model")]
+            base = self.infos.get(recipe.base_model)
+            base_downloadable = base is not None and base.downloadable
+            # A base not downloaded yet cannot be opened; its download button says so already.
+            base_problems = [p for p in self.problems if p.field.startswith("base_model") and not base_downloadable]
+            self._fill_base_download(base)
             base_text = self._info_text(recipe.base_model)
             if base_problems:
                 base_text += "\n" + "\n".join(f"✗ {p.message}" for p in base_problems)
@@ -252,7 +275,10 @@ class ModelsPage(QWidget):
             cell(FAMILY, info.family)
             cell(SIZE, format_bytes(info.size_bytes))
             cell(PARAMETERS, format_count(info.parameter_count))
-        if checked:
+        if info is not None and info.downloadable:
+            reason = f"{info.error}. {info.hint}\n\n" if info.error else ""
+            text, tooltip = NOT_DOWNLOADED_BADGE, reason + NOT_DOWNLOADED_TOOLTIP
+        elif checked:
             text, tooltip = badge(problems_for_expert(self.problems, row))
         else:
             text, tooltip = "… checking", "Checking compatibility with the base model"
@@ -268,11 +294,24 @@ class ModelsPage(QWidget):
     def _fill_download_cell(self, row: int, info: ModelInfo | None) -> None:
         if info is None or not info.downloadable:
             self.table.removeCellWidget(row, DOWNLOAD)
-            self.table.setItem(row, DOWNLOAD, QTableWidgetItem("local" if info and not info.error else ""))
+            where = "" if info is None or info.error else "local" if info.reference.is_local else "downloaded"
+            self.table.setItem(row, DOWNLOAD, QTableWidgetItem(where))
             return
-        if isinstance(self.table.cellWidget(row, DOWNLOAD), DownloadCell):
+        current = self.table.cellWidget(row, DOWNLOAD)
+        if isinstance(current, DownloadCell) and current.reference == info.reference:
             return
-        self.table.setCellWidget(row, DOWNLOAD, DownloadCell(info.reference, self.hub, self.context, self._downloaded))
+        self.table.setItem(row, DOWNLOAD, QTableWidgetItem(""))
+        self.table.setCellWidget(row, DOWNLOAD, DownloadCell(info.reference, self.context, self._downloaded))
+
+    def _fill_base_download(self, info: ModelInfo | None) -> None:
+        wanted = info is not None and info.downloadable
+        if self.base_download is not None and (not wanted or self.base_download.reference != info.reference):
+            self.base_download.deleteLater()
+            self.base_download = None
+        if wanted and self.base_download is None:
+            assert info is not None
+            self.base_download = DownloadCell(info.reference, self.context, self._downloaded)
+            self.base_download_slot.addWidget(self.base_download)
 
     def _downloaded(self, reference: ModelRef) -> None:
         self.infos.pop(reference, None)
@@ -296,7 +335,11 @@ class ModelsPage(QWidget):
     def _choose_base_folder(self) -> None:
         folder = QFileDialog.getExistingDirectory(self, "Choose the base model's folder")
         if folder:
-            self._edit(recipe_edits.set_base(self.document.recipe, folder), "Change base model")
+            self.set_base(folder)
+
+    def set_base(self, reference: str) -> None:
+        if reference != str(self.document.recipe.base_model):
+            self._edit(recipe_edits.set_base(self.document.recipe, reference), "Change base model")
 
     def add_expert(self, reference: str, label: str | None = None) -> None:
         recipe = self.document.recipe
@@ -361,30 +404,21 @@ class ModelsPage(QWidget):
 class DownloadCell(QWidget):
     """A Download button that becomes a progress bar with a cancel button while it runs."""
 
-    def __init__(
-        self,
-        reference: ModelRef,
-        hub: HubBackend | None,
-        context: AppContext,
-        on_done: Callable[[ModelRef], None],
-    ) -> None:
+    def __init__(self, reference: ModelRef, context: AppContext, on_done: Callable[[ModelRef], None]) -> None:
         super().__init__()
         self.reference = reference
-        self.hub = hub
         self.context = context
         self.on_done = on_done
         self.job: JobHandle | None = None
         self.button = QPushButton("Download")
+        self.button.setToolTip(f"Download {reference} into the Hugging Face cache")
         self.progress = QProgressBar()
         self.progress.setVisible(False)
         self.progress.setTextVisible(True)
         self.cancel_button = QPushButton("Cancel")
         self.cancel_button.setVisible(False)
-        if hub is None:
-            self.button.setEnabled(False)
-            self.button.setToolTip("Downloading needs the Hub module, which this build does not have yet.")
         self.button.clicked.connect(self.start)
-        self.cancel_button.clicked.connect(lambda: self.job and self.job.cancel())
+        self.cancel_button.clicked.connect(self.cancel)
         layout = QHBoxLayout(self)
         layout.setContentsMargins(2, 0, 2, 0)
         layout.addWidget(self.button)
@@ -392,18 +426,42 @@ class DownloadCell(QWidget):
         layout.addWidget(self.cancel_button)
 
     def start(self) -> None:
-        assert self.hub is not None
-        self.job = self.context.run(f"Download {self.reference}", self.hub.download(self.reference))
+        self.job = self.context.run(f"Download {self.reference}", download(self.reference))
         self.button.setVisible(False)
+        self.progress.setValue(0)
+        self.progress.setFormat("starting…")
         self.progress.setVisible(True)
         self.cancel_button.setVisible(True)
+        self.cancel_button.setEnabled(True)
         self.job.progress.connect(self._progress)
-        self.job.succeeded.connect(lambda _path: self.on_done(self.reference))
+        self.job.succeeded.connect(self._succeeded)
+        self.job.failed.connect(self._failed)
+        self.job.cancelled.connect(self._cancelled)
         self.job.finished.connect(self._finished)
 
+    def cancel(self) -> None:
+        if self.job is not None:
+            self.job.cancel()
+            self.cancel_button.setEnabled(False)
+            self.progress.setFormat("cancelling…")
+
     def _progress(self, record: Progress) -> None:
+        # A table cell has room for the percentage only; the sizes, speed and time left are in
+        # its tooltip.
         self.progress.setValue(int(record.fraction * 100))
-        self.progress.setFormat(record.message or "%p%")
+        self.progress.setFormat("%p%")
+        self.progress.setToolTip(record.message)
+
+    def _succeeded(self, _folder: Path) -> None:
+        self.on_done(self.reference)
+
+    def _failed(self, error: BaseException) -> None:
+        self.button.setText("Retry download")
+        self.button.setToolTip(describe_error(error))
+
+    def _cancelled(self) -> None:
+        self.button.setText("Download")
+        self.button.setToolTip("Cancelled; files already finished are kept, so the download resumes.")
 
     def _finished(self) -> None:
         self.button.setVisible(True)
