@@ -3,7 +3,7 @@
 Meant for smoke-testing any build (source, wheel, PyInstaller bundle, installed package): it imports
 every module of the app and the libraries it needs at run time (with their package metadata, which
 transformers checks and bundles easily lose), builds tiny models, merges them, generates a few tokens
-while capturing which experts the routers chose, and opens and closes the main window offscreen.
+with the chat engine, capturing which experts the routers chose, and opens and closes the main window offscreen.
 It writes only to a temporary folder and never touches the user's settings or the network.
 """
 
@@ -16,7 +16,7 @@ import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
 # Libraries the app needs at run time: (import name, distribution name whose metadata must be present).
 RUNTIME_LIBRARIES = (
@@ -92,53 +92,38 @@ def merge(models: Path, out_dir: Path) -> str:
 
 
 def generate_with_routing(model_dir: Path) -> str:
-    """Generate a few tokens greedily and record, per layer and token, the expert the router ranked first."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging
+    """Chat with the merged model through the chat engine: a few greedy tokens with their routing."""
+    from app.core.chat import LoadRequest, SamplingSettings, load_chat_model
+    from app.core.progress import run_job
 
-    from app.core.devices import resolve_device
-
-    logging.disable_progress_bar()  # the report is one line per step, not a loading bar
-    device = resolve_device("auto")
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    num_experts = int(model.config.num_local_experts)
-    chosen: list[torch.Tensor] = []
-
-    def record(_module: Any, _inputs: Any, output: Any) -> None:
-        # transformers 5 routers return (logits, weights, indices); transformers 4 gates return logits.
-        logits = output[0] if isinstance(output, tuple) else output
-        chosen.append(logits.reshape(-1, num_experts).argmax(-1).cpu())
-
-    routers = [
-        module for name, module in model.named_modules() if name.endswith((".block_sparse_moe.gate", ".mlp.gate"))
-    ]
-    if len(routers) != model.config.num_hidden_layers:
-        raise AssertionError(f"found {len(routers)} routers in {model.config.num_hidden_layers} layers")
-    hooks = [router.register_forward_hook(record) for router in routers]
+    model = run_job(load_chat_model(LoadRequest(model=str(model_dir), device="auto")))
     try:
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": "12 + 7 ="}], tokenize=False, add_generation_prompt=True
+        if not model.is_moe:
+            raise AssertionError(f"the merged model has no routers: {model.panel_unavailable_reason}")
+        settings = SamplingSettings(temperature=0, max_new_tokens=GENERATED_TOKENS, seed=0)
+        # No stop tokens: a tiny model may well say end-of-text at once, and the test needs its tokens.
+        job = model.generate(model.prompt_ids([{"role": "user", "content": "12 + 7 ="}]), settings, stop_token_ids=())
+        while True:
+            try:
+                next(job)
+            except StopIteration as finished:
+                result = finished.value
+                break
+        rule = model.capture.rule
+        layers = len(result.generated[0].layers) if result.generated else 0
+        for token in result.trace:
+            if len(token.experts) != layers or any(len(choice) != rule.top_k for choice in token.experts):
+                shape = f"top-{rule.top_k} in each of {layers} layers"
+                raise AssertionError(f"token {token.position} is routed as {token.experts}, not {shape}")
+        if len(result.generated) != GENERATED_TOKENS or layers == 0:
+            raise AssertionError(f"generated {len(result.generated)} tokens routed over {layers} layers")
+        experts = [token.top_expert() for token in result.generated]
+        return (
+            f"{len(result.generated)} tokens {model.description} ({result.text!r}), "
+            f"{layers} routed layers, top experts {experts}"
         )
-        inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(device)
-        with torch.inference_mode():
-            output = model.generate(
-                **inputs, max_new_tokens=GENERATED_TOKENS, min_new_tokens=GENERATED_TOKENS, do_sample=False
-            )
     finally:
-        for hook in hooks:
-            hook.remove()
-    prompt_length = inputs["input_ids"].shape[1]
-    new_tokens = output.shape[1] - prompt_length
-    # One router call per layer per forward step; every token (prompt and generated but the last) is routed.
-    routed = torch.cat(chosen).reshape(-1)
-    expected = (prompt_length + new_tokens - 1) * len(routers)
-    if new_tokens != GENERATED_TOKENS or routed.numel() != expected:
-        raise AssertionError(f"generated {new_tokens} tokens with {routed.numel()} routing choices, not {expected}")
-    usage = torch.bincount(routed, minlength=num_experts).tolist()
-    answer = tokenizer.decode(output[0, prompt_length:], skip_special_tokens=True)
-    return f"{new_tokens} tokens on {device} ({answer!r}); top-1 choices per expert {usage}"
+        model.unload()
 
 
 def open_main_window(cache_dir: Path, settings_dir: Path) -> str:
