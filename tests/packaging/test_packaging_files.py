@@ -5,6 +5,7 @@ The full build, install and self-test is packaging/linux/check.sh (about 15 minu
 
 from __future__ import annotations
 
+import ast
 import configparser
 import importlib.metadata
 import re
@@ -135,6 +136,24 @@ def test_unslimmed_spec_keeps_everything(monkeypatch):
     (analysis,) = by_kind(made, "Analysis")
     assert len(analysis.binaries) == 10 and len(analysis.datas) == 4
     assert "transformers.models.bert.modeling_bert" in analysis.kwargs["hiddenimports"]
+
+
+def test_spec_ships_every_model_family_the_app_reads_and_writes():
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from app.core import architectures
+    from app.core.families import SUPPORTED_FAMILIES
+
+    tree = ast.parse((PACKAGING / "frankenmoe.spec").read_text(encoding="utf-8"))
+    (kept,) = [
+        ast.literal_eval(node.value)
+        for node in tree.body
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "TRANSFORMERS_MODELS" for t in node.targets)
+    ]
+    outputs = {v.class_name for v in vars(architectures).values() if isinstance(v, architectures.OutputArchitecture)}
+    output_types = {model_type for model_type, name in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items() if name in outputs}
+    assert len(output_types) == len(outputs) >= 3
+    assert set(SUPPORTED_FAMILIES) | output_types <= set(kept)
 
 
 @pytest.mark.parametrize("platform", ["win32", "darwin"])
