@@ -76,7 +76,8 @@ for png in resources/icons/frankenmoe-*.png; do
 done
 install -D -m 644 resources/icons/frankenmoe.svg "$STAGE/usr/share/icons/hicolor/scalable/apps/$PACKAGE.svg"
 # The newest glibc symbol version any bundled program or library asks for: the package's real minimum.
-GLIBC=$(find "$STAGE/opt" -type f \( -name '*.so*' -o -perm -u+x \) -exec objdump -T {} + 2>/dev/null \
+# (objdump fails on the odd non-ELF file, such as an executable script; those have no say.)
+GLIBC=$({ find "$STAGE/opt" -type f \( -name '*.so*' -o -perm -u+x \) -exec objdump -T {} + 2>/dev/null || true; } \
     | grep -o 'GLIBC_[0-9.]*' | sed 's/GLIBC_//' | sort -V | tail -n 1)
 sed -e "s/@VERSION@/$VERSION/" -e "s/@ARCH@/$ARCH/" -e "s/@GLIBC@/${GLIBC:-2.28}/" \
     -e "s/@INSTALLED_SIZE@/$(du -sk "$STAGE" | cut -f1)/" packaging/linux/control.in >"$STAGE/DEBIAN/control"

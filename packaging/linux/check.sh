@@ -31,6 +31,7 @@ TARBALL=$(ls "$WORK"/src/build/dist/frankenmoe-studio-*.tar.gz)
 
 echo "== install ($MODE)"
 if [ "$MODE" = system ]; then
+    apt-get update -qq
     apt-get install -y -qq "$DEB" >/dev/null
     PREFIX=""
     EXE=$(command -v frankenmoe)
