@@ -41,6 +41,10 @@ UPDATES_PER_SECOND = 30
 UPDATE_INTERVAL_S = 1 / UPDATES_PER_SECOND
 JOIN_TIMEOUT_MS = 30_000
 
+# Strong references until each thread ends: a QThread destroyed while running takes the process down,
+# and a page can go without its shutdown having run (a window whose close was refused, then dropped).
+_running_threads: set[QThread] = set()
+
 
 @dataclass(frozen=True, slots=True)
 class LoadedModel:
@@ -199,9 +203,13 @@ class ChatBackend(QObject):
         self.load_requested.connect(self.worker.load, queued)
         self.unload_requested.connect(self.worker.unload, queued)
         self.answer_requested.connect(self.worker.answer, queued)
-        self.thread.start()
+        self.thread.finished.connect(lambda: _running_threads.discard(self.thread))
 
     def load(self, request: LoadRequest) -> None:
+        # Started on the first load, so that a page never used for chatting holds no thread.
+        if not self.thread.isRunning():
+            _running_threads.add(self.thread)
+            self.thread.start()
         self.cancel.clear()
         self.load_requested.emit(request)
 

@@ -250,4 +250,3 @@ def test_closing_the_window_mid_answer_stops_and_joins_the_worker(qtbot, window,
     assert chat.backend.thread.isFinished()
     assert time.monotonic() - started < 5
     assert chat.backend.worker._model is None  # the model's memory is freed
-

@@ -450,9 +450,17 @@ class ChatPage(QWidget):
         self.backend.unload()
 
     def _load_progress(self, record: Progress) -> None:
+        # from_pretrained cannot report progress: its stage shows as busy rather than stuck at 0 %.
+        busy = record.stage == "loading"
+        self.load_progress.setRange(0, 0 if busy else 1000)
         self.load_progress.setValue(int(record.fraction * 1000))
-        detail = f": {record.message}" if record.message else ""
-        self.model_status.setText(f"{record.stage.capitalize()}{detail}")
+        message = record.message
+        if message.lower().startswith(record.stage):
+            self.model_status.setText(message[:1].upper() + message[1:])
+        else:
+            self.model_status.setText(
+                f"{record.stage.capitalize()}: {message}" if message else record.stage.capitalize()
+            )
 
     def _loaded(self, model: LoadedModel) -> None:
         self.model = model
