@@ -44,7 +44,7 @@ DTYPE_HELP = "Precision of the merged weights: bfloat16 halves the size of float
 TOP_K_HELP = "How many experts each token goes through: more is slower but blends more knowledge; 2 is usual."
 # One line per choice of output architecture (recipe names, mergekit-moe's; "" chooses from the donors).
 ARCHITECTURE_HELP = {
-    "": "Chosen from the base model: Llama and Mistral become Mixtral, Qwen2 Qwen2-MoE, Qwen3 Qwen3-MoE.",
+    "": "Chosen from the base model: Llama and Mistral give Mixtral, Qwen2 gives Qwen2-MoE, Qwen3 Qwen3-MoE.",
     "mixtral": "Routed experts only; takes Llama and Mistral donors and loads in most inference tools.",
     "qwen": "Routed experts plus one shared expert that runs for every token; takes Qwen2, Llama or Mistral donors.",
     "qwen3": "Routed experts only, with Qwen3's q/k norms; takes Qwen3 donors.",
