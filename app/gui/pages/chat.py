@@ -290,7 +290,7 @@ class ChatPage(QWidget):
         self.legend_label.setTextFormat(Qt.TextFormat.RichText)
         self.color_by = QComboBox()
         self.color_by.setToolTip("Which layer's choice colours the tokens")
-        self.color_by.currentIndexChanged.connect(lambda _index: self._render())
+        self.color_by.currentIndexChanged.connect(self._color_by_changed)
         self.token_map = Heatmap("Point at a token of an answer to see which experts every layer chose for it.")
         self.usage_map = Heatmap("Expert usage appears once the model answers.")
         self.usage_map.setToolTip(
@@ -718,6 +718,11 @@ class ChatPage(QWidget):
         token_format.setForeground(self.palette().color(QPalette.ColorRole.Text))
         token_format.setToolTip(self._token_tooltip(token))
         cursor.insertText(text, token_format)
+
+    def _color_by_changed(self) -> None:
+        # While an answer streams, the conversation is the worker's; the redraw at its end applies the choice.
+        if not self.is_answering:
+            self._render()
 
     def _color_slot(self, token: TokenRouting) -> int | None:
         slot = self.color_by.currentData()
