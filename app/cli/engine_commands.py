@@ -14,6 +14,7 @@ from app.core.progress import format_bytes, run_job
 from app.core.recipe import DTYPE_ALIASES, load_recipe
 from app.core.routing import RoutingQuality
 
+DTYPES = sorted(set(DTYPE_ALIASES.values()))
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
 _UNITS = {
     **{unit: 10 ** (3 * power) for power, unit in enumerate(("", "k", "m", "g", "t"))},
@@ -39,7 +40,8 @@ def register(commands: Any) -> None:
     merge.add_argument("recipe", type=Path, help="mergekit-moe YAML recipe")
     merge.add_argument("out", type=Path, help="output folder (created; must be new or empty)")
     merge.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="where to compute gates")
-    merge.add_argument("--dtype", choices=sorted(set(DTYPE_ALIASES.values())), help="output dtype")
+    merge.add_argument("--gate-dtype", choices=DTYPES, help="dtype to run the base model in for the gates")
+    merge.add_argument("--dtype", choices=DTYPES, help="output dtype")
     merge.add_argument("--shard-size", type=parse_size, default="5GB", help="largest shard, e.g. 5GB (default)")
     merge.add_argument("--overwrite", action="store_true", help="replace an existing model in OUT")
     merge.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -48,6 +50,7 @@ def register(commands: Any) -> None:
     check = commands.add_parser("check", help="check a recipe: problems, compatibility and gate diagnostics")
     check.add_argument("recipe", type=Path)
     check.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
+    check.add_argument("--gate-dtype", choices=DTYPES)
     check.add_argument("--no-gates", action="store_true", help="skip computing gate diagnostics")
     check.add_argument(
         "--routing", action="store_true", help="also score where the recipe's test prompts would be routed"
@@ -80,6 +83,7 @@ def run_merge(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         dtype=args.dtype,
         device=args.device,
+        gate_dtype=args.gate_dtype,
     )
     with ProgressBars(enabled=not args.quiet) as bars:
         # Hub models the cache lacks are downloaded first, with their own progress.
@@ -110,7 +114,7 @@ def run_check(args: argparse.Namespace) -> int:
     from app.cli.progress import ProgressBars
     from app.core.gates import GateComputer
 
-    computer = GateComputer(recipe.base_model, device=args.device, keep_loaded=args.routing)
+    computer = GateComputer(recipe.base_model, device=args.device, dtype=args.gate_dtype, keep_loaded=args.routing)
     try:
         with ProgressBars() as bars:
             gates = run_job(computer.compute(recipe), bars)

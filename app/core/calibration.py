@@ -18,9 +18,14 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-# Mean top-1 router probability on the prompts' tokens after scaling: decisive, never one-hot.
-TARGET_CONFIDENCE = 0.8
-L2_TOWARDS_INIT = 1e-3
+    from app.core.sources import ModelSource
+
+# The scale makes the router's mean top-1 probability on the prompts' tokens match how often its
+# top-1 is right there (temperature scaling), so that a layer that routes less reliably also weighs
+# less where layers disagree; bounded so that no router is ever near one-hot or near flat.
+MAX_CONFIDENCE = 0.95
+# Pull towards the starting gates, per token fitted: the more tokens, the more the data decides.
+L2_PER_TOKEN = 1e-2
 INIT_SCALE = 4.0
 NEGATIVE_WEIGHT = 0.5
 MAX_ITERATIONS = 100
@@ -66,10 +71,26 @@ def fit_layer(
     labels: LabelledTokens,
     init: torch.Tensor,
     *,
-    l2: float = L2_TOWARDS_INIT,
-    target_confidence: float = TARGET_CONFIDENCE,
+    l2: float | None = None,
+    target_confidence: float | None = None,
 ) -> LayerFit:
-    """Fit one layer's router from labelled token states, starting from the `init` gate vectors."""
+    """Fit one layer's router from labelled token states, starting from the `init` gate vectors.
+
+    ``l2`` defaults to L2_PER_TOKEN divided by the number of tokens; ``target_confidence`` to the
+    fit's accuracy on the positive tokens, within (1 + 1/experts) / 2 and MAX_CONFIDENCE.
+    """
+    import torch
+
+    if l2 is None:
+        l2 = L2_PER_TOKEN / max(1, labels.states.shape[0])
+
+    # Progressive calibration fits from inside the probe's inference-mode forward pass.
+    with torch.inference_mode(False), torch.enable_grad():
+        labels = LabelledTokens(labels.states.clone(), labels.positive.clone(), labels.negative.clone())
+        return _fit_layer(labels, init.clone(), l2, target_confidence)
+
+
+def _fit_layer(labels: LabelledTokens, init: torch.Tensor, l2: float, target_confidence: float | None) -> LayerFit:
     import torch
 
     num_experts = init.shape[0]
@@ -98,6 +119,13 @@ def fit_layer(
 
     optimiser.step(loss_fn)
     fitted = weight.detach()
+    if target_confidence is None:
+        accuracy = (
+            float(((raw[is_positive] @ fitted.T).argmax(dim=-1) == labels.positive[is_positive]).double().mean())
+            if is_positive.any()
+            else 0.0
+        )
+        target_confidence = min(MAX_CONFIDENCE, max(accuracy, (1 + 1 / num_experts) / 2))
     scale = _scale_for_confidence(fitted, raw[is_positive] if is_positive.any() else raw, target_confidence)
     router = fitted * scale
     with torch.no_grad():
@@ -144,3 +172,113 @@ def label_tokens(
         [torch.full((n,), label, dtype=torch.long) for n, label in zip(lengths, negative_of, strict=True)]
     )
     return LabelledTokens(states=states, positive=positive, negative=negative)
+
+
+@dataclass(frozen=True, slots=True)
+class PromptLabel:
+    positive: int  # the expert this prompt belongs to, or -1
+    negative: int  # the expert this prompt must not go to, or -1
+
+
+@dataclass(frozen=True, slots=True)
+class ExpertWeights:
+    """Where one expert's MLP comes from, and the scale on its down projection."""
+
+    source: ModelSource
+    residual_scale: float | None = None
+
+
+class ProgressiveCalibration:
+    """Fits each layer's router on the router inputs of the MoE being built, layer after layer.
+
+    Fitting every layer on the *base* model's states leaves later layers mis-calibrated: in the
+    MoE, a layer's input comes through the experts chosen before it, not through the base's MLPs.
+    So the base model is run once with each MLP replaced, as the pass reaches it, by the MoE block
+    the merge will write: the router fitted just now on that layer's inputs, top-k of the experts'
+    MLPs with renormalised weights, plus the always-on shared expert where there is one.
+    """
+
+    def __init__(
+        self,
+        experts: Sequence[ExpertWeights],
+        shared: ExpertWeights | None,
+        labels: Sequence[PromptLabel],
+        experts_per_token: int,
+        skip_tokens: int,
+    ) -> None:
+        self.experts = list(experts)
+        self.shared = shared
+        self.labels = list(labels)
+        self.top_k = experts_per_token
+        self.skip_tokens = skip_tokens
+        self.fits: dict[int, LayerFit] = {}
+        self._rows: list[int] = []
+
+    def start_batch(self, prompt_indices: Sequence[int]) -> None:
+        self._rows = list(prompt_indices)
+
+    def before_mlp(self, layer: int, hidden: torch.Tensor, mask: torch.Tensor) -> None:
+        lengths = mask.sum(dim=1).tolist()
+        states = [hidden[row, : lengths[row]].float().cpu() for row in range(len(self._rows))]
+        labels = [self.labels[index] for index in self._rows]
+        self.fits[layer] = fit_layer_on_prompts(states, labels, len(self.experts), self.skip_tokens)
+
+    def mlp_output(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        router = self.fits[layer].weight.to(hidden.device)
+        probabilities = torch.softmax(hidden.float() @ router.T, dim=-1)
+        weights, chosen = probabilities.topk(self.top_k, dim=-1)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        output = torch.zeros_like(hidden, dtype=torch.float32)
+        for expert, source in enumerate(self.experts):
+            gate = (weights * (chosen == expert)).sum(dim=-1, keepdim=True)
+            if gate.any():
+                output += gate * _mlp(source, layer, hidden)
+        if self.shared is not None:
+            output += _mlp(self.shared, layer, hidden)
+        return output.to(hidden.dtype)
+
+
+def fit_layer_on_prompts(
+    states: Sequence[torch.Tensor], labels: Sequence[PromptLabel], num_experts: int, skip_tokens: int
+) -> LayerFit:
+    """Fit one layer's router on prompts' token states (each tokens x hidden), from hidden_avg gates."""
+    import torch
+
+    def mean_of(expert: int, negative: bool) -> torch.Tensor | None:
+        rows = [
+            state.mean(dim=0)
+            for state, label in zip(states, labels, strict=True)
+            if (label.negative if negative else label.positive) == expert
+        ]
+        return torch.stack(rows).mean(dim=0) if rows else None
+
+    init = []
+    for expert in range(num_experts):
+        vector, avoid = mean_of(expert, negative=False), mean_of(expert, negative=True)
+        if vector is None:
+            raise ValueError(f"expert {expert} has no positive prompts to calibrate on")
+        if avoid is not None:
+            vector = vector - avoid
+        init.append(vector / vector.norm().clamp(min=1e-8))
+    tokens = label_tokens(
+        [state[skip_tokens:] for state in states],
+        [label.positive for label in labels],
+        [label.negative for label in labels],
+    )
+    return fit_layer(tokens, torch.stack(init))
+
+
+def _mlp(expert: ExpertWeights, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+    """The donor's SwiGLU MLP of that layer, as the merged model will hold it."""
+    import torch.nn.functional as F
+
+    def weight(projection: str) -> torch.Tensor:
+        tensor = expert.source.read_tensor(f"model.layers.{layer}.mlp.{projection}_proj.weight")
+        return tensor.to(hidden.device, hidden.dtype)
+
+    down = weight("down")
+    if expert.residual_scale is not None:
+        down = down * expert.residual_scale
+    return (F.silu(hidden @ weight("gate").T) * (hidden @ weight("up").T) @ down.T).float()

@@ -160,6 +160,8 @@ def train_domain_models(
     expert_steps: int,
     final_folder: Path | None = None,
     seed: int = SEED,
+    hidden_size: int = 64,
+    num_layers: int = 4,
 ) -> Job[Recipe]:
     """Train a base on all domains and one MLP-only expert per domain into workspace; save a recipe.
 
@@ -177,7 +179,7 @@ def train_domain_models(
     check_cancel(cancel)
 
     torch.manual_seed(seed)
-    model = _new_model(tokenizer)
+    model = _new_model(tokenizer, hidden_size, num_layers)
     mixed = torch.cat(list(streams.values()))
     done = 0
     for step in _train(model, mixed, base_steps, lambda name: True, cancel, seed):
@@ -249,14 +251,14 @@ def _token_stream(tokenizer: Any, texts: list[str]) -> Any:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def _new_model(tokenizer: Any) -> Any:
+def _new_model(tokenizer: Any, hidden_size: int, num_layers: int) -> Any:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=256,

@@ -17,7 +17,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from app.core.devices import available_memory, compute_dtype, resolve_device
 from app.core.problems import FrankenMoEError
@@ -167,6 +167,16 @@ def encode_prompts(tokenizer: object, prompts: Sequence[str]) -> list[list[int]]
 # --------------------------------------------------------------------------- running the base model
 
 
+class MlpOverride(Protocol):
+    """Replaces a dense model's MLP outputs while the probe runs it, e.g. by a MoE block."""
+
+    def start_batch(self, prompt_indices: Sequence[int]) -> None: ...
+
+    def before_mlp(self, layer: int, hidden: torch.Tensor, mask: torch.Tensor) -> None: ...
+
+    def mlp_output(self, layer: int, hidden: torch.Tensor) -> torch.Tensor: ...
+
+
 @dataclass
 class _Capture:
     reduction: Reduction
@@ -205,12 +215,14 @@ class RouterInputProbe:
         self.body.rotary_emb = type(rotary)(config=self.body.config).to(self.device)
         self._loaded: set[int] = set()
         self._capture: _Capture | None = None
+        self._override: MlpOverride | None = None
         self._progress: Callable[[int], None] | None = None
         self._abort = threading.Event()
         for index, layer in enumerate(self.body.layers):
             layer.register_forward_pre_hook(self._make_load_hook(index))
             layer.register_forward_hook(self._make_unload_hook(index))
             layer.mlp.register_forward_pre_hook(self._make_capture_hook(index))
+            layer.mlp.register_forward_hook(self._make_override_hook(index))
 
     def layer_bytes(self) -> int:
         prefix = "model.layers.0."
@@ -264,8 +276,18 @@ class RouterInputProbe:
             else:
                 reduced = hidden
             state.outputs[index] = reduced.cpu()
+            if self._override is not None:
+                self._override.before_mlp(index, args[0], state.mask)
 
         return capture
+
+    def _make_override_hook(self, index: int) -> Callable[..., torch.Tensor | None]:
+        def override(
+            _module: torch.nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor
+        ) -> torch.Tensor | None:
+            return None if self._override is None else self._override.mlp_output(index, args[0])
+
+        return override
 
     def plan_batches(self, lengths: Sequence[int], reduction: Reduction) -> list[list[int]]:
         """Group prompts, longest first, into batches whose activations fit in a share of free memory."""
@@ -298,14 +320,24 @@ class RouterInputProbe:
         reduction: Reduction,
         cancel: threading.Event | None = None,
         stage: str = "running the base model",
+        override: MlpOverride | None = None,
     ) -> Job[list[torch.Tensor]]:
-        """Per prompt: layers x hidden ("last", "mean") or layers x tokens x hidden ("tokens")."""
+        """Per prompt: layers x hidden ("last", "mean") or layers x tokens x hidden ("tokens").
+
+        With an override, every layer's MLP output is replaced by the override's (all prompts must
+        then fit in one batch, since the override sees each layer once).
+        """
         import torch
 
         lengths = [len(ids) for ids in token_ids]
         if any(length == 0 for length in lengths):
             raise FrankenMoEError("a prompt has no tokens", "remove empty prompts")
         batches = self.plan_batches(lengths, reduction)
+        if override is not None and len(batches) > 1:
+            raise FrankenMoEError(
+                f"{len(token_ids)} prompts do not fit in one batch in the memory there is",
+                "use fewer or shorter prompts, or a device with more memory",
+            )
         pad = int(self.config.pad_token_id or 0) if getattr(self.config, "pad_token_id", None) is not None else 0
         results: list[torch.Tensor | None] = [None] * len(token_ids)
         total = len(batches) * self.num_layers
@@ -317,8 +349,14 @@ class RouterInputProbe:
                 ids[row, : lengths[index]] = torch.tensor(token_ids[index])
                 mask[row, : lengths[index]] = 1
             capture = _Capture(reduction=reduction, mask=mask)
-            for done_layers in self._run(ids, mask, capture, cancel):
-                yield Progress(stage, batch_number * self.num_layers + done_layers, total)
+            if override is not None:
+                override.start_batch(batch)
+            self._override = override
+            try:
+                for done_layers in self._run(ids, mask, capture, cancel):
+                    yield Progress(stage, batch_number * self.num_layers + done_layers, total)
+            finally:
+                self._override = None
             stacked = torch.stack([capture.outputs[layer] for layer in range(self.num_layers)], dim=1)
             for row, index in enumerate(batch):
                 if reduction == "tokens":
@@ -400,6 +438,7 @@ class GateComputer:
         self._source: ModelSource | None = None
         self._probe: RouterInputProbe | None = None
         self._tokenizer: object | None = None
+        self._donors: dict[str, ModelSource] = {}
 
     @property
     def source(self) -> ModelSource:
@@ -428,6 +467,10 @@ class GateComputer:
     def close(self) -> None:
         self._probe = None
         self._tokenizer = None
+        for donor in self._donors.values():
+            if donor is not self._source:
+                donor.close()
+        self._donors.clear()
         if self._source is not None:
             self._source.close()
             self._source = None
@@ -490,44 +533,52 @@ class GateComputer:
 
         import torch
 
-        from app.core.calibration import fit_layer, label_tokens
+        from app.core.calibration import ExpertWeights, ProgressiveCalibration, PromptLabel, fit_layer_on_prompts
 
-        prompts = sorted({p for e in recipe.experts for p in (*e.positive_prompts, *e.negative_prompts)})
-        states = yield from self.probe().collect(
-            encode_prompts(self.tokenizer, prompts), "tokens", cancel, stage="gates"
-        )
-        by_prompt = dict(zip(prompts, states, strict=True))
+        labelled = [(text, PromptLabel(i, -1)) for i, e in enumerate(recipe.experts) for text in e.positive_prompts]
+        labelled += [(text, PromptLabel(-1, i)) for i, e in enumerate(recipe.experts) for text in e.negative_prompts]
+        token_ids = encode_prompts(self.tokenizer, [text for text, _ in labelled])
         skip = 1 if getattr(self.tokenizer, "bos_token", None) else 0  # every prompt's BOS looks the same
-
-        # The hidden_avg gates are where the fit starts and what it is pulled towards.
-        init = contrast_gates(
-            recipe.experts, lambda texts: torch.stack([by_prompt[t].mean(dim=1) for t in texts]).mean(dim=0)
-        )
-
-        labelled = [(text, index, -1) for index, e in enumerate(recipe.experts) for text in e.positive_prompts]
-        labelled += [(text, -1, index) for index, e in enumerate(recipe.experts) for text in e.negative_prompts]
-        num_layers = init.shape[0]
+        probe = self.probe()
         started = time.perf_counter()
-        weights, accuracies = [], []
-        for layer in range(num_layers):
-            check_cancel(cancel)
-            tokens = label_tokens(
-                [by_prompt[text][layer, skip:] for text, _, _ in labelled],
-                [positive for _, positive, _ in labelled],
-                [negative for _, _, negative in labelled],
+        if len(probe.plan_batches([len(ids) for ids in token_ids], "tokens")) == 1:
+            calibration = ProgressiveCalibration(
+                [ExpertWeights(self.donor(e.source_model), e.residual_scale) for e in recipe.experts],
+                next(
+                    (ExpertWeights(self.donor(e.source_model), e.residual_scale) for e in recipe.shared_experts),
+                    None,
+                ),
+                [label for _, label in labelled],
+                recipe.experts_per_token,
+                skip,
             )
-            fit = fit_layer(tokens, init[layer])
-            weights.append(fit.weight)
-            accuracies.append(fit.train_accuracy)
-            yield Progress("calibrating", layer + 1, num_layers, message=f"layer {layer}: {fit.train_accuracy:.0%}")
-        router = torch.stack(weights).contiguous()
+            yield from probe.collect(token_ids, "last", cancel, stage="calibrating", override=calibration)
+            fits = [calibration.fits[layer] for layer in range(probe.num_layers)]
+        else:
+            # Too many prompts to run as one MoE pass: fit every layer on the base model's own states.
+            states = yield from probe.collect(token_ids, "tokens", cancel, stage="gates")
+            labels = [label for _, label in labelled]
+            fits = []
+            for layer in range(probe.num_layers):
+                check_cancel(cancel)
+                layer_states = [state[layer] for state in states]
+                fits.append(fit_layer_on_prompts(layer_states, labels, len(recipe.experts), skip))
+                yield Progress("calibrating", layer + 1, probe.num_layers)
+        router = torch.stack([fit.weight for fit in fits]).contiguous()
         return GateResult(
             "calibrated",
             router,
             layer_diagnostics(router),
             fit_seconds=time.perf_counter() - started,
-            train_accuracy=tuple(accuracies),
+            train_accuracy=tuple(fit.train_accuracy for fit in fits),
         )
+
+    def donor(self, ref: ModelRef) -> ModelSource:
+        """An expert's model, opened once for as long as this computer lives."""
+        key = str(ref)
+        if key not in self._donors:
+            self._donors[key] = self.source if ref == self.base else open_model(ref, self.cache_dir)
+        return self._donors[key]
 
     def route(
         self,

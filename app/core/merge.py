@@ -51,6 +51,7 @@ class MergeOptions:
     overwrite: bool = False
     dtype: str | None = None  # output dtype; overrides the recipe's
     device: str = "auto"  # where gates are computed
+    gate_dtype: str | None = None  # what they are computed in: bfloat16 on GPUs, float32 on CPUs by default
     cache_dir: Path | None = None
     card: ModelCardFields = field(default_factory=ModelCardFields)
 
@@ -345,7 +346,13 @@ def merge_moe(
             None
             if computed
             else BackgroundJob(
-                compute_gates(recipe, device=options.device, cache_dir=options.cache_dir, cancel=stop),
+                compute_gates(
+                    recipe,
+                    device=options.device,
+                    dtype=options.gate_dtype,
+                    cache_dir=options.cache_dir,
+                    cancel=stop,
+                ),
                 name="frankenmoe-gates",
             )
         )

@@ -24,17 +24,17 @@ class PromptRouting:
         return self.weights.argmax(axis=-1)
 
     def token_choices(self) -> np.ndarray:
-        """Each token's expert by majority over layers (ties go to the lower index)."""
-        choices = self.layer_choices
+        """Each token's expert by majority over layers; a tie goes to the larger mean router weight."""
         num_experts = self.weights.shape[-1]
-        return np.array(
-            [np.bincount(choices[:, t], minlength=num_experts).argmax() for t in range(choices.shape[1])],
-            dtype=int,
-        )
+        votes = (self.layer_choices[..., None] == np.arange(num_experts)).sum(axis=0)  # tokens x experts
+        # Mean weights lie in [0, 1], so they only ever decide between equal vote counts.
+        return (votes + self.weights.mean(axis=0) / 2).argmax(axis=-1)
 
     def prompt_choice(self) -> int:
+        """The expert most of the prompt's tokens chose; a tie goes to the larger mean router weight."""
         num_experts = self.weights.shape[-1]
-        return int(np.bincount(self.token_choices(), minlength=num_experts).argmax())
+        votes = np.bincount(self.token_choices(), minlength=num_experts)
+        return int((votes + self.weights.mean(axis=(0, 1)) / 2).argmax())
 
 
 @dataclass(frozen=True, slots=True)

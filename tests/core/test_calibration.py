@@ -97,10 +97,20 @@ def test_calibrated_gates_route_their_own_prompts_home(llama_donors):
     preview = run_job(computer.route(recipe, gates, [PROMPTS[i] for i in range(3)]))
     hidden = recipe.model_copy(update={"gate_mode": "hidden"})
     hidden_preview = run_job(computer.route(hidden, run_job(computer.compute(hidden)), [PROMPTS[i] for i in range(3)]))
-    # Fitted on exactly these tokens, so per-layer accuracy is the fit's training accuracy.
-    assert preview.quality.layer_token_share == pytest.approx(gates.train_accuracy)
-    assert preview.quality.token_share >= hidden_preview.quality.token_share
+    # Layer 0 sees the same inputs in the base and in the MoE: the preview scores the fit's own tokens.
+    assert preview.quality.layer_token_share[0] == pytest.approx(gates.train_accuracy[0])
+    assert preview.quality.layer_token_share[0] >= hidden_preview.quality.layer_token_share[0]
     computer.close()
+
+
+def test_progressive_fit_sees_what_the_merged_model_sees(llama_donors, tmp_path):
+    """Each layer is fitted on the MoE's own router inputs, so its training accuracy is the merged model's."""
+    recipe = calibrated_recipe(llama_donors)
+    gates = run_job(compute_gates(recipe, device="cpu"))
+    out = tmp_path / "moe"
+    run_job(merge_moe(recipe, MergeOptions(out_dir=out), gates=gates))
+    merged = run_job(evaluate_model_routing(out, [PROMPTS[i] for i in range(3)], device="cpu"))
+    assert merged.quality.layer_token_share == pytest.approx(gates.train_accuracy)
 
 
 def test_written_routers_reproduce_the_preview_in_the_merged_model(llama_donors, tmp_path):
@@ -119,3 +129,14 @@ def test_written_routers_reproduce_the_preview_in_the_merged_model(llama_donors,
         assert ours.text == theirs.text
         np.testing.assert_allclose(ours.weights[0], theirs.weights[0], rtol=1e-4, atol=1e-6)
     assert merged.quality.prompts == 3
+
+
+def test_default_confidence_follows_accuracy_within_bounds():
+    centres, tokens = clusters()
+    separable = fit_layer(tokens, centres)
+    assert separable.train_accuracy == 1.0
+    assert separable.confidence == pytest.approx(0.95, abs=0.01)  # right every time, yet never one-hot
+    _, overlapping = clusters(spread=6.0)
+    blurred = fit_layer(overlapping, centres)
+    assert blurred.train_accuracy < 0.95
+    assert blurred.confidence == pytest.approx(max(blurred.train_accuracy, 2 / 3), abs=0.02)

@@ -184,3 +184,12 @@ def test_route_preview_scores_test_prompts(llama_donors):
         expected = torch.softmax(torch.einsum("lh,leh->le", state, gates.router), dim=-1)
         np.testing.assert_allclose(routing.weights[:, -1], expected.numpy(), rtol=1e-4, atol=1e-6)
     computer.close()
+
+
+def test_gates_in_a_chosen_dtype(llama_donors):
+    recipe = make_recipe(llama_donors, "hidden")
+    full = run_job(compute_gates(recipe, device="cpu")).router
+    half = run_job(compute_gates(recipe, device="cpu", dtype="bfloat16")).router
+    assert not torch.equal(full, half)  # it really ran in bfloat16
+    cosine = torch.nn.functional.cosine_similarity(full, half, dim=-1)
+    assert cosine.min() > 0.99

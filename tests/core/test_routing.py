@@ -16,24 +16,32 @@ def one_hot_weights(choices, num_experts=3):
 
 
 def test_hand_checked_case():
-    # Prompt A (expert 0), 2 layers x 3 tokens: token majorities 0, 1 and 0 (a 0/2 tie goes to 0).
+    # Prompt A (expert 0), 2 layers x 3 tokens: token majorities 0, 1 and 0 (a 0/2 tie with equal
+    # mean weights goes to the lower index).
     a = PromptRouting("a", 0, one_hot_weights([[0, 1, 0], [0, 1, 2]]))
-    # Prompt B (expert 2), 2 layers x 2 tokens: token majorities 1 (tie 1/2 -> 1), 2.
+    # Prompt B (expert 2), 2 layers x 2 tokens: token majorities 1 (a tie again) and 2.
     b = PromptRouting("b", 2, one_hot_weights([[1, 2], [2, 2]]))
     assert list(a.token_choices()) == [0, 1, 0]
     assert list(b.token_choices()) == [1, 2]
     assert a.prompt_choice() == 0
-    assert b.prompt_choice() == 1  # tie between 1 and 2 goes to the lower index
+    assert b.prompt_choice() == 2  # one token each for 1 and 2: expert 2 has the larger mean weight
     quality = evaluate_routing([a, b], 3)
     assert quality.prompts == 2
     assert quality.tokens == 5
-    assert quality.prompt_share == pytest.approx(1 / 2)
+    assert quality.prompt_share == pytest.approx(1.0)
     assert quality.token_share == pytest.approx(3 / 5)  # A: tokens 0 and 2; B: token 1
     # Layer 0: A right on tokens 0, 2; B right on token 1 -> 3/5. Layer 1: A token 0; B tokens 0, 1 -> 3/5.
     assert quality.layer_token_share == pytest.approx((3 / 5, 3 / 5))
     # Top-1 choices over all 10 (layer, token) cells: expert 0 x3, expert 1 x3, expert 2 x4.
     assert quality.usage == pytest.approx((0.3, 0.3, 0.4))
-    assert "50% of 2 test prompts and 60% of their 5 tokens" in quality.summary()
+    assert "100% of 2 test prompts and 60% of their 5 tokens" in quality.summary()
+
+
+def test_a_split_vote_goes_to_the_more_confident_expert():
+    weights = np.array([[[0.5, 0.4, 0.1]], [[0.05, 0.9, 0.05]]])  # layer 0 picks 0 weakly, layer 1 picks 1 firmly
+    routing = PromptRouting("t", 1, weights)
+    assert list(routing.layer_choices[:, 0]) == [0, 1]
+    assert list(routing.token_choices()) == [1]
 
 
 def test_no_prompts():
