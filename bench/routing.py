@@ -83,7 +83,15 @@ def main() -> None:
         shutil.rmtree(models, ignore_errors=True)
         started = time.perf_counter()
         run_job(
-            train_domain_models(models, DOMAINS, base_steps=args.base_steps, expert_steps=args.expert_steps, seed=2024)
+            train_domain_models(
+                models,
+                DOMAINS,
+                base_steps=args.base_steps,
+                expert_steps=args.expert_steps,
+                seed=2024,
+                hidden_size=args.hidden_size,
+                num_layers=args.layers,
+            )
         )
         print(f"trained base and {len(DOMAINS)} experts in {time.perf_counter() - started:.0f} s")
     recipe = with_more_positive_prompts(load_recipe(models / RECIPE_NAME), args.extra_prompts, seed=7)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Protocol
 
-from app.core.devices import available_memory, compute_dtype, resolve_device
+from app.core.devices import available_memory, compute_dtype, resolve_device, return_freed_tensors_to_the_os
 from app.core.problems import FrankenMoEError
 from app.core.progress import Cancelled, Job, Progress, check_cancel
 from app.core.recipe import GATE_MODES, Expert, ModelRef, Recipe
@@ -198,6 +198,7 @@ class RouterInputProbe:
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM
 
+        return_freed_tensors_to_the_os()
         self.source = source
         self.device = torch.device(device)
         self.dtype = dtype

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from app.core.architectures import MLP_PROJECTIONS, MoEShape, OutputArchitecture, choose_architecture
 from app.core.compat import check_recipe
+from app.core.devices import return_freed_tensors_to_the_os
 from app.core.families import QKV_BIAS, config_value, model_parts
 from app.core.gates import GateResult, compute_gates, prompted_shared_experts
 from app.core.modelcard import ModelCardFields, render_model_card
@@ -322,6 +323,7 @@ def merge_moe(
 ) -> Job[MergeResult]:
     """Build the MoE into options.out_dir. Yields progress; returns a MergeResult."""
     started = time.monotonic()
+    return_freed_tensors_to_the_os()
     out_dir = Path(os.path.abspath(os.path.expanduser(options.out_dir)))
     yield Progress("checking", 0, 1, message="checking the recipe and models")
     raise_if_errors(check_recipe(recipe, options.cache_dir))

@@ -61,7 +61,7 @@ class MainWindow(QMainWindow):
         self.prompts_page = PromptsPage(self.document)
         self.preview_page = PreviewPage(self.document, self.context)
         self.merge_page = MergePage(self.document, self.context)
-        self.chat_page = ChatPage()
+        self.chat_page = ChatPage(self.context)
         self.pages = QStackedWidget()
         for page in (self.models_page, self.prompts_page, self.preview_page, self.merge_page, self.chat_page):
             self.pages.addWidget(page)
@@ -338,4 +338,5 @@ class MainWindow(QMainWindow):
         self.models_page.shutdown()
         self.context.shutdown()
         self.preview_page.shutdown()
+        self.chat_page.shutdown()
         event.accept()

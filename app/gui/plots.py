@@ -26,6 +26,8 @@ class HeatmapData:
     legend_label: str = ""
     # For each row, the column to outline (e.g. the expert a layer picks), or None.
     outlined: Sequence[int | None] = ()
+    # For each row, several columns to outline (e.g. the top-k experts a layer picked for a token).
+    marked: Sequence[Sequence[int]] = ()
     outline_legend: str = ""
     column_colors: Sequence[str] = field(default_factory=tuple)
     diverging: bool = False
@@ -125,14 +127,15 @@ class Heatmap(QWidget):
         outline_pen = QPen(text_color, max(2.0, min(cell_w, cell_h) * 0.08))
         painter.setPen(outline_pen)
         painter.setBrush(Qt.BrushStyle.NoBrush)
-        for r, column in enumerate(data.outlined):
-            if column is not None:
-                inset = outline_pen.widthF() / 2
-                painter.drawRect(
-                    QRectF(plot.left() + column * cell_w, plot.top() + r * cell_h, cell_w, cell_h).adjusted(
-                        inset, inset, -inset, -inset
-                    )
+        cells = [(r, column) for r, column in enumerate(data.outlined) if column is not None]
+        cells += [(r, column) for r, columns in enumerate(data.marked) for column in columns]
+        inset = outline_pen.widthF() / 2
+        for r, column in cells:
+            painter.drawRect(
+                QRectF(plot.left() + column * cell_w, plot.top() + r * cell_h, cell_w, cell_h).adjusted(
+                    inset, inset, -inset, -inset
                 )
+            )
 
         painter.setPen(text_color)
         for r, label in enumerate(data.row_labels):

@@ -154,3 +154,12 @@ def test_legend_comes_from_the_merged_recipe(moe_folders):
         assert len(set(chat.legend.colors)) == 3
     finally:
         chat.unload()
+
+
+def test_only_qwen2_moe_has_a_shared_expert(moe_folders):
+    for name, folder in moe_folders.items():
+        chat = run_job(load_chat_model(LoadRequest(str(folder), device="cpu")))
+        try:
+            assert chat.has_shared_expert == (name == "qwen2_moe"), name
+        finally:
+            chat.unload()

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from app.core.chat.capture import RouterCapture, StepRouting
+from app.core.chat.capture import RouterCapture, StepRouting, decoder_layers
 from app.core.chat.trace import ExpertLegend, TokenRouting, token_routings
 from app.core.problems import FrankenMoEError
 
@@ -186,6 +186,12 @@ class ChatModel:
     @property
     def is_moe(self) -> bool:
         return self.capture.is_moe
+
+    @property
+    def has_shared_expert(self) -> bool:
+        """Whether the MoE layers also run a shared expert for every token (Qwen2-MoE), which no router picks."""
+        layers = decoder_layers(self.model)
+        return any(hasattr(getattr(layers[index], "mlp", None), "shared_expert") for index in self.capture.layers)
 
     @property
     def panel_unavailable_reason(self) -> str:

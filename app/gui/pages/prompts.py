@@ -26,7 +26,8 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from app.core.recipe import ARCHITECTURES, GATE_MODE_HELP, GATE_MODES, Recipe, validate_recipe
+from app.core.architectures import OUTPUT_ARCHITECTURES
+from app.core.recipe import GATE_MODE_HELP, GATE_MODES, Expert, Recipe, validate_recipe
 from app.gui import recipe_edits
 from app.gui.document import RecipeDocument
 from app.gui.widgets import color_icon, explanation, heading
@@ -41,7 +42,19 @@ DTYPE_CHOICES = (
 )
 DTYPE_HELP = "Precision of the merged weights: bfloat16 halves the size of float32 and suits most GPUs."
 TOP_K_HELP = "How many experts each token goes through: more is slower but blends more knowledge; 2 is usual."
-ARCHITECTURE_HELP = "The merged model's layout. Mixtral loads in transformers and most inference tools."
+# One line per choice of output architecture (recipe names, mergekit-moe's; "" chooses from the donors).
+ARCHITECTURE_HELP = {
+    "": "Chosen from the base model: Llama and Mistral give Mixtral, Qwen2 gives Qwen2-MoE, Qwen3 Qwen3-MoE.",
+    "mixtral": "Routed experts only; takes Llama and Mistral donors and loads in most inference tools.",
+    "qwen": "Routed experts plus one shared expert that runs for every token; takes Qwen2, Llama or Mistral donors.",
+    "qwen3": "Routed experts only, with Qwen3's q/k norms; takes Qwen3 donors.",
+}
+# Architectures that can hold a shared expert; "" may become Qwen2-MoE, and validation says when it cannot.
+SHARED_EXPERT_ARCHITECTURES = ("", "qwen")
+SHARED_EXPERT_HELP = (
+    "A Qwen2-MoE's shared expert: one more MLP that every token goes through, beside the routed ones. "
+    "Without prompts it is always on."
+)
 
 
 def lines_to_prompts(text: str) -> list[str]:
@@ -191,13 +204,18 @@ class PromptsPage(QWidget):
         for value, text in DTYPE_CHOICES:
             self.dtype.addItem(text, value)
         self.architecture = QComboBox()
-        self.architecture.addItem("Chosen from the donors (Mixtral)", "")
-        for name in ARCHITECTURES:
-            self.architecture.addItem(name.capitalize(), name)
+        self.architecture.addItem("Chosen from the donors", "")
+        for architecture in OUTPUT_ARCHITECTURES:
+            self.architecture.addItem(f"{architecture.title} ({architecture.name})", architecture.name)
+        self.architecture_help = explanation("")
+        # The shared expert's model: none, the base, or one of the experts' models (data: the reference).
+        self.shared_expert = QComboBox()
+        self.shared_expert_help = explanation(SHARED_EXPERT_HELP)
         self.gate_mode.currentTextChanged.connect(self._settings_edited)
         self.top_k.valueChanged.connect(self._settings_edited)
         self.dtype.currentIndexChanged.connect(self._settings_edited)
         self.architecture.currentIndexChanged.connect(self._settings_edited)
+        self.shared_expert.currentIndexChanged.connect(self._shared_expert_edited)
         self.settings_problems = QLabel()
         self.settings_problems.setWordWrap(True)
 
@@ -210,7 +228,9 @@ class PromptsPage(QWidget):
         form.addRow("Output dtype", self.dtype)
         form.addRow("", explanation(DTYPE_HELP))
         form.addRow("Output architecture", self.architecture)
-        form.addRow("", explanation(ARCHITECTURE_HELP))
+        form.addRow("", self.architecture_help)
+        form.addRow("Shared expert", self.shared_expert)
+        form.addRow("", self.shared_expert_help)
         form.addRow(self.settings_problems)
 
         right = QWidget()
@@ -269,15 +289,46 @@ class PromptsPage(QWidget):
             self.gate_help.setText(GATE_MODE_HELP.get(recipe.gate_mode, "Unknown gate mode."))
             self.top_k.setValue(recipe.experts_per_token)
             self.dtype.setCurrentIndex(max(0, self.dtype.findData(recipe.canonical_dtype or "")))
-            self.architecture.setCurrentIndex(max(0, self.architecture.findData((recipe.architecture or "").lower())))
+            architecture = (recipe.architecture or "").lower()
+            self.architecture.setCurrentIndex(max(0, self.architecture.findData(architecture)))
+            self.architecture_help.setText(ARCHITECTURE_HELP.get(architecture, ""))
+            self._refresh_shared_expert(recipe, architecture)
             problems = validate_recipe(recipe)
             mine = [p for p in problems if has_expert and p.field.startswith(f"experts.{index}.")]
             self.expert_problems.setText("\n".join(f"✗ {p.message}. {p.hint}" for p in mine))
-            settings_fields = ("gate_mode", "experts_per_token", "dtype", "architecture")
+            settings_fields = ("gate_mode", "experts_per_token", "dtype", "architecture", "shared_experts")
             general = [p for p in problems if p.field in settings_fields or p.field == "experts"]
             self.settings_problems.setText("\n".join(f"✗ {p.message}. {p.hint}" for p in general))
         finally:
             self._refreshing = False
+
+    def _refresh_shared_expert(self, recipe: Recipe, architecture: str) -> None:
+        self.shared_expert.clear()
+        self.shared_expert.addItem("None", "")
+        choices = {str(recipe.base_model): "The base model"}
+        for index, expert in enumerate(recipe.experts):
+            choices.setdefault(str(expert.source_model), f"{recipe.expert_label(index)}'s model")
+        for reference, text in choices.items():
+            if reference:
+                self.shared_expert.addItem(f"{text}: {reference}", reference)
+        current = str(recipe.shared_experts[0].source_model) if recipe.shared_experts else ""
+        if current and self.shared_expert.findData(current) < 0:
+            self.shared_expert.addItem(current, current)
+        self.shared_expert.setCurrentIndex(max(0, self.shared_expert.findData(current)))
+        # Offered where the architecture can hold one; a recipe that has one anyway keeps the choice to remove it.
+        self.shared_expert.setEnabled(architecture in SHARED_EXPERT_ARCHITECTURES or bool(recipe.shared_experts))
+
+    def _shared_expert_edited(self) -> None:
+        if self._refreshing:
+            return
+        recipe = self.document.recipe
+        reference = self.shared_expert.currentData() or ""
+        current = recipe.shared_experts[0] if recipe.shared_experts else None
+        if reference == (str(current.source_model) if current else ""):
+            return
+        # A new shared expert without prompts: always on, which is what a shared expert is mostly for.
+        shared = (Expert(source_model=reference),) if reference else ()
+        self.document.edit(recipe_edits.update_settings(recipe, shared_experts=shared), "Set the shared expert")
 
     def _set_expert_prompts(self, field: str, prompts: tuple[str, ...], text: str) -> None:
         index = self.current_expert
