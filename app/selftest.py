@@ -2,9 +2,10 @@
 
 Meant for smoke-testing any build (source, wheel, PyInstaller bundle, installed package): it imports
 every module of the app and the libraries it needs at run time (with their package metadata, which
-transformers checks and bundles easily lose), builds tiny models, merges them, generates a few tokens
-with the chat engine, capturing which experts the routers chose, and opens and closes the main window offscreen.
-It writes only to a temporary folder and never touches the user's settings or the network.
+transformers checks and bundles easily lose), builds tiny models, merges them, generates a few
+tokens with the chat engine while it captures which experts the routers chose, and opens and closes
+the main window offscreen. It writes only to a temporary folder and never touches the user's
+settings or the network.
 """
 
 from __future__ import annotations
@@ -53,9 +54,20 @@ def check_imports() -> str:
     for module, distribution in RUNTIME_LIBRARIES:
         importlib.import_module(module)
         versions.append(f"{distribution} {importlib.metadata.version(distribution)}")
-    # transformers loads model classes lazily, on first use; these are the ones the demo and chat need.
+    # transformers loads model classes lazily, on first use: these are the ones the app reads and
+    # writes, which a bundle must carry.
     transformers = importlib.import_module("transformers")
-    for name in ("LlamaForCausalLM", "MixtralForCausalLM", "PreTrainedTokenizerFast"):
+    for name in (
+        "AutoTokenizer",
+        "PreTrainedTokenizerFast",
+        "LlamaForCausalLM",
+        "MistralForCausalLM",
+        "Qwen2ForCausalLM",
+        "Qwen3ForCausalLM",
+        "MixtralForCausalLM",
+        "Qwen2MoeForCausalLM",
+        "Qwen3MoeForCausalLM",
+    ):
         getattr(transformers, name)
     return f"{len(names)} app modules; " + ", ".join(versions)
 
