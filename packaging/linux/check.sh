@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # End-to-end check of the Linux package: build it from a clean checkout of HEAD, install it, run the
-# installed copy's self-test offscreen, and report the time taken and the sizes.
+# installed copy's self-test offscreen (and, installed into the system with xvfb-run at hand, on
+# X11 as well), and report the time taken and the sizes.
 #
 #   bash packaging/linux/check.sh            # installs into a scratch root (dpkg-deb -x), no root needed
 #   bash packaging/linux/check.sh --system   # installs into this system with apt (root; for CI machines)
@@ -63,6 +64,10 @@ echo "== self-test of the installed copy: $EXE"
 mkdir -p "$WORK/home"
 HOME=$WORK/home XDG_CACHE_HOME="" XDG_STATE_HOME="" QT_QPA_PLATFORM=offscreen "$EXE" --version
 HOME=$WORK/home XDG_CACHE_HOME="" XDG_STATE_HOME="" QT_QPA_PLATFORM=offscreen "$EXE" --self-test
+if [ "$MODE" = system ] && command -v xvfb-run >/dev/null; then
+    echo "== self-test on X11 (Xvfb): Qt's xcb plugin with the libraries the package depends on"
+    HOME=$WORK/home XDG_CACHE_HOME="" XDG_STATE_HOME="" xvfb-run -a env QT_QPA_PLATFORM=xcb "$EXE" --self-test
+fi
 
 echo "== report"
 echo "build: ${BUILD_SECONDS} s, build and check: ${SECONDS} s"
