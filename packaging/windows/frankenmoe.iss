@@ -16,7 +16,6 @@
 #define AppName "FrankenMoE Studio"
 #define BundleDir "..\..\build\dist\frankenmoe-studio"
 #define GuiExe "FrankenMoE Studio.exe"
-#define CliExe "frankenmoe.exe"
 
 [Setup]
 ; Never change AppId: Windows uses it to find the installed copy for upgrades and uninstalling.
