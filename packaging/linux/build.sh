@@ -14,7 +14,7 @@
 #   FRANKENMOE_SLIM  0 keeps what the spec would leave out (to measure the saving)
 #   DEB_COMPRESSION  dpkg-deb's -Z: xz (smallest, default), zstd or gzip (faster)
 # Output in build/dist/: frankenmoe-studio/, frankenmoe-studio-VERSION-linux-ARCH.tar.gz and
-# frankenmoe-studio_VERSION_ARCH.deb. Takes 10-15 minutes on two cores (see README).
+# frankenmoe-studio_VERSION_ARCH.deb. Takes 7 to 14 minutes on two cores (see README).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$ROOT"

@@ -8,7 +8,7 @@
 #
 # The build environment is reused between runs (VENV, default build/venv-package of this checkout),
 # so only the first run downloads torch. Other variables are passed on to build.sh. KEEP=1 keeps
-# the work folder. About 15 minutes on two cores (see README).
+# the work folder. 8 to 15 minutes on two cores (see README).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 MODE=scratch
