@@ -207,4 +207,3 @@ def run_self_test(out: TextIO | None = None) -> int:
                 return 1
     print(f"self-test passed in {time.monotonic() - started:.1f} s", file=out, flush=True)
     return 0
-

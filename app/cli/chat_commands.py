@@ -60,16 +60,13 @@ def run_generate(args: argparse.Namespace) -> int:
     try:
         turns = [{"role": "system", "content": args.system}] if args.system else []
         turns.append({"role": "user", "content": args.prompt})
-        job = model.generate(model.prompt_ids(turns), settings)
-        while True:
-            try:
-                event = next(job)
-            except StopIteration as finished:
-                result = finished.value
-                break
+
+        def print_token(event: object) -> None:
             if isinstance(event, TokenGenerated):
                 sys.stdout.write(event.text)
                 sys.stdout.flush()
+
+        result = run_job(model.generate(model.prompt_ids(turns), settings), print_token)
         sys.stdout.write("\n")
         if args.trace is not None:
             write_trace(result.trace, args.trace)

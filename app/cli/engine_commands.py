@@ -155,12 +155,13 @@ def print_quality(quality: RoutingQuality, labels: list[str]) -> None:
 
 def run_eval_routing(args: argparse.Namespace) -> int:
     from app.cli.progress import ProgressBars
-    from app.core.routing_eval import evaluate_model_routing, expert_labels, load_labelled_prompts
+    from app.core.chat.trace import read_legend
+    from app.core.routing_eval import evaluate_model_routing, load_labelled_prompts
     from app.core.sources import ModelSource
 
     with ModelSource(args.model) as source:
         experts = int(source.config.get("num_local_experts") or source.config.get("num_experts") or 0)
-    labels = expert_labels(args.model, experts)
+    labels = list(read_legend(args.model, experts).labels)
     prompts = load_labelled_prompts(args.prompts, labels)
     with ProgressBars() as bars:
         result = run_job(evaluate_model_routing(args.model, prompts, device=args.device), bars)

@@ -57,16 +57,6 @@ def load_labelled_prompts(path: Path, labels: Sequence[str]) -> list[list[str]]:
     return prompts
 
 
-def expert_labels(model_dir: Path, num_experts: int) -> list[str]:
-    """The labels in the merged model's own recipe, or "expert i"."""
-    recipe_file = model_dir / "frankenmoe-recipe.yml"
-    if recipe_file.is_file():
-        recipe = parse_recipe(recipe_file.read_text(encoding="utf-8"))
-        if len(recipe.experts) == num_experts:
-            return [recipe.expert_label(i) for i in range(num_experts)]
-    return [f"expert {i}" for i in range(num_experts)]
-
-
 def evaluate_model_routing(
     model_dir: Path,
     prompts_by_expert: Sequence[Sequence[str]],
@@ -78,6 +68,7 @@ def evaluate_model_routing(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from app.core.chat.trace import read_legend
     from app.core.gates import encode_prompts
 
     yield Progress("loading", 0, 1, message=f"loading {model_dir}")
@@ -101,5 +92,5 @@ def evaluate_model_routing(
         weights = torch.softmax(logits.float(), dim=-1)[:, skip:].cpu().numpy()
         routings.append(PromptRouting(text=text, intended_expert=expert, weights=weights))
         yield Progress("routing", done + 1, len(labelled))
-    labels = tuple(expert_labels(Path(model_dir), int(num_experts)))
+    labels = read_legend(Path(model_dir), int(num_experts)).labels
     return ModelRouting(labels, tuple(routings), evaluate_routing(routings, int(num_experts)))
