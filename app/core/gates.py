@@ -196,106 +196,65 @@ class RouterInputProbe:
         memory_budget: int | None = None,
     ) -> None:
         import torch
-        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from app.core.decoder import open_decoder
 
         return_freed_tensors_to_the_os()
         self.source = source
+        self.config = source.config
         self.device = torch.device(device)
         self.dtype = dtype
         self.keep_loaded = keep_loaded
         self.memory_budget = memory_budget
-        self.config = AutoConfig.from_pretrained(source.path, trust_remote_code=False)
-        with torch.device("meta"):
-            skeleton = AutoModelForCausalLM.from_config(self.config, trust_remote_code=False)
-        self.body = skeleton.model
-        self.body.eval()
-        self.num_layers = len(self.body.layers)
-        self._materialise(self.body.embed_tokens, "model.embed_tokens.")
-        self._materialise(self.body.norm, "model.norm.")
-        rotary = self.body.rotary_emb
-        self.body.rotary_emb = type(rotary)(config=self.body.config).to(self.device)
-        self._loaded: set[int] = set()
+        self.decoder = open_decoder(source, self.device, dtype, MAX_PROMPT_TOKENS)
+        self.num_layers = self.decoder.num_layers
         self._capture: _Capture | None = None
         self._override: MlpOverride | None = None
         self._progress: Callable[[int], None] | None = None
         self._abort = threading.Event()
-        for index, layer in enumerate(self.body.layers):
-            layer.register_forward_pre_hook(self._make_load_hook(index))
-            layer.register_forward_hook(self._make_unload_hook(index))
-            layer.mlp.register_forward_pre_hook(self._make_capture_hook(index))
-            layer.mlp.register_forward_hook(self._make_override_hook(index))
 
     def layer_bytes(self) -> int:
         prefix = "model.layers.0."
         return sum(self.source.tensor_info(n).nbytes for n in self.source.tensor_names if n.startswith(prefix))
 
-    def _materialise(self, module: torch.nn.Module, prefix: str) -> None:
-        state = {
-            name[len(prefix) :]: self.source.read_tensor(name).to(self.device, self.dtype)
-            for name in self.source.tensor_names
-            if name.startswith(prefix)
-        }
-        missing, _unexpected = module.load_state_dict(state, strict=False, assign=True)
-        if missing:
-            raise FrankenMoEError(
-                f"{self.source.ref} lacks {prefix}{missing[0]}",
-                "the checkpoint is incomplete; download it again",
-            )
+    # The decoder calls these around every layer (the LayerObserver protocol).
 
-    def _make_load_hook(self, index: int) -> Callable[..., None]:
-        def load(module: torch.nn.Module, _args: object) -> None:
-            if self._abort.is_set():
-                raise Cancelled("cancelled")
-            if index not in self._loaded:
-                self._materialise(module, f"model.layers.{index}.")
-                self._loaded.add(index)
+    def layer_started(self, layer: int) -> None:
+        if self._abort.is_set():
+            raise Cancelled("cancelled")
 
-        return load
+    def mlp_input(self, layer: int, hidden: torch.Tensor) -> None:
+        state = self._capture
+        if state is None or state.mask is None:
+            return
+        widened = hidden.float()
+        mask = state.mask.to(widened.device, widened.dtype)
+        if state.reduction == "last":
+            last = state.mask.sum(dim=1) - 1
+            reduced = widened[range(widened.shape[0]), last.to(widened.device)]
+        elif state.reduction == "mean":
+            reduced = (widened * mask[..., None]).sum(dim=1) / mask.sum(dim=1, keepdim=True)
+        else:
+            reduced = widened
+        state.outputs[layer] = reduced.cpu()
+        if self._override is not None:
+            self._override.before_mlp(layer, hidden, state.mask)
 
-    def _make_unload_hook(self, index: int) -> Callable[..., None]:
-        def unload(module: torch.nn.Module, _args: object, _output: object) -> None:
-            if not self.keep_loaded:
-                module.to("meta")
-                self._loaded.discard(index)
-            if self._progress is not None:
-                self._progress(index)
+    def mlp_output(self, layer: int, hidden: torch.Tensor) -> torch.Tensor | None:
+        return None if self._override is None else self._override.mlp_output(layer, hidden)
 
-        return unload
-
-    def _make_capture_hook(self, index: int) -> Callable[..., None]:
-        def capture(_module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            state = self._capture
-            if state is None or state.mask is None:
-                return
-            hidden = args[0].float()
-            mask = state.mask.to(hidden.device, hidden.dtype)
-            if state.reduction == "last":
-                last = state.mask.sum(dim=1) - 1
-                reduced = hidden[range(hidden.shape[0]), last.to(hidden.device)]
-            elif state.reduction == "mean":
-                reduced = (hidden * mask[..., None]).sum(dim=1) / mask.sum(dim=1, keepdim=True)
-            else:
-                reduced = hidden
-            state.outputs[index] = reduced.cpu()
-            if self._override is not None:
-                self._override.before_mlp(index, args[0], state.mask)
-
-        return capture
-
-    def _make_override_hook(self, index: int) -> Callable[..., torch.Tensor | None]:
-        def override(
-            _module: torch.nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor
-        ) -> torch.Tensor | None:
-            return None if self._override is None else self._override.mlp_output(index, args[0])
-
-        return override
+    def layer_finished(self, layer: int) -> None:
+        if not self.keep_loaded:
+            self.decoder.unload(layer)
+        if self._progress is not None:
+            self._progress(layer)
 
     def plan_batches(self, lengths: Sequence[int], reduction: Reduction) -> list[list[int]]:
         """Group prompts, longest first, into batches whose activations fit in a share of free memory."""
         config = self.config
         element = self.dtype.itemsize
-        hidden, intermediate = int(config.hidden_size), int(config.intermediate_size)
-        heads = int(config.num_attention_heads)
+        hidden, intermediate = int(config["hidden_size"]), int(config["intermediate_size"])
+        heads = int(config["num_attention_heads"])
         budget = self.memory_budget
         if budget is None:
             budget = max(available_memory(str(self.device)) // 4 - self.layer_bytes(), 64 * 2**20)
@@ -339,7 +298,7 @@ class RouterInputProbe:
                 f"{len(token_ids)} prompts do not fit in one batch in the memory there is",
                 "use fewer or shorter prompts, or a device with more memory",
             )
-        pad = int(self.config.pad_token_id or 0) if getattr(self.config, "pad_token_id", None) is not None else 0
+        pad = int(self.config.get("pad_token_id") or 0)
         results: list[torch.Tensor | None] = [None] * len(token_ids)
         total = len(batches) * self.num_layers
         for batch_number, batch in enumerate(batches):
@@ -380,7 +339,7 @@ class RouterInputProbe:
         def forward() -> None:
             try:
                 with torch.inference_mode():
-                    self.body(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), use_cache=False)
+                    self.decoder.run(ids, mask, self)
             except BaseException as exc:  # handed to the generator's thread and re-raised there
                 events.put(exc)
             finally:
@@ -409,9 +368,8 @@ class RouterInputProbe:
         check_cancel(cancel)
 
     def release(self) -> None:
-        for index in list(self._loaded):
-            self.body.layers[index].to("meta")
-        self._loaded.clear()
+        for layer in range(self.num_layers):
+            self.decoder.unload(layer)
 
 
 # --------------------------------------------------------------------------- computing gates
