@@ -23,6 +23,7 @@ from app.core.families import (
     rope_settings,
     sliding_window,
 )
+from app.core.imports import TRANSFORMERS_IMPORT_LOCK
 from app.core.problems import FrankenMoEError
 from app.core.recipe import Recipe
 
@@ -88,6 +89,12 @@ class OutputArchitecture:
 
     def router_name(self, layer: int) -> str:
         return self.router_template.format(layer=layer)
+
+    def import_config_class(self) -> None:
+        """Import the transformers config class build_config uses: a second of imports, worth starting early."""
+        with TRANSFORMERS_IMPORT_LOCK:
+            import transformers
+            getattr(transformers, self.class_name.removesuffix("ForCausalLM") + "Config")
 
     def expert_name(self, layer: int, expert: int, projection: str) -> str:
         return self.expert_template.format(layer=layer, expert=expert, slot=self.expert_slots[projection])
@@ -172,7 +179,8 @@ def attention_layer_types(base_config: Mapping[str, Any]) -> list[str]:
 
 def mixtral_config(base_config: Mapping[str, Any], shape: MoEShape) -> dict[str, Any]:
     """The Mixtral config.json for a MoE on the base's attention, as the installed transformers writes it."""
-    from transformers import MixtralConfig
+    with TRANSFORMERS_IMPORT_LOCK:
+        from transformers import MixtralConfig
 
     rope_theta, rope_scaling = _legacy_rope(base_config)
     config = MixtralConfig(
@@ -206,7 +214,8 @@ def _qwen_moe_settings(shape: MoEShape) -> dict[str, Any]:
 
 def qwen2_moe_config(base_config: Mapping[str, Any], shape: MoEShape) -> dict[str, Any]:
     """Qwen2-MoE: the base's attention (q/k/v biases, zeros for Llama and Mistral), with one shared expert."""
-    from transformers import Qwen2MoeConfig
+    with TRANSFORMERS_IMPORT_LOCK:
+        from transformers import Qwen2MoeConfig
 
     rope_theta, rope_scaling = _legacy_rope(base_config)
     layer_types = attention_layer_types(base_config)
@@ -233,7 +242,8 @@ def qwen2_moe_config(base_config: Mapping[str, Any], shape: MoEShape) -> dict[st
 
 def qwen3_moe_config(base_config: Mapping[str, Any], shape: MoEShape) -> dict[str, Any]:
     """Qwen3-MoE: the base's attention with its q/k norms, no shared expert."""
-    from transformers import Qwen3MoeConfig
+    with TRANSFORMERS_IMPORT_LOCK:
+        from transformers import Qwen3MoeConfig
 
     rope_theta, rope_scaling = _legacy_rope(base_config)
     window = sliding_window(base_config)

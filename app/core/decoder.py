@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from app.core.architectures import attention_layer_types
 from app.core.families import FAMILIES, config_value, rope_settings, sliding_window
+from app.core.imports import TRANSFORMERS_IMPORT_LOCK
 from app.core.problems import FrankenMoEError
 from app.core.sources import ModelSource
 
@@ -230,14 +231,16 @@ class TransformersDecoder:
 
     def __init__(self, source: ModelSource, device: torch.device, dtype: torch.dtype) -> None:
         import torch
-        from transformers import AutoConfig, AutoModelForCausalLM
-
         self.source = source
         self.device = device
         self.dtype = dtype
-        config = AutoConfig.from_pretrained(source.path, trust_remote_code=False)
-        with torch.device("meta"):
-            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+        # Both calls import the model's modules lazily, hence the lock around them too.
+        with TRANSFORMERS_IMPORT_LOCK:
+            from transformers import AutoConfig, AutoModelForCausalLM
+
+            config = AutoConfig.from_pretrained(source.path, trust_remote_code=False)
+            with torch.device("meta"):
+                skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
         self.body = skeleton.model
         self.body.eval()
         self.num_layers = len(self.body.layers)

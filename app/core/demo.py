@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from app.core.imports import TRANSFORMERS_IMPORT_LOCK
 from app.core.progress import Job, Progress, check_cancel
 from app.core.recipe import Expert, ExpertExtras, ModelRef, Recipe, StudioExtras, save_recipe
 
@@ -221,7 +222,8 @@ def train_domain_models(
 
 def _train_tokenizer(texts: list[str]) -> Any:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
+    with TRANSFORMERS_IMPORT_LOCK:
+        from transformers import PreTrainedTokenizerFast
 
     core = Tokenizer(models.BPE())
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -252,7 +254,8 @@ def _token_stream(tokenizer: Any, texts: list[str]) -> Any:
 
 
 def _new_model(tokenizer: Any, hidden_size: int, num_layers: int) -> Any:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    with TRANSFORMERS_IMPORT_LOCK:
+        from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -297,7 +300,8 @@ def _train(
 
 
 def _save(model: Any, tokenizer: Any, folder: Path) -> None:
-    from transformers.utils import logging
+    with TRANSFORMERS_IMPORT_LOCK:
+        from transformers.utils import logging
 
     # save_pretrained draws a tqdm bar on stderr; the core reports progress only through its jobs.
     bars_were_enabled = logging.is_progress_bar_enabled()

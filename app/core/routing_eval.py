@@ -10,6 +10,7 @@ from pathlib import Path
 import yaml
 
 from app.core.devices import resolve_device
+from app.core.imports import TRANSFORMERS_IMPORT_LOCK
 from app.core.problems import FrankenMoEError
 from app.core.progress import Job, Progress, check_cancel
 from app.core.recipe import parse_recipe
@@ -66,7 +67,8 @@ def evaluate_model_routing(
 ) -> Job[ModelRouting]:
     """Run each held-out prompt through the merged model and score where its tokens were routed."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    with TRANSFORMERS_IMPORT_LOCK:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from app.core.chat.trace import read_legend
     from app.core.gates import encode_prompts

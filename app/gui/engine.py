@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from app.core.imports import TRANSFORMERS_IMPORT_LOCK
 from app.core.problems import Problem
 from app.core.progress import Job, Progress, check_cancel
 from app.core.recipe import ModelRef, Recipe
@@ -42,7 +43,8 @@ def warm_up(cancel: threading.Event) -> Job[None]:
 
     check_cancel(cancel)
     yield Progress("loading", 1, 2, message="loading transformers")
-    import transformers  # noqa: F401
+    with TRANSFORMERS_IMPORT_LOCK:
+        import transformers  # noqa: F401
 
     yield Progress("loading", 2, 2, message="engine ready")
 

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from app.core.chat.model import ChatModel
 from app.core.devices import available_memory, compute_dtype, resolve_device
+from app.core.imports import TRANSFORMERS_IMPORT_LOCK
 from app.core.problems import FrankenMoEError
 from app.core.progress import Cancelled, Job, Progress, check_cancel, format_bytes
 from app.core.recipe import ModelRef
@@ -154,7 +155,8 @@ def _linear_elements(folder: Path, trust_remote_code: bool) -> int:
     as fused 3-D parameters, which bitsandbytes leaves unquantised, so headers alone cannot tell.
     """
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    with TRANSFORMERS_IMPORT_LOCK:
+        from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
         config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
@@ -263,7 +265,8 @@ def check_remote_code(folder: Path, allowed: bool) -> None:
     """Refuse a model whose architecture exists only as code in its repository, unless allowed."""
     import json
 
-    from transformers import CONFIG_MAPPING
+    with TRANSFORMERS_IMPORT_LOCK:
+        from transformers import CONFIG_MAPPING
 
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     needs_code = bool(config.get("auto_map")) and config.get("model_type") not in CONFIG_MAPPING
@@ -324,7 +327,8 @@ def _read_ahead(files: list[Path], cancel: threading.Event | None) -> Job[None]:
 
 def _from_pretrained(plan: LoadPlan) -> Any:
     import torch
-    from transformers import AutoModelForCausalLM
+    with TRANSFORMERS_IMPORT_LOCK:
+        from transformers import AutoModelForCausalLM
 
     option = plan.chosen
     kwargs: dict[str, Any] = {
@@ -333,7 +337,8 @@ def _from_pretrained(plan: LoadPlan) -> Any:
     }
     has_accelerate = importlib.util.find_spec("accelerate") is not None
     if option.mode in (LoadMode.INT8, LoadMode.INT4):
-        from transformers import BitsAndBytesConfig
+        with TRANSFORMERS_IMPORT_LOCK:
+            from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = (
             BitsAndBytesConfig(load_in_8bit=True)
@@ -350,7 +355,8 @@ def _from_pretrained(plan: LoadPlan) -> Any:
             kwargs["max_memory"] = {i: limit for i in range(torch.cuda.device_count())} | {"cpu": limit}
     elif option.device != "cpu" and has_accelerate:
         kwargs["device_map"] = {"": option.device}  # straight to the device, not through a CPU copy
-    from transformers.utils import logging as transformers_logging
+    with TRANSFORMERS_IMPORT_LOCK:
+        from transformers.utils import logging as transformers_logging
 
     # Its own progress bar would print to the terminal; ours is the read-ahead's.
     bar_was_enabled = transformers_logging.is_progress_bar_enabled()
@@ -377,7 +383,8 @@ def _load_hint(exc: Exception) -> str:
 
 
 def _load_tokenizer(folder: Path, trust_remote_code: bool) -> Any:
-    from transformers import AutoTokenizer
+    with TRANSFORMERS_IMPORT_LOCK:
+        from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
