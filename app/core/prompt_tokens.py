@@ -17,7 +17,11 @@ space depends on `legacy` in tokenizer_config.json, ignoring the file's normaliz
 Mistral 7B v0.1 style files normalise with Prepend("▁") + Replace(" ", "▁"), so the text after the
 BOS token gets its "▁" prefix here, as sentencepiece gives it in training and as transformers 4 (which
 loaded tokenizer.json as it is) gave it to mergekit-moe, while transformers 5 with `legacy: false`
-drops it ("<s>Hello" -> `<s>`, `Hello` rather than `<s>`, `▁Hello`). We follow the model's file.
+drops it ("<s>Hello" -> `<s>`, `Hello` rather than `<s>`, `▁Hello`). Transformers 5 also ignores
+`tokenizer_class` for some model types (qwen2, phi3 and others it lists as having a wrong class on
+the Hub) and rebuilds its own class for them: Qwen 2's pipeline (one token per digit) even over a
+GPT-2 style tokenizer.json. We follow the model's file: it is what the model was published with, and
+it makes a base model's preview and its merged model's evaluation (another model type) agree.
 
 `decode` is only for showing each token of a preview: it keeps special tokens and skips
 transformers' `clean_up_tokenization_spaces`, which transformers 5 ignores for BPE tokenizers anyway.

@@ -4,10 +4,11 @@ Every tokenizer here is trained locally with the `tokenizers` library and saved 
 (tokenizer.json, tokenizer_config.json, special_tokens_map.json where that family ships one, and a
 config.json naming the model type, which AutoTokenizer reads to pick its class).
 
-One kind differs from AutoTokenizer on purpose (see app/core/prompt_tokens.py): Llama 2 style files
-whose normalizer is Prepend("▁") + Replace(" ", "▁"), which transformers 5's LlamaTokenizer replaces by
-its own Metaspace pipeline; test_llama_2_files_are_read_as_saved_not_as_transformers_5_rebuilds_them
-pins what differs.
+Two kinds differ from AutoTokenizer on purpose (see app/core/prompt_tokens.py), where transformers 5
+rebuilds a pipeline other than the file's: Llama 2 style files whose normalizer is Prepend("▁") +
+Replace(" ", "▁"), which its LlamaTokenizer replaces by its own Metaspace pipeline, and models of type
+qwen2 whose tokenizer.json is not Qwen 2's pipeline. The tests named "..._not_as_transformers_5_rebuilds_..."
+pin what differs.
 """
 
 from __future__ import annotations
@@ -284,6 +285,25 @@ def test_llama_2_files_are_read_as_saved_not_as_transformers_5_rebuilds_them(tmp
         rebuilt = AutoTokenizer.from_pretrained(folder)
         assert type(rebuilt).__name__ == "LlamaTokenizer"
         assert reference_ids(rebuilt, ["Hello world"])[0] == [hello[0], *hello[2:]]  # the "▁" after <s> is gone
+
+
+def test_a_qwen2_model_is_read_as_saved_not_as_transformers_5_rebuilds_it(tmp_path):
+    """The other kind where our ids differ from AutoTokenizer's, on purpose.
+
+    A model of type qwen2 whose tokenizer.json is not Qwen 2's pipeline (like the project's tiny donors):
+    transformers 5 ignores its tokenizer_class and rebuilds Qwen 2's pre-tokenizer from the vocabulary,
+    so digits become one token each.
+    """
+    folder = tiny_folder(tmp_path)
+    (folder / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    ours = load_prompt_tokenizer(folder)
+    as_saved = PreTrainedTokenizerFast.from_pretrained(folder)
+    assert ours.encode(PROMPTS) == [ids[:MAX_PROMPT_TOKENS] for ids in reference_ids(as_saved, PROMPTS)]
+    assert as_saved.convert_ids_to_tokens(ours.encode(["42"])[0]) == ["<s>", "42"]
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        rebuilt = AutoTokenizer.from_pretrained(folder)
+        assert type(rebuilt).__name__ == "Qwen2Tokenizer"
+        assert rebuilt.convert_ids_to_tokens(reference_ids(rebuilt, ["42"])[0]) == ["<s>", "4", "2"]
 
 
 def test_without_tokenizer_json_autotokenizer_reads_the_other_files(tmp_path):
