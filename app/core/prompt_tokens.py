@@ -124,9 +124,7 @@ def _load_tokenizer_json(folder: Path) -> PromptTokenizer:
     # As transformers does: a named special token missing from the file's added tokens is added, so
     # that the BOS text prepended to each prompt becomes one token rather than its characters.
     added = {token.content for token in tokenizer.get_added_tokens_decoder().values()}
-    missing = [token for key, token in special.items() if token is not None and token.content not in added]
-    if missing:
-        tokenizer.add_special_tokens(missing)
+    tokenizer.add_special_tokens([t for t in special.values() if t is not None and t.content not in added])
     bos = special.get("bos_token")
     return _TokenizersPromptTokenizer(tokenizer, bos.content if bos is not None else None)
 
