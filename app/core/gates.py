@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Literal, Protocol
 from app.core.devices import available_memory, compute_dtype, resolve_device, return_freed_tensors_to_the_os
 from app.core.problems import FrankenMoEError
 from app.core.progress import Cancelled, Job, Progress, check_cancel
+from app.core.prompt_tokens import MAX_PROMPT_TOKENS, PromptTokenizer, load_prompt_tokenizer
 from app.core.recipe import GATE_MODES, Expert, ModelRef, Recipe
 from app.core.routing import PromptRouting, RoutingQuality, evaluate_routing
 from app.core.sources import ModelSource, open_model
@@ -32,7 +33,6 @@ if TYPE_CHECKING:
 Reduction = Literal["last", "mean", "tokens"]
 
 DEGENERATE_SIMILARITY = 0.95
-MAX_PROMPT_TOKENS = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,31 +137,6 @@ def contrast_gates(experts: Sequence[Expert], summarise: Callable[[Sequence[str]
             vector = vector - summarise(expert.negative_prompts)
         vectors.append(vector / vector.norm(dim=-1, keepdim=True).clamp(min=1e-8))
     return torch.stack(vectors, dim=-2)
-
-
-# --------------------------------------------------------------------------- tokenisation
-
-
-def load_tokenizer(folder: Path) -> object:
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
-    except (OSError, ValueError) as exc:
-        raise FrankenMoEError(
-            f"cannot load the tokenizer of {folder} ({exc})",
-            "use a base model folder that includes its tokenizer files",
-        ) from exc
-
-
-def encode_prompts(tokenizer: object, prompts: Sequence[str]) -> list[list[int]]:
-    """Token ids as mergekit-moe makes them: the BOS text prepended, no other special tokens."""
-    bos = getattr(tokenizer, "bos_token", None) or ""
-    encoded = []
-    for prompt in prompts:
-        ids = tokenizer(bos + prompt, add_special_tokens=False)["input_ids"]  # type: ignore[operator]
-        encoded.append(list(ids[:MAX_PROMPT_TOKENS]))
-    return encoded
 
 
 # --------------------------------------------------------------------------- running the base model
@@ -396,7 +371,7 @@ class GateComputer:
         self.cache_dir = cache_dir
         self._source: ModelSource | None = None
         self._probe: RouterInputProbe | None = None
-        self._tokenizer: object | None = None
+        self._tokenizer: PromptTokenizer | None = None
         self._donors: dict[str, ModelSource] = {}
 
     @property
@@ -406,9 +381,9 @@ class GateComputer:
         return self._source
 
     @property
-    def tokenizer(self) -> object:
+    def tokenizer(self) -> PromptTokenizer:
         if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.source.path)
+            self._tokenizer = load_prompt_tokenizer(self.source.path)
         return self._tokenizer
 
     def probe(self) -> RouterInputProbe:
@@ -467,10 +442,11 @@ class GateComputer:
 
     def _cheap_embed(self, experts: Sequence[Expert], layers: int) -> torch.Tensor:
         """mergekit-moe's definition: normalised sums of token embeddings, positive minus negative."""
-        embed = self.source.read_tensor("model.embed_tokens.weight").float()
+        # Only the prompts' rows are widened to float32 (exactly, from any float dtype), not the whole table.
+        embed = self.source.read_tensor("model.embed_tokens.weight")
 
         def normalised_sum(prompts: Sequence[str]) -> torch.Tensor:
-            total = sum(embed[ids].sum(dim=0) for ids in encode_prompts(self.tokenizer, prompts))
+            total = sum(embed[ids].float().sum(dim=0) for ids in self.tokenizer.encode(prompts))
             return total / total.norm().clamp(min=1e-8)
 
         return contrast_gates(experts, normalised_sum).unsqueeze(0).repeat(layers, 1, 1)
@@ -480,9 +456,7 @@ class GateComputer:
 
         reduction: Reduction = "mean" if gate_mode == "hidden_avg" else "last"
         prompts = sorted({p for e in experts for p in (*e.positive_prompts, *e.negative_prompts)})
-        states = yield from self.probe().collect(
-            encode_prompts(self.tokenizer, prompts), reduction, cancel, stage="gates"
-        )
+        states = yield from self.probe().collect(self.tokenizer.encode(prompts), reduction, cancel, stage="gates")
         by_prompt = dict(zip(prompts, states, strict=True))
 
         return contrast_gates(experts, lambda texts: torch.stack([by_prompt[t] for t in texts]).mean(dim=0))
@@ -496,8 +470,8 @@ class GateComputer:
 
         labelled = [(text, PromptLabel(i, -1)) for i, e in enumerate(recipe.experts) for text in e.positive_prompts]
         labelled += [(text, PromptLabel(-1, i)) for i, e in enumerate(recipe.experts) for text in e.negative_prompts]
-        token_ids = encode_prompts(self.tokenizer, [text for text, _ in labelled])
-        skip = 1 if getattr(self.tokenizer, "bos_token", None) else 0  # every prompt's BOS looks the same
+        token_ids = self.tokenizer.encode([text for text, _ in labelled])
+        skip = 1 if self.tokenizer.bos_token else 0  # every prompt's BOS looks the same
         probe = self.probe()
         started = time.perf_counter()
         if len(probe.plan_batches([len(ids) for ids in token_ids], "tokens")) == 1:
@@ -550,16 +524,16 @@ class GateComputer:
         import torch
 
         labelled = [(expert, text) for expert, texts in enumerate(prompts_by_expert) for text in texts if text.strip()]
-        token_ids = encode_prompts(self.tokenizer, [text for _, text in labelled])
+        token_ids = self.tokenizer.encode([text for _, text in labelled])
         states = yield from self.probe().collect(token_ids, "tokens", cancel, stage="routing test prompts")
-        skip = 1 if getattr(self.tokenizer, "bos_token", None) else 0  # the BOS token is the same for every prompt
+        skip = 1 if self.tokenizer.bos_token else 0  # the BOS token is the same for every prompt
         routings, token_texts = [], []
         router = gates.router.float()
         for (expert, text), ids, state in zip(labelled, token_ids, states, strict=True):
             logits = torch.einsum("lth,leh->lte", state[:, skip:], router)
             weights = torch.softmax(logits, dim=-1).numpy()
             routings.append(PromptRouting(text=text, intended_expert=expert, weights=weights))
-            token_texts.append(tuple(self.tokenizer.decode([i]) for i in ids[skip:]))  # type: ignore[attr-defined]
+            token_texts.append(tuple(self.tokenizer.decode([i]) for i in ids[skip:]))
         quality = evaluate_routing(routings, len(recipe.experts))
         return RoutingPreview(tuple(routings), tuple(token_texts), quality)
 

@@ -68,16 +68,16 @@ def evaluate_model_routing(
     """Run each held-out prompt through the merged model and score where its tokens were routed."""
     import torch
     with TRANSFORMERS_IMPORT_LOCK:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
     from app.core.chat.trace import read_legend
-    from app.core.gates import encode_prompts
+    from app.core.prompt_tokens import load_prompt_tokenizer
 
     yield Progress("loading", 0, 1, message=f"loading {model_dir}")
     target = resolve_device(device)
     model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=False, dtype=torch.float32)
     model.to(target).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    tokenizer = load_prompt_tokenizer(model_dir)  # the preview's tokenization, for comparable scores
     num_experts = getattr(model.config, "num_local_experts", None) or getattr(model.config, "num_experts", None)
     if not num_experts:
         raise FrankenMoEError(f"{model_dir} is not a mixture-of-experts model", "give a merged MoE folder")
@@ -85,7 +85,7 @@ def evaluate_model_routing(
     skip = 1 if tokenizer.bos_token else 0  # as in the preview: the BOS token is the same for every prompt
     routings = []
     for done, ((expert, text), ids) in enumerate(
-        zip(labelled, encode_prompts(tokenizer, [t for _, t in labelled]), strict=True)
+        zip(labelled, tokenizer.encode([t for _, t in labelled]), strict=True)
     ):
         check_cancel(cancel)
         with torch.inference_mode():

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from app.core.decoder import NativeDecoder, TransformersDecoder, native_unsupported_reason, open_decoder
-from app.core.gates import MAX_PROMPT_TOKENS
+from app.core.prompt_tokens import MAX_PROMPT_TOKENS
 from app.core.recipe import ModelRef
 from app.core.sources import open_model
 from tests.models import make_tiny_model

@@ -31,10 +31,10 @@ def make_recipe(donors, gate_mode="hidden", prompts=PROMPTS, **extra):
     return parse_recipe("\n".join(lines))
 
 
-def reference_router_inputs(base_folder, prompts, reduce):
+def reference_router_inputs(base_folder, prompts, reduce, tokenizer_class=AutoTokenizer):
     """Independent recomputation: the full model, one unpadded prompt at a time, hooks on each post-attention norm."""
     model = AutoModelForCausalLM.from_pretrained(base_folder, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(base_folder)
+    tokenizer = tokenizer_class.from_pretrained(base_folder)
     captured = {}
     hooks = [
         layer.post_attention_layernorm.register_forward_hook(

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
+    PreTrainedTokenizerFast,
     Qwen2MoeConfig,
     Qwen2MoeForCausalLM,
     Qwen3MoeConfig,
@@ -148,14 +149,20 @@ def test_qwen2_moe_tensors_come_from_their_donors(qwen2_merged, qwen2_donors):
 
 
 def test_shared_expert_gate_is_its_prompts_router_input(qwen2_merged, qwen2_donors):
-    """Computed like the routed experts' gates: mean router input at the prompts' last tokens, unit length."""
+    """Computed like the routed experts' gates: mean router input at the prompts' last tokens, unit length.
+
+    The reference reads tokenizer.json as saved (PreTrainedTokenizerFast), as the gates do: for a model
+    of type qwen2, transformers 5's AutoTokenizer ignores tokenizer_class and rebuilds Qwen 2's own
+    pipeline (one token per digit) from the file's vocabulary, which the tiny donors' GPT-2 style
+    tokenizer.json does not use ("42" is one token there). Real Qwen 2 files use that pipeline anyway.
+    """
     _recipe, result, _out = qwen2_merged
-    states = reference_router_inputs(qwen2_donors["base"], SHARED_PROMPTS, "last")
+    states = reference_router_inputs(qwen2_donors["base"], SHARED_PROMPTS, "last", PreTrainedTokenizerFast)
     vector = torch.stack(states).mean(dim=0)
     vector = vector / vector.norm(dim=-1, keepdim=True)
     torch.testing.assert_close(result.gates.shared_router, vector, rtol=1e-5, atol=1e-5)
     for index, topic in enumerate(TOPICS):
-        (state,) = reference_router_inputs(qwen2_donors["base"], [topic], "last")
+        (state,) = reference_router_inputs(qwen2_donors["base"], [topic], "last", PreTrainedTokenizerFast)
         torch.testing.assert_close(result.gates.router[:, index], state / state.norm(dim=-1, keepdim=True))
 
 
