@@ -1,7 +1,10 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,8 +13,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from app.core.gates import GateComputer, compute_gates, describe_degenerate_layers, layer_diagnostics
 from app.core.progress import Cancelled, run_job
-from app.core.recipe import parse_recipe
+from app.core.recipe import dump_recipe, parse_recipe
 
+REPO = Path(__file__).resolve().parents[2]
 PROMPTS = {
     0: (["What is 12 plus 30?", "Compute 7 times 8 and subtract 6"], ["def add(a, b): return a + b"]),
     1: (["def add(a, b):\n    return a + b", "for i in range(10): print(i)"], []),
@@ -193,3 +197,22 @@ def test_gates_in_a_chosen_dtype(llama_donors):
     assert not torch.equal(full, half)  # it really ran in bfloat16
     cosine = torch.nn.functional.cosine_similarity(full, half, dim=-1)
     assert cosine.min() > 0.99
+
+
+@pytest.mark.parametrize("mode", ["cheap_embed", "hidden", "calibrated"])
+def test_gates_of_a_llama_base_do_not_import_transformers(llama_donors, mode, tmp_path):
+    """transformers' imports take longer than a 250M-parameter gate computation: the gates must not need them."""
+    recipe_file = tmp_path / "recipe.yml"
+    recipe_file.write_text(dump_recipe(make_recipe(llama_donors, mode)))
+    script = (
+        "import sys; from pathlib import Path\n"
+        "from app.core.gates import compute_gates\n"
+        "from app.core.progress import run_job\n"
+        "from app.core.recipe import parse_recipe\n"
+        f"result = run_job(compute_gates(parse_recipe(Path({str(recipe_file)!r}).read_text()), device='cpu'))\n"
+        "assert result.router.shape[1] == 3, result.router.shape\n"
+        "print(sorted(name for name in sys.modules if name.split('.')[0] == 'transformers'))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
