@@ -48,6 +48,8 @@ class Decoder(Protocol):
 
     def unload(self, layer: int) -> None: ...
 
+    def release(self) -> None: ...
+
 
 def native_unsupported_reason(config: Mapping[str, Any], max_tokens: int) -> str | None:
     """Why the native decoder cannot run this model exactly as transformers would, or None if it can."""
@@ -115,6 +117,8 @@ class NativeDecoder:
     """A Llama-family decoder run from checkpoint tensors, one layer's weights in memory at a time."""
 
     def __init__(self, source: ModelSource, device: torch.device, dtype: torch.dtype, max_tokens: int) -> None:
+        import torch
+
         reason = native_unsupported_reason(source.config, max_tokens)
         if reason is not None:
             raise ValueError(f"the native decoder does not run {source.ref}: {reason}")
@@ -137,25 +141,41 @@ class NativeDecoder:
         # converting the whole table first, without a float32 copy of a 100k-token vocabulary.
         self.embeddings = source.read_tensor("model.embed_tokens.weight").to(device)
         self._layers: dict[int, dict[str, torch.Tensor]] = {}
+        self._spare: dict[str, torch.Tensor] = {}
+        layer_tensors = [name for name in source.tensor_names if name.startswith("model.layers.")]
+        self._staging = torch.empty(max(source.tensor_info(name).nbytes for name in layer_tensors), dtype=torch.uint8)
 
     def _weights(self, layer: int) -> dict[str, torch.Tensor]:
-        if layer not in self._layers:
-            prefix = f"model.layers.{layer}."
-            weights = {
-                name[len(prefix) :]: self.source.read_tensor(name).to(self.device, self.dtype)
-                for name in self.source.tensor_names
-                if name.startswith(prefix)
-            }
-            for needed in ("input_layernorm.weight", "self_attn.q_proj.weight", "mlp.down_proj.weight"):
-                if needed not in weights:
-                    raise FrankenMoEError(
-                        f"{self.source.ref} lacks {prefix}{needed}", "the checkpoint is incomplete; download it again"
-                    )
-            self._layers[layer] = weights
-        return self._layers[layer]
+        import torch
+
+        if layer in self._layers:
+            return self._layers[layer]
+        prefix = f"model.layers.{layer}."
+        # Layers share their shapes, so the last unloaded layer's tensors take this one's values.
+        spare, self._spare = self._spare, {}
+        weights = {}
+        for name in self.source.tensor_names:
+            if not name.startswith(prefix):
+                continue
+            key = name[len(prefix) :]
+            target = spare.get(key)
+            if target is None or tuple(target.shape) != self.source.tensor_info(name).shape:
+                target = torch.empty(self.source.tensor_info(name).shape, dtype=self.dtype, device=self.device)
+            weights[key] = self.source.read_tensor_into(name, target, self._staging)
+        for needed in ("input_layernorm.weight", "self_attn.q_proj.weight", "mlp.down_proj.weight"):
+            if needed not in weights:
+                raise FrankenMoEError(
+                    f"{self.source.ref} lacks {prefix}{needed}", "the checkpoint is incomplete; download it again"
+                )
+        self._layers[layer] = weights
+        return weights
 
     def unload(self, layer: int) -> None:
-        self._layers.pop(layer, None)
+        self._spare = self._layers.pop(layer, None) or self._spare
+
+    def release(self) -> None:
+        self._layers.clear()
+        self._spare = {}
 
     def run(self, ids: torch.Tensor, mask: torch.Tensor, observer: LayerObserver) -> None:
         """One forward pass over right-padded prompts; padded positions are computed but never read."""
@@ -303,6 +323,10 @@ class TransformersDecoder:
         if layer in self._loaded:
             self.body.layers[layer].to("meta")
             self._loaded.discard(layer)
+
+    def release(self) -> None:
+        for layer in list(self._loaded):
+            self.unload(layer)
 
     def run(self, ids: torch.Tensor, mask: torch.Tensor, observer: LayerObserver) -> None:
         self._observer = observer

@@ -343,8 +343,7 @@ class RouterInputProbe:
         check_cancel(cancel)
 
     def release(self) -> None:
-        for layer in range(self.num_layers):
-            self.decoder.unload(layer)
+        self.decoder.release()
 
 
 # --------------------------------------------------------------------------- computing gates

@@ -236,6 +236,33 @@ class ModelSource:
             raise ModelSourceError(f"{info.file} ended early while reading {name}", "download the model again")
         return buffer.view(getattr(torch, info.torch_dtype_name)).reshape(info.shape)
 
+    def read_tensor_into(self, name: str, target: torch.Tensor, staging: torch.Tensor | None = None) -> torch.Tensor:
+        """Read one tensor into an existing one of its shape, converting to target's dtype and device.
+
+        Reusing target (and, when the dtypes differ, a staging buffer of at least the stored size)
+        layer after layer saves allocating and faulting in fresh pages for every layer's weights.
+        """
+        import torch
+
+        info = self.tensor_info(name)
+        if tuple(target.shape) != info.shape:
+            raise ValueError(f"{name} is shaped {info.shape}, not {tuple(target.shape)}")
+        stored = getattr(torch, info.torch_dtype_name)
+        direct = target.dtype == stored and target.device.type == "cpu" and target.is_contiguous()
+        if direct:
+            raw = target.view(-1).view(torch.uint8)
+        else:
+            if staging is None or staging.numel() < info.nbytes:
+                staging = torch.empty(info.nbytes, dtype=torch.uint8)
+            raw = staging[: info.nbytes]
+        handle = self._handle(info.file)
+        handle.seek(info.start)
+        if handle.readinto(raw.numpy()) != info.nbytes:
+            raise ModelSourceError(f"{info.file} ended early while reading {name}", "download the model again")
+        if not direct:
+            target.copy_(raw.view(stored).reshape(info.shape))
+        return target
+
     def _handle(self, file: Path) -> BinaryIO:
         if file not in self._handles:
             self._handles[file] = file.open("rb", buffering=0)

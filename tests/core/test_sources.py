@@ -114,3 +114,20 @@ def test_bf16_model_reads_as_bf16(tmp_path):
     with ModelSource(folder) as source:
         assert source.dtype == "bfloat16"
         assert source.read_tensor("model.embed_tokens.weight").dtype == torch.bfloat16
+
+
+def test_reading_into_existing_tensors_converts_and_checks_the_shape(mistral_donors):
+    """Mistral donors are stored in bfloat16: a float32 target converts, a bfloat16 one is read straight in."""
+    source = open_model(ModelRef(path=str(mistral_donors["base"])))
+    name = "model.layers.0.mlp.up_proj.weight"
+    stored = source.read_tensor(name)
+    assert stored.dtype == torch.bfloat16
+    widened = torch.full(stored.shape, float("nan"))
+    staging = torch.empty(1, dtype=torch.uint8)  # too small: a bigger one is made for this read
+    assert source.read_tensor_into(name, widened, staging) is widened
+    assert torch.equal(widened, stored.float())
+    same = torch.zeros_like(stored)
+    source.read_tensor_into(name, same)
+    assert torch.equal(same, stored)
+    with pytest.raises(ValueError, match="shaped"):
+        source.read_tensor_into(name, torch.empty(3, 3))
