@@ -73,7 +73,6 @@ def _print_problems(problems: list[Problem]) -> None:
 
 def run_merge(args: argparse.Namespace) -> int:
     from app.cli.progress import ProgressBars
-    from app.core.hub import ensure_recipe_models
     from app.core.merge import MergeOptions, merge_moe
 
     recipe = load_recipe(args.recipe)
@@ -86,8 +85,11 @@ def run_merge(args: argparse.Namespace) -> int:
         gate_dtype=args.gate_dtype,
     )
     with ProgressBars(enabled=not args.quiet) as bars:
-        # Hub models the cache lacks are downloaded first, with their own progress.
-        run_job(ensure_recipe_models(recipe), bars)
+        if not all(ref.is_local for ref in recipe.model_refs()):
+            from app.core.hub import ensure_recipe_models  # huggingface_hub's imports, only when needed
+
+            # Hub models the cache lacks are downloaded first, with their own progress.
+            run_job(ensure_recipe_models(recipe), bars)
         result = run_job(merge_moe(recipe, options), bars)
     for warning in result.gates.degenerate_warnings([recipe.expert_label(i) for i in range(len(recipe.experts))]):
         print(f"warning: {warning}", file=sys.stderr)
