@@ -6,22 +6,16 @@ import argparse
 import getpass
 import sys
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
-from app.core.hub import (
-    SORT_KEYS,
-    DownloadProgress,
-    ModelReport,
-    download_model,
-    ensure_recipe_models,
-    inspect_model,
-    save_token,
-    search_models,
-)
+from app.core.hub.sorting import SORT_KEYS
 from app.core.progress import Job, Progress, format_bytes
 from app.core.recipe import ModelRef, load_recipe
+
+if TYPE_CHECKING:
+    from app.core.hub import ModelReport
 
 
 def register(subparsers: Any) -> None:
@@ -68,6 +62,8 @@ def _count(value: int | None) -> str:
 
 
 def run_search(args: argparse.Namespace) -> int:
+    from app.core.hub import search_models
+
     page = search_models(" ".join(args.query), sort=args.sort, limit=args.limit)
     if not page.models:
         print("no text-generation models match")
@@ -108,6 +104,8 @@ def _print_report(report: ModelReport) -> None:
 
 
 def run_info(args: argparse.Namespace) -> int:
+    from app.core.hub import inspect_model
+
     base = load_recipe(args.recipe).base_model if args.recipe else None
     report = inspect_model(args.repo, base=base)
     _print_report(report)
@@ -116,6 +114,8 @@ def run_info(args: argparse.Namespace) -> int:
 
 def _drive(job: Job[Any], cancel: threading.Event) -> Any:
     """Run a download job with a tqdm bar; Ctrl-C cancels it cleanly before re-raising."""
+    from app.core.hub import DownloadProgress
+
     bar: tqdm | None = None
     current = ""
     try:
@@ -145,6 +145,8 @@ def _drive(job: Job[Any], cancel: threading.Event) -> Any:
 
 
 def run_download(args: argparse.Namespace) -> int:
+    from app.core.hub import download_model
+
     cancel = threading.Event()
     folder = _drive(download_model(ModelRef.parse(args.repo), cancel), cancel)
     print(folder)
@@ -152,6 +154,8 @@ def run_download(args: argparse.Namespace) -> int:
 
 
 def run_fetch(args: argparse.Namespace) -> int:
+    from app.core.hub import ensure_recipe_models
+
     cancel = threading.Event()
     folders = _drive(ensure_recipe_models(load_recipe(args.recipe), cancel), cancel)
     for ref, folder in folders.items():
@@ -160,6 +164,8 @@ def run_fetch(args: argparse.Namespace) -> int:
 
 
 def run_login(args: argparse.Namespace) -> int:
+    from app.core.hub import save_token
+
     # getpass keeps the token off the screen; a pipe (no terminal) is read as is.
     token = getpass.getpass("Hugging Face access token: ") if sys.stdin.isatty() else sys.stdin.readline()
     user = save_token(token)

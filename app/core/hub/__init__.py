@@ -4,64 +4,55 @@ Everything here uses huggingface_hub's public API against ``HubConfig.endpoint``
 as :class:`HubError` subclasses that say what to do.
 """
 
-from app.core.hub.auth import HubUser, check_token, has_token, save_token
-from app.core.hub.config import HubConfig
-from app.core.hub.details import Architecture, ModelReport, fetch_config, inspect_model
-from app.core.hub.download import (
-    DownloadProgress,
-    download_model,
-    ensure_models,
-    ensure_recipe_models,
-    plan_download,
-)
-from app.core.hub.errors import (
-    DiskFullError,
-    GatedModelError,
-    HubError,
-    HubOfflineError,
-    HubServerError,
-    ModelNotFoundError,
-    NoSafetensorsError,
-    RevisionNotFoundError,
-    TokenError,
-)
-from app.core.hub.files import RemoteFile, cached_snapshot
-from app.core.hub.fit import FitEstimate, MachineMemory, estimate_fit, machine_memory
-from app.core.hub.search import SORT_KEYS, ModelSummary, SearchPage, SortKey, search_models
+from __future__ import annotations
 
-__all__ = [
-    "SORT_KEYS",
-    "Architecture",
-    "DiskFullError",
-    "DownloadProgress",
-    "FitEstimate",
-    "GatedModelError",
-    "HubConfig",
-    "HubError",
-    "HubOfflineError",
-    "HubServerError",
-    "HubUser",
-    "MachineMemory",
-    "ModelNotFoundError",
-    "ModelReport",
-    "ModelSummary",
-    "NoSafetensorsError",
-    "RemoteFile",
-    "RevisionNotFoundError",
-    "SearchPage",
-    "SortKey",
-    "TokenError",
-    "cached_snapshot",
-    "check_token",
-    "download_model",
-    "ensure_models",
-    "ensure_recipe_models",
-    "estimate_fit",
-    "fetch_config",
-    "has_token",
-    "inspect_model",
-    "machine_memory",
-    "plan_download",
-    "save_token",
-    "search_models",
-]
+import importlib
+from typing import Any
+
+# Each name loads its module on first use: huggingface_hub's imports take a fifth of a second, which
+# commands and pages that never reach the Hub (a local merge, the chat) should not pay.
+_MODULE_OF = {
+    "HubUser": "auth",
+    "check_token": "auth",
+    "has_token": "auth",
+    "save_token": "auth",
+    "HubConfig": "config",
+    "Architecture": "details",
+    "ModelReport": "details",
+    "fetch_config": "details",
+    "inspect_model": "details",
+    "DownloadProgress": "download",
+    "download_model": "download",
+    "ensure_models": "download",
+    "ensure_recipe_models": "download",
+    "plan_download": "download",
+    "DiskFullError": "errors",
+    "GatedModelError": "errors",
+    "HubError": "errors",
+    "HubOfflineError": "errors",
+    "HubServerError": "errors",
+    "ModelNotFoundError": "errors",
+    "NoSafetensorsError": "errors",
+    "RevisionNotFoundError": "errors",
+    "TokenError": "errors",
+    "RemoteFile": "files",
+    "cached_snapshot": "files",
+    "FitEstimate": "fit",
+    "MachineMemory": "fit",
+    "estimate_fit": "fit",
+    "machine_memory": "fit",
+    "ModelSummary": "search",
+    "SearchPage": "search",
+    "search_models": "search",
+    "SORT_KEYS": "sorting",
+    "SortKey": "sorting",
+}
+
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str) -> Any:
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)

@@ -5,15 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 from itertools import islice
-from typing import Literal, get_args
 
 from huggingface_hub.hf_api import ModelInfo
 
 from app.core.hub.config import HubConfig, resolve_config
 from app.core.hub.errors import hub_errors
+from app.core.hub.sorting import SORT_KEYS, SortKey
 
-SortKey = Literal["downloads", "likes", "trending", "updated"]
-SORT_KEYS: tuple[str, ...] = get_args(SortKey)
 _HUB_SORT = {
     "downloads": "downloads",
     "likes": "likes",
