@@ -1,5 +1,8 @@
 """Output architectures: config.json and tensor names exactly as transformers' save_pretrained writes them.
 
+The config is written here rather than by transformers' config classes: importing those takes longer
+than a whole merge of a small model. Tests hold it against the installed transformers' save_pretrained.
+
 Each output architecture says which donor families it takes, which parts of their layers it can hold
 (attention biases, q/k norms), whether it has a shared expert, how its config.json is built and how
 its tensors are named. ``choose_architecture`` picks one for a recipe, or says why none fits.
@@ -7,6 +10,7 @@ its tensors are named. ``choose_architecture`` picks one for a recipe, or says w
 
 from __future__ import annotations
 
+import importlib.metadata
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +27,6 @@ from app.core.families import (
     rope_settings,
     sliding_window,
 )
-from app.core.imports import TRANSFORMERS_IMPORT_LOCK
 from app.core.problems import FrankenMoEError
 from app.core.recipe import Recipe
 
@@ -90,12 +93,6 @@ class OutputArchitecture:
     def router_name(self, layer: int) -> str:
         return self.router_template.format(layer=layer)
 
-    def import_config_class(self) -> None:
-        """Import the transformers config class build_config uses: a second of imports, worth starting early."""
-        with TRANSFORMERS_IMPORT_LOCK:
-            import transformers
-            getattr(transformers, self.class_name.removesuffix("ForCausalLM") + "Config")
-
     def expert_name(self, layer: int, expert: int, projection: str) -> str:
         return self.expert_template.format(layer=layer, expert=expert, slot=self.expert_slots[projection])
 
@@ -128,10 +125,10 @@ class OutputArchitecture:
 
 
 def _carried_settings(base_config: Mapping[str, Any]) -> dict[str, Any]:
-    settings = {key: base_config[key] for key in CARRIED_KEYS if base_config.get(key) is not None}
-    settings["head_dim"] = config_value(base_config, "head_dim")
-    settings["num_key_value_heads"] = config_value(base_config, "num_key_value_heads")
-    settings["tie_word_embeddings"] = bool(config_value(base_config, "tie_word_embeddings"))
+    # A key the base's config leaves out takes its family's default, which may differ from the MoE class's.
+    settings = {key: config_value(base_config, key) for key in CARRIED_KEYS}
+    settings = {key: value for key, value in settings.items() if value is not None}
+    settings["tie_word_embeddings"] = bool(settings.get("tie_word_embeddings"))
     return settings
 
 
@@ -142,25 +139,41 @@ def _legacy_rope(base_config: Mapping[str, Any]) -> tuple[float, dict[str, Any] 
     return rope_theta, rope if rope.get("rope_type", "default") != "default" else None
 
 
-def _fresh(rope_scaling: dict[str, Any] | None) -> dict[str, Any] | None:
-    """A copy for a config class, which adds rope_theta to the dict it is given (not for transformers 4)."""
-    return dict(rope_scaling) if rope_scaling is not None else None
+def _transformers_version() -> str | None:
+    """The installed transformers' version, from its metadata: importing it would take a second."""
+    try:
+        return importlib.metadata.version("transformers")
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
-def _finish(data: dict[str, Any], architecture: str, shape: MoEShape, rope_theta: float, rope_scaling: Any) -> None:
-    """Keys transformers 4 reads besides what transformers 5 writes.
+def _write_config(
+    base_config: Mapping[str, Any],
+    shape: MoEShape,
+    class_name: str,
+    class_defaults: Mapping[str, Any],
+    settings: Mapping[str, Any],
+) -> dict[str, Any]:
+    """config.json with every key save_pretrained writes for the class, plus what transformers 4 reads.
 
-    transformers 4 ignores rope_parameters and would fall back to the architecture's default theta
-    (1e6 for Mixtral), a silent garbage-maker; it reads torch_dtype rather than dtype.
+    Values come from the base (its attention and sizes), the MoE settings, and otherwise the config
+    class's own defaults. transformers 4 ignores rope_parameters and would fall back to the
+    architecture's default theta (1e6 for Mixtral), a silent garbage-maker; it also reads torch_dtype
+    rather than dtype.
     """
-    data["architectures"] = [architecture]
-    data["dtype"] = shape.dtype
-    data["torch_dtype"] = shape.dtype
+    rope_theta, rope_scaling = _legacy_rope(base_config)
+    data = {**class_defaults, **_carried_settings(base_config), **settings}
+    data["rope_parameters"] = {**(rope_scaling or {"rope_type": "default"}), "rope_theta": rope_theta}
     data["rope_theta"] = rope_theta
     if rope_scaling is not None:
         data["rope_scaling"] = rope_scaling
-    else:
-        data.pop("rope_scaling", None)
+    data["architectures"] = [class_name]
+    data["dtype"] = shape.dtype
+    data["torch_dtype"] = shape.dtype
+    version = _transformers_version()
+    if version is not None:
+        data["transformers_version"] = version
+    return data
 
 
 def attention_layer_types(base_config: Mapping[str, Any]) -> list[str]:
@@ -177,91 +190,92 @@ def attention_layer_types(base_config: Mapping[str, Any]) -> list[str]:
     return ["sliding_attention" if layer >= first_sliding else "full_attention" for layer in range(layers)]
 
 
-def mixtral_config(base_config: Mapping[str, Any], shape: MoEShape) -> dict[str, Any]:
-    """The Mixtral config.json for a MoE on the base's attention, as the installed transformers writes it."""
-    with TRANSFORMERS_IMPORT_LOCK:
-        from transformers import MixtralConfig
+# What transformers' config classes write for the keys neither the base nor the MoE settings decide.
+_COMMON_DEFAULTS: dict[str, Any] = {
+    "attention_dropout": 0.0,
+    "hidden_act": "silu",
+    "initializer_range": 0.02,
+    "output_router_logits": False,
+    "pad_token_id": None,
+    "router_aux_loss_coef": 0.001,
+    "tie_word_embeddings": False,
+    "use_cache": True,
+}
+_MIXTRAL_DEFAULTS = {
+    **_COMMON_DEFAULTS,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-05,
+    "router_jitter_noise": 0.0,
+}
+_QWEN_MOE_DEFAULTS = {
+    **_COMMON_DEFAULTS,
+    "bos_token_id": None,
+    "eos_token_id": None,
+    "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-06,
+}
 
-    rope_theta, rope_scaling = _legacy_rope(base_config)
-    config = MixtralConfig(
-        **_carried_settings(base_config),
-        sliding_window=sliding_window(base_config),
-        rope_theta=rope_theta,
-        rope_scaling=_fresh(rope_scaling),
-        num_local_experts=shape.num_experts,
-        num_experts_per_tok=shape.experts_per_token,
-        output_router_logits=False,
-    )
-    data = config.to_dict()
-    data["model_type"] = "mixtral"
-    _finish(data, "MixtralForCausalLM", shape, rope_theta, rope_scaling)
-    return data
+
+def mixtral_config(base_config: Mapping[str, Any], shape: MoEShape) -> dict[str, Any]:
+    """The Mixtral config.json for a MoE on the base's attention."""
+    settings = {
+        "model_type": "mixtral",
+        "sliding_window": sliding_window(base_config),
+        "num_local_experts": shape.num_experts,
+        "num_experts_per_tok": shape.experts_per_token,
+    }
+    return _write_config(base_config, shape, "MixtralForCausalLM", _MIXTRAL_DEFAULTS, settings)
 
 
 def _qwen_moe_settings(shape: MoEShape) -> dict[str, Any]:
     # Every layer sparse; top-k weights renormalised to sum to 1, as Mixtral (and mergekit-moe) do,
     # so that the chosen experts together weigh what the donor's single MLP did.
     return {
-        "num_experts": shape.num_experts,
         "num_experts_per_tok": shape.experts_per_token,
         "moe_intermediate_size": shape.expert_intermediate_size,
         "norm_topk_prob": True,
         "decoder_sparse_step": 1,
         "mlp_only_layers": [],
-        "output_router_logits": False,
     }
 
 
 def qwen2_moe_config(base_config: Mapping[str, Any], shape: MoEShape) -> dict[str, Any]:
     """Qwen2-MoE: the base's attention (q/k/v biases, zeros for Llama and Mistral), with one shared expert."""
-    with TRANSFORMERS_IMPORT_LOCK:
-        from transformers import Qwen2MoeConfig
-
-    rope_theta, rope_scaling = _legacy_rope(base_config)
     layer_types = attention_layer_types(base_config)
     sliding = [index for index, kind in enumerate(layer_types) if kind == "sliding_attention"]
-    config = Qwen2MoeConfig(
-        **_carried_settings(base_config),
+    settings = {
         **_qwen_moe_settings(shape),
-        rope_theta=rope_theta,
-        rope_scaling=_fresh(rope_scaling),
-        shared_expert_intermediate_size=shape.shared_expert_intermediate_size,
+        "model_type": "qwen2_moe",
+        "num_experts": shape.num_experts,
+        "shared_expert_intermediate_size": shape.shared_expert_intermediate_size,
         # transformers 4 always gives Qwen2-MoE q/k/v biases; transformers 5 only with qkv_bias.
-        qkv_bias=True,
-        use_sliding_window=bool(sliding),
-        sliding_window=sliding_window(base_config),
+        "qkv_bias": True,
+        "use_sliding_window": bool(sliding),
+        # What transformers 5's Qwen2-MoE config writes for a window it does not use.
+        "sliding_window": sliding_window(base_config) if sliding else 0,
         # transformers 4 slides the window over layers from max_window_layers on; 5 reads layer_types.
-        max_window_layers=sliding[0] if sliding else config_value(base_config, "max_window_layers") or 28,
-        layer_types=layer_types,
-    )
-    data = config.to_dict()
-    data["model_type"] = "qwen2_moe"
-    _finish(data, "Qwen2MoeForCausalLM", shape, rope_theta, rope_scaling)
-    return data
+        "max_window_layers": sliding[0] if sliding else config_value(base_config, "max_window_layers") or 28,
+        "layer_types": layer_types,
+    }
+    return _write_config(base_config, shape, "Qwen2MoeForCausalLM", _QWEN_MOE_DEFAULTS, settings)
 
 
 def qwen3_moe_config(base_config: Mapping[str, Any], shape: MoEShape) -> dict[str, Any]:
     """Qwen3-MoE: the base's attention with its q/k norms, no shared expert."""
-    with TRANSFORMERS_IMPORT_LOCK:
-        from transformers import Qwen3MoeConfig
-
-    rope_theta, rope_scaling = _legacy_rope(base_config)
     window = sliding_window(base_config)
-    config = Qwen3MoeConfig(
-        **_carried_settings(base_config),
+    settings = {
         **_qwen_moe_settings(shape),
-        rope_theta=rope_theta,
-        rope_scaling=_fresh(rope_scaling),
-        attention_bias=bool(config_value(base_config, "attention_bias")),
-        use_sliding_window=window is not None,
-        sliding_window=window,
-    )
-    data = config.to_dict()
-    data["model_type"] = "qwen3_moe"
-    # transformers 5 writes num_local_experts; transformers 4 reads num_experts.
-    data["num_experts"] = shape.num_experts
-    _finish(data, "Qwen3MoeForCausalLM", shape, rope_theta, rope_scaling)
-    return data
+        "model_type": "qwen3_moe",
+        # transformers 5 reads num_local_experts; transformers 4 reads num_experts.
+        "num_local_experts": shape.num_experts,
+        "num_experts": shape.num_experts,
+        "attention_bias": bool(config_value(base_config, "attention_bias")),
+        "use_sliding_window": window is not None,
+        "sliding_window": window,
+    }
+    return _write_config(base_config, shape, "Qwen3MoeForCausalLM", _QWEN_MOE_DEFAULTS, settings)
 
 
 # --------------------------------------------------------------------------- the architectures

@@ -7,7 +7,6 @@ Leftovers of a killed run are removed by the next run for the same target.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -360,11 +359,6 @@ def merge_moe(
             )
         )
 
-        # Overlaps the config class's imports with the tensor copies, which leave the interpreter idle.
-        config_import = threading.Thread(target=_import_quietly(architecture), name="frankenmoe-config-import")
-        config_import.daemon = True
-        config_import.start()
-
         def gates_of() -> GateResult:
             if not computed:
                 assert background is not None
@@ -399,7 +393,6 @@ def merge_moe(
                         yield Progress(
                             "writing", done + 1, len(plan), writer.bytes_written, total_bytes, message=planned.name
                         )
-                config_import.join()
                 config = architecture.build_config(base.config, _moe_shape(recipe, base, shared_expert, out_dtype))
                 _write_side_files(partial, recipe, options, base, config, out_dir.name)
                 check_cancel(cancel)
@@ -423,16 +416,6 @@ def merge_moe(
         seconds=time.monotonic() - started,
         gates=gates,
     )
-
-
-def _import_quietly(architecture: OutputArchitecture) -> Callable[[], None]:
-    """The config class import for a helper thread: a failure shows where build_config imports it again."""
-
-    def run() -> None:
-        with contextlib.suppress(Exception):
-            architecture.import_config_class()
-
-    return run
 
 
 def _checked(gates: GateResult, expected: tuple[int, int, int], shared_expected: tuple[int, int] | None) -> GateResult:

@@ -260,3 +260,25 @@ def test_killed_merge_leaves_no_model_and_the_next_run_cleans_up(llama_donors, t
     merge(recipe_for(llama_donors), out)
     assert out.is_dir()
     assert leftovers(work) == []
+
+
+@pytest.mark.parametrize("gate_mode", ["cheap_embed", "hidden"])
+def test_a_merge_of_llama_donors_imports_nothing_from_transformers(llama_donors, tmp_path, gate_mode):
+    """Importing transformers takes longer than merging a small model; the merge does not need it."""
+    from app.core.recipe import save_recipe
+
+    recipe_path = tmp_path / "recipe.yml"
+    save_recipe(recipe_for(llama_donors, gate_mode=gate_mode), recipe_path)
+    done = subprocess.run(
+        [sys.executable, "-m", "app", "merge", str(recipe_path), str(tmp_path / "moe"), "--quiet", "--device", "cpu"],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONVERBOSE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    # Python's verbose mode names every module it imports on stderr.
+    imported = [line for line in done.stderr.splitlines() if line.startswith("import ") and "transformers" in line]
+    assert imported == []
+    assert json.loads((tmp_path / "moe" / "config.json").read_text())["num_local_experts"] == 3
