@@ -89,6 +89,8 @@ class OutputArchitecture:
     expert_slots: Mapping[str, str]  # donor projection -> its name in expert_template
     shared_expert_template: str = ""
     shared_gate_template: str = ""
+    # Whether its config can slide the attention window over some layers only (else every layer or none).
+    per_layer_windows: bool = False
 
     def router_name(self, layer: int) -> str:
         return self.router_template.format(layer=layer)
@@ -114,6 +116,13 @@ class OutputArchitecture:
         missing = self.requires - parts
         if missing:
             reasons.append(f"it has no {describe_parts(missing)}, which {self.title} always applies")
+        if not self.per_layer_windows and "num_hidden_layers" in config:
+            sliding = [i for i, kind in enumerate(attention_layer_types(config)) if kind == "sliding_attention"]
+            if 0 < len(sliding) < int(config["num_hidden_layers"]):
+                reasons.append(
+                    f"its attention window slides over layers {sliding[0]}-{sliding[-1]} only, and {self.title} "
+                    "slides it over every layer or none"
+                )
         if family not in self.donor_families and not reasons:
             reasons.append(f"{self.title} takes {' or '.join(FAMILIES[f].title for f in self.donor_families)} models")
         if family in self.donor_families and not reasons:
@@ -316,6 +325,7 @@ QWEN2_MOE = OutputArchitecture(
     shared_expert_template="model.layers.{layer}.mlp.shared_expert.{projection}_proj.weight",
     shared_gate_template="model.layers.{layer}.mlp.shared_expert_gate.weight",
     **_QWEN_EXPERTS,
+    per_layer_windows=True,
 )
 
 QWEN3_MOE = OutputArchitecture(

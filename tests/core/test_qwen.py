@@ -251,6 +251,8 @@ def test_qwen_names_qwen3_moe_for_qwen3_donors_as_mergekit_does(qwen3_donors, tm
 LLAMA = {"model_type": "llama", "hidden_size": 32, "num_attention_heads": 4, "num_hidden_layers": 2}
 QWEN2 = {**LLAMA, "model_type": "qwen2"}
 QWEN3 = {**LLAMA, "model_type": "qwen3", "head_dim": 8}
+# Qwen slides the window over the layers from max_window_layers on.
+PARTLY_SLIDING = {"num_hidden_layers": 4, "use_sliding_window": True, "sliding_window": 8, "max_window_layers": 2}
 SHARED = ["- source_model: ./shared"]
 DONORS = {"base": "./base", "expert0": "./a", "expert1": "./b", "expert2": "./c"}
 
@@ -306,6 +308,23 @@ def test_impossible_architectures_are_refused_with_the_reason(base, architecture
     refused = refusal(base, architecture=architecture, shared=shared)
     assert (refused.field, refused.message) == ("architecture", message)
     assert "leave it out" in refused.hint
+
+
+def test_a_window_over_some_layers_only_is_refused_where_it_would_slide_everywhere():
+    refused = refusal({**QWEN3, **PARTLY_SLIDING}, architecture="qwen3")
+    assert refused.message == (
+        "a Qwen3 model cannot become Qwen3-MoE: its attention window slides over layers 2-3 only, "
+        "and Qwen3-MoE slides it over every layer or none"
+    )
+    refused = refusal({**QWEN2, **PARTLY_SLIDING}, architecture="mixtral")
+    assert "slides over layers 2-3 only, and Mixtral slides it over every layer or none" in refused.message
+
+
+def test_a_window_over_some_layers_only_keeps_to_qwen2_moe():
+    recipe = recipe_for(DONORS, architecture="qwen", shared=SHARED)
+    assert choose_architecture(recipe, {**QWEN2, **PARTLY_SLIDING}).name == "qwen"
+    sliding_everywhere = {**QWEN3, **PARTLY_SLIDING, "max_window_layers": 0}
+    assert choose_architecture(recipe_for(DONORS, architecture="qwen3"), sliding_everywhere).name == "qwen3"
 
 
 def test_llama_with_attention_biases_cannot_become_qwen2_moe():
