@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from app.core.decoder import NativeDecoder, TransformersDecoder, native_unsupported_reason, open_decoder
+from app.core.decoder import Decoder, NativeDecoder, TransformersDecoder, native_unsupported_reason, open_decoder
 from app.core.prompt_tokens import MAX_PROMPT_TOKENS
 from app.core.recipe import ModelRef
 from app.core.sources import open_model
@@ -84,6 +84,18 @@ def reference_mlp_inputs(folder: Path, prompt: list[int]) -> list[torch.Tensor]:
     return [captured[index] for index in range(len(model.model.layers))]
 
 
+def run_and_compare(decoder: Decoder, folder: Path) -> Recorder:
+    """Run the prompts right-padded in one batch; each prompt's MLP inputs must be transformers' on it alone."""
+    recorder = Recorder()
+    ids, mask = right_padded(PROMPTS)
+    with torch.inference_mode():
+        decoder.run(ids, mask, recorder)
+    for row, prompt in enumerate(PROMPTS):
+        for layer, expected in enumerate(reference_mlp_inputs(folder, prompt)):
+            torch.testing.assert_close(recorder.inputs[layer][row, : len(prompt)], expected, rtol=1e-4, atol=1e-5)
+    return recorder
+
+
 @pytest.fixture(scope="module", params=sorted(CASES))
 def donor(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     family, overrides = CASES[request.param]
@@ -98,15 +110,9 @@ def test_the_native_decoder_sees_what_transformers_sees(donor: Path) -> None:
     assert native_unsupported_reason(source.config, MAX_PROMPT_TOKENS) is None
     decoder = open_decoder(source, torch.device("cpu"), torch.float32, MAX_PROMPT_TOKENS)
     assert isinstance(decoder, NativeDecoder)
-    recorder = Recorder()
-    ids, mask = right_padded(PROMPTS)
-    with torch.inference_mode():
-        decoder.run(ids, mask, recorder)
+    recorder = run_and_compare(decoder, donor)
     expected_events = [f"{event} {layer}" for layer in range(decoder.num_layers) for event in ("start", "finish")]
     assert recorder.events == expected_events
-    for row, prompt in enumerate(PROMPTS):
-        for layer, expected in enumerate(reference_mlp_inputs(donor, prompt)):
-            torch.testing.assert_close(recorder.inputs[layer][row, : len(prompt)], expected, rtol=1e-4, atol=1e-5)
 
 
 def test_a_rope_the_native_decoder_lacks_runs_through_transformers(tmp_path: Path) -> None:
@@ -116,13 +122,7 @@ def test_a_rope_the_native_decoder_lacks_runs_through_transformers(tmp_path: Pat
     assert "yarn" in (native_unsupported_reason(source.config, MAX_PROMPT_TOKENS) or "")
     decoder = open_decoder(source, torch.device("cpu"), torch.float32, MAX_PROMPT_TOKENS)
     assert isinstance(decoder, TransformersDecoder)
-    recorder = Recorder()
-    ids, mask = right_padded(PROMPTS)
-    with torch.inference_mode():
-        decoder.run(ids, mask, recorder)
-    for row, prompt in enumerate(PROMPTS):
-        for layer, expected in enumerate(reference_mlp_inputs(folder, prompt)):
-            torch.testing.assert_close(recorder.inputs[layer][row, : len(prompt)], expected, rtol=1e-4, atol=1e-5)
+    run_and_compare(decoder, folder)
 
 
 @pytest.mark.parametrize(
