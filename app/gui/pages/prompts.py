@@ -9,6 +9,7 @@ from PySide6.QtCore import Signal
 from PySide6.QtWidgets import (
     QApplication,
     QComboBox,
+    QDoubleSpinBox,
     QFileDialog,
     QFormLayout,
     QGroupBox,
@@ -41,6 +42,14 @@ DTYPE_CHOICES = (
     ("float32", "float32"),
 )
 DTYPE_HELP = "Precision of the merged weights: bfloat16 halves the size of float32 and suits most GPUs."
+SHARED_ROW_COLOR = "#8a8a8a"
+SCALE_MERGE_ID = 1000
+SHARED_ROW_HELP = (
+    "Prompts for the shared expert give it a gate that opens for text like them; without prompts it runs "
+    "for every token at full weight."
+)
+NOISE_HELP = "Gaussian noise added to this expert's weights (seeded), to make copies of one model differ."
+RESIDUAL_HELP = "Scales this expert's down projection, and so what it adds to the residual stream."
 TOP_K_HELP = "How many experts each token goes through: more is slower but blends more knowledge; 2 is usual."
 # One line per choice of output architecture (recipe names, mergekit-moe's; "" chooses from the donors).
 ARCHITECTURE_HELP = {
@@ -60,6 +69,16 @@ SHARED_EXPERT_HELP = (
 def lines_to_prompts(text: str) -> list[str]:
     """One prompt per non-empty line, for pasting and importing many at once."""
     return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def scale_box(maximum: float, step: float, decimals: int) -> QDoubleSpinBox:
+    box = QDoubleSpinBox()
+    box.setRange(0.0, maximum)
+    box.setSingleStep(step)
+    box.setDecimals(decimals)
+    box.setSpecialValueText("none")
+    box.setMaximumWidth(140)
+    return box
 
 
 class PromptListEditor(QWidget):
@@ -174,7 +193,7 @@ class PromptsPage(QWidget):
 
         self.experts = QListWidget()
         self.experts.setMaximumWidth(200)
-        self.experts.currentRowChanged.connect(lambda _row: self._refresh(self.document.recipe))
+        self.experts.currentRowChanged.connect(self._expert_selected)
         self.positive = PromptListEditor(
             "positive", "Text this expert should handle: the router learns to send text like this here."
         )
@@ -194,6 +213,17 @@ class PromptsPage(QWidget):
         self.test.prompts_edited.connect(self._set_test_prompts)
         self.expert_problems = QLabel()
         self.expert_problems.setWordWrap(True)
+        self.shared_row_help = explanation(SHARED_ROW_HELP)
+        # 0 reads "none": no noise, and the donor's down projection as it is (mergekit's unset value).
+        self.noise_scale = scale_box(1.0, 0.005, 4)
+        self.residual_scale = scale_box(10.0, 0.1, 3)
+        self.noise_scale.setToolTip(NOISE_HELP)
+        self.residual_scale.setToolTip(RESIDUAL_HELP)
+        self.noise_scale.valueChanged.connect(lambda value: self._set_scale("noise_scale", value))
+        self.residual_scale.valueChanged.connect(lambda value: self._set_scale("residual_scale", value))
+        scales = QFormLayout()
+        scales.addRow("Noise scale", self.noise_scale)
+        scales.addRow("Residual scale", self.residual_scale)
 
         self.gate_mode = QComboBox()
         self.gate_mode.addItems(GATE_MODES)
@@ -237,6 +267,8 @@ class PromptsPage(QWidget):
         right_layout = QVBoxLayout(right)
         right_layout.setContentsMargins(0, 0, 0, 0)
         right_layout.addWidget(self.tabs, 1)
+        right_layout.addWidget(self.shared_row_help)
+        right_layout.addLayout(scales)
         right_layout.addWidget(self.expert_problems)
         settings.setMaximumWidth(380)
         splitter = QSplitter()
@@ -260,31 +292,59 @@ class PromptsPage(QWidget):
 
     @property
     def current_expert(self) -> int:
-        return self.experts.currentRow()
+        """The selected routed expert's index, or -1 (none, or the shared expert's row)."""
+        row = self.experts.currentRow()
+        return row if row < len(self.document.recipe.experts) else -1
+
+    @property
+    def shared_selected(self) -> bool:
+        recipe = self.document.recipe
+        return bool(recipe.shared_experts) and self.experts.currentRow() == len(recipe.experts)
+
+    def _selected(self, recipe: Recipe) -> Expert | None:
+        row = self.experts.currentRow()
+        if 0 <= row < len(recipe.experts):
+            return recipe.experts[row]
+        if recipe.shared_experts and row == len(recipe.experts):
+            return recipe.shared_experts[0]
+        return None
+
+    def _expert_selected(self) -> None:
+        # Rebuilding the list moves its selection; the refresh doing it shows the right expert itself.
+        if not self._refreshing:
+            self._refresh(self.document.recipe)
 
     def _refresh(self, recipe: Recipe) -> None:
         self._refreshing = True
         try:
             row = self.experts.currentRow()
-            if self.experts.count() != len(recipe.experts):
+            rows = len(recipe.experts) + (1 if recipe.shared_experts else 0)
+            if self.experts.count() != rows:
                 self.experts.clear()
-                self.experts.addItems([""] * len(recipe.experts))
+                self.experts.addItems([""] * rows)
             for index in range(len(recipe.experts)):
                 item = self.experts.item(index)
                 item.setText(recipe.expert_label(index))
                 item.setIcon(color_icon(recipe_edits.expert_color(recipe, index)))
-            if recipe.experts:
-                self.experts.setCurrentRow(min(max(row, 0), len(recipe.experts) - 1))
-            index = self.experts.currentRow()
-            has_expert = 0 <= index < len(recipe.experts)
-            self.tabs.setEnabled(has_expert)
-            if has_expert:
-                self.positive.set_prompts(recipe.experts[index].positive_prompts)
-                self.negative.set_prompts(recipe.experts[index].negative_prompts)
-                self.test.set_prompts(recipe.studio.experts[index].test_prompts)
-            else:
-                for editor in (self.positive, self.negative, self.test):
-                    editor.set_prompts(())
+            if recipe.shared_experts:
+                shared_item = self.experts.item(len(recipe.experts))
+                shared_item.setText("Shared expert")
+                shared_item.setIcon(color_icon(SHARED_ROW_COLOR))
+            if rows:
+                self.experts.setCurrentRow(min(max(row, 0), rows - 1))
+            index = self.current_expert
+            selected = self._selected(recipe)
+            self.tabs.setEnabled(selected is not None)
+            self.tabs.setTabEnabled(2, index >= 0)  # test prompts belong to routed experts
+            self.shared_row_help.setVisible(self.shared_selected)
+            self.positive.set_prompts(selected.positive_prompts if selected else ())
+            self.negative.set_prompts(selected.negative_prompts if selected else ())
+            self.test.set_prompts(recipe.studio.experts[index].test_prompts if index >= 0 else ())
+            for box, value in ((self.noise_scale, selected and selected.noise_scale),
+                               (self.residual_scale, selected and selected.residual_scale)):
+                box.setEnabled(selected is not None)
+                box.setValue(value or 0.0)
+            has_expert = index >= 0
             self.gate_mode.setCurrentText(recipe.gate_mode)
             self.gate_help.setText(GATE_MODE_HELP.get(recipe.gate_mode, "Unknown gate mode."))
             self.top_k.setValue(recipe.experts_per_token)
@@ -330,10 +390,28 @@ class PromptsPage(QWidget):
         shared = (Expert(source_model=reference),) if reference else ()
         self.document.edit(recipe_edits.update_settings(recipe, shared_experts=shared), "Set the shared expert")
 
-    def _set_expert_prompts(self, field: str, prompts: tuple[str, ...], text: str) -> None:
+    def _edit_selected(self, text: str, merge_id: int = -1, **changes: object) -> None:
+        """Apply changes to the selected routed expert or to the shared expert, as one undoable edit."""
+        recipe = self.document.recipe
         index = self.current_expert
         if index >= 0:
-            self.document.edit(recipe_edits.update_expert(self.document.recipe, index, **{field: prompts}), text)
+            self.document.edit(recipe_edits.update_expert(recipe, index, **changes), text, merge_id)
+        elif self.shared_selected:
+            shared = recipe.shared_experts[0].model_copy(update=changes)
+            self.document.edit(recipe_edits.update_settings(recipe, shared_experts=(shared,)), text, merge_id)
+
+    def _set_expert_prompts(self, field: str, prompts: tuple[str, ...], text: str) -> None:
+        self._edit_selected(text, **{field: prompts})
+
+    def _set_scale(self, field: str, value: float) -> None:
+        if self._refreshing:
+            return
+        selected = self._selected(self.document.recipe)
+        scale = value or None
+        if selected is not None and getattr(selected, field) != scale:
+            # Steps of the spin box on one expert's scale undo as one edit.
+            merge_id = SCALE_MERGE_ID + 2 * self.experts.currentRow() + (field == "residual_scale")
+            self._edit_selected(f"Change the {field.replace('_', ' ')}", merge_id, **{field: scale})
 
     def _set_test_prompts(self, prompts: tuple[str, ...], text: str) -> None:
         index = self.current_expert
