@@ -27,6 +27,15 @@ if TYPE_CHECKING:
     import torch
 
 NATIVE_ROPE_TYPES = ("default", "linear", "llama3", "dynamic")
+LAYER_WEIGHTS = tuple(
+    f"{name}.weight"
+    for name in (
+        "input_layernorm",
+        "post_attention_layernorm",
+        *(f"self_attn.{projection}_proj" for projection in "qkvo"),
+        *(f"mlp.{projection}_proj" for projection in ("gate", "up", "down")),
+    )
+)
 
 
 class LayerObserver(Protocol):
@@ -162,7 +171,7 @@ class NativeDecoder:
             if target is None or tuple(target.shape) != self.source.tensor_info(name).shape:
                 target = torch.empty(self.source.tensor_info(name).shape, dtype=self.dtype, device=self.device)
             weights[key] = self.source.read_tensor_into(name, target, self._staging)
-        for needed in ("input_layernorm.weight", "self_attn.q_proj.weight", "mlp.down_proj.weight"):
+        for needed in LAYER_WEIGHTS:
             if needed not in weights:
                 raise FrankenMoEError(
                     f"{self.source.ref} lacks {prefix}{needed}", "the checkpoint is incomplete; download it again"

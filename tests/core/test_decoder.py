@@ -9,6 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from app.core.decoder import Decoder, NativeDecoder, TransformersDecoder, native_unsupported_reason, open_decoder
+from app.core.problems import FrankenMoEError
 from app.core.prompt_tokens import MAX_PROMPT_TOKENS
 from app.core.recipe import ModelRef
 from app.core.sources import open_model
@@ -137,3 +138,16 @@ def test_a_rope_the_native_decoder_lacks_runs_through_transformers(tmp_path: Pat
 def test_what_the_native_decoder_leaves_to_transformers(change: dict[str, object], reason: str) -> None:
     config = {"model_type": "llama", "hidden_size": 32, "num_attention_heads": 4, "num_hidden_layers": 2, **change}
     assert reason in (native_unsupported_reason(config, MAX_PROMPT_TOKENS) or "")
+
+
+def test_a_layer_missing_a_weight_is_named(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    folder = make_tiny_model(tmp_path / "model", "llama", seed=1)
+    tensors = load_file(folder / "model.safetensors")
+    del tensors["model.layers.1.post_attention_layernorm.weight"]
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    decoder = NativeDecoder(open_model(ModelRef.parse(str(folder))), torch.device("cpu"), torch.float32, 64)
+    ids, mask = right_padded(PROMPTS)
+    with pytest.raises(FrankenMoEError, match=r"lacks model\.layers\.1\.post_attention_layernorm\.weight"):
+        decoder.run(ids, mask, Recorder())
