@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -109,8 +110,11 @@ class JobHandle(QObject):
 
     def detach(self) -> None:
         """Stop delivering to whoever listens, for a window that is going away; the job still ends."""
-        for signal in (self.progress, self.succeeded, self.failed, self.cancelled, self.finished):
-            signal.disconnect()
+        # PySide warns about a signal that had no receivers to disconnect; having none is fine here.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "libpyside: Failed to disconnect", RuntimeWarning)
+            for signal in (self.progress, self.succeeded, self.failed, self.cancelled, self.finished):
+                signal.disconnect()
 
     def wait(self, timeout_ms: int = 30_000) -> bool:
         """Block until the thread ends; for shutdown, after :meth:`cancel`."""
