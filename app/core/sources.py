@@ -229,12 +229,7 @@ class ModelSource:
         import torch
 
         info = self.tensor_info(name)
-        buffer = torch.empty(info.nbytes, dtype=torch.uint8)
-        handle = self._handle(info.file)
-        handle.seek(info.start)
-        if handle.readinto(buffer.numpy()) != info.nbytes:
-            raise ModelSourceError(f"{info.file} ended early while reading {name}", "download the model again")
-        return buffer.view(getattr(torch, info.torch_dtype_name)).reshape(info.shape)
+        return self.read_tensor_into(name, torch.empty(info.shape, dtype=getattr(torch, info.torch_dtype_name)))
 
     def read_tensor_into(self, name: str, target: torch.Tensor, staging: torch.Tensor | None = None) -> torch.Tensor:
         """Read one tensor into an existing one of its shape, converting to target's dtype and device.

@@ -1,4 +1,4 @@
-"""The Prompts page's output architecture and shared expert choices."""
+"""The Prompts page's output architecture and shared expert choices, and the experts' scales."""
 
 from __future__ import annotations
 
@@ -7,12 +7,17 @@ from app.gui.main_window import Step
 from tests.gui.conftest import screenshot
 
 
-def test_architecture_choices_and_a_shared_expert(window) -> None:
-    document, page = window.document, window.prompts_page
+def open_two_experts(document) -> None:
+    """A new recipe on a Hub base with a maths and a code expert."""
     document.new()
     recipe = recipe_edits.set_base(document.recipe, "org/base-model")
     recipe = recipe_edits.add_expert(recipe, "org/maths-model", "maths")
     document.edit(recipe_edits.add_expert(recipe, "org/code-model", "code"), "Add models")
+
+
+def test_architecture_choices_and_a_shared_expert(window) -> None:
+    document, page = window.document, window.prompts_page
+    open_two_experts(document)
 
     names = [page.architecture.itemData(i) for i in range(page.architecture.count())]
     assert names == ["", "mixtral", "qwen", "qwen3"]
@@ -40,10 +45,7 @@ def test_architecture_choices_and_a_shared_expert(window) -> None:
 
 def test_scales_and_the_shared_expert_s_prompts_are_edited_on_the_page(window) -> None:
     document, page = window.document, window.prompts_page
-    document.new()
-    recipe = recipe_edits.set_base(document.recipe, "org/base-model")
-    recipe = recipe_edits.add_expert(recipe, "org/maths-model", "maths")
-    document.edit(recipe_edits.add_expert(recipe, "org/code-model", "code"), "Add models")
+    open_two_experts(document)
     assert page.experts.count() == 2 and page.noise_scale.text() == "none"
 
     page.experts.setCurrentRow(1)

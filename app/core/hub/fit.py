@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -37,18 +36,16 @@ class FitEstimate:
 
 def machine_memory() -> MachineMemory:
     """This machine's RAM, and the free memory of the first CUDA device if there is one."""
-    page = os.sysconf("SC_PAGE_SIZE")
-    ram_total = os.sysconf("SC_PHYS_PAGES") * page
-    try:
-        ram_available = os.sysconf("SC_AVPHYS_PAGES") * page
-    except (ValueError, OSError):
-        ram_available = ram_total
+    import psutil
+
+    # The same reading as devices.available_memory: memory the system can hand out, page cache included.
+    ram = psutil.virtual_memory()
     vram_free = vram_total = None
     import torch  # only here: importing torch takes seconds, and search or download never need it
 
     if torch.cuda.is_available():
         vram_free, vram_total = torch.cuda.mem_get_info()
-    return MachineMemory(ram_total, ram_available, vram_free, vram_total)
+    return MachineMemory(int(ram.total), int(ram.available), vram_free, vram_total)
 
 
 def moe_parameter_count(config: Mapping[str, Any], dense_parameters: int, n_experts: int) -> int:
