@@ -94,7 +94,7 @@ def build_models(folder: Path) -> str:
 
 def merge(models: Path, out_dir: Path) -> str:
     from app.core.demo import RECIPE_NAME
-    from app.core.merge import MergeOptions, merge_moe
+    from app.core.merge.pipeline import MergeOptions, merge_moe
     from app.core.progress import run_job
     from app.core.recipe import load_recipe
 

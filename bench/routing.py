@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from app.core.demo import DEMO_DOMAINS, RECIPE_NAME, Domain, train_domain_models  # noqa: E402
-from app.core.merge import MergeOptions, merge_moe  # noqa: E402
+from app.core.merge.pipeline import MergeOptions, merge_moe  # noqa: E402
 from app.core.progress import run_job  # noqa: E402
 from app.core.recipe import GATE_MODES, Recipe, load_recipe  # noqa: E402
 from app.core.routing_eval import evaluate_model_routing  # noqa: E402

@@ -73,7 +73,7 @@ def _print_problems(problems: list[Problem]) -> None:
 
 def run_merge(args: argparse.Namespace) -> int:
     from app.cli.progress import ProgressBars
-    from app.core.merge import MergeOptions, merge_moe
+    from app.core.merge.pipeline import MergeOptions, merge_moe
 
     recipe = load_recipe(args.recipe)
     options = MergeOptions(
@@ -114,7 +114,7 @@ def run_check(args: argparse.Namespace) -> int:
     if args.no_gates:
         return 0
     from app.cli.progress import ProgressBars
-    from app.core.gates import GateComputer
+    from app.core.merge.gates import GateComputer
 
     computer = GateComputer(recipe.base_model, device=args.device, dtype=args.gate_dtype, keep_loaded=args.routing)
     try:

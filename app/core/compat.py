@@ -8,12 +8,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from app.core.architectures import (
-    ArchitectureRefused,
-    OutputArchitecture,
-    choose_architecture,
-    default_architecture,
-)
 from app.core.families import (
     FAMILIES,
     SUPPORTED_FAMILIES,
@@ -22,6 +16,12 @@ from app.core.families import (
     model_parts,
     rope_settings,
     sliding_window,
+)
+from app.core.merge.architectures import (
+    ArchitectureRefused,
+    OutputArchitecture,
+    choose_architecture,
+    default_architecture,
 )
 from app.core.problems import FrankenMoEError, Problem, Severity
 from app.core.recipe import Recipe, validate_recipe

@@ -16,8 +16,8 @@ from app.gui.hub_jobs import ensure_downloaded
 from app.gui.workers import JobFactory
 
 if TYPE_CHECKING:
-    from app.core.gates import GateComputer, GateResult, RoutingPreview
-    from app.core.merge import MergeResult
+    from app.core.merge.gates import GateComputer, GateResult, RoutingPreview
+    from app.core.merge.pipeline import MergeResult
 
 
 @dataclass(frozen=True)
@@ -123,7 +123,7 @@ class GateSession:
         self._computer: GateComputer | None = None
 
     def _computer_for(self, recipe: Recipe) -> GateComputer:
-        from app.core.gates import GateComputer
+        from app.core.merge.gates import GateComputer
 
         if self._computer is not None and self._computer.base != recipe.base_model:
             self.close()
@@ -178,8 +178,8 @@ def merge(recipe: Recipe, request: MergeRequest, gates: GateResult | None) -> Jo
     preview's gates when they were computed for this very recipe."""
 
     def job(cancel: threading.Event) -> Job[MergeResult]:
-        from app.core.merge import MergeOptions, merge_moe
-        from app.core.modelcard import ModelCardFields
+        from app.core.merge.modelcard import ModelCardFields
+        from app.core.merge.pipeline import MergeOptions, merge_moe
 
         options = MergeOptions(
             out_dir=request.out_dir,

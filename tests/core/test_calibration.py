@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from app.core.calibration import LabelledTokens, fit_layer, label_tokens
-from app.core.gates import GateComputer, compute_gates
-from app.core.merge import MergeOptions, merge_moe
+from app.core.merge.calibration import LabelledTokens, fit_layer, label_tokens
+from app.core.merge.gates import GateComputer, compute_gates
+from app.core.merge.pipeline import MergeOptions, merge_moe
 from app.core.progress import run_job
 from app.core.recipe import parse_recipe
 from app.core.routing_eval import evaluate_model_routing

@@ -10,7 +10,7 @@ import torch
 
 from app.core.chat import LoadRequest, SamplingSettings, TokenGenerated, load_chat_model
 from app.core.chat.capture import find_routers
-from app.core.merge import MergeOptions, merge_moe
+from app.core.merge.pipeline import MergeOptions, merge_moe
 from app.core.progress import run_job
 from app.core.recipe import parse_recipe
 from tests.chat_models import make_tiny_moe

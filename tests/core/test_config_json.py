@@ -7,8 +7,8 @@ import json
 import pytest
 import transformers
 
-from app.core import architectures
-from app.core.architectures import MIXTRAL, QWEN2_MOE, QWEN3_MOE, MoEShape
+from app.core.merge import architectures
+from app.core.merge.architectures import MIXTRAL, QWEN2_MOE, QWEN3_MOE, MoEShape
 
 SHAPE = MoEShape(num_experts=3, experts_per_token=2, expert_intermediate_size=64, dtype="bfloat16",
                  shared_expert_intermediate_size=48)

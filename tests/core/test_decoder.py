@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from app.core.decoder import Decoder, NativeDecoder, TransformersDecoder, native_unsupported_reason, open_decoder
+from app.core.merge.decoder import Decoder, NativeDecoder, TransformersDecoder, native_unsupported_reason, open_decoder
 from app.core.problems import FrankenMoEError
 from app.core.prompt_tokens import MAX_PROMPT_TOKENS
 from app.core.recipe import ModelRef

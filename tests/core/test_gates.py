@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from app.core.gates import GateComputer, compute_gates, describe_degenerate_layers, layer_diagnostics
+from app.core.merge.gates import GateComputer, compute_gates, describe_degenerate_layers, layer_diagnostics
 from app.core.progress import Cancelled, run_job
 from app.core.recipe import dump_recipe, parse_recipe
 
@@ -206,7 +206,7 @@ def test_gates_of_a_llama_base_do_not_import_transformers(llama_donors, mode, tm
     recipe_file.write_text(dump_recipe(make_recipe(llama_donors, mode)))
     script = (
         "import sys; from pathlib import Path\n"
-        "from app.core.gates import compute_gates\n"
+        "from app.core.merge.gates import compute_gates\n"
         "from app.core.progress import run_job\n"
         "from app.core.recipe import parse_recipe\n"
         f"result = run_job(compute_gates(parse_recipe(Path({str(recipe_file)!r}).read_text()), device='cpu'))\n"

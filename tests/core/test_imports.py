@@ -6,7 +6,12 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 
-CORE_MODULES = [p.stem for p in (REPO / "app" / "core").glob("*.py") if p.stem != "__init__"]
+# Every module of the core, subpackages included, as dotted names below app.core.
+CORE_MODULES = sorted(
+    ".".join(path.relative_to(REPO / "app" / "core").with_suffix("").parts).removesuffix(".__init__")
+    for path in (REPO / "app" / "core").rglob("*.py")
+    if path.name != "__init__.py" or path.parent != REPO / "app" / "core"
+)
 
 
 def run_python(code: str) -> subprocess.CompletedProcess[str]:

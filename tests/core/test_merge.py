@@ -14,9 +14,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, MixtralConfig, MixtralForCausalLM
 
-from app.core.gates import compute_gates
-from app.core.merge import PARTIAL_MARK, MergeOptions, merge_moe
-from app.core.modelcard import ModelCardFields
+from app.core.merge.gates import compute_gates
+from app.core.merge.modelcard import ModelCardFields
+from app.core.merge.pipeline import PARTIAL_MARK, MergeOptions, merge_moe
 from app.core.problems import FrankenMoEError, ProblemsError
 from app.core.progress import Cancelled, run_job
 from app.core.recipe import parse_recipe
@@ -226,7 +226,7 @@ def test_cancel_mid_merge_leaves_nothing(llama_donors, tmp_path):
 KILLED_MERGE = """
 import os, sys, time
 from pathlib import Path
-from app.core.merge import MergeOptions, merge_moe
+from app.core.merge.pipeline import MergeOptions, merge_moe
 from app.core.recipe import load_recipe
 job = merge_moe(load_recipe(sys.argv[1]), MergeOptions(out_dir=Path(sys.argv[2])))
 for record in job:

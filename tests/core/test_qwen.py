@@ -17,7 +17,8 @@ from transformers import (
     Qwen3MoeForCausalLM,
 )
 
-from app.core.architectures import (
+from app.core.compat import check_recipe, compare_configs
+from app.core.merge.architectures import (
     QWEN2_MOE,
     QWEN3_MOE,
     ArchitectureRefused,
@@ -26,9 +27,8 @@ from app.core.architectures import (
     qwen2_moe_config,
     qwen3_moe_config,
 )
-from app.core.compat import check_recipe, compare_configs
-from app.core.gates import compute_gates
-from app.core.merge import MergeOptions, merge_moe
+from app.core.merge.gates import compute_gates
+from app.core.merge.pipeline import MergeOptions, merge_moe
 from app.core.problems import ProblemsError, Severity
 from app.core.progress import run_job
 from app.core.recipe import parse_recipe

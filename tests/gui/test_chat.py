@@ -15,7 +15,7 @@ from PySide6.QtCore import QUrl
 from PySide6.QtGui import QColor
 
 from app.core.chat import ExpertLegend, LoadMode, LoadRequest, plan_load
-from app.core.merge import MergeOptions, merge_moe
+from app.core.merge.pipeline import MergeOptions, merge_moe
 from app.core.progress import run_job
 from app.core.recipe import parse_recipe
 from app.gui.context import AppContext

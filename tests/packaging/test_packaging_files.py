@@ -141,8 +141,8 @@ def test_unslimmed_spec_keeps_everything(monkeypatch):
 def test_spec_ships_every_model_family_the_app_reads_and_writes():
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    from app.core import architectures
     from app.core.families import SUPPORTED_FAMILIES
+    from app.core.merge import architectures
 
     tree = ast.parse((PACKAGING / "frankenmoe.spec").read_text(encoding="utf-8"))
     (kept,) = [

@@ -171,7 +171,7 @@ class ExpertLegend:
 
 def read_legend(folder: Path, num_experts: int) -> ExpertLegend:
     """Labels and colours from the merged folder's recipe, "expert i" and a palette where it has none."""
-    from app.core.merge import RECIPE_FILENAME
+    from app.core.merge.pipeline import RECIPE_FILENAME
     from app.core.recipe import load_recipe
 
     legend = ExpertLegend.default(num_experts)

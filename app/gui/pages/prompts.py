@@ -27,7 +27,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from app.core.architectures import OUTPUT_ARCHITECTURES
+from app.core.merge.architectures import OUTPUT_ARCHITECTURES
 from app.core.recipe import GATE_MODE_HELP, GATE_MODES, Expert, Recipe, validate_recipe
 from app.gui import recipe_edits
 from app.gui.document import RecipeDocument

@@ -17,9 +17,9 @@ import math
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
-from app.core.architectures import attention_layer_types
 from app.core.families import FAMILIES, config_value, rope_settings, sliding_window
 from app.core.imports import TRANSFORMERS_IMPORT_LOCK
+from app.core.merge.architectures import attention_layer_types
 from app.core.problems import FrankenMoEError
 from app.core.sources import ModelSource
 

@@ -172,7 +172,7 @@ class RouterInputProbe:
     ) -> None:
         import torch
 
-        from app.core.decoder import open_decoder
+        from app.core.merge.decoder import open_decoder
 
         return_freed_tensors_to_the_os()
         self.source = source
@@ -465,7 +465,7 @@ class GateComputer:
 
         import torch
 
-        from app.core.calibration import ExpertWeights, ProgressiveCalibration, PromptLabel, fit_layer_on_prompts
+        from app.core.merge.calibration import ExpertWeights, ProgressiveCalibration, PromptLabel, fit_layer_on_prompts
 
         labelled = [(text, PromptLabel(i, -1)) for i, e in enumerate(recipe.experts) for text in e.positive_prompts]
         labelled += [(text, PromptLabel(-1, i)) for i, e in enumerate(recipe.experts) for text in e.negative_prompts]

@@ -19,16 +19,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from app.core.architectures import MLP_PROJECTIONS, MoEShape, OutputArchitecture, choose_architecture
 from app.core.compat import check_recipe
 from app.core.devices import return_freed_tensors_to_the_os
 from app.core.families import QKV_BIAS, config_value, model_parts
-from app.core.gates import GateResult, compute_gates, prompted_shared_experts
-from app.core.modelcard import ModelCardFields, render_model_card
+from app.core.merge.architectures import MLP_PROJECTIONS, MoEShape, OutputArchitecture, choose_architecture
+from app.core.merge.gates import GateResult, compute_gates, prompted_shared_experts
+from app.core.merge.modelcard import ModelCardFields, render_model_card
+from app.core.merge.shards import PlannedTensor, ShardWriter, plan_shards
 from app.core.problems import FrankenMoEError, raise_if_errors
 from app.core.progress import BackgroundJob, Job, Progress, check_cancel
 from app.core.recipe import Expert, Recipe, dump_recipe
-from app.core.shards import PlannedTensor, ShardWriter, plan_shards
 from app.core.sources import ByteRange, ModelSource, open_model
 
 if TYPE_CHECKING:
