@@ -5,14 +5,17 @@ fields and Link-header paging), model info (with file metadata), file trees, who
 HEAD/GET under ``/{repo}/resolve/{revision}/{path}`` with the headers the client relies on
 (``X-Repo-Commit``, ``ETag``, ``X-Linked-Etag``, ``X-Linked-Size``) and Range requests. Errors carry
 the Hub's ``X-Error-Code`` headers, so the client raises the same exceptions as against the Hub.
-It can also misbehave on purpose: drop a connection in the middle of a file, or close connections
-before answering.
+It can also misbehave on purpose: drop a connection in the middle of a file, close connections
+before answering, or hold requests without answering. Two more fixtures stand for a Hub that does
+not answer at all, on loopback only: a port where nothing listens, and one whose queue is full, so
+that a connection to it never opens.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import socket
 import struct
 import threading
 import time
@@ -100,6 +103,8 @@ class HubServer:
         self._drops: dict[str, list[int]] = {}  # file path -> [bytes to send before dropping, times]
         self._connections_to_refuse = 0
         self._throttles: dict[str, tuple[int, float]] = {}  # file path -> (piece size, pause per piece)
+        self._holds: dict[str, threading.Event] = {}  # path prefix -> set to let its requests be answered
+        self.request_held = threading.Event()  # set once a held request has arrived
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,), daemon=True)
@@ -114,6 +119,8 @@ class HubServer:
         return self
 
     def stop(self) -> None:
+        for release in self._holds.values():
+            release.set()
         self._httpd.shutdown()
         self._httpd.server_close()
 
@@ -146,6 +153,21 @@ class HubServer:
     def refuse_connections(self, count: int) -> None:
         """Close the next ``count`` connections without answering."""
         self._connections_to_refuse = count
+
+    def hold(self, path_prefix: str) -> threading.Event:
+        """Requests whose path starts with ``path_prefix`` get no answer; their connections close,
+        still unanswered, when the returned event is set (or the server stops)."""
+        release = threading.Event()
+        self._holds[path_prefix] = release
+        return release
+
+    @property
+    def refusals_left(self) -> int:
+        with self.lock:
+            return self._connections_to_refuse
+
+    def take_hold(self, path: str) -> threading.Event | None:
+        return next((release for prefix, release in self._holds.items() if path.startswith(prefix)), None)
 
     def take_drop(self, path: str) -> int | None:
         with self.lock:
@@ -197,6 +219,12 @@ def _make_handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
                 return
             split = urlsplit(self.path)
             hub.requests.append((self.command, unquote(split.path), self.headers.get("Range")))
+            release = hub.take_hold(unquote(split.path))
+            if release is not None:
+                hub.request_held.set()
+                release.wait()
+                self.close_connection = True  # the client has long given up: nothing to answer
+                return
             query = parse_qs(split.query)
             try:
                 if split.path.startswith("/api/"):
@@ -465,13 +493,19 @@ def tiny_hub_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[s
 
 @pytest.fixture
 def hub_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """An empty Hugging Face home for this test: cache and token files, no HF_TOKEN, not offline.
+    """An empty Hugging Face home for this test: cache and token files, no HF_TOKEN, not offline,
+    no proxy, and no answer of the reachability probe remembered from an earlier test (ports get reused).
 
     huggingface_hub reads these settings into ``constants`` at import time, so both the
     environment (for subprocesses) and ``constants`` (for this process) are pointed here.
     """
     from huggingface_hub import constants
 
+    from app.core.hub import forget_reachability
+
+    forget_reachability()
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
     home = tmp_path / "hf-home"
     cache = home / "hub"
     token_path = home / "token"
@@ -529,3 +563,28 @@ def hub(tiny_hub_files: dict[str, dict[str, bytes]]) -> Iterator[HubServer]:
 def hub_config(hub: HubServer, hub_home: Path) -> HubConfig:
     """Settings for the local Hub, with quick retries so failure tests stay fast."""
     return HubConfig(endpoint=hub.url, cache_dir=hub_home / "hub", max_retries=2, retry_delay_s=0.01, max_workers=2)
+
+
+@pytest.fixture
+def closed_endpoint() -> str:
+    """A Hub address on loopback where nothing listens: every connection is refused at once."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture
+def silent_endpoint() -> Iterator[str]:
+    """A Hub address on loopback where a connection never opens, as on a network that drops packets.
+
+    The listener takes no connections off its queue, and one connection fills a queue of length 0:
+    the kernel then ignores every new attempt, which waits until its own timeout.
+    """
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    filler = socket.create_connection(listener.getsockname())
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    filler.close()
+    listener.close()

@@ -46,11 +46,11 @@ class SearchAnswer:
 
 def search(query: str, sort: SortKey, limit: int, offset: int = 0) -> JobFactory:
     def job(cancel: threading.Event) -> Job[SearchAnswer]:
-        from app.core.hub import search_models
+        from app.core.hub import call_cancellable, search_models
 
         yield Progress("searching", 0, 1, message=f"searching the Hub for {query!r}")
-        check_cancel(cancel)
-        return SearchAnswer(query, sort, search_models(query, sort=sort, limit=limit, offset=offset))
+        page = call_cancellable(lambda: search_models(query, sort=sort, limit=limit, offset=offset), cancel)
+        return SearchAnswer(query, sort, page)
 
     return job
 
@@ -76,7 +76,14 @@ def inspect(repo_id: str, recipe: Recipe, as_base: bool) -> JobFactory:
     as an expert, with the memory the resulting MoE would need on this machine."""
 
     def job(cancel: threading.Event) -> Job[HubDetails]:
-        from app.core.hub import GatedModelError, HubError, estimate_fit, fetch_config, inspect_model
+        from app.core.hub import (
+            GatedModelError,
+            HubError,
+            call_cancellable,
+            estimate_fit,
+            fetch_config,
+            inspect_model,
+        )
 
         yield Progress("inspecting", 0, 2, message=f"reading {repo_id}'s configuration")
         base_config = None
@@ -87,13 +94,13 @@ def inspect(repo_id: str, recipe: Recipe, as_base: bool) -> JobFactory:
             base_note = "The recipe has no base model yet: the first model added becomes the base."
         else:
             try:
-                base_config = fetch_config(recipe.base_model)
+                base_config = call_cancellable(lambda: fetch_config(recipe.base_model), cancel)
             except (FrankenMoEError, OSError, ValueError) as error:
                 reason = error.message if isinstance(error, FrankenMoEError) else str(error)
                 base_note = f"Not checked against the base model, whose configuration cannot be read: {reason}"
         check_cancel(cancel)
         try:
-            report = inspect_model(repo_id, base=base_config)
+            report = call_cancellable(lambda: inspect_model(repo_id, base=base_config), cancel)
         except GatedModelError as error:
             return HubDetails(repo_id, error=error.message, hint=error.hint, access_url=error.url)
         except HubError as error:
@@ -164,13 +171,13 @@ def saved_login() -> JobFactory:
     """The login huggingface_hub already has (``HF_TOKEN`` or a saved token), or None."""
 
     def job(cancel: threading.Event) -> Job[HubLogin | None]:
-        from app.core.hub import check_token, has_token
+        from app.core.hub import call_cancellable, check_token, has_token
 
         yield Progress("hub login", 0, 1, message="checking the saved token with the Hub")
         check_cancel(cancel)
         if not has_token():
             return None
-        user = check_token()
+        user = call_cancellable(check_token, cancel)
         return HubLogin(user.name, user.token_name)
 
     return job

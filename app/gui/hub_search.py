@@ -180,6 +180,12 @@ class HubSearchDialog(QDialog):
         # Enter anywhere searches; choosing a model takes a button or a double-click.
         self.search_button.setDefault(True)
         self.search_button.clicked.connect(self.search)
+        # Ends a search or a model's reading at once, however long the Hub takes to answer.
+        self.stop_button = QPushButton("Stop")
+        self.stop_button.setAutoDefault(False)
+        self.stop_button.setEnabled(False)
+        self.stop_button.setToolTip("Stop asking the Hub")
+        self.stop_button.clicked.connect(self.stop)
         self.sort.currentIndexChanged.connect(self._sort_changed)
 
         self.model = QStandardItemModel(0, len(HUB_COLUMNS), self)
@@ -229,6 +235,7 @@ class HubSearchDialog(QDialog):
         search_row.addWidget(QLabel("Sort by"))
         search_row.addWidget(self.sort)
         search_row.addWidget(self.search_button)
+        search_row.addWidget(self.stop_button)
         results = QWidget()
         results_layout = QVBoxLayout(results)
         results_layout.setContentsMargins(0, 0, 0, 0)
@@ -274,11 +281,32 @@ class HubSearchDialog(QDialog):
             self._search_job.cancel()
         self.status.setText("Searching…")
         self._sort = hub_jobs.SORTS[self.sort.currentText()]
-        self._search_job = self.context.run(
+        job = self.context.run(
             "Hub search", hub_jobs.search(self._query, self._sort, self.page_size, offset), quiet=True
         )
-        self._search_job.succeeded.connect(self.show_answer)
-        self._search_job.failed.connect(self._search_failed)
+        self._search_job = job
+        job.succeeded.connect(self.show_answer)
+        job.failed.connect(self._search_failed)
+        job.cancelled.connect(lambda: self._search_stopped(job))
+        job.finished.connect(self._update_stop_button)
+        self._update_stop_button()
+
+    def stop(self) -> None:
+        """Cancel the search and the model reading under way; their workers end at once."""
+        for job in (self._search_job, self._inspect_job):
+            if job is not None and job.is_running:
+                job.cancel()
+        self.stop_button.setEnabled(False)
+
+    def _update_stop_button(self) -> None:
+        self.stop_button.setEnabled(
+            any(job is not None and job.is_running for job in (self._search_job, self._inspect_job))
+        )
+
+    def _search_stopped(self, job: JobHandle) -> None:
+        if job is self._search_job:  # not one replaced by a newer search
+            self.status.setText("Search stopped.")
+            self.more_button.setEnabled(self.last_page is not None and self.last_page.has_more and bool(self.models))
 
     def _search_failed(self, error: BaseException) -> None:
         self.status.setText("The search failed.")
@@ -332,11 +360,13 @@ class HubSearchDialog(QDialog):
         if self._inspect_job is not None and self._inspect_job.is_running:
             self._inspect_job.cancel()
         as_base = self.purpose is Purpose.BASE
-        self._inspect_job = self.context.run(
-            f"Inspect {repo}", hub_jobs.inspect(repo, self.recipe, as_base), quiet=True
-        )
-        self._inspect_job.succeeded.connect(self._inspected)
-        self._inspect_job.failed.connect(self._inspect_failed)
+        job = self.context.run(f"Inspect {repo}", hub_jobs.inspect(repo, self.recipe, as_base), quiet=True)
+        self._inspect_job = job
+        job.succeeded.connect(self._inspected)
+        job.failed.connect(self._inspect_failed)
+        job.cancelled.connect(lambda: self._inspect_stopped(job, repo))
+        job.finished.connect(self._update_stop_button)
+        self._update_stop_button()
 
     def _inspected(self, details: HubDetails) -> None:
         self.details[details.repo_id] = details
@@ -345,6 +375,13 @@ class HubSearchDialog(QDialog):
 
     def _inspect_failed(self, error: BaseException) -> None:
         self.detail_pane.append(describe_error(error))
+
+    def _inspect_stopped(self, job: JobHandle, repo: str) -> None:
+        # Nothing is remembered for the model: choosing it again reads it afresh.
+        if job is self._inspect_job and self.chosen_repo == repo:
+            self.detail_pane.setHtml(
+                summary_html(self.models[repo]) + "<p><i>Stopped reading its configuration.</i></p>"
+            )
 
     def _show_details(self, repo: str) -> None:
         details = self.details.get(repo)

@@ -81,3 +81,38 @@ def test_merge_downloads_missing_hub_models_first(cli_hub, hub_home, tmp_path, c
     requests_before = len(cli_hub.requests)
     assert run_cli(["merge", str(recipe), str(tmp_path / "again"), "--quiet"]) == 0
     assert cli_hub.requests[requests_before:] == []
+
+
+def test_offline_search_prints_one_error_and_no_retry_lines(hub_home, closed_endpoint, monkeypatch, capfd):
+    monkeypatch.setenv("HF_ENDPOINT", closed_endpoint)
+    assert run_cli(["hub", "search", "llama"]) == 1
+    err = capfd.readouterr().err
+    assert err.splitlines() == [
+        f"error: cannot reach the Hub at {closed_endpoint} (127.0.0.1 port {closed_endpoint.rsplit(':', 1)[1]} "
+        "refused the connection)",
+        "fix: check the internet connection and any proxy (or HF_ENDPOINT, for a mirror); "
+        "models already in the Hugging Face cache still work offline",
+    ]
+
+
+def test_offline_fetch_fails_at_once_without_retrying(hub_home, closed_endpoint, monkeypatch, tmp_path, capfd):
+    monkeypatch.setenv("HF_ENDPOINT", closed_endpoint)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("base_model: acme/tiny-llama-instruct\ngate_mode: random\nexperts:\n  - source_model: acme/a\n")
+    assert run_cli(["hub", "fetch", str(recipe)]) == 1
+    captured = capfd.readouterr()
+    assert "error: cannot reach the Hub" in captured.err
+    assert "retrying" not in (captured.out + captured.err).lower()
+
+
+def test_merge_of_cached_hub_models_works_offline(cli_hub, hub_home, closed_endpoint, monkeypatch, tmp_path, capsys):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        "base_model: acme/tiny-llama-instruct\ngate_mode: random\nexperts:\n"
+        "  - source_model: acme/tiny-llama-chat\n  - source_model: acme/tiny-llama-instruct\n"
+    )
+    assert run_cli(["hub", "fetch", str(recipe)]) == 0
+    monkeypatch.setenv("HF_ENDPOINT", closed_endpoint)
+    out = tmp_path / "moe"
+    assert run_cli(["merge", str(recipe), str(out), "--quiet"]) == 0
+    assert f"merged 2 experts into {out}" in capsys.readouterr().out

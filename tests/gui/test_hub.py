@@ -119,6 +119,55 @@ def test_gated_model_explains_how_to_get_access(window, qtbot, gui_hub) -> None:
     dialog.reject()
 
 
+def test_stop_ends_a_search_the_hub_never_answers(window, qtbot, gui_hub) -> None:
+    window.new_recipe()
+    dialog = open_dialog(window)
+    assert not dialog.stop_button.isEnabled()
+    gui_hub.hold("/api/models")
+    dialog.query.setText("tiny llama")
+    dialog.search_button.click()
+    qtbot.waitUntil(gui_hub.request_held.is_set, timeout=TIMEOUT_MS)
+    assert dialog.status.text() == "Searching…" and dialog.stop_button.isEnabled()
+    job = dialog._search_job
+    assert job is not None
+    with qtbot.waitSignal(job.finished, timeout=TIMEOUT_MS):
+        dialog.stop_button.click()
+    # The worker has ended while the Hub still holds the request unanswered.
+    assert not job.is_running
+    assert dialog.status.text() == "Search stopped." and not dialog.stop_button.isEnabled()
+    dialog.reject()
+
+
+def test_stop_ends_reading_a_model_the_hub_never_answers(window, qtbot, gui_hub) -> None:
+    window.new_recipe()
+    dialog = open_dialog(window)
+    search(qtbot, dialog, "tiny llama", rows=4)
+    gui_hub.hold("/api/models/acme/tiny-llama-chat")
+    dialog.table.selectRow(shown_repos(dialog).index("acme/tiny-llama-chat"))
+    qtbot.waitUntil(gui_hub.request_held.is_set, timeout=TIMEOUT_MS)
+    assert "Reading its configuration" in dialog.detail_pane.toPlainText()
+    job = dialog._inspect_job
+    assert job is not None and dialog.stop_button.isEnabled()
+    with qtbot.waitSignal(job.finished, timeout=TIMEOUT_MS):
+        dialog.stop_button.click()
+    assert not job.is_running
+    assert "Stopped reading its configuration" in dialog.detail_pane.toPlainText()
+    dialog.reject()
+
+
+def test_an_unreachable_hub_is_named_in_the_dialog(window, qtbot, hub_home, closed_endpoint, monkeypatch) -> None:
+    monkeypatch.setenv("HF_ENDPOINT", closed_endpoint)
+    window.new_recipe()
+    dialog = open_dialog(window)
+    dialog.query.setText("llama")
+    dialog.search_button.click()
+    qtbot.waitUntil(lambda: dialog.status.text() == "The search failed.", timeout=TIMEOUT_MS)
+    text = dialog.detail_pane.toPlainText()
+    assert f"cannot reach the Hub at {closed_endpoint}" in text and "refused the connection" in text
+    assert "Fix:" in text and "still work offline" in text
+    dialog.reject()
+
+
 def add_hub_expert(window, qtbot, repo: str) -> DownloadCell:
     """Add ``repo`` as an expert through the dialog; returns its row's download cell."""
     dialog = open_dialog(window)
@@ -173,6 +222,19 @@ def test_cancelled_download_leaves_the_cache_consistent(window, qtbot, gui_hub, 
     assert cached_snapshot(ModelRef.parse("acme/tiny-llama-chat"), HubConfig.current()) is None
     assert weights  # the server still has it; only the cache is incomplete, and says so
     assert window.models_page.table.item(0, COMPATIBILITY).text() == NOT_DOWNLOADED_BADGE
+    assert "Download acme/tiny-llama-chat: cancelled" in window.log_panel.text
+
+
+def test_cancel_ends_a_download_whose_lookup_the_hub_never_answers(window, qtbot, gui_hub, local_base: Path) -> None:
+    new_recipe_on(window, local_base)
+    cell = add_hub_expert(window, qtbot, "acme/tiny-llama-chat")
+    gui_hub.hold("/api/models/acme/tiny-llama-chat")
+    cell.button.click()
+    qtbot.waitUntil(gui_hub.request_held.is_set, timeout=TIMEOUT_MS)
+    assert cell.job is not None
+    with qtbot.waitSignal(cell.job.finished, timeout=TIMEOUT_MS):
+        cell.cancel_button.click()
+    assert cell.button.isVisible() and not cell.progress.isVisible()
     assert "Download acme/tiny-llama-chat: cancelled" in window.log_panel.text
 
 

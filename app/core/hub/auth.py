@@ -12,6 +12,7 @@ from huggingface_hub.errors import HfHubHTTPError
 
 from app.core.hub.config import HubConfig, resolve_config
 from app.core.hub.errors import TokenError, hub_errors
+from app.core.hub.network import require_hub
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +38,7 @@ def check_token(token: str | None = None, config: HubConfig | None = None) -> Hu
         )
     try:
         with hub_errors(None, None, config):
+            require_hub(config)
             answer = config.api().whoami(token=token)
     except HfHubHTTPError as exc:
         if exc.response is not None and exc.response.status_code == 401:

@@ -23,6 +23,10 @@ class HubConfig:
     max_retries: int = 5
     retry_delay_s: float = 2.0
     max_workers: int = 4
+    # How long a connection to the Hub may take to open before the Hub counts as unreachable.
+    probe_timeout_s: float = 1.5
+    # How long one metadata request (search, model info, a small file's headers) may go unanswered.
+    request_timeout_s: float = 10.0
 
     @classmethod
     def current(cls) -> HubConfig:

@@ -8,12 +8,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import hf_hub_download
+from huggingface_hub import hf_hub_download, try_to_load_from_cache
 from huggingface_hub.errors import EntryNotFoundError
 
 from app.core.hub.config import HubConfig, resolve_config
-from app.core.hub.errors import ModelNotFoundError, hub_errors
+from app.core.hub.errors import ModelNotFoundError, hub_errors, unreachable_error
 from app.core.hub.files import CHAT_TEMPLATE_FILES, RemoteFile, has_weights, remote_merge_files
+from app.core.hub.network import require_hub, unreachable_reason
 from app.core.hub.search import ModelSummary, summarize
 from app.core.problems import Problem
 from app.core.progress import format_bytes
@@ -114,24 +115,39 @@ def describe_architecture(
 
 
 def _download_json(repo_id: str, filename: str, commit: str, config: HubConfig) -> dict[str, Any] | None:
-    """A small JSON file of the repo, through the cache; None if the repo has no such file."""
-    with hub_errors(repo_id, commit, config):
-        try:
-            path = hf_hub_download(
-                repo_id,
-                filename,
-                revision=commit,
-                cache_dir=config.cache_dir,
-                endpoint=config.endpoint,
-                token=config.token,
-            )
-        except EntryNotFoundError:
+    """A small JSON file of the repo, through the cache; None if the repo has no such file.
+
+    When the Hub cannot be reached, the cache answers alone, without a request (as under
+    ``HF_HUB_OFFLINE``), rather than after huggingface_hub's timeouts and retries.
+    """
+    reason = unreachable_reason(config)
+    if reason is not None:
+        cached = try_to_load_from_cache(repo_id, filename, cache_dir=config.cache_dir, revision=commit)
+        if cached is None:
+            raise unreachable_error(config, reason)
+        if not isinstance(cached, str):  # the cache knows the repo has no such file
             return None
+        path = cached
+    else:
+        with hub_errors(repo_id, commit, config):
+            try:
+                path = hf_hub_download(
+                    repo_id,
+                    filename,
+                    revision=commit,
+                    cache_dir=config.cache_dir,
+                    endpoint=config.endpoint,
+                    token=config.token,
+                    etag_timeout=config.request_timeout_s,
+                )
+            except EntryNotFoundError:
+                return None
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
 def fetch_config(ref: ModelRef, config: HubConfig | None = None) -> dict[str, Any]:
-    """``config.json`` of a local folder or a Hub model (fetching only that file)."""
+    """``config.json`` of a local folder or a Hub model (fetching only that file, or reading it from
+    the cache when the Hub cannot be reached)."""
     if ref.is_local:
         return json.loads((Path(ref.path).expanduser() / "config.json").read_text(encoding="utf-8"))
     config = resolve_config(config)
@@ -153,11 +169,15 @@ def inspect_model(
     """Describe a Hub model and check it against a recipe's ``base`` (a ref or its config.json).
 
     Downloads nothing but ``config.json``, ``tokenizer_config.json`` and the weights index.
+    Raises :class:`HubOfflineError` within ``config.probe_timeout_s`` when the Hub cannot be reached.
     """
     ref = ModelRef.parse(ref) if isinstance(ref, str) else ref
     config = resolve_config(config)
     with hub_errors(ref.path, ref.revision, config):
-        info = config.api().model_info(ref.path, revision=ref.revision, files_metadata=True)
+        require_hub(config)
+        info = config.api().model_info(
+            ref.path, revision=ref.revision, files_metadata=True, timeout=config.request_timeout_s
+        )
     commit = info.sha or ref.revision or "main"
     model_config = _download_json(ref.path, "config.json", commit, config)
     problems: list[Problem] = []

@@ -33,6 +33,7 @@ from app.core.hub.errors import (
     translate_error,
 )
 from app.core.hub.files import RemoteFile, cached_snapshot, has_weights, refresh_cached, remote_merge_files
+from app.core.hub.network import call_cancellable, require_hub
 from app.core.progress import Cancelled, Job, Progress, check_cancel, format_bytes
 from app.core.recipe import ModelRef, Recipe
 
@@ -122,7 +123,9 @@ def _check_disk_space(needed: int, config: HubConfig, repo_id: str) -> None:
 def plan_download(ref: ModelRef, config: HubConfig) -> tuple[str, list[RemoteFile]]:
     """The commit a download will fetch and the files it needs; raises if the model has no safetensors."""
     with hub_errors(ref.path, ref.revision, config):
-        info = config.api().model_info(ref.path, revision=ref.revision, files_metadata=True)
+        info = config.api().model_info(
+            ref.path, revision=ref.revision, files_metadata=True, timeout=config.request_timeout_s
+        )
     files = remote_merge_files(info, config)
     if not has_weights(f.path for f in files):
         raise NoSafetensorsError(
@@ -140,7 +143,8 @@ def download_model(
 ) -> Job[Path]:
     """Fetch what a merge and a chat need of a Hub model into the cache; returns its snapshot folder.
 
-    Files already in the cache are not fetched again. Connection failures are retried
+    Files already in the cache are not fetched again. When no connection to the Hub opens at the
+    start, that is reported at once (:class:`HubOfflineError`); a connection lost later is retried
     ``config.max_retries`` times with growing pauses, each attempt resuming with the files finished
     so far. The revision is fetched by its name (main by default), as huggingface_hub then records
     it in the cache's refs, which is how later offline runs find the snapshot.
@@ -155,7 +159,9 @@ def download_model(
         try:
             if plan is None:
                 yield DownloadProgress(STAGE, 0, 0, message=f"looking up {ref}", repo_id=ref.path, retry=attempt)
-                plan = plan_download(ref, config)
+                if attempt == 0:
+                    require_hub(config)  # offline from the start: no point in retrying
+                plan = call_cancellable(lambda: plan_download(ref, config), cancel)
                 cached_before = {f.path for f in plan[1] if f.cached}
                 _check_disk_space(sum(f.size for f in plan[1] if not f.cached), config, ref.path)
             files = plan[1]
@@ -221,6 +227,7 @@ def _run_snapshot_download(
                 cache_dir=config.cache_dir,
                 endpoint=config.endpoint,
                 token=config.token,
+                etag_timeout=config.request_timeout_s,
                 max_workers=config.max_workers,
                 tqdm_class=tracker.bar_class(),
             )

@@ -142,11 +142,29 @@ def translate_error(
                 f"the Hub at {config.endpoint} answered with error {status}",
                 "the Hub may be busy or down; try again in a few minutes",
             )
-        return HubOfflineError(
-            f"cannot reach the Hub at {config.endpoint}",
-            "check your internet connection and proxy; models already downloaded still work offline",
-        )
+        return unreachable_error(config, _connection_failure(chain))
     return None
+
+
+def unreachable_error(config: HubConfig, reason: str) -> HubOfflineError:
+    """The one error for "the Hub does not answer", whatever the way it failed."""
+    return HubOfflineError(
+        f"cannot reach the Hub at {config.endpoint} ({reason})",
+        "check the internet connection and any proxy (or HF_ENDPOINT, for a mirror); "
+        "models already in the Hugging Face cache still work offline",
+    )
+
+
+def _connection_failure(chain: list[BaseException]) -> str:
+    """A few words on how the connection failed, for :func:`unreachable_error`."""
+    for error in chain:
+        if isinstance(error, httpx2.TimeoutException):
+            return "no answer in time"
+        if isinstance(error, httpx2.ConnectError):
+            return "the connection failed"
+        if isinstance(error, httpx2.RemoteProtocolError):
+            return "the connection closed without an answer"
+    return "the connection failed"
 
 
 @contextmanager

@@ -95,6 +95,7 @@ def remote_merge_files(info: ModelInfo, config: HubConfig) -> list[RemoteFile]:
                 cache_dir=config.cache_dir,
                 endpoint=config.endpoint,
                 token=config.token,
+                etag_timeout=config.request_timeout_s,
             )
         shards = shard_names(Path(index_path))
     files = []

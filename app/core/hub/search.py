@@ -4,19 +4,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from itertools import islice
+from typing import Any
 
 from huggingface_hub.hf_api import ModelInfo
+from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
 from app.core.hub.config import HubConfig, resolve_config
 from app.core.hub.errors import hub_errors
+from app.core.hub.network import require_hub
 from app.core.hub.sorting import SORT_KEYS, SortKey
 
+# Our sort keys as the Hub's listing API spells them.
 _HUB_SORT = {
     "downloads": "downloads",
     "likes": "likes",
-    "trending": "trending_score",
-    "updated": "last_modified",
+    "trending": "trendingScore",
+    "updated": "lastModified",
 }
 
 # Bytes per parameter for the dtype names the Hub uses in its safetensors metadata.
@@ -102,6 +105,29 @@ def summarize(info: ModelInfo) -> ModelSummary:
     )
 
 
+def _list_models(params: dict[str, Any], wanted: int, config: HubConfig) -> list[ModelInfo]:
+    """The first ``wanted`` models of the Hub's listing, following its Link-header pages.
+
+    Asked directly rather than through ``HfApi.list_models``, whose pages retry a failed
+    connection for 23 s and wait without a timeout: a search is asked once, with
+    ``config.request_timeout_s``, and a failure is reported at once.
+    """
+    session = get_session()
+    headers = build_hf_headers(token=config.token)
+    url: str | None = f"{config.endpoint}/api/models"
+    query: dict[str, Any] | None = params
+    found: list[ModelInfo] = []
+    while url is not None and len(found) < wanted:
+        response = session.get(url, params=query, headers=headers, timeout=config.request_timeout_s)
+        hf_raise_for_status(response)
+        for item in response.json():
+            item.setdefault("siblings", None)
+            found.append(ModelInfo(**item))
+        url = response.links.get("next", {}).get("url")
+        query = None  # the next page's link carries the query
+    return found[:wanted]
+
+
 def search_models(
     query: str,
     *,
@@ -112,20 +138,24 @@ def search_models(
 ) -> SearchPage:
     """Text-generation models matching ``query``, ``limit`` at a time, starting after ``offset`` results.
 
-    huggingface_hub's listing cannot resume at a page, so a later page asks for all results up to
-    its end and skips the ones already shown; one result more than needed tells whether more exist.
+    The Hub's listing cannot resume at a page, so a later page asks for all results up to its end
+    and skips the ones already shown; one result more than needed tells whether more exist.
+    Raises :class:`HubOfflineError` within ``config.probe_timeout_s`` when the Hub cannot be reached.
     """
     if sort not in _HUB_SORT:
         raise ValueError(f"sort must be one of {', '.join(SORT_KEYS)}")
     config = resolve_config(config)
     wanted = offset + limit + 1
+    params: dict[str, Any] = {
+        "filter": "text-generation",
+        "sort": _HUB_SORT[sort],
+        "limit": wanted,
+        "expand": SEARCH_FIELDS,
+    }
+    if query.strip():
+        params["search"] = query.strip()
     with hub_errors(None, None, config):
-        listing = config.api().list_models(
-            search=query.strip() or None,
-            filter="text-generation",
-            sort=_HUB_SORT[sort],  # type: ignore[arg-type]  # checked against _HUB_SORT above
-            limit=wanted,
-            expand=SEARCH_FIELDS,  # type: ignore[arg-type]  # names from ExpandModelProperty_T
-        )
-        found = [summarize(info) for info in islice(listing, offset, wanted)]
+        require_hub(config)
+        listing = _list_models(params, wanted, config)
+    found = [summarize(info) for info in listing[offset:]]
     return SearchPage(models=tuple(found[:limit]), offset=offset, has_more=len(found) > limit)
