@@ -17,7 +17,7 @@ import time
 import urllib.request
 from collections.abc import Callable
 from queue import Empty, SimpleQueue
-from typing import TypeVar
+from typing import TypeVar, cast
 from urllib.parse import urlsplit
 
 from huggingface_hub import constants
@@ -124,26 +124,25 @@ def call_cancellable(work: Callable[[], T], cancel: threading.Event | None) -> T
     """
     if cancel is None:
         return work()
-    outcome: SimpleQueue[tuple[bool, object]] = SimpleQueue()
+    outcome: SimpleQueue[tuple[T | None, BaseException | None]] = SimpleQueue()
 
     def run() -> None:
         try:
-            outcome.put((True, work()))
+            outcome.put((work(), None))
         except BaseException as exc:  # handed to the caller, which re-raises it in its own thread
-            outcome.put((False, exc))
+            outcome.put((None, exc))
 
     threading.Thread(target=run, name="hub call", daemon=True).start()
     while True:
         if cancel.is_set():
             raise Cancelled("cancelled")
         try:
-            succeeded, value = outcome.get(timeout=CANCEL_POLL_S)
+            result, error = outcome.get(timeout=CANCEL_POLL_S)
         except Empty:
             continue
-        if not succeeded:
-            assert isinstance(value, BaseException)
-            raise value
-        return value  # type: ignore[return-value]  # work()'s own result
+        if error is not None:
+            raise error
+        return cast(T, result)
 
 
 class _LibraryRetryLines(logging.Filter):
