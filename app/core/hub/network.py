@@ -44,7 +44,8 @@ def connection_target(endpoint: str) -> tuple[str, int]:
     """The host and port that a request to ``endpoint`` connects to: the proxy's, when one is set for it."""
     parts = urlsplit(endpoint)
     host = parts.hostname or ""
-    proxies = urllib.request.getproxies_environment()
+    # The proxies httpx (under huggingface_hub) uses: the environment's, or the system's where it has them.
+    proxies = urllib.request.getproxies()
     proxy = proxies.get(parts.scheme) or proxies.get("all")
     if proxy and not urllib.request.proxy_bypass_environment(host, proxies):
         proxy_parts = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
