@@ -67,12 +67,16 @@ class MainWindow(QMainWindow):
             self.pages.addWidget(page)
         self.steps = QListWidget()
         self.steps.addItems(STEPS)
-        self.steps.setMaximumWidth(170)
         self.steps.setIconSize(QSize(0, 0))
         font = self.steps.font()
         font.setPointSizeF(font.pointSizeF() * 1.1)
         self.steps.setFont(font)
         self.steps.setSpacing(4)
+        # A fixed width from the step names: a page that asks for more room can never crush the sidebar.
+        self.steps.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.steps.setFixedWidth(
+            self.steps.sizeHintForColumn(0) + 2 * (self.steps.frameWidth() + self.steps.spacing()) + 24
+        )
         self.steps.currentRowChanged.connect(self.pages.setCurrentIndex)
         self.workspace = QWidget()
         workspace_layout = QHBoxLayout(self.workspace)

@@ -23,7 +23,7 @@ from app.gui.context import AppContext, describe_error
 from app.gui.document import RecipeDocument
 from app.gui.engine import GateSession, PreviewResult
 from app.gui.plots import Heatmap, HeatmapData
-from app.gui.widgets import explanation, heading
+from app.gui.widgets import MessageLabel, explanation, heading
 from app.gui.workers import JobHandle
 
 
@@ -53,16 +53,13 @@ class PreviewPage(QWidget):
         self.progress = QProgressBar()
         self.progress.setTextVisible(True)
         self.progress.setFormat("")
-        self.status = QLabel("Compute the routers to see how they will send text to the experts.")
-        self.status.setWordWrap(True)
-        self.quality = QLabel()
+        self.status = MessageLabel("Compute the routers to see how they will send text to the experts.")
+        self.quality = MessageLabel()
         quality_font = self.quality.font()
         quality_font.setPointSizeF(quality_font.pointSizeF() * 1.2)
         quality_font.setBold(True)
         self.quality.setFont(quality_font)
-        self.quality.setWordWrap(True)
-        self.warnings = QLabel()
-        self.warnings.setWordWrap(True)
+        self.warnings = MessageLabel()
 
         self.layer = QSlider(Qt.Orientation.Horizontal)
         self.layer.setRange(0, 0)
