@@ -70,3 +70,37 @@ def test_long_messages_wrap_inside_the_window_on_every_page(window, qtbot) -> No
             label.clear()
     QCoreApplication.processEvents()
     assert (window.width(), window.steps.width()) == (width, sidebar)
+
+
+def last_line_bottom(view) -> float:
+    """Where the log's last line ends, in viewport pixels."""
+    last = view.document().lastBlock()
+    return view.blockBoundingGeometry(last).translated(view.contentOffset()).bottom()
+
+
+def test_the_log_follows_long_wrapped_errors_while_at_the_bottom(window) -> None:
+    traceback_like = " ".join([LONG_ERROR] * 4)  # taller, wrapped, than the dock's few lines
+    view = window.log_panel.view
+    view.setMaximumBlockCount(30)  # the oldest lines go, as after MAX_LOG_LINES, within the test
+    scrollbar = view.verticalScrollBar()
+    for index in range(60):
+        window.context.log(f"{index}: {traceback_like}" if index % 3 == 0 else f"{index}: merged layer {index}")
+        if index % 2:
+            QCoreApplication.processEvents()
+    QCoreApplication.processEvents()
+    assert scrollbar.maximum() > 0 and scrollbar.value() == scrollbar.maximum()
+    assert view.document().lastBlock().text().endswith("59: merged layer 59")
+    assert 0 < last_line_bottom(view) <= view.viewport().height()
+
+    scrollbar.setValue(0)  # the user scrolls up to read an earlier error: the view stays there
+    for index in range(60, 64):
+        window.context.log(f"{index}: {traceback_like}")
+        QCoreApplication.processEvents()
+    assert scrollbar.value() < scrollbar.maximum() and last_line_bottom(view) > view.viewport().height()
+
+    scrollbar.setValue(scrollbar.maximum())  # back at the bottom, it follows again
+    window.context.log(traceback_like)
+    window.context.log("the last line")
+    QCoreApplication.processEvents()
+    assert scrollbar.value() == scrollbar.maximum()
+    assert 0 < last_line_bottom(view) <= view.viewport().height()
