@@ -103,7 +103,8 @@ class MainWindow(QMainWindow):
         self.start_page.new_requested.connect(self.new_recipe)
         self.start_page.open_requested.connect(self.open_recipe_dialog)
         self.start_page.demo_requested.connect(self.try_demo)
-        self.start_page.recent_requested.connect(self.open_recipe)
+        self.start_page.chat_requested.connect(lambda: self.show_step(Step.CHAT))
+        self.start_page.recent_requested.connect(self.open_recent)
         self.start_page.set_recent_files(self.settings.recent_files)
         self.models_page.add_from_hub_requested.connect(lambda: self.search_hub(Purpose.EXPERT))
         self.models_page.base_from_hub_requested.connect(lambda: self.search_hub(Purpose.BASE))
@@ -166,13 +167,21 @@ class MainWindow(QMainWindow):
     def _fill_recent_menu(self) -> None:
         self.recent_menu.clear()
         for path in self.settings.recent_files:
-            self.recent_menu.addAction(str(path), lambda p=path: self.open_recipe(p))
+            self.recent_menu.addAction(str(path), lambda p=path: self.open_recent(p))
         self.recent_menu.setEnabled(bool(self.settings.recent_files))
 
     def _update_actions(self) -> None:
         is_open = self.document.is_open
-        for action in (self.save_action, self.save_as_action, *self.step_actions):
+        # Chat needs no recipe: any model folder or Hub model, straight from the start screen.
+        recipe_steps = [step for step in Step if step is not Step.CHAT]
+        for action in (self.save_action, self.save_as_action, *(self.step_actions[step] for step in recipe_steps)):
             action.setEnabled(is_open)
+        for step in recipe_steps:
+            item = self.steps.item(step)
+            flags = item.flags()
+            enabled = Qt.ItemFlag.ItemIsEnabled
+            item.setFlags(flags | enabled if is_open else flags & ~enabled)
+            item.setToolTip("" if is_open else "Start a new recipe or open one first (File menu).")
 
     def _update_title(self) -> None:
         if not self.document.is_open:
@@ -187,7 +196,9 @@ class MainWindow(QMainWindow):
         self.jobs_label.setText(", ".join(handle.name for handle in running))
 
     def show_step(self, step: Step) -> None:
-        self.steps.setCurrentRow(int(step))
+        if step is Step.CHAT or self.document.is_open:
+            self.central.setCurrentWidget(self.workspace)
+            self.steps.setCurrentRow(int(step))
 
     # ------------------------------------------------------------------ document
 
@@ -237,6 +248,15 @@ class MainWindow(QMainWindow):
         self.context.log(f"opened {path}")
         self.statusBar().showMessage(f"Opened {path}", 5000)
         return True
+
+    def open_recent(self, path: Path) -> bool:
+        """Open a recent recipe; one that no longer exists leaves the list, with a word why."""
+        if not Path(path).exists():
+            self.settings.forget(Path(path))
+            self.start_page.set_recent_files(self.settings.recent_files)
+            self.statusBar().showMessage(f"{path} no longer exists: it is removed from the recent recipes.", 8000)
+            return False
+        return self.open_recipe(path)
 
     def report_problems(self, title: str, error: ProblemsError) -> None:
         lines = []
