@@ -307,7 +307,7 @@ class MainWindow(QMainWindow):
             self.merge_page.out_dir.setText(str(self.settings.demo_dir / "merged-demo-moe"))
             self.merge_page.overwrite.setChecked(True)
             self.show_step(Step.PREVIEW)
-            self.statusBar().showMessage("Demo ready: compute the preview, then merge.", 8000)
+            self.statusBar().showMessage("Demo ready: the preview computes by itself; then merge.", 8000)
 
     def search_hub(self, purpose: Purpose = Purpose.EXPERT) -> None:
         self.hub_dialog = HubSearchDialog(self.document.recipe, self.context, purpose, self)
