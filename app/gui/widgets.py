@@ -70,7 +70,9 @@ class MessageLabel(QLabel):
         self.setText("")
 
     def copy_selection(self) -> None:
-        QGuiApplication.clipboard().setText(self.selectedText().replace(ZERO_WIDTH_SPACE, ""))
+        # selectedText() ends paragraphs with U+2029, as text documents do.
+        text = self.selectedText().replace(ZERO_WIDTH_SPACE, "").replace("\u2029", "\n")
+        QGuiApplication.clipboard().setText(text)
 
     def keyPressEvent(self, event: QKeyEvent) -> None:
         if event.matches(QKeySequence.StandardKey.Copy) and self.hasSelectedText():

@@ -6,6 +6,7 @@ from PySide6.QtCore import QCoreApplication, QPoint
 from PySide6.QtWidgets import QLabel, QWidget
 
 from app.gui.main_window import Step
+from app.gui.widgets import explanation
 from tests.gui.conftest import screenshot
 
 # What users really get: a path with no spaces, a hash with no break at all, and a fix.
@@ -104,3 +105,18 @@ def test_the_log_follows_long_wrapped_errors_while_at_the_bottom(window) -> None
     QCoreApplication.processEvents()
     assert scrollbar.value() == scrollbar.maximum()
     assert 0 < last_line_bottom(view) <= view.viewport().height()
+
+
+def test_a_message_copies_as_it_was_written(qtbot) -> None:
+    from PySide6.QtCore import Qt
+    from PySide6.QtGui import QGuiApplication
+
+    label = explanation(LONG_ERROR)  # selectable, like every explanation
+    qtbot.addWidget(label)
+    label.resize(300, label.heightForWidth(300))
+    label.show()
+    assert label.text() == LONG_ERROR
+    label.setFocus()
+    label.setSelection(0, len(QLabel.text(label)))  # what it shows: the text and places to break it
+    qtbot.keyClick(label, Qt.Key.Key_C, Qt.KeyboardModifier.ControlModifier)
+    assert QGuiApplication.clipboard().text() == LONG_ERROR
