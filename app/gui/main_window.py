@@ -103,7 +103,7 @@ class MainWindow(QMainWindow):
         self.start_page.new_requested.connect(self.new_recipe)
         self.start_page.open_requested.connect(self.open_recipe_dialog)
         self.start_page.demo_requested.connect(self.try_demo)
-        self.start_page.chat_requested.connect(lambda: self.show_step(Step.CHAT))
+        self.start_page.chat_requested.connect(self.chat_without_recipe)
         self.start_page.recent_requested.connect(self.open_recent)
         self.start_page.set_recent_files(self.settings.recent_files)
         self.models_page.add_from_hub_requested.connect(lambda: self.search_hub(Purpose.EXPERT))
@@ -333,6 +333,10 @@ class MainWindow(QMainWindow):
             application = QApplication.instance()
             if isinstance(application, QApplication):
                 apply_theme(application, self.settings.theme)
+
+    def chat_without_recipe(self) -> None:
+        self.show_step(Step.CHAT)
+        self.chat_page.model_path.setFocus()
 
     def open_in_chat(self, folder: Path) -> None:
         self.chat_page.set_model(folder)
