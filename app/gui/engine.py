@@ -105,6 +105,25 @@ def check_compatibility(recipe: Recipe, cache_dir: Path | None = None) -> JobFac
     return job
 
 
+def base_parameter_count(recipe: Recipe, cache_dir: Path | None = None) -> JobFactory:
+    """The base model's parameter count from its weights' headers, or None when it must be downloaded
+    first or cannot be read: what the Preview page needs to judge whether a preview is quick."""
+
+    def job(cancel: threading.Event) -> Job[int | None]:
+        from app.core.problems import FrankenMoEError
+        from app.core.sources import open_model
+
+        yield Progress("estimating", 0, 1, message="reading the base model's size")
+        check_cancel(cancel)
+        try:
+            with open_model(recipe.base_model, cache_dir) as source:
+                return source.parameter_count
+        except (FrankenMoEError, OSError):  # not downloaded, or unreadable: computing says why, when asked
+            return None
+
+    return job
+
+
 @dataclass(frozen=True)
 class PreviewResult:
     recipe: Recipe

@@ -12,6 +12,32 @@ LINES_SHOWN = 5
 
 
 class LogView(QPlainTextEdit):
+    """Follows new lines while scrolled to the bottom, and stays put while the user reads above."""
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.following = True
+        scrollbar = self.verticalScrollBar()
+        scrollbar.valueChanged.connect(self._scrolled)
+        # A wrapped line's height is known only once it is laid out, after it was appended: the
+        # range grows then, and a view that follows moves with it.
+        scrollbar.rangeChanged.connect(self._range_changed)
+
+    def _scrolled(self, value: int) -> None:
+        self.following = value >= self.verticalScrollBar().maximum()
+
+    def _range_changed(self, _minimum: int, maximum: int) -> None:
+        if self.following:
+            self.verticalScrollBar().setValue(maximum)
+
+    def append_line(self, line: str) -> None:
+        following = self.following
+        self.appendPlainText(line)
+        # Dropping the oldest lines may move the view while the line goes in; following decides.
+        self.following = following
+        if following:
+            self.verticalScrollBar().setValue(self.verticalScrollBar().maximum())
+
     def sizeHint(self) -> QSize:
         # From the font, not pixels, so that the dock keeps its few lines at any scale factor.
         text_height = self.fontMetrics().lineSpacing() * LINES_SHOWN
@@ -31,7 +57,7 @@ class LogPanel(QDockWidget):
         self.setWidget(self.view)
 
     def append(self, line: str) -> None:
-        self.view.appendPlainText(line)
+        self.view.append_line(line)
 
     @property
     def text(self) -> str:

@@ -67,12 +67,16 @@ class MainWindow(QMainWindow):
             self.pages.addWidget(page)
         self.steps = QListWidget()
         self.steps.addItems(STEPS)
-        self.steps.setMaximumWidth(170)
         self.steps.setIconSize(QSize(0, 0))
         font = self.steps.font()
         font.setPointSizeF(font.pointSizeF() * 1.1)
         self.steps.setFont(font)
         self.steps.setSpacing(4)
+        # A fixed width from the step names: a page that asks for more room can never crush the sidebar.
+        self.steps.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.steps.setFixedWidth(
+            self.steps.sizeHintForColumn(0) + 2 * (self.steps.frameWidth() + self.steps.spacing()) + 24
+        )
         self.steps.currentRowChanged.connect(self.pages.setCurrentIndex)
         self.workspace = QWidget()
         workspace_layout = QHBoxLayout(self.workspace)
@@ -99,7 +103,8 @@ class MainWindow(QMainWindow):
         self.start_page.new_requested.connect(self.new_recipe)
         self.start_page.open_requested.connect(self.open_recipe_dialog)
         self.start_page.demo_requested.connect(self.try_demo)
-        self.start_page.recent_requested.connect(self.open_recipe)
+        self.start_page.chat_requested.connect(self.chat_without_recipe)
+        self.start_page.recent_requested.connect(self.open_recent)
         self.start_page.set_recent_files(self.settings.recent_files)
         self.models_page.add_from_hub_requested.connect(lambda: self.search_hub(Purpose.EXPERT))
         self.models_page.base_from_hub_requested.connect(lambda: self.search_hub(Purpose.BASE))
@@ -162,13 +167,21 @@ class MainWindow(QMainWindow):
     def _fill_recent_menu(self) -> None:
         self.recent_menu.clear()
         for path in self.settings.recent_files:
-            self.recent_menu.addAction(str(path), lambda p=path: self.open_recipe(p))
+            self.recent_menu.addAction(str(path), lambda p=path: self.open_recent(p))
         self.recent_menu.setEnabled(bool(self.settings.recent_files))
 
     def _update_actions(self) -> None:
         is_open = self.document.is_open
-        for action in (self.save_action, self.save_as_action, *self.step_actions):
+        # Chat needs no recipe: any model folder or Hub model, straight from the start screen.
+        recipe_steps = [step for step in Step if step is not Step.CHAT]
+        for action in (self.save_action, self.save_as_action, *(self.step_actions[step] for step in recipe_steps)):
             action.setEnabled(is_open)
+        for step in recipe_steps:
+            item = self.steps.item(step)
+            flags = item.flags()
+            enabled = Qt.ItemFlag.ItemIsEnabled
+            item.setFlags(flags | enabled if is_open else flags & ~enabled)
+            item.setToolTip("" if is_open else "Start a new recipe or open one first (File menu).")
 
     def _update_title(self) -> None:
         if not self.document.is_open:
@@ -183,7 +196,9 @@ class MainWindow(QMainWindow):
         self.jobs_label.setText(", ".join(handle.name for handle in running))
 
     def show_step(self, step: Step) -> None:
-        self.steps.setCurrentRow(int(step))
+        if step is Step.CHAT or self.document.is_open:
+            self.central.setCurrentWidget(self.workspace)
+            self.steps.setCurrentRow(int(step))
 
     # ------------------------------------------------------------------ document
 
@@ -234,6 +249,15 @@ class MainWindow(QMainWindow):
         self.statusBar().showMessage(f"Opened {path}", 5000)
         return True
 
+    def open_recent(self, path: Path) -> bool:
+        """Open a recent recipe; one that no longer exists leaves the list, with a word why."""
+        if not Path(path).exists():
+            self.settings.forget(Path(path))
+            self.start_page.set_recent_files(self.settings.recent_files)
+            self.statusBar().showMessage(f"{path} no longer exists: it is removed from the recent recipes.", 8000)
+            return False
+        return self.open_recipe(path)
+
     def report_problems(self, title: str, error: ProblemsError) -> None:
         lines = []
         for problem in error.problems:
@@ -283,7 +307,7 @@ class MainWindow(QMainWindow):
             self.merge_page.out_dir.setText(str(self.settings.demo_dir / "merged-demo-moe"))
             self.merge_page.overwrite.setChecked(True)
             self.show_step(Step.PREVIEW)
-            self.statusBar().showMessage("Demo ready: compute the preview, then merge.", 8000)
+            self.statusBar().showMessage("Demo ready: the preview computes by itself; then merge.", 8000)
 
     def search_hub(self, purpose: Purpose = Purpose.EXPERT) -> None:
         self.hub_dialog = HubSearchDialog(self.document.recipe, self.context, purpose, self)
@@ -309,6 +333,10 @@ class MainWindow(QMainWindow):
             application = QApplication.instance()
             if isinstance(application, QApplication):
                 apply_theme(application, self.settings.theme)
+
+    def chat_without_recipe(self) -> None:
+        self.show_step(Step.CHAT)
+        self.chat_page.model_path.setFocus()
 
     def open_in_chat(self, folder: Path) -> None:
         self.chat_page.set_model(folder)

@@ -57,6 +57,15 @@ class Heatmap(QWidget):
     def data(self) -> HeatmapData | None:
         return self._data
 
+    @property
+    def empty_text(self) -> str:
+        return self._empty_text
+
+    def set_empty_text(self, text: str) -> None:
+        self._empty_text = text
+        if self._data is None:
+            self.update()
+
     def set_data(self, data: HeatmapData | None, empty_text: str | None = None) -> None:
         self._data = data
         if empty_text is not None:
@@ -124,7 +133,8 @@ class Heatmap(QWidget):
         painter.setPen(QPen(palette.color(QPalette.ColorRole.Mid), 1))
         painter.drawRect(plot)
 
-        outline_pen = QPen(text_color, max(2.0, min(cell_w, cell_h) * 0.08))
+        # Thin enough that outlined neighbours (top-k picks side by side) stay apart.
+        outline_pen = QPen(text_color, min(4.0, max(2.0, min(cell_w, cell_h) * 0.05)))
         painter.setPen(outline_pen)
         painter.setBrush(Qt.BrushStyle.NoBrush)
         cells = [(r, column) for r, column in enumerate(data.outlined) if column is not None]

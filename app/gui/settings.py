@@ -55,6 +55,10 @@ class AppSettings:
         self.recent_files = [path, *(p for p in self.recent_files if p != path)][:MAX_RECENT_FILES]
         self.save()
 
+    def forget(self, path: Path) -> None:
+        self.recent_files = [p for p in self.recent_files if p != path]
+        self.save()
+
     @property
     def torch_dtype_name(self) -> str | None:
         return None if self.dtype == "auto" else self.dtype

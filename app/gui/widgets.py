@@ -2,14 +2,94 @@
 
 from __future__ import annotations
 
+import re
+
 from PySide6.QtCore import Qt
-from PySide6.QtGui import QColor, QIcon, QPalette, QPixmap
-from PySide6.QtWidgets import QLabel, QWidget
+from PySide6.QtGui import QColor, QContextMenuEvent, QGuiApplication, QIcon, QKeyEvent, QKeySequence, QPalette, QPixmap
+from PySide6.QtWidgets import QLabel, QMenu, QWidget
 
 # One way of writing sizes across the app, the CLI and the Hub core's own messages ("265.0 kB").
 from app.core.progress import format_bytes
 
-__all__ = ["color_icon", "explanation", "format_bytes", "format_count", "format_duration", "heading"]
+__all__ = [
+    "MessageLabel",
+    "breakable",
+    "color_icon",
+    "explanation",
+    "format_bytes",
+    "format_count",
+    "format_duration",
+    "heading",
+]
+
+ZERO_WIDTH_SPACE = "\u200b"
+# Runs of text without spaces longer than this (paths, Hub ids, URLs) get places to break, so that a
+# message wraps at the label's width instead of widening the label, its page and the window.
+LONG_RUN = 24
+BREAK_AFTER = frozenset("/\\_-.,:;=&?)]}")
+LONG_RUN_PATTERN = re.compile(rf"\S{{{LONG_RUN + 1},}}")
+
+
+def breakable(text: str) -> str:
+    """`text` with zero-width spaces in its long runs without spaces: after a path separator or
+    punctuation, and at least every LONG_RUN characters."""
+
+    def add_breaks(match: re.Match[str]) -> str:
+        pieces: list[str] = []
+        since_break = 0
+        for character in match.group(0):
+            pieces.append(character)
+            since_break += 1
+            if character in BREAK_AFTER or since_break >= LONG_RUN:
+                pieces.append(ZERO_WIDTH_SPACE)
+                since_break = 0
+        return "".join(pieces).rstrip(ZERO_WIDTH_SPACE)
+
+    return LONG_RUN_PATTERN.sub(add_breaks, text)
+
+
+class MessageLabel(QLabel):
+    """Plain text of any length, word-wrapped at the label's width: long paths and names break too,
+    so that no message widens the window. ``text()`` and copying give the text as it was set."""
+
+    def __init__(self, text: str = "", parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self._text = ""
+        self.setWordWrap(True)
+        self.setTextFormat(Qt.TextFormat.PlainText)
+        self.setText(text)
+
+    def setText(self, text: str) -> None:
+        self._text = text
+        super().setText(breakable(text))
+
+    def text(self) -> str:
+        return self._text
+
+    def clear(self) -> None:
+        self.setText("")
+
+    def copy_selection(self) -> None:
+        # selectedText() ends paragraphs with U+2029, as text documents do.
+        text = self.selectedText().replace(ZERO_WIDTH_SPACE, "").replace("\u2029", "\n")
+        QGuiApplication.clipboard().setText(text)
+
+    def keyPressEvent(self, event: QKeyEvent) -> None:
+        if event.matches(QKeySequence.StandardKey.Copy) and self.hasSelectedText():
+            self.copy_selection()
+            event.accept()
+            return
+        super().keyPressEvent(event)
+
+    def contextMenuEvent(self, event: QContextMenuEvent) -> None:
+        if not self.textInteractionFlags() & Qt.TextInteractionFlag.TextSelectableByMouse:
+            super().contextMenuEvent(event)
+            return
+        menu = QMenu(self)
+        copy = menu.addAction("Copy", self.copy_selection)
+        copy.setEnabled(self.hasSelectedText())
+        menu.addAction("Select All", lambda: self.setSelection(0, len(super(MessageLabel, self).text())))
+        menu.exec(event.globalPos())
 
 
 def heading(text: str, parent: QWidget | None = None) -> QLabel:
@@ -21,9 +101,8 @@ def heading(text: str, parent: QWidget | None = None) -> QLabel:
     return label
 
 
-def explanation(text: str, parent: QWidget | None = None) -> QLabel:
-    label = QLabel(text, parent)
-    label.setWordWrap(True)
+def explanation(text: str, parent: QWidget | None = None) -> MessageLabel:
+    label = MessageLabel(text, parent)
     label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
     # A palette role rather than a colour, so that the text follows a switch to a dark theme.
     label.setForegroundRole(QPalette.ColorRole.PlaceholderText)

@@ -26,7 +26,7 @@ def test_demo_flow_preview_merge_and_load(window, qtbot, demo_recipe: Path, tmp_
         page.compute_button.click()
     assert "test prompts" in page.quality.text()
     assert page.similarity.data is not None and len(page.similarity.data.values) == 3
-    assert page.routing.data is not None and len(page.routing.data.outlined) == 4
+    assert page.routing.data is not None and [len(row) for row in page.routing.data.marked] == [2] * 4
     screenshot(window, "3-preview")
 
     window.show_step(Step.MERGE)

@@ -60,7 +60,7 @@ from app.gui.chat_worker import AnswerKind, AnswerRequest, ChatBackend, LoadedMo
 from app.gui.context import AppContext, describe_error
 from app.gui.plots import Heatmap, HeatmapData
 from app.gui.theme import is_dark
-from app.gui.widgets import explanation, heading
+from app.gui.widgets import MessageLabel, explanation, heading
 
 DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
 SHARED_EXPERT_COLOR = "#999999"
@@ -199,13 +199,11 @@ class ChatPage(QWidget):
         self.load_progress = QProgressBar()
         self.load_progress.setRange(0, 1000)
         self.load_progress.setMaximumWidth(220)
-        self.model_status = QLabel("No model loaded.")
-        self.model_status.setWordWrap(True)
+        self.model_status = MessageLabel("No model loaded.")
         self.model_status.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
 
         self.fit_box = QGroupBox("The model does not fit")
-        self.fit_message = QLabel()
-        self.fit_message.setWordWrap(True)
+        self.fit_message = MessageLabel()
         self.fit_buttons_layout = QHBoxLayout()
         self.fallback_buttons: list[QPushButton] = []
         fit_layout = QVBoxLayout(self.fit_box)
@@ -240,7 +238,7 @@ class ChatPage(QWidget):
         self.transcript.setMouseTracking(True)
         self.transcript.highlighted.connect(self._token_hovered)
         self.transcript.anchorClicked.connect(self._link_clicked)
-        self.stats = QLabel("")
+        self.stats = MessageLabel()
         self.stats.setForegroundRole(QPalette.ColorRole.PlaceholderText)
         self.message_input = QPlainTextEdit()
         self.message_input.setPlaceholderText("Type a message; Ctrl+Enter sends it")

@@ -15,7 +15,6 @@ from PySide6.QtWidgets import (
     QFormLayout,
     QGroupBox,
     QHBoxLayout,
-    QLabel,
     QLineEdit,
     QPlainTextEdit,
     QProgressBar,
@@ -29,7 +28,7 @@ from app.core.recipe import Recipe, validate_recipe
 from app.gui.context import AppContext, describe_error
 from app.gui.document import RecipeDocument
 from app.gui.engine import MergeRequest, PreviewResult, merge
-from app.gui.widgets import explanation, format_bytes, format_duration, heading
+from app.gui.widgets import MessageLabel, explanation, format_bytes, format_duration, heading
 from app.gui.workers import JobHandle
 
 DEFAULT_SHARD_GB = 5.0
@@ -74,12 +73,10 @@ class MergePage(QWidget):
         self.cancel_button.clicked.connect(self.cancel)
         self.progress = QProgressBar()
         self.progress.setRange(0, 1000)
-        self.stage = QLabel("")
-        self.speed = QLabel("")
-        self.problems = QLabel()
-        self.problems.setWordWrap(True)
-        self.result_label = QLabel()
-        self.result_label.setWordWrap(True)
+        self.stage = MessageLabel()
+        self.speed = MessageLabel()
+        self.problems = MessageLabel()
+        self.result_label = MessageLabel()
         self.chat_button = QPushButton("Open in Chat")
         self.show_button = QPushButton("Show folder")
         self.chat_button.clicked.connect(lambda: self.open_in_chat.emit(self.merged_folder))

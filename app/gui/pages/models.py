@@ -32,7 +32,7 @@ from app.gui.context import AppContext, describe_error
 from app.gui.document import RecipeDocument
 from app.gui.engine import ModelInfo, check_compatibility, inspect_models
 from app.gui.hub_jobs import download
-from app.gui.widgets import color_icon, explanation, format_bytes, format_count, heading
+from app.gui.widgets import MessageLabel, color_icon, explanation, format_bytes, format_count, heading
 from app.gui.workers import JobHandle
 
 COLUMNS = ("Colour", "Label", "Model", "Family", "Size", "Parameters", "Compatibility", "Download")
@@ -91,10 +91,8 @@ class ModelsPage(QWidget):
         base_hub.clicked.connect(self.base_from_hub_requested)
         self.base_download: DownloadCell | None = None
         self.base_download_slot = QHBoxLayout()
-        self.base_info = QLabel()
-        self.base_info.setWordWrap(True)
         # Model descriptions and errors quote names and messages from the Hub: plain text only.
-        self.base_info.setTextFormat(Qt.TextFormat.PlainText)
+        self.base_info = MessageLabel()
 
         self.table = QTableWidget(0, len(COLUMNS))
         self.table.setHorizontalHeaderLabels(COLUMNS)
@@ -121,9 +119,7 @@ class ModelsPage(QWidget):
         self.color_button.clicked.connect(lambda: self._choose_color(self.table.currentRow()))
         self.table.itemSelectionChanged.connect(self._update_buttons)
 
-        self.general_problems = QLabel()
-        self.general_problems.setWordWrap(True)
-        self.general_problems.setTextFormat(Qt.TextFormat.PlainText)
+        self.general_problems = MessageLabel()
 
         base_row = QHBoxLayout()
         base_row.addWidget(QLabel("Base model"))

@@ -4,6 +4,7 @@ where the test prompts go, and a routing quality score."""
 from __future__ import annotations
 
 from PySide6.QtCore import Qt, Signal
+from PySide6.QtGui import QShowEvent
 from PySide6.QtWidgets import (
     QComboBox,
     QHBoxLayout,
@@ -21,10 +22,15 @@ from app.core.recipe import Recipe, validate_recipe
 from app.gui import recipe_edits
 from app.gui.context import AppContext, describe_error
 from app.gui.document import RecipeDocument
-from app.gui.engine import GateSession, PreviewResult
+from app.gui.engine import GateSession, PreviewResult, base_parameter_count
 from app.gui.plots import Heatmap, HeatmapData
-from app.gui.widgets import explanation, heading
+from app.gui.widgets import MessageLabel, explanation, heading
 from app.gui.workers import JobHandle
+
+# A preview computes by itself on arrival when the base model is at most this big: a few seconds
+# on a CPU. Bigger ones wait for Compute preview, since they take minutes and much memory.
+AUTO_PREVIEW_MAX_PARAMETERS = 150_000_000
+COMPUTE_HINT = "Compute the routers to see how they will send text to the experts."
 
 
 def short(text: str, length: int = 40) -> str:
@@ -43,6 +49,10 @@ class PreviewPage(QWidget):
         self.session = GateSession(settings.device, settings.torch_dtype_name, None)
         self.result: PreviewResult | None = None
         self.job: JobHandle | None = None
+        self.estimate_job: JobHandle | None = None
+        # The recipe the page last judged for a preview on arrival: judged once, so that a failed
+        # or cancelled preview is not started again behind the user's back.
+        self._judged_recipe: Recipe | None = None
 
         self.compute_button = QPushButton("Compute preview")
         self.compute_button.setDefault(True)
@@ -53,16 +63,14 @@ class PreviewPage(QWidget):
         self.progress = QProgressBar()
         self.progress.setTextVisible(True)
         self.progress.setFormat("")
-        self.status = QLabel("Compute the routers to see how they will send text to the experts.")
-        self.status.setWordWrap(True)
-        self.quality = QLabel()
+        self.progress.setVisible(False)  # empty, it looks like a text field: shown while working
+        self.status = MessageLabel(COMPUTE_HINT)
+        self.quality = MessageLabel()
         quality_font = self.quality.font()
         quality_font.setPointSizeF(quality_font.pointSizeF() * 1.2)
         quality_font.setBold(True)
         self.quality.setFont(quality_font)
-        self.quality.setWordWrap(True)
-        self.warnings = QLabel()
-        self.warnings.setWordWrap(True)
+        self.warnings = MessageLabel()
 
         self.layer = QSlider(Qt.Orientation.Horizontal)
         self.layer.setRange(0, 0)
@@ -78,6 +86,7 @@ class PreviewPage(QWidget):
         controls.addWidget(self.compute_button)
         controls.addWidget(self.cancel_button)
         controls.addWidget(self.progress, 1)
+        controls.addStretch(0)
         left = QWidget()
         left_layout = QVBoxLayout(left)
         left_layout.setContentsMargins(0, 0, 0, 0)
@@ -104,7 +113,8 @@ class PreviewPage(QWidget):
             explanation(
                 "Before merging, see what the router will do. Left: how alike each pair of experts "
                 "looks to the router in one layer (1 means it cannot tell them apart). Right: for a "
-                "test prompt, each layer's router weights; the outlined cell is the expert that layer picks."
+                "test prompt, each layer's router weights; the outlined cells are the experts that layer picks "
+                "(as many as the recipe's experts per token)."
             )
         )
         layout.addLayout(controls)
@@ -128,6 +138,7 @@ class PreviewPage(QWidget):
         self.compute_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
         self.progress.setRange(0, 0)
+        self.progress.setVisible(True)
         self.status.setText("Computing the routers…")
         self.job = self.context.run("Preview", self.session.preview(recipe))
         self.job.progress.connect(self._progress)
@@ -150,9 +161,35 @@ class PreviewPage(QWidget):
     def _job_finished(self) -> None:
         self.compute_button.setEnabled(True)
         self.cancel_button.setEnabled(False)
+        self.progress.setVisible(False)
         self.progress.setRange(0, 1000)
         self.progress.setValue(0)
         self.progress.setFormat("")
+
+    # ------------------------------------------------------------------ computing on arrival
+
+    def showEvent(self, event: QShowEvent) -> None:
+        super().showEvent(event)
+        self._judge_on_arrival()
+
+    def _judge_on_arrival(self) -> None:
+        """Arriving at a page without a preview of this recipe: compute it if that is quick."""
+        recipe = self.document.recipe
+        busy = any(job is not None and job.is_running for job in (self.job, self.estimate_job))
+        current = self.result is not None and self.result.recipe == recipe
+        if busy or current or recipe == self._judged_recipe or not self.document.is_open:
+            return
+        self._judged_recipe = recipe
+        if any(p.is_error for p in validate_recipe(recipe)):
+            return  # Compute preview lists what to fix
+        # The size is read from the weights' headers in a worker: the GUI never waits on a disk.
+        self.estimate_job = self.context.run("Preview estimate", base_parameter_count(recipe), quiet=True)
+        self.estimate_job.succeeded.connect(lambda parameters: self._estimated(recipe, parameters))
+
+    def _estimated(self, recipe: Recipe, parameters: int | None) -> None:
+        quick = parameters is not None and parameters <= AUTO_PREVIEW_MAX_PARAMETERS
+        if quick and recipe == self.document.recipe and (self.result is None or self.result.recipe != recipe):
+            self.compute()
 
     def _computed(self, result: PreviewResult) -> None:
         self.result = result
@@ -173,6 +210,7 @@ class PreviewPage(QWidget):
             )
         else:
             self.quality.setText("Add test prompts on the Prompts page to get a routing quality score.")
+        self._update_routing_placeholder(recipe)
         self.layer.blockSignals(True)
         self.layer.setRange(0, len(result.gates.diagnostics) - 1)
         self.layer.blockSignals(False)
@@ -226,7 +264,10 @@ class PreviewPage(QWidget):
         routing = self.result.routing.routings[self.prompt_choice.currentIndex()]
         labels, colors = self._labels_and_colors(self.result.recipe)
         per_layer = routing.weights.mean(axis=1)  # layers x experts, averaged over the prompt's tokens
-        picked = [int(row.argmax()) for row in per_layer]
+        top_k = max(1, min(self.result.recipe.experts_per_token, len(labels)))
+        # Each layer's top-k experts, likeliest first.
+        picked = [[int(column) for column in (-row).argsort(kind="stable")[:top_k]] for row in per_layer]
+        picks = "the expert each layer picks" if top_k == 1 else f"the {top_k} experts each layer picks (top {top_k})"
         self.routing.set_data(
             HeatmapData(
                 values=per_layer.tolist(),
@@ -237,8 +278,8 @@ class PreviewPage(QWidget):
                 y_label="Layer",
                 value_range=(0.0, 1.0),
                 legend_label="mean router weight",
-                outlined=picked,
-                outline_legend="expert the layer picks",
+                marked=picked,
+                outline_legend=picks,
                 column_colors=colors,
             )
         )
@@ -248,6 +289,19 @@ class PreviewPage(QWidget):
     def _recipe_changed(self, recipe: Recipe) -> None:
         if self.result is not None and self.result.recipe != recipe:
             self.status.setText("The recipe changed since this preview: compute again to update it.")
+        self._update_routing_placeholder(recipe)
+
+    def _update_routing_placeholder(self, recipe: Recipe) -> None:
+        """What the empty routing plot says follows the recipe: add test prompts, or compute."""
+        count = sum(len(extras.test_prompts) for extras in recipe.studio.experts[: len(recipe.experts)])
+        if count == 0:
+            text = "Add test prompts on the Prompts page to see where they go."
+        elif self.result is None:
+            where = "the test prompt goes" if count == 1 else f"the {count} test prompts go"
+            text = f"Compute the preview to see where {where}."
+        else:
+            text = "The preview was computed without test prompts: compute again to see where they go."
+        self.routing.set_empty_text(text)
 
     def _document_opened(self) -> None:
         self.result = None
@@ -256,7 +310,11 @@ class PreviewPage(QWidget):
         self.quality.clear()
         self.warnings.clear()
         self.prompt_choice.clear()
-        self.status.setText("Compute the routers to see how they will send text to the experts.")
+        self.status.setText(COMPUTE_HINT)
+        self._judged_recipe = None
+        self._update_routing_placeholder(self.document.recipe)
+        if self.isVisible():
+            self._judge_on_arrival()
 
     def shutdown(self) -> None:
         """Release the kept model; called after every worker has stopped."""

@@ -15,7 +15,6 @@ from PySide6.QtWidgets import (
     QGroupBox,
     QHBoxLayout,
     QInputDialog,
-    QLabel,
     QListWidget,
     QListWidgetItem,
     QMessageBox,
@@ -31,7 +30,7 @@ from app.core.merge.architectures import OUTPUT_ARCHITECTURES
 from app.core.recipe import GATE_MODE_HELP, GATE_MODES, Expert, Recipe, validate_recipe
 from app.gui import recipe_edits
 from app.gui.document import RecipeDocument
-from app.gui.widgets import color_icon, explanation, heading
+from app.gui.widgets import MessageLabel, color_icon, explanation, heading
 
 # A prompt's line breaks matter (code prompts); the list shows them as a visible mark.
 NEWLINE_MARK = " ⏎ "
@@ -211,8 +210,7 @@ class PromptsPage(QWidget):
         self.positive.prompts_edited.connect(lambda p, text: self._set_expert_prompts("positive_prompts", p, text))
         self.negative.prompts_edited.connect(lambda p, text: self._set_expert_prompts("negative_prompts", p, text))
         self.test.prompts_edited.connect(self._set_test_prompts)
-        self.expert_problems = QLabel()
-        self.expert_problems.setWordWrap(True)
+        self.expert_problems = MessageLabel()
         self.shared_row_help = explanation(SHARED_ROW_HELP)
         # 0 reads "none": no noise, and the donor's down projection as it is (mergekit's unset value).
         self.noise_scale = scale_box(1.0, 0.005, 4)
@@ -246,8 +244,7 @@ class PromptsPage(QWidget):
         self.dtype.currentIndexChanged.connect(self._settings_edited)
         self.architecture.currentIndexChanged.connect(self._settings_edited)
         self.shared_expert.currentIndexChanged.connect(self._shared_expert_edited)
-        self.settings_problems = QLabel()
-        self.settings_problems.setWordWrap(True)
+        self.settings_problems = MessageLabel()
 
         settings = QGroupBox("Router and output")
         form = QFormLayout(settings)
