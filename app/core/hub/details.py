@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from app.core.hub.search import ModelSummary, summarize
 from app.core.problems import Problem
 from app.core.progress import format_bytes
 from app.core.recipe import ModelRef
+from app.core.sources import read_json_file
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,13 +127,13 @@ def _download_json(repo_id: str, filename: str, commit: str, config: HubConfig) 
             )
         except EntryNotFoundError:
             return None
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+    return read_json_file(Path(path))
 
 
 def fetch_config(ref: ModelRef, config: HubConfig | None = None) -> dict[str, Any]:
     """``config.json`` of a local folder or a Hub model (fetching only that file)."""
     if ref.is_local:
-        return json.loads((Path(ref.path).expanduser() / "config.json").read_text(encoding="utf-8"))
+        return read_json_file(Path(ref.path).expanduser() / "config.json")
     config = resolve_config(config)
     loaded = _download_json(ref.path, "config.json", ref.revision or "main", config)
     if loaded is None:

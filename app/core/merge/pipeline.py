@@ -114,6 +114,7 @@ def check_target(out_dir: Path, overwrite: bool, input_dirs: Sequence[Path]) -> 
     """Refuse any target whose replacement could destroy something the user did not ask to lose."""
     if out_dir.exists() and not out_dir.is_dir():
         raise FrankenMoEError(f"{out_dir} is a file", "choose a folder path for the merged model")
+    out_dir = out_dir.resolve()
     for folder in input_dirs:
         folder = folder.resolve()
         if out_dir == folder or out_dir in folder.parents:
@@ -324,7 +325,9 @@ def merge_moe(
     """Build the MoE into options.out_dir. Yields progress; returns a MergeResult."""
     started = time.monotonic()
     return_freed_tensors_to_the_os()
-    out_dir = Path(os.path.abspath(os.path.expanduser(options.out_dir)))
+    # Resolved, so that a path through a symlink is compared with the (resolved) input folders as
+    # what it is, and a link to a folder gets the model inside that folder rather than being replaced.
+    out_dir = Path(os.path.realpath(os.path.expanduser(options.out_dir)))
     yield Progress("checking", 0, 1, message="checking the recipe and models")
     raise_if_errors(check_recipe(recipe, options.cache_dir))
     clean_leftovers(out_dir)
