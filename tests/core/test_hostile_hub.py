@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from app.core.hub import cached_snapshot, download_model
+import pytest
+
+from app.core.hub import HubError, cached_snapshot, download_model, fetch_config
 from app.core.progress import run_job
 from app.core.recipe import ModelRef
-from app.core.sources import ModelSource
+from app.core.sources import MAX_CONFIG_JSON_BYTES, ModelSource
 
 pytest_plugins = ["tests.hubserver"]
 
@@ -28,3 +30,13 @@ def test_a_file_named_like_a_pattern_downloads_only_itself(hub, hub_config, tiny
     assert cached_snapshot(ModelRef.parse("acme/star-names"), hub_config) == folder
     with ModelSource(folder) as source:
         assert source.size_bytes == len(weights) - 8 - int.from_bytes(weights[:8], "little")
+
+
+def test_an_oversized_config_on_the_hub_is_refused_unparsed(hub, hub_config, tiny_hub_files):
+    files = dict(tiny_hub_files["llama-a"])
+    files["config.json"] = b'{"padding": "' + b"x" * MAX_CONFIG_JSON_BYTES + b'"}'
+    hub.add_model("acme/huge-config", files)
+    with pytest.raises(HubError) as caught:
+        fetch_config(ModelRef.parse("acme/huge-config"), hub_config)
+    assert f"past the {MAX_CONFIG_JSON_BYTES // 2**20} MB limit for config.json" in caught.value.message
+    assert caught.value.hint

@@ -31,6 +31,7 @@ from app.core.sources import (
     ModelSourceError,
 )
 from tests.core.test_merge import leftovers, recipe_for
+from tests.hostile import billion_laughs
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -297,13 +298,6 @@ def test_a_seed_too_large_for_torch_is_refused_in_the_recipe(donors, tmp_path):
     assert parse_recipe(text.replace(str(10**26), str(2**63 - 1))).studio.seed == 2**63 - 1
 
 
-def billion_laughs(levels: int) -> str:
-    lines = ['lol0: &lol0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
-    for level in range(1, levels + 1):
-        lines.append(f"lol{level}: &lol{level} [{', '.join([f'*lol{level - 1}'] * 9)}]")
-    return "\n".join(["base_model: ./base", "experts: [{source_model: ./a}, {source_model: ./b}]", *lines])
-
-
 def test_a_billion_laughs_recipe_is_read_without_expanding_its_aliases():
     text = billion_laughs(9)  # 9**10 strings once expanded
     assert len(text) < 1200
@@ -367,3 +361,16 @@ def test_an_oversized_safetensors_header_is_refused_unread(donors):
     file.write_bytes(struct.pack("<Q", 200 * 2**20) + raw[8:])
     with pytest.raises(ModelSourceError, match="past the 100 MB limit"):
         ModelSource(donors["expert0"])
+
+
+def test_a_disk_filling_up_while_the_side_files_are_written_gives_one_message(donors, tmp_path, monkeypatch):
+    if not hasattr(os, "sendfile"):
+        pytest.skip("shutil copies the tokenizer files with sendfile only on Linux")
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "sendfile", full_disk)
+    with pytest.raises(WriteError, match="disk filled up"):
+        merge(recipe_for(donors), tmp_path / "moe")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["donors"]

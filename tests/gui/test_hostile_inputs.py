@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tests.hostile import billion_laughs
+
 
 def test_a_recipe_that_is_not_utf8_gets_a_dialog(window, answer, tmp_path: Path) -> None:
     path = tmp_path / "latin1.yml"
@@ -14,3 +16,11 @@ def test_a_recipe_that_is_not_utf8_gets_a_dialog(window, answer, tmp_path: Path)
     assert "is not UTF-8 text" in text
     assert "Fix: " in text
     assert not window.document.is_open
+
+
+def test_a_billion_laughs_recipe_opens_without_stalling_the_window(window, answer, tmp_path: Path) -> None:
+    path = tmp_path / "laughs.yml"
+    path.write_text(billion_laughs(9))  # 9**10 strings if its aliases were expanded
+    assert window.open_recipe(path)  # returns at once: the aliases are walked once each
+    assert window.document.is_open
+    assert len(window.document.recipe.ignored_keys) == 10

@@ -11,7 +11,7 @@ from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError
 
 from app.core.hub.config import HubConfig, resolve_config
-from app.core.hub.errors import ModelNotFoundError, hub_errors
+from app.core.hub.errors import HubError, ModelNotFoundError, hub_errors
 from app.core.hub.files import CHAT_TEMPLATE_FILES, RemoteFile, has_weights, remote_merge_files
 from app.core.hub.search import ModelSummary, summarize
 from app.core.problems import Problem
@@ -127,7 +127,17 @@ def _download_json(repo_id: str, filename: str, commit: str, config: HubConfig) 
             )
         except EntryNotFoundError:
             return None
-    return read_json_file(Path(path))
+    try:
+        data = read_json_file(Path(path))
+    except (OSError, ValueError) as exc:
+        raise HubError(
+            f"{filename} of {repo_id} is not readable ({exc})", "pick another model; this one's files are damaged"
+        ) from exc
+    if not isinstance(data, dict):
+        raise HubError(
+            f"{filename} of {repo_id} is not a JSON object", "pick another model; this one's files are damaged"
+        )
+    return data
 
 
 def fetch_config(ref: ModelRef, config: HubConfig | None = None) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from app.core.families import QKV_BIAS, config_value, model_parts
 from app.core.merge.architectures import MLP_PROJECTIONS, MoEShape, OutputArchitecture, choose_architecture
 from app.core.merge.gates import GateResult, compute_gates, prompted_shared_experts
 from app.core.merge.modelcard import ModelCardFields, render_model_card
-from app.core.merge.shards import PlannedTensor, ShardWriter, plan_shards
+from app.core.merge.shards import PlannedTensor, ShardWriter, plan_shards, write_error
 from app.core.problems import FrankenMoEError, raise_if_errors
 from app.core.progress import BackgroundJob, Job, Progress, check_cancel
 from app.core.recipe import Expert, Recipe, dump_recipe
@@ -397,7 +397,10 @@ def merge_moe(
                             "writing", done + 1, len(plan), writer.bytes_written, total_bytes, message=planned.name
                         )
                 config = architecture.build_config(base.config, _moe_shape(recipe, base, shared_expert, out_dtype))
-                _write_side_files(partial, recipe, options, base, config, out_dir.name)
+                try:
+                    _write_side_files(partial, recipe, options, base, config, out_dir.name)
+                except OSError as exc:
+                    raise write_error(partial, exc) from exc
                 check_cancel(cancel)
                 _commit(partial, out_dir)
             except BaseException:

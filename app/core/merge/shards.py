@@ -117,7 +117,7 @@ class ShardWriter:
             else:
                 self._write_tensor(planned, data)
         except OSError as exc:
-            raise _write_error(self.folder, exc) from exc
+            raise write_error(self.folder, exc) from exc
         self.bytes_written += planned.nbytes
         self._position += 1
 
@@ -162,14 +162,14 @@ class ShardWriter:
             try:
                 (self.folder / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
             except OSError as exc:
-                raise _write_error(self.folder, exc) from exc
+                raise write_error(self.folder, exc) from exc
 
 
 class WriteError(FrankenMoEError):
     """The merged model could not be written: a full disk, a lost drive, a read-only folder."""
 
 
-def _write_error(folder: Path, exc: OSError) -> WriteError:
+def write_error(folder: Path, exc: OSError) -> WriteError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return WriteError(
             f"the disk filled up while writing the merged model into {folder.parent}",
