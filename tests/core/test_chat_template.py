@@ -60,6 +60,9 @@ HOSTILE_SIZES = {
     "join": "{{ (['x' * 1000000] * 100) | join }}",
     "output in a loop": "{% for i in range(99999) %}{{ 'y' * 1000 }}{% endfor %}",
     "padding": "{{ 'x'.center(10000000000) }}",
+    "printf width": "{{ '%10000000000s' % 'x' }}",
+    "printf width filter": "{{ '%10000000000s' | format('x') }}",
+    "format width": "{{ '{:>10000000000}'.format('x') }}",
 }
 
 

@@ -12,6 +12,7 @@ set cancel flag stops it as a cancel.
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -113,6 +114,8 @@ def _check_arguments(budget: _Budget, name: str, args: Sequence[Any], kwargs: Ma
                 f"the chat template calls {name} with {value}, past the limit of {budget.max_chars:,}",
                 "fix or replace the model's chat template",
             )
+    if name == "format" and args and isinstance(args[0], str):  # the format filter; str.format: wrap_str_format
+        _check_format_widths(budget, args[0])
     if name == "join" and args and isinstance(args[0], list | tuple):
         separator = args[1] if len(args) > 1 and isinstance(args[1], str) else ""
         budget.check_size(sum(_size(item) for item in args[0]) + len(separator) * len(args[0]))
@@ -120,6 +123,23 @@ def _check_arguments(budget: _Budget, name: str, args: Sequence[Any], kwargs: Ma
         text, old, new = args[:3]
         if old and len(new) > len(old):
             budget.check_size(len(text) + text.count(old) * (len(new) - len(old)))
+
+
+# Widths and precisions in printf-style ("%10s", "%.3f") and str.format ("{:>10}") specifications.
+_PRINTF_SPEC = re.compile(r"%(?:\([^)]*\))?[-#0 +]*(\d*)(?:\.(\d+))?")
+_FORMAT_SPEC = re.compile(r"\{[^{}]*:([^{}]*)\}")
+
+
+def _check_format_widths(budget: _Budget, text: str) -> None:
+    """A format string padding a value to billions of characters is refused before it runs."""
+    numbers = [n for match in _PRINTF_SPEC.finditer(text) for n in match.groups() if n]
+    numbers += [n for match in _FORMAT_SPEC.finditer(text) for n in re.findall(r"\d+", match.group(1))]
+    for number in numbers:
+        if len(number) > 7 and int(number) > budget.max_chars:
+            raise TemplateLimitError(
+                f"the chat template formats a value {number} characters wide, past the limit of {budget.max_chars:,}",
+                "fix or replace the model's chat template",
+            )
 
 
 def _limited_filter(name: str, function: Callable[..., Any]) -> Callable[..., Any]:
@@ -250,9 +270,25 @@ class _LimitedEnvironment(ImmutableSandboxedEnvironment):
         elif operator == "+" and _size(left) and _size(right):
             budget.check_size(_size(left) + _size(right))
         elif operator == "%" and isinstance(left, str):
+            _check_format_widths(budget, left)
             arguments = right.values() if isinstance(right, dict) else right if isinstance(right, tuple) else (right,)
             budget.check_size(len(left) + sum(len(str(a)) for a in arguments))
         return super().call_binop(context, operator, left, right)
+
+    def wrap_str_format(self, value: Any) -> Callable[..., str] | None:
+        # The sandbox hands templates its own function for a string's format method, at attribute
+        # access; its format string is checked before it runs.
+        wrapped = super().wrap_str_format(value)
+        if wrapped is None:
+            return None
+        text = value.__self__
+
+        def checked(*args: Any, **kwargs: Any) -> str:
+            _check_format_widths(_budget(), text)
+            return wrapped(*args, **kwargs)
+
+        checked.__name__ = value.__name__
+        return checked
 
     def call(__self, __context: Context, __obj: Any, *args: Any, **kwargs: Any) -> Any:
         budget = _budget()
