@@ -374,3 +374,13 @@ def test_a_disk_filling_up_while_the_side_files_are_written_gives_one_message(do
     with pytest.raises(WriteError, match="disk filled up"):
         merge(recipe_for(donors), tmp_path / "moe")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["donors"]
+
+
+def test_a_prompts_file_that_is_not_utf8_is_one_message(tmp_path):
+    from app.core.routing_eval import load_labelled_prompts
+
+    path = tmp_path / "prompts.yml"
+    path.write_bytes("0: [café]\n".encode("latin-1"))
+    with pytest.raises(FrankenMoEError, match="cannot read prompts") as caught:
+        load_labelled_prompts(path, ["a", "b"])
+    assert "UTF-8" in caught.value.hint
