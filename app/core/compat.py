@@ -24,8 +24,8 @@ from app.core.merge.architectures import (
     default_architecture,
 )
 from app.core.problems import FrankenMoEError, Problem, Severity
-from app.core.recipe import Recipe, validate_recipe
-from app.core.sources import ModelSource, open_model
+from app.core.recipe import MAX_EXPERTS, Recipe, validate_recipe
+from app.core.sources import MAX_TOKENIZER_JSON_BYTES, ModelSource, open_model, read_json_file
 
 # (config key, what to call it, why it matters)
 SHAPE_KEYS = (
@@ -143,11 +143,21 @@ def _dedupe(problems: list[Problem]) -> list[Problem]:
 
 def tokenizer_fingerprint(folder: Path) -> dict[str, Any]:
     """What a tokenizer is made of: its vocabulary, special tokens and chat template."""
+    try:
+        return _tokenizer_fingerprint(folder)
+    except (OSError, ValueError, TypeError, AttributeError) as exc:
+        raise FrankenMoEError(
+            f"cannot read the tokenizer files of {folder} ({exc})",
+            "download the model again; its tokenizer files are damaged",
+        ) from exc
+
+
+def _tokenizer_fingerprint(folder: Path) -> dict[str, Any]:
     vocab: dict[str, int] | None = None
     vocab_digest: str | None = None
     tokenizer_json = folder / "tokenizer.json"
     if tokenizer_json.is_file():
-        data = json.loads(tokenizer_json.read_text(encoding="utf-8"))
+        data = read_json_file(tokenizer_json, MAX_TOKENIZER_JSON_BYTES)
         model_vocab = (data.get("model") or {}).get("vocab") or {}
         if isinstance(model_vocab, list):  # Unigram: [[piece, score], ...]
             vocab = {piece: index for index, (piece, _score) in enumerate(model_vocab)}
@@ -163,7 +173,7 @@ def tokenizer_fingerprint(folder: Path) -> dict[str, Any]:
     for name in ("special_tokens_map.json", "tokenizer_config.json"):
         path = folder / name
         if path.is_file():
-            config.update(json.loads(path.read_text(encoding="utf-8")))
+            config.update(read_json_file(path))
     specials = {}
     for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
         value = config.get(key)
@@ -172,7 +182,7 @@ def tokenizer_fingerprint(folder: Path) -> dict[str, Any]:
     if template is None and (folder / "chat_template.jinja").is_file():
         template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
     if template is None and (folder / "chat_template.json").is_file():
-        template = json.loads((folder / "chat_template.json").read_text(encoding="utf-8")).get("chat_template")
+        template = read_json_file(folder / "chat_template.json").get("chat_template")
     return {"vocab_digest": vocab_digest, "vocab": vocab, "specials": specials, "chat_template": template}
 
 
@@ -288,6 +298,8 @@ def _missing_mlp_tensors(donor: ModelSource, field: str) -> list[Problem]:
 def check_recipe(recipe: Recipe, cache_dir: Path | None = None) -> list[Problem]:
     """Recipe validation plus, where the models can be opened, their compatibility."""
     problems = validate_recipe(recipe)
+    if len(recipe.experts) > MAX_EXPERTS:
+        return problems  # refused already; checking each of thousands of donors would take minutes
     base: ModelSource | None = None
     donors: list[tuple[str, ModelSource]] = []
     opened: dict[str, ModelSource] = {}

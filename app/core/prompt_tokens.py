@@ -29,7 +29,6 @@ transformers' `clean_up_tokenization_spaces`, which transformers 5 ignores for B
 
 from __future__ import annotations
 
-import json
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from app.core.imports import TRANSFORMERS_IMPORT_LOCK
 from app.core.problems import FrankenMoEError
+from app.core.sources import MAX_TOKENIZER_JSON_BYTES, read_json_file
 
 if TYPE_CHECKING:
     from tokenizers import AddedToken, Tokenizer
@@ -116,6 +116,8 @@ def _load_tokenizer_json(folder: Path) -> PromptTokenizer:
 
     path = folder / "tokenizer.json"
     try:
+        if path.stat().st_size > MAX_TOKENIZER_JSON_BYTES:
+            raise ValueError(f"it is past the {MAX_TOKENIZER_JSON_BYTES // 2**20} MB limit for tokenizer.json")
         tokenizer = Tokenizer.from_file(str(path))
     except Exception as exc:  # tokenizers raises a bare Exception for unreadable or malformed files
         raise _damaged(path, exc) from exc
@@ -161,7 +163,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = read_json_file(path)
     except (OSError, ValueError) as exc:
         raise _damaged(path, exc) from exc
     if not isinstance(data, dict):

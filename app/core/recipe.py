@@ -50,6 +50,14 @@ DTYPE_ALIASES = {
 # mergekit-moe's names: Mixtral, Qwen2-MoE (with a shared expert) and Qwen3-MoE.
 ARCHITECTURES = ("mixtral", "qwen", "qwen3")
 
+# Ranges of the numeric settings. Noise past 1 buries any weight (they are around 0.02); a residual
+# scale past 10 swamps the rest of the layer; the largest published MoE models have 256 experts.
+# torch seeds are 64-bit.
+MAX_NOISE_SCALE = 1.0
+MAX_RESIDUAL_SCALE = 10.0
+MAX_EXPERTS = 256
+MAX_SEED = 2**63 - 1
+
 
 class ModelRef(BaseModel):
     """A Hub repository (``org/name`` with optional ``@revision``) or a local folder."""
@@ -101,8 +109,8 @@ class Expert(BaseModel):
     source_model: ModelRef
     positive_prompts: tuple[str, ...] = ()
     negative_prompts: tuple[str, ...] = ()
-    noise_scale: float | None = None
-    residual_scale: float | None = None
+    noise_scale: float | None = Field(default=None, ge=0, le=MAX_NOISE_SCALE, allow_inf_nan=False)
+    residual_scale: float | None = Field(default=None, ge=0, le=MAX_RESIDUAL_SCALE, allow_inf_nan=False)
 
     @field_validator("source_model", mode="before")
     @classmethod
@@ -130,7 +138,7 @@ class StudioExtras(BaseModel):
 
     experts: tuple[ExpertExtras, ...] = ()
     allow_identical_experts: bool = False
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=MAX_SEED)
 
     def is_default(self) -> bool:
         return self == StudioExtras()
@@ -232,6 +240,16 @@ def load_recipe(source: str | os.PathLike[str]) -> Recipe:
         raise ProblemsError(
             [Problem("recipe", f"cannot read {path}: {exc.strerror or exc}", "check the path and permissions")]
         ) from exc
+    except UnicodeDecodeError as exc:
+        raise ProblemsError(
+            [
+                Problem(
+                    "recipe",
+                    f"{path} is not UTF-8 text (byte {exc.start} cannot be decoded), so it is not a YAML recipe",
+                    "open the recipe file itself, or save it again as UTF-8",
+                )
+            ]
+        ) from exc
     return parse_recipe(text)
 
 
@@ -279,6 +297,10 @@ def _hint_for(error: Mapping[str, Any]) -> str:
     kind = error.get("type", "")
     if kind == "missing":
         return "add this key to the recipe"
+    if kind == "finite_number":
+        return "write a finite number here"
+    if kind in ("greater_than_equal", "less_than_equal"):
+        return "use a value inside that range"
     if kind == "extra_forbidden":
         known = "base_model, experts, gate_mode, dtype, experts_per_token, shared_experts, architecture"
         return f"remove or rename it; known keys are {known}, and `{EXTENSION_KEY}` for our own settings"
@@ -292,9 +314,15 @@ def _field_lines(text: str) -> dict[tuple[str | int, ...], int]:
     except yaml.YAMLError:
         return {}
     lines: dict[tuple[str | int, ...], int] = {}
+    # An alias is the very node its anchor names; walking it again at each alias would expand
+    # nested aliases exponentially (a "billion laughs" recipe), so each node is walked once.
+    walked: set[int] = set()
 
     def walk(node: yaml.Node, path: tuple[str | int, ...]) -> None:
         lines[path] = node.start_mark.line + 1
+        if id(node) in walked:
+            return
+        walked.add(id(node))
         if isinstance(node, yaml.MappingNode):
             for key, value in node.value:
                 child = (*path, str(key.value))
@@ -399,6 +427,14 @@ def validate_recipe(recipe: Recipe) -> list[Problem]:
 
     if n_experts == 0:
         problems.append(Problem("experts", "the recipe has no experts", "add at least two experts"))
+    elif n_experts > MAX_EXPERTS:
+        problems.append(
+            Problem(
+                "experts",
+                f"the recipe has {n_experts} experts, more than the {MAX_EXPERTS} of the largest MoE models",
+                f"keep at most {MAX_EXPERTS} experts",
+            )
+        )
     if recipe.gate_mode not in GATE_MODES:
         problems.append(
             Problem(

@@ -31,8 +31,8 @@ def load_labelled_prompts(path: Path, labels: Sequence[str]) -> list[list[str]]:
     """
     try:
         data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as exc:
-        raise FrankenMoEError(f"cannot read prompts from {path}: {exc}", "give a YAML file") from exc
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise FrankenMoEError(f"cannot read prompts from {path}: {exc}", "give a UTF-8 YAML file") from exc
     if isinstance(data, dict) and "experts" in data and "base_model" in data:
         recipe = parse_recipe(Path(path).read_text(encoding="utf-8"))
         prompts = [list(extras.test_prompts) for extras in recipe.studio.experts]

@@ -12,7 +12,7 @@ import struct
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from app.core.problems import FrankenMoEError
@@ -95,43 +95,118 @@ class ByteRange:
     nbytes: int
 
 
+# The safetensors library refuses headers past 100 MB; no real model comes near it.
+MAX_SAFETENSORS_HEADER_BYTES = 100 * 2**20
+# JSON files read whole from a model folder or the Hub. Real config.json and tokenizer_config.json
+# files are kilobytes (a long chat template makes the latter a few hundred); real tokenizer.json
+# files reach about 30 MB. Far past either, a file is damaged or hostile, and reading it whole could
+# take gigabytes of memory.
+MAX_CONFIG_JSON_BYTES = 16 * 2**20
+MAX_TOKENIZER_JSON_BYTES = 256 * 2**20
+_DAMAGED_HINT = "download or convert the model again; the file may be damaged or incomplete"
+
+
+def read_json_file(path: Path, max_bytes: int = MAX_CONFIG_JSON_BYTES) -> Any:
+    """A JSON file's data, refused unread when it is larger than any real model's file of its kind.
+
+    Raises OSError or ValueError (UnicodeDecodeError and JSONDecodeError are ValueErrors), as
+    json.loads(path.read_text()) would, so callers keep their own wording.
+    """
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise ValueError(
+            f"it is {size / 2**20:.0f} MB, past the {max_bytes / 2**20:.0f} MB limit for {path.name}; "
+            "no real model's file is that large"
+        )
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
 def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
-    """Parse a safetensors header. Raises ModelSourceError for a truncated or corrupt file."""
+    """Parse and check a safetensors header. Raises ModelSourceError for a truncated, corrupt or hostile file.
+
+    Every offset is checked before anything reads through it, as the safetensors library does: each
+    tensor's bytes lie inside the data section, match its shape and dtype, and overlap no other's.
+    """
     try:
         with path.open("rb") as handle:
             head = handle.read(8)
             if len(head) < 8:
                 raise ValueError("file shorter than its header length")
             (header_len,) = struct.unpack("<Q", head)
-            if header_len > 100 * 2**20:
-                raise ValueError(f"header length {header_len} is implausible")
+            if header_len > MAX_SAFETENSORS_HEADER_BYTES:
+                raise ValueError(
+                    f"its header length {header_len} is past the {MAX_SAFETENSORS_HEADER_BYTES // 2**20} MB limit"
+                )
             header = json.loads(handle.read(header_len))
         size = path.stat().st_size
     except (OSError, ValueError) as exc:
+        raise ModelSourceError(f"{path} is not a readable safetensors file ({exc})", _DAMAGED_HINT) from exc
+    if not isinstance(header, dict):
         raise ModelSourceError(
-            f"{path} is not a readable safetensors file ({exc})",
-            "download or convert the model again; the file may be incomplete",
-        ) from exc
+            f"{path} is not a safetensors file: its header is a JSON {type(header).__name__}, not an object",
+            _DAMAGED_HINT,
+        )
     data_start = 8 + header_len
+    data_size = size - data_start
+    if data_size < 0:
+        raise ModelSourceError(f"{path} is truncated: it ends inside its header", _DAMAGED_HINT)
     tensors = {}
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        start, end = entry["data_offsets"]
-        if data_start + end > size:
-            raise ModelSourceError(
-                f"{path} is truncated: tensor {name} ends past the end of the file",
-                "download the model again; the file is incomplete",
-            )
+        start, end, dtype, shape = _checked_entry(path, name, entry, data_size)
         tensors[name] = TensorInfo(
-            name=name,
-            dtype=entry["dtype"],
-            shape=tuple(entry["shape"]),
-            file=path,
-            start=data_start + start,
-            end=data_start + end,
+            name=name, dtype=dtype, shape=shape, file=path, start=data_start + start, end=data_start + end
         )
+    previous: TensorInfo | None = None
+    for info in sorted(tensors.values(), key=lambda t: (t.start, t.end)):
+        if previous is not None and info.start < previous.end:
+            raise ModelSourceError(
+                f"{path} is corrupt: tensors {previous.name} and {info.name} share bytes (overlapping data_offsets)",
+                _DAMAGED_HINT,
+            )
+        previous = info
     return tensors
+
+
+def _checked_entry(path: Path, name: str, entry: object, data_size: int) -> tuple[int, int, str, tuple[int, ...]]:
+    """A header entry's (start, end, dtype, shape), each checked; offsets relative to the data section."""
+
+    def corrupt(what: str) -> ModelSourceError:
+        return ModelSourceError(f"{path} is corrupt: tensor {name} {what}", _DAMAGED_HINT)
+
+    if not isinstance(entry, dict):
+        raise corrupt("has no dtype, shape and data_offsets")
+    offsets, dtype, shape = entry.get("data_offsets"), entry.get("dtype"), entry.get("shape")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(v) for v in offsets)):
+        raise corrupt(f"has data_offsets {offsets!r}, not two byte offsets [start, end]")
+    if not (isinstance(shape, list) and all(_is_count(v) for v in shape)):
+        raise corrupt(f"has shape {shape!r}, not a list of sizes")
+    if dtype not in SAFETENSORS_DTYPES:
+        raise ModelSourceError(
+            f"{path} stores tensor {name} as {dtype!r}, a dtype FrankenMoE Studio cannot merge "
+            f"(it reads {', '.join(SAFETENSORS_DTYPES)})",
+            "use an unquantized version of the model (BF16, F16 or F32 weights)",
+        )
+    start, end = offsets
+    if start > end:
+        raise corrupt(f"has data_offsets [{start}, {end}] that end before they start")
+    if end > data_size:
+        raise ModelSourceError(
+            f"{path} is truncated: tensor {name} ends past the end of the file",
+            "download the model again; the file is incomplete",
+        )
+    numel = 1
+    for dim in shape:
+        numel *= dim
+    needed = numel * SAFETENSORS_DTYPES[dtype][1]
+    if end - start != needed:
+        raise corrupt(f"holds {end - start} bytes, but shape {shape} of {dtype} needs {needed}")
+    return start, end, dtype, tuple(shape)
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def resolve_model_dir(ref: ModelRef, cache_dir: Path | None = None) -> Path:
@@ -290,7 +365,7 @@ def _read_config(folder: Path) -> dict[str, Any]:
             "point at the folder that holds config.json and the .safetensors files",
         )
     try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
+        config = read_json_file(config_path)
     except (OSError, ValueError) as exc:
         raise ModelSourceError(f"{config_path} is not valid JSON ({exc})", "repair or re-download it") from exc
     if not isinstance(config, Mapping):
@@ -302,9 +377,18 @@ def _index_tensors(folder: Path) -> dict[str, TensorInfo]:
     index_path = folder / SAFETENSORS_INDEX
     if index_path.is_file():
         try:
-            weight_map: Mapping[str, str] = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
-        except (OSError, ValueError, KeyError) as exc:
+            weight_map = read_json_file(index_path)["weight_map"]
+            if not isinstance(weight_map, Mapping) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise ValueError("its weight_map is not a mapping of tensor names to file names")
+        except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ModelSourceError(f"{index_path} is malformed ({exc})", "re-download the model") from exc
+        outside = sorted({name for name in weight_map.values() if not _names_a_file_inside(name)})
+        if outside:
+            raise ModelSourceError(
+                f"{index_path} names weight file(s) outside the model folder ({', '.join(outside[:3])}), "
+                "which are not read",
+                "use a model whose index lists only its own .safetensors files; re-download it from a source you trust",
+            )
         files = sorted({folder / name for name in weight_map.values()})
         missing = [f.name for f in files if not f.is_file()]
         if missing:
@@ -331,6 +415,18 @@ def _index_tensors(folder: Path) -> dict[str, TensorInfo]:
     for file in files:
         tensors.update(read_safetensors_header(file))
     return tensors
+
+
+def _names_a_file_inside(name: str) -> bool:
+    """Whether an index's file name stays inside the model folder, judged by the name alone.
+
+    Judged by name, not by resolving: the Hugging Face cache makes every snapshot file a symlink
+    into its blobs folder, so resolved shards always lie outside the snapshot.
+    """
+    posix, windows = PurePosixPath(name), PureWindowsPath(name)
+    return bool(name) and not (
+        posix.is_absolute() or windows.anchor or ".." in posix.parts or ".." in windows.parts or "\0" in name
+    )
 
 
 def iter_layer_tensors(source: ModelSource, layer: int) -> Iterator[TensorInfo]:

@@ -25,7 +25,7 @@ from app.core.imports import TRANSFORMERS_IMPORT_LOCK
 from app.core.problems import FrankenMoEError
 from app.core.progress import Cancelled, Job, Progress, check_cancel, format_bytes
 from app.core.recipe import ModelRef
-from app.core.sources import ModelSource, resolve_model_dir
+from app.core.sources import ModelSource, read_json_file, resolve_model_dir
 
 if TYPE_CHECKING:
     import torch
@@ -263,12 +263,11 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 def check_remote_code(folder: Path, allowed: bool) -> None:
     """Refuse a model whose architecture exists only as code in its repository, unless allowed."""
-    import json
 
     with TRANSFORMERS_IMPORT_LOCK:
         from transformers import CONFIG_MAPPING
 
-    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    config = read_json_file(folder / "config.json")
     needs_code = bool(config.get("auto_map")) and config.get("model_type") not in CONFIG_MAPPING
     if needs_code and not allowed:
         raise FrankenMoEError(

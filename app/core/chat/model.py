@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from app.core.chat.capture import RouterCapture, StepRouting, decoder_layers
 from app.core.chat.trace import ExpertLegend, TokenRouting, token_routings
 from app.core.problems import FrankenMoEError
+from app.core.progress import Cancelled
 
 if TYPE_CHECKING:
     import torch
@@ -210,21 +211,35 @@ class ChatModel:
 
     # -- prompts
 
-    def prompt_ids(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
-        """Token ids of a conversation, ending where the assistant's answer begins."""
-        text = self._chat_text([dict(m) for m in messages])
+    def prompt_ids(self, messages: Sequence[Mapping[str, str]], stop: threading.Event | None = None) -> list[int]:
+        """Token ids of a conversation, ending where the assistant's answer begins.
+
+        Setting ``stop`` cancels rendering the chat template (Cancelled).
+        """
+        text = self._chat_text([dict(m) for m in messages], stop)
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def _chat_text(self, messages: list[dict[str, str]]) -> str:
+    def _chat_text(self, messages: list[dict[str, str]], stop: threading.Event | None = None) -> str:
         if getattr(self.tokenizer, "chat_template", None):
+            from app.core.chat.template import TemplateLimitError, render_chat_template
+
             try:
-                return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+                # As apply_chat_template(tokenize=False) renders it, but with time and size limits.
+                return render_chat_template(
+                    self.tokenizer.get_chat_template(),
+                    messages,
+                    self.tokenizer.special_tokens_map,
+                    add_generation_prompt=True,
+                    cancel=stop,
+                )
+            except (TemplateLimitError, Cancelled):
+                raise
             except Exception as exc:  # templates raise their own errors, e.g. for a system role
                 if messages and messages[0]["role"] == "system" and len(messages) > 1:
                     # Many templates refuse a system message; fold it into the first user turn.
                     system, first, *rest = messages
                     merged = {"role": first["role"], "content": f"{system['content']}\n\n{first['content']}"}
-                    return self._chat_text([merged, *rest])
+                    return self._chat_text([merged, *rest], stop)
                 raise FrankenMoEError(
                     f"the chat template of {self.name} failed ({exc})", "fix the template or remove it"
                 ) from exc

@@ -266,6 +266,6 @@ class ChatSession:
         if self.conversation.system_prompt:
             turns.insert(0, {"role": "system", "content": self.conversation.system_prompt})
         settings = self.settings
-        result = yield from self.model.generate(self.model.prompt_ids(turns), settings, stop)
+        result = yield from self.model.generate(self.model.prompt_ids(turns, stop), settings, stop)
         generation = Generation.from_result(result, settings)
         return self.conversation.add("assistant", result.text, question.id, generation)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,13 +11,14 @@ from huggingface_hub import hf_hub_download, try_to_load_from_cache
 from huggingface_hub.errors import EntryNotFoundError
 
 from app.core.hub.config import HubConfig, resolve_config
-from app.core.hub.errors import ModelNotFoundError, hub_errors, unreachable_error
+from app.core.hub.errors import HubError, ModelNotFoundError, hub_errors, unreachable_error
 from app.core.hub.files import CHAT_TEMPLATE_FILES, RemoteFile, has_weights, remote_merge_files
 from app.core.hub.network import require_hub, unreachable_reason
 from app.core.hub.search import ModelSummary, summarize
 from app.core.problems import Problem
 from app.core.progress import format_bytes
 from app.core.recipe import ModelRef
+from app.core.sources import read_json_file
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,14 +142,24 @@ def _download_json(repo_id: str, filename: str, commit: str, config: HubConfig) 
                 )
             except EntryNotFoundError:
                 return None
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+    try:
+        data = read_json_file(Path(path))
+    except (OSError, ValueError) as exc:
+        raise HubError(
+            f"{filename} of {repo_id} is not readable ({exc})", "pick another model; this one's files are damaged"
+        ) from exc
+    if not isinstance(data, dict):
+        raise HubError(
+            f"{filename} of {repo_id} is not a JSON object", "pick another model; this one's files are damaged"
+        )
+    return data
 
 
 def fetch_config(ref: ModelRef, config: HubConfig | None = None) -> dict[str, Any]:
     """``config.json`` of a local folder or a Hub model (fetching only that file, or reading it from
     the cache when the Hub cannot be reached)."""
     if ref.is_local:
-        return json.loads((Path(ref.path).expanduser() / "config.json").read_text(encoding="utf-8"))
+        return read_json_file(Path(ref.path).expanduser() / "config.json")
     config = resolve_config(config)
     loaded = _download_json(ref.path, "config.json", ref.revision or "main", config)
     if loaded is None:

@@ -10,6 +10,7 @@ file, so the cache only ever holds finished files: the next download fetches the
 
 from __future__ import annotations
 
+import re
 import shutil
 import threading
 import time
@@ -223,7 +224,8 @@ def _run_snapshot_download(
             folder = snapshot_download(
                 ref.path,
                 revision=ref.revision or "main",
-                allow_patterns=names,
+                # allow_patterns are fnmatch patterns: a file named "*.safetensors" would match them all.
+                allow_patterns=[exact_name_pattern(name) for name in names],
                 cache_dir=config.cache_dir,
                 endpoint=config.endpoint,
                 token=config.token,
@@ -256,6 +258,11 @@ def _run_snapshot_download(
         # worker at its next chunk and wait, so no thread keeps writing into the cache behind us.
         stop.set()
         worker.join()
+
+
+def exact_name_pattern(name: str) -> str:
+    """An fnmatch pattern that matches name alone: its wildcard characters each in a bracket."""
+    return re.sub(r"([*?[])", r"[\1]", name)
 
 
 def _progress(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +13,7 @@ from huggingface_hub.hf_api import ModelInfo
 from app.core.hub.config import HubConfig
 from app.core.hub.errors import hub_errors
 from app.core.recipe import ModelRef
+from app.core.sources import read_json_file
 
 CONFIG_FILES = frozenset({"config.json", "generation_config.json"})
 TOKENIZER_FILES = frozenset(
@@ -45,7 +45,7 @@ class RemoteFile:
 
 
 def shard_names(index_file: Path) -> set[str]:
-    weight_map = json.loads(index_file.read_text(encoding="utf-8")).get("weight_map", {})
+    weight_map = read_json_file(index_file).get("weight_map", {})
     return set(weight_map.values())
 
 

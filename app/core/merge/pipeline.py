@@ -25,7 +25,7 @@ from app.core.families import QKV_BIAS, config_value, model_parts
 from app.core.merge.architectures import MLP_PROJECTIONS, MoEShape, OutputArchitecture, choose_architecture
 from app.core.merge.gates import GateResult, compute_gates, prompted_shared_experts
 from app.core.merge.modelcard import ModelCardFields, render_model_card
-from app.core.merge.shards import PlannedTensor, ShardWriter, plan_shards
+from app.core.merge.shards import PlannedTensor, ShardWriter, plan_shards, write_error
 from app.core.problems import FrankenMoEError, raise_if_errors
 from app.core.progress import BackgroundJob, Job, Progress, check_cancel
 from app.core.recipe import Expert, Recipe, dump_recipe
@@ -114,6 +114,7 @@ def check_target(out_dir: Path, overwrite: bool, input_dirs: Sequence[Path]) -> 
     """Refuse any target whose replacement could destroy something the user did not ask to lose."""
     if out_dir.exists() and not out_dir.is_dir():
         raise FrankenMoEError(f"{out_dir} is a file", "choose a folder path for the merged model")
+    out_dir = out_dir.resolve()
     for folder in input_dirs:
         folder = folder.resolve()
         if out_dir == folder or out_dir in folder.parents:
@@ -324,7 +325,9 @@ def merge_moe(
     """Build the MoE into options.out_dir. Yields progress; returns a MergeResult."""
     started = time.monotonic()
     return_freed_tensors_to_the_os()
-    out_dir = Path(os.path.abspath(os.path.expanduser(options.out_dir)))
+    # Resolved, so that a path through a symlink is compared with the (resolved) input folders as
+    # what it is, and a link to a folder gets the model inside that folder rather than being replaced.
+    out_dir = Path(os.path.realpath(os.path.expanduser(options.out_dir)))
     yield Progress("checking", 0, 1, message="checking the recipe and models")
     raise_if_errors(check_recipe(recipe, options.cache_dir))
     clean_leftovers(out_dir)
@@ -394,7 +397,10 @@ def merge_moe(
                             "writing", done + 1, len(plan), writer.bytes_written, total_bytes, message=planned.name
                         )
                 config = architecture.build_config(base.config, _moe_shape(recipe, base, shared_expert, out_dtype))
-                _write_side_files(partial, recipe, options, base, config, out_dir.name)
+                try:
+                    _write_side_files(partial, recipe, options, base, config, out_dir.name)
+                except OSError as exc:
+                    raise write_error(partial, exc) from exc
                 check_cancel(cancel)
                 _commit(partial, out_dir)
             except BaseException:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
+from app.core.problems import FrankenMoEError
 from app.core.sources import SAFETENSORS_DTYPES, SAFETENSORS_INDEX, TORCH_TO_SAFETENSORS, ByteRange
 
 if TYPE_CHECKING:
@@ -105,15 +106,18 @@ class ShardWriter:
         shard_index, planned = self._queue[self._position]
         if planned.name != name:
             raise RuntimeError(f"expected tensor {planned.name}, got {name}")
-        if shard_index != self._open_shard:
-            self._start_shard(shard_index)
-        assert self._handle is not None
-        if isinstance(data, ByteRange):
-            if data.nbytes != planned.nbytes:
-                raise RuntimeError(f"tensor {name} has {data.nbytes} bytes, {planned.nbytes} were planned")
-            _copy_range(data, self._handle)
-        else:
-            self._write_tensor(planned, data)
+        if isinstance(data, ByteRange) and data.nbytes != planned.nbytes:
+            raise RuntimeError(f"tensor {name} has {data.nbytes} bytes, {planned.nbytes} were planned")
+        try:
+            if shard_index != self._open_shard:
+                self._start_shard(shard_index)
+            assert self._handle is not None
+            if isinstance(data, ByteRange):
+                _copy_range(data, self._handle)
+            else:
+                self._write_tensor(planned, data)
+        except OSError as exc:
+            raise write_error(self.folder, exc) from exc
         self.bytes_written += planned.nbytes
         self._position += 1
 
@@ -155,7 +159,26 @@ class ShardWriter:
                 "metadata": {"total_size": self.total_bytes},
                 "weight_map": {t.name: s.filename for s in self.shards for t in s.tensors},
             }
-            (self.folder / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+            try:
+                (self.folder / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+            except OSError as exc:
+                raise write_error(self.folder, exc) from exc
+
+
+class WriteError(FrankenMoEError):
+    """The merged model could not be written: a full disk, a lost drive, a read-only folder."""
+
+
+def write_error(folder: Path, exc: OSError) -> WriteError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return WriteError(
+            f"the disk filled up while writing the merged model into {folder.parent}",
+            "free some space or choose an output folder on another disk, then merge again",
+        )
+    return WriteError(
+        f"writing the merged model into {folder.parent} failed ({exc.strerror or exc})",
+        "check that the output folder's disk is connected and writable, then merge again",
+    )
 
 
 _COPY_CHUNK = 16 * 2**20
