@@ -466,4 +466,5 @@ def _write_side_files(
     for file in base.tokenizer_files():
         shutil.copyfile(file, folder / file.name)
     (folder / RECIPE_FILENAME).write_text(dump_recipe(recipe), encoding="utf-8")
-    (folder / "README.md").write_text(render_model_card(recipe, options.card, base.path, out_name), encoding="utf-8")
+    card = render_model_card(recipe, options.card, base.path, out_name, str(config["model_type"]))
+    (folder / "README.md").write_text(card, encoding="utf-8")
