@@ -13,6 +13,7 @@ from app.core.families import (
     SUPPORTED_FAMILIES,
     config_value,
     describe_parts,
+    missing_sizes,
     model_parts,
     rope_settings,
     sliding_window,
@@ -61,7 +62,16 @@ def compare_configs(
     target = architecture or default_architecture(base_config)
     for name, field, config in (("base model", "base_model", base_config), (who, who, other_config)):
         model_type = str(config.get("model_type"))
-        if model_type not in SUPPORTED_FAMILIES:
+        if missing := missing_sizes(config):
+            problems.append(
+                Problem(
+                    field,
+                    f"{name}'s config.json gives no size for {', '.join(missing)} (missing, null or not a "
+                    "positive whole number)",
+                    "download the model again, or write the values from its model card into config.json",
+                )
+            )
+        elif model_type not in SUPPORTED_FAMILIES:
             problems.append(
                 Problem(
                     field,

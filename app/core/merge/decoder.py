@@ -70,7 +70,7 @@ def native_unsupported_reason(config: Mapping[str, Any], max_tokens: int) -> str
     rope = rope_settings(config)
     if rope["rope_type"] not in NATIVE_ROPE_TYPES:
         return f"RoPE type {rope['rope_type']!r}"
-    if float(rope.get("partial_rotary_factor", config.get("partial_rotary_factor") or 1.0)) != 1.0:
+    if float(rope.get("partial_rotary_factor") or config.get("partial_rotary_factor") or 1.0) != 1.0:
         return "partial rotary embeddings"
     # Dynamic NTK scaling only changes the frequencies for sequences longer than the model's context.
     if rope["rope_type"] == "dynamic" and int(config.get("max_position_embeddings") or 0) < max_tokens:
