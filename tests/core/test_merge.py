@@ -119,8 +119,10 @@ def test_layout_and_config_match_transformers_save_pretrained(merged, tmp_path):
 
 def test_side_files(merged, llama_donors):
     recipe, _result, out = merged
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+    for name in ("tokenizer.json", "chat_template.jinja", "generation_config.json"):
         assert (out / name).read_bytes() == (llama_donors["base"] / name).read_bytes()
+    ours, base = (json.loads((folder / "tokenizer_config.json").read_text()) for folder in (out, llama_donors["base"]))
+    assert {**ours, "tokenizer_class": None} == {**base, "tokenizer_class": None}
     assert parse_recipe((out / "frankenmoe-recipe.yml").read_text()) == recipe
     card = (out / "README.md").read_text()
     assert card.startswith("---\nlicense: other\n")
@@ -128,6 +130,28 @@ def test_side_files(merged, llama_donors):
     assert "# Tiny MoE\n\nA test." in card
     assert "python code" in card
     assert "AutoModelForCausalLM.from_pretrained" in card
+
+
+def test_a_transformers_5_tokenizer_class_becomes_one_transformers_4_loads_too(llama_donors, tmp_path):
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(llama_donors["base"], base)
+    config = json.loads((base / "tokenizer_config.json").read_text())
+    config["tokenizer_class"] = "TokenizersBackend"  # what transformers 5's save_pretrained writes
+    (base / "tokenizer_config.json").write_text(json.dumps(config))
+    out = tmp_path / "moe"
+    merge(recipe_for({**llama_donors, "base": base}), out)
+    written = json.loads((out / "tokenizer_config.json").read_text())
+    # transformers 4 knows PreTrainedTokenizerFast (and loads it from tokenizer.json); 5 has it as an alias.
+    assert written["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert {**written, "tokenizer_class": None} == {**config, "tokenizer_class": None}
+    ours, theirs = AutoTokenizer.from_pretrained(out), AutoTokenizer.from_pretrained(llama_donors["base"])
+    text = "What is 12 plus 30?"
+    assert ours(text)["input_ids"] == theirs(text)["input_ids"]
+    messages = [{"role": "user", "content": text}]
+    assert ours.apply_chat_template(messages, tokenize=False) == theirs.apply_chat_template(messages, tokenize=False)
+    assert (ours.eos_token, ours.pad_token, ours.bos_token) == ("</s>", "<pad>", "<s>")
 
 
 @pytest.mark.parametrize(("experts", "top_k"), [(3, 1), (3, 2), (3, 3), (5, 1), (5, 2), (5, 3)])

@@ -37,6 +37,8 @@ if TYPE_CHECKING:
 PARTIAL_MARK = ".frankenmoe-partial-"
 REPLACED_MARK = ".frankenmoe-replaced-"
 RECIPE_FILENAME = "frankenmoe-recipe.yml"
+# Tokenizer classes transformers 5 writes into tokenizer_config.json and transformers 4 does not have.
+TRANSFORMERS_5_ONLY_TOKENIZERS = frozenset({"TokenizersBackend", "SentencePieceBackend", "PythonBackend"})
 DEFAULT_SHARD_SIZE = 5 * 10**9
 _MLP_TENSOR = re.compile(r"^model\.layers\.(\d+)\.mlp\.")
 _LAYER_TENSOR = re.compile(r"^model\.layers\.(\d+)\.")
@@ -453,6 +455,24 @@ def _moe_shape(recipe: Recipe, base: ModelSource, shared_expert: ModelSource | N
     )
 
 
+def _make_tokenizer_config_portable(folder: Path) -> None:
+    """Name a tokenizer class transformers 4 and 5 both load, where the base names one only 5 has.
+
+    transformers 5 saves tokenizer_class "TokenizersBackend", which transformers 4 cannot find; both
+    load PreTrainedTokenizerFast (5 as an alias of the same class) from tokenizer.json.
+    """
+    config_path = folder / "tokenizer_config.json"
+    if not config_path.is_file() or not (folder / "tokenizer.json").is_file():
+        return
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except ValueError:
+        return  # the base's file as it is: a broken one is the tokenizer loader's to report
+    if isinstance(config, dict) and config.get("tokenizer_class") in TRANSFORMERS_5_ONLY_TOKENIZERS:
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
 def _write_side_files(
     folder: Path, recipe: Recipe, options: MergeOptions, base: ModelSource, config: dict[str, Any], out_name: str
 ) -> None:
@@ -465,6 +485,7 @@ def _write_side_files(
         (folder / "generation_config.json").write_text(json.dumps(defaults, indent=2) + "\n")
     for file in base.tokenizer_files():
         shutil.copyfile(file, folder / file.name)
+    _make_tokenizer_config_portable(folder)
     (folder / RECIPE_FILENAME).write_text(dump_recipe(recipe), encoding="utf-8")
     card = render_model_card(recipe, options.card, base.path, out_name, str(config["model_type"]))
     (folder / "README.md").write_text(card, encoding="utf-8")
