@@ -195,3 +195,17 @@ def test_eval_routing_lists_the_misrouted_prompts_worst_first(llama_donors, tmp_
     )
     for line, (weight, text, label) in zip(listed, expected, strict=True):
         assert line.startswith(f'  "{text}": intended {label} {weight:.2f}, went to ')
+
+
+def test_merge_says_how_much_the_leftovers_of_a_killed_merge_freed(recipe_file, tmp_path, capsys):
+    from app.cli.main import run_cli
+
+    exited = subprocess.Popen([sys.executable, "-c", "pass"])
+    exited.wait()
+    partial = tmp_path / f".old-moe.frankenmoe-partial-{exited.pid}-1700000000000-0a1b2c3d"
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"\0" * 1_500_000)
+    assert run_cli(["merge", str(recipe_file), str(tmp_path / "moe"), "--device", "cpu"]) == 0
+    assert not partial.exists()
+    err = capsys.readouterr().err
+    assert f"freed 1.5 MB: removed 1 unfinished merge folder(s) left by stopped merges in {tmp_path}" in err

@@ -15,10 +15,11 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, MixtralConfig, MixtralForCausalLM
 
 from app.core.merge.gates import compute_gates
+from app.core.merge.leftovers import LEFTOVERS_STAGE
 from app.core.merge.modelcard import ModelCardFields
 from app.core.merge.pipeline import PARTIAL_MARK, MergeOptions, merge_moe
 from app.core.problems import FrankenMoEError, ProblemsError
-from app.core.progress import Cancelled, run_job
+from app.core.progress import Cancelled, format_bytes, run_job
 from app.core.recipe import parse_recipe
 
 REPO = Path(__file__).resolve().parents[2]
@@ -261,7 +262,7 @@ for record in job:
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="uses SIGKILL")
-def test_killed_merge_leaves_no_model_and_the_next_run_cleans_up(llama_donors, tmp_path):
+def test_killed_merge_leaves_no_model_and_the_next_merge_into_its_folder_cleans_up(llama_donors, tmp_path):
     from app.core.recipe import save_recipe
 
     recipe_path = tmp_path / "recipe.yml"
@@ -281,9 +282,17 @@ def test_killed_merge_leaves_no_model_and_the_next_run_cleans_up(llama_donors, t
     process.wait()
     assert not out.exists()
     assert len(leftovers(work)) == 1  # the partial folder of the dead process, hidden and marked
-    merge(recipe_for(llama_donors), out)
-    assert out.is_dir()
+    partial = work / leftovers(work)[0]
+    size = sum(f.stat().st_size for f in partial.rglob("*") if f.is_file())
+    assert size > 0
+    # A merge into another target of the same folder removes it, and says how much that freed.
+    records = []
+    run_job(merge_moe(recipe_for(llama_donors), MergeOptions(out_dir=work / "other")), records.append)
+    assert (work / "other").is_dir() and not out.exists()
     assert leftovers(work) == []
+    cleaned = [r for r in records if r.stage == LEFTOVERS_STAGE]
+    assert [r.bytes_done for r in cleaned] == [size]
+    assert f"freed {format_bytes(size)}" in cleaned[0].message and str(work) in cleaned[0].message
 
 
 @pytest.mark.parametrize("gate_mode", ["cheap_embed", "hidden"])
