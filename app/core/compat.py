@@ -62,16 +62,7 @@ def compare_configs(
     target = architecture or default_architecture(base_config)
     for name, field, config in (("base model", "base_model", base_config), (who, who, other_config)):
         model_type = str(config.get("model_type"))
-        if missing := missing_sizes(config):
-            problems.append(
-                Problem(
-                    field,
-                    f"{name}'s config.json gives no size for {', '.join(missing)} (missing, null or not a "
-                    "positive whole number)",
-                    "download the model again, or write the values from its model card into config.json",
-                )
-            )
-        elif model_type not in SUPPORTED_FAMILIES:
+        if model_type not in SUPPORTED_FAMILIES:
             problems.append(
                 Problem(
                     field,
@@ -313,6 +304,17 @@ def check_recipe(recipe: Recipe, cache_dir: Path | None = None) -> list[Problem]
                     opened[key] = open_model(ref, cache_dir)
             except FrankenMoEError as exc:
                 problems.append(Problem(field, exc.message, exc.hint))
+                continue
+            if missing := missing_sizes(opened[key].config):
+                # Every later check reads these sizes: a model without them is only named.
+                problems.append(
+                    Problem(
+                        field,
+                        f"{ref}: its config.json gives no size for {', '.join(missing)} (missing, null or not a "
+                        "positive whole number)",
+                        "download the model again, or write the values from its model card into config.json",
+                    )
+                )
                 continue
             if field == "base_model":
                 base = opened[key]
