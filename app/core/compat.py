@@ -13,8 +13,8 @@ from app.core.families import (
     SUPPORTED_FAMILIES,
     config_value,
     describe_parts,
-    missing_sizes,
     model_parts,
+    require_sizes,
     rope_settings,
     sliding_window,
 )
@@ -305,16 +305,11 @@ def check_recipe(recipe: Recipe, cache_dir: Path | None = None) -> list[Problem]
             except FrankenMoEError as exc:
                 problems.append(Problem(field, exc.message, exc.hint))
                 continue
-            if missing := missing_sizes(opened[key].config):
+            try:
+                require_sizes(opened[key].config, ref)
+            except FrankenMoEError as exc:
                 # Every later check reads these sizes: a model without them is only named.
-                problems.append(
-                    Problem(
-                        field,
-                        f"{ref}: its config.json gives no size for {', '.join(missing)} (missing, null or not a "
-                        "positive whole number)",
-                        "download the model again, or write the values from its model card into config.json",
-                    )
-                )
+                problems.append(Problem(field, exc.message, exc.hint))
                 continue
             if field == "base_model":
                 base = opened[key]

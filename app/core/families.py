@@ -6,6 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from app.core.problems import FrankenMoEError
+
 # Attention and MLP parts beyond Llama's plain layout; an output architecture holds some of them.
 QKV_BIAS = "q/k/v attention biases"
 OUTPUT_BIAS = "an attention output bias"
@@ -97,6 +99,16 @@ def missing_sizes(config: Mapping[str, Any]) -> list[str]:
         for key in REQUIRED_SIZES
         if not (isinstance(config.get(key), int) and not isinstance(config.get(key), bool) and config[key] > 0)
     ]
+
+
+def require_sizes(config: Mapping[str, Any], model: object) -> None:
+    """Raise FrankenMoEError naming the sizes a model's config.json lacks (see missing_sizes)."""
+    if missing := missing_sizes(config):
+        raise FrankenMoEError(
+            f"{model}: its config.json gives no size for {', '.join(missing)} (missing, null or not a "
+            "positive whole number)",
+            "download the model again, or write the values from its model card into config.json",
+        )
 
 
 def model_parts(config: Mapping[str, Any]) -> frozenset[str]:

@@ -12,10 +12,11 @@ from transformers import AutoModelForCausalLM
 from app.cli.main import run_cli
 from app.core.compat import check_recipe
 from app.core.families import config_value, missing_sizes
+from app.core.merge.gates import compute_gates
 from app.core.merge.pipeline import MergeOptions, merge_moe
-from app.core.problems import ProblemsError
+from app.core.problems import FrankenMoEError, ProblemsError
 from app.core.progress import run_job
-from app.core.recipe import parse_recipe, save_recipe
+from app.core.recipe import ModelRef, parse_recipe, save_recipe
 from tests.models import make_tiny_model, read_config
 
 MISTRAL = {"model_type": "mistral", "hidden_size": 32, "num_attention_heads": 4}
@@ -96,3 +97,6 @@ def test_a_null_layer_count_is_one_problem_naming_the_key(null_head_dim_donors, 
     with pytest.raises(ProblemsError):
         run_job(merge_moe(recipe, MergeOptions(out_dir=tmp_path / "moe", device="cpu")))
     assert not (tmp_path / "moe").exists()
+    # The gate preview opens the base without the recipe check: it names the key too.
+    with pytest.raises(FrankenMoEError, match="num_hidden_layers"):
+        run_job(compute_gates(recipe.model_copy(update={"base_model": ModelRef(path=str(broken))}), device="cpu"))

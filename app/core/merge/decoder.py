@@ -17,7 +17,7 @@ import math
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
-from app.core.families import FAMILIES, config_value, rope_settings, sliding_window
+from app.core.families import FAMILIES, config_value, require_sizes, rope_settings, sliding_window
 from app.core.imports import TRANSFORMERS_IMPORT_LOCK
 from app.core.merge.architectures import attention_layer_types
 from app.core.problems import FrankenMoEError
@@ -347,6 +347,7 @@ class TransformersDecoder:
 
 def open_decoder(source: ModelSource, device: torch.device, dtype: torch.dtype, max_tokens: int) -> Decoder:
     """The native decoder where it runs the model exactly, transformers' otherwise."""
+    require_sizes(source.config, source.ref)
     if native_unsupported_reason(source.config, max_tokens) is None:
         return NativeDecoder(source, device, dtype, max_tokens)
     return TransformersDecoder(source, device, dtype)
