@@ -128,8 +128,8 @@ def _size(path: Path) -> int:
     return total
 
 
-def clean_folder(folder: Path, only_target: str | None = None) -> Cleanup:
-    """Remove the work folders in folder whose owner process no longer runs (those for only_target, if given)."""
+def clean_folder(folder: Path) -> Cleanup:
+    """Remove the work folders in folder whose owner process no longer runs; put back models they set aside."""
     try:
         entries = sorted(folder.iterdir())
     except OSError:
@@ -137,14 +137,14 @@ def clean_folder(folder: Path, only_target: str | None = None) -> Cleanup:
     cleanup = Cleanup()
     for path in entries:
         partial = _parse(path.name, PARTIAL_MARK)
-        if partial is not None and (only_target is None or partial[0] == only_target) and not owner_alive(partial[1]):
+        if partial is not None and not owner_alive(partial[1]):
             size = _size(path)
             shutil.rmtree(path, ignore_errors=True)
             if not path.exists():
                 cleanup += Cleanup(removed=(path,), bytes_freed=size)
     for path in entries:
         replaced = _parse(path.name, REPLACED_MARK)
-        if replaced is None or (only_target is not None and replaced[0] != only_target) or owner_alive(replaced[1]):
+        if replaced is None or owner_alive(replaced[1]):
             continue
         target = folder / replaced[0]
         if target.exists() or target.is_symlink():
