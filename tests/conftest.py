@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,8 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 # No test may reach the real Hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Merges remember their output folders in the app's state folder: not the user's, in tests.
+os.environ.setdefault("FRANKENMOE_STATE_DIR", tempfile.mkdtemp(prefix="frankenmoe-test-state-"))
 
 
 @pytest.fixture(scope="session")

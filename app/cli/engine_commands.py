@@ -1,8 +1,9 @@
-"""`frankenmoe merge` and `frankenmoe check`."""
+"""`frankenmoe merge`, `frankenmoe check` and `frankenmoe eval-routing`."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ from app.core.devices import DEVICE_CHOICES
 from app.core.problems import Problem
 from app.core.progress import format_bytes, run_job
 from app.core.recipe import DTYPE_ALIASES, load_recipe
-from app.core.routing import RoutingQuality
+from app.core.routing import MisroutedPrompt, RoutingQuality, misrouted_prompts
 
 DTYPES = sorted(set(DTYPE_ALIASES.values()))
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
@@ -140,6 +141,7 @@ def run_check(args: argparse.Namespace) -> int:
         print(f"warning: {warning}", file=sys.stderr)
     if preview is not None:
         print_quality(preview.quality, labels)
+        print_misrouted(misrouted_prompts(preview.routings), labels)
     return 0
 
 
@@ -168,4 +170,22 @@ def run_eval_routing(args: argparse.Namespace) -> int:
     with ProgressBars() as bars:
         result = run_job(evaluate_model_routing(args.model, prompts, device=args.device), bars)
     print_quality(result.quality, list(result.labels))
+    print_misrouted(result.misrouted, list(result.labels))
     return 0
+
+
+def print_misrouted(misrouted: list[MisroutedPrompt], labels: list[str], shown: int = 20) -> None:
+    """The prompts that went to the wrong expert, worst first, with both experts' mean router weights."""
+    if not misrouted:
+        print("misrouted prompts: none")
+        return
+    print(f"misrouted prompts ({len(misrouted)}, worst first; mean router weight of the intended and chosen expert):")
+    for prompt in misrouted[:shown]:
+        text = " ".join(prompt.text.split())
+        text = text if len(text) <= 60 else text[:59] + "…"
+        print(
+            f"  {json.dumps(text, ensure_ascii=False)}: intended {labels[prompt.intended_expert]} "
+            f"{prompt.intended_weight:.2f}, went to {labels[prompt.chosen_expert]} {prompt.chosen_weight:.2f}"
+        )
+    if len(misrouted) > shown:
+        print(f"  ... and {len(misrouted) - shown} more")

@@ -7,6 +7,7 @@ from types import TracebackType
 
 from tqdm import tqdm
 
+from app.core.merge.leftovers import LEFTOVERS_STAGE
 from app.core.progress import Progress
 
 
@@ -18,6 +19,10 @@ class ProgressBars:
 
     def __call__(self, record: Progress) -> None:
         if not self.enabled or record.stage == "done":
+            return
+        if record.stage == LEFTOVERS_STAGE:
+            self.close()
+            print(record.message, file=sys.stderr)
             return
         if record.total <= 1 and not record.bytes_total:
             if record.message and record.done == 0:

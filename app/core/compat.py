@@ -14,6 +14,7 @@ from app.core.families import (
     config_value,
     describe_parts,
     model_parts,
+    require_sizes,
     rope_settings,
     sliding_window,
 )
@@ -314,6 +315,12 @@ def check_recipe(recipe: Recipe, cache_dir: Path | None = None) -> list[Problem]
                 if key not in opened:
                     opened[key] = open_model(ref, cache_dir)
             except FrankenMoEError as exc:
+                problems.append(Problem(field, exc.message, exc.hint))
+                continue
+            try:
+                require_sizes(opened[key].config, ref)
+            except FrankenMoEError as exc:
+                # Every later check reads these sizes: a model without them is only named.
                 problems.append(Problem(field, exc.message, exc.hint))
                 continue
             if field == "base_model":

@@ -6,6 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from app.core.problems import FrankenMoEError
+
 # Attention and MLP parts beyond Llama's plain layout; an output architecture holds some of them.
 QKV_BIAS = "q/k/v attention biases"
 OUTPUT_BIAS = "an attention output bias"
@@ -68,18 +70,45 @@ def family_title(config: Mapping[str, Any]) -> str:
     return family.title if family else model_type
 
 
+# Keys every donor's config.json must give a positive whole number: no default stands in for them.
+REQUIRED_SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+
+
 def config_value(config: Mapping[str, Any], key: str) -> Any:
-    """A config value, falling back to the family default transformers would use."""
-    if key in config:
+    """A config value, falling back to the family default transformers would use.
+
+    A null value is a missing one: transformers 4.57 writes e.g. "head_dim": null for Mistral, and
+    its config classes then use the same fallback as for a missing key.
+    """
+    if config.get(key) is not None:
         return config[key]
     family = FAMILIES.get(str(config.get("model_type")))
-    if family and key in family.defaults:
+    if family and family.defaults.get(key) is not None:
         return family.defaults[key]
     if key == "head_dim":
         return int(config["hidden_size"]) // int(config["num_attention_heads"])
     if key == "num_key_value_heads":
         return config.get("num_attention_heads")
     return None
+
+
+def missing_sizes(config: Mapping[str, Any]) -> list[str]:
+    """The REQUIRED_SIZES a config leaves out, sets to null, or sets to something other than a positive integer."""
+    return [
+        key
+        for key in REQUIRED_SIZES
+        if not (isinstance(config.get(key), int) and not isinstance(config.get(key), bool) and config[key] > 0)
+    ]
+
+
+def require_sizes(config: Mapping[str, Any], model: object) -> None:
+    """Raise FrankenMoEError naming the sizes a model's config.json lacks (see missing_sizes)."""
+    if missing := missing_sizes(config):
+        raise FrankenMoEError(
+            f"{model}: its config.json gives no size for {', '.join(missing)} (missing, null or not a "
+            "positive whole number)",
+            "download the model again, or write the values from its model card into config.json",
+        )
 
 
 def model_parts(config: Mapping[str, Any]) -> frozenset[str]:

@@ -76,3 +76,36 @@ def evaluate_routing(routings: Sequence[PromptRouting], num_experts: int) -> Rou
         prompts=len(routings),
         tokens=tokens,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class MisroutedPrompt:
+    text: str
+    intended_expert: int
+    chosen_expert: int  # the expert the prompt went to (PromptRouting.prompt_choice)
+    intended_weight: float  # the intended expert's mean router weight over layers and tokens
+    chosen_weight: float  # the chosen expert's
+
+    @property
+    def margin(self) -> float:
+        return self.chosen_weight - self.intended_weight
+
+
+def misrouted_prompts(routings: Sequence[PromptRouting]) -> list[MisroutedPrompt]:
+    """The prompts that went to another expert than intended, worst first.
+
+    Worst means the lowest mean router weight for the intended expert; equal weights put the
+    larger margin to the chosen expert first.
+    """
+    misrouted = []
+    for routing in routings:
+        chosen = routing.prompt_choice()
+        if chosen == routing.intended_expert:
+            continue
+        mean = routing.weights.mean(axis=(0, 1))
+        misrouted.append(
+            MisroutedPrompt(
+                routing.text, routing.intended_expert, chosen, float(mean[routing.intended_expert]), float(mean[chosen])
+            )
+        )
+    return sorted(misrouted, key=lambda m: (m.intended_weight, -m.margin))

@@ -14,7 +14,7 @@ from app.core.imports import TRANSFORMERS_IMPORT_LOCK
 from app.core.problems import FrankenMoEError
 from app.core.progress import Job, Progress, check_cancel
 from app.core.recipe import parse_recipe
-from app.core.routing import PromptRouting, RoutingQuality, evaluate_routing
+from app.core.routing import MisroutedPrompt, PromptRouting, RoutingQuality, evaluate_routing, misrouted_prompts
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,6 +22,11 @@ class ModelRouting:
     labels: tuple[str, ...]
     routings: tuple[PromptRouting, ...]
     quality: RoutingQuality
+
+    @property
+    def misrouted(self) -> list[MisroutedPrompt]:
+        """The prompts that went to another expert than intended, worst first."""
+        return misrouted_prompts(self.routings)
 
 
 def load_labelled_prompts(path: Path, labels: Sequence[str]) -> list[list[str]]:

@@ -21,6 +21,7 @@ from PySide6.QtWidgets import (
 )
 
 from app.core.demo import build_demo
+from app.core.merge.leftovers import Cleanup, clean_leftovers_job
 from app.core.problems import ProblemsError
 from app.gui.context import AppContext, describe_error
 from app.gui.document import RecipeDocument
@@ -38,6 +39,7 @@ from app.gui.theme import apply_theme
 
 STEPS = ("1  Models", "2  Prompts", "3  Preview", "4  Merge", "5  Chat")
 RECIPE_FILTER = "mergekit-moe recipes (*.yml *.yaml);;All files (*)"
+STATUS_NOTICE_MS = 15_000
 
 
 class Step(int, Enum):
@@ -118,6 +120,10 @@ class MainWindow(QMainWindow):
         self.resizeDocks([self.log_panel], [self.log_panel.sizeHint().height()], Qt.Orientation.Vertical)
         self._update_title()
         self._update_actions()
+        self.context.status.connect(lambda message: self.statusBar().showMessage(message, STATUS_NOTICE_MS))
+        # Killed merges leave hidden work folders in their output folders: clean those of past runs, off the GUI thread.
+        self.cleanup_job = self.context.run("Cleanup", lambda _cancel: clean_leftovers_job(), quiet=True)
+        self.cleanup_job.succeeded.connect(self._cleaned_up)
 
     # ------------------------------------------------------------------ actions
 
@@ -342,13 +348,21 @@ class MainWindow(QMainWindow):
         self.chat_page.set_model(folder)
         self.show_step(Step.CHAT)
 
+    def _cleaned_up(self, cleanup: object) -> None:
+        assert isinstance(cleanup, Cleanup)
+        if cleanup.anything:
+            message = f"Cleaned up after stopped merges: {cleanup.describe()}."
+            self.context.log(message)
+            self.context.status.emit(message)
+
     # ------------------------------------------------------------------ shutdown
 
     def closeEvent(self, event: QCloseEvent) -> None:
         if not self.confirm_discard():
             event.ignore()
             return
-        running = self.context.running
+        # The start-up cleanup is no work of the user's to ask about; shutdown waits for it.
+        running = [handle for handle in self.context.running if handle is not self.cleanup_job]
         if running:
             names = ", ".join(handle.name for handle in running)
             answer = QMessageBox.question(

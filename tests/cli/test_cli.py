@@ -147,3 +147,65 @@ def test_check_routing_and_eval_routing(recipe_file, tmp_path):
     refused = frankenmoe("eval-routing", str(out), str(bad))
     assert refused.returncode == 1
     assert "'poetry' is not an expert of this model" in refused.stderr
+
+
+def test_eval_routing_lists_the_misrouted_prompts_worst_first(llama_donors, tmp_path, capsys):
+    from app.cli.main import run_cli
+    from app.core.merge.pipeline import MergeOptions, merge_moe
+    from app.core.progress import run_job
+    from app.core.routing_eval import evaluate_model_routing, load_labelled_prompts
+
+    recipe = parse_recipe(
+        "\n".join(
+            [
+                f"base_model: {llama_donors['base']}",
+                "gate_mode: hidden",
+                "experts:",
+                f"  - source_model: {llama_donors['expert0']}",
+                "    positive_prompts: ['What is 7 times 8?']",
+                f"  - source_model: {llama_donors['expert1']}",
+                "    positive_prompts: ['for i in range(10): print(i)']",
+                f"  - source_model: {llama_donors['expert2']}",
+                "    positive_prompts: ['The storm rolled in over the grey sea.']",
+                "frankenmoe:",
+                "  experts: [{label: maths}, {label: code}, {label: prose}]",
+            ]
+        )
+    )
+    out = tmp_path / "moe"
+    run_job(merge_moe(recipe, MergeOptions(out_dir=out, device="cpu")))
+    # One prompt under every expert goes to one of them at most: at least two entries are misrouted.
+    same = "What is 12 plus 30?"
+    prompts = tmp_path / "held-out.yml"
+    prompts.write_text(json.dumps({"maths": [same], "code": [same, "def add(a, b):"], "prose": [same]}))
+    assert run_cli(["eval-routing", str(out), str(prompts), "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+
+    reference = run_job(
+        evaluate_model_routing(out, load_labelled_prompts(prompts, ["maths", "code", "prose"]), device="cpu")
+    )
+    wrong = [r for r in reference.routings if r.prompt_choice() != r.intended_expert]
+    assert len(wrong) >= 2
+    header = next(i for i, line in enumerate(printed) if line.startswith("misrouted prompts ("))
+    assert printed[header].startswith(f"misrouted prompts ({len(wrong)}, worst first")
+    listed = printed[header + 1 : header + 1 + len(wrong)]
+    labels = ["maths", "code", "prose"]
+    expected = sorted(
+        (float(r.weights.mean(axis=(0, 1))[r.intended_expert]), r.text, labels[r.intended_expert]) for r in wrong
+    )
+    for line, (weight, text, label) in zip(listed, expected, strict=True):
+        assert line.startswith(f'  "{text}": intended {label} {weight:.2f}, went to ')
+
+
+def test_merge_says_how_much_the_leftovers_of_a_killed_merge_freed(recipe_file, tmp_path, capsys):
+    from app.cli.main import run_cli
+
+    exited = subprocess.Popen([sys.executable, "-c", "pass"])
+    exited.wait()
+    partial = tmp_path / f".old-moe.frankenmoe-partial-{exited.pid}-1700000000000-0a1b2c3d"
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"\0" * 1_500_000)
+    assert run_cli(["merge", str(recipe_file), str(tmp_path / "moe"), "--device", "cpu"]) == 0
+    assert not partial.exists()
+    err = capsys.readouterr().err
+    assert f"freed 1.5 MB: removed 1 unfinished merge folder(s) left by stopped merges in {tmp_path}" in err

@@ -48,3 +48,15 @@ def test_generate_names_a_missing_model_and_the_fix(tmp_path, capsys):
     assert run_cli(["generate", str(tmp_path / "nowhere"), "--prompt", "hi"]) == 1
     err = capsys.readouterr().err
     assert "does not exist" in err and "fix:" in err
+
+
+def test_generate_names_a_folder_without_config_json_and_the_fix(moe, tmp_path, capsys):
+    folder = tmp_path / "no-config"
+    folder.mkdir()
+    for file in moe.iterdir():
+        if file.name != "config.json":
+            (folder / file.name).write_bytes(file.read_bytes())
+    assert run_cli(["generate", str(folder), "--prompt", "hi", "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert "has no config.json" in err and "fix:" in err
+    assert "Traceback" not in err and "FileNotFoundError" not in err

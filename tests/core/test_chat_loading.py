@@ -102,6 +102,20 @@ def test_remote_code_is_never_run_without_permission(moe, tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("config_text", [None, "{not json", "[1, 2]"], ids=["missing", "broken", "not-an-object"])
+def test_a_folder_without_a_readable_config_is_one_error_with_the_fix(moe, tmp_path, config_text):
+    folder = tmp_path / "weights-only"
+    shutil.copytree(moe, folder)
+    if config_text is None:
+        (folder / "config.json").unlink()
+    else:
+        (folder / "config.json").write_text(config_text)
+    with pytest.raises(FrankenMoEError) as caught:
+        run_job(load_chat_model(LoadRequest(str(folder), device="cpu")))
+    assert "config.json" in caught.value.message
+    assert caught.value.hint
+
+
 def test_loading_reports_byte_progress_and_can_be_cancelled(mistral_donors):
     folder = mistral_donors["expert0"]  # sharded into many small files
     total = sum(f.stat().st_size for f in folder.glob("*.safetensors"))

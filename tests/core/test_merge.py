@@ -15,10 +15,11 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, MixtralConfig, MixtralForCausalLM
 
 from app.core.merge.gates import compute_gates
+from app.core.merge.leftovers import LEFTOVERS_STAGE
 from app.core.merge.modelcard import ModelCardFields
 from app.core.merge.pipeline import PARTIAL_MARK, MergeOptions, merge_moe
 from app.core.problems import FrankenMoEError, ProblemsError
-from app.core.progress import Cancelled, run_job
+from app.core.progress import Cancelled, format_bytes, run_job
 from app.core.recipe import parse_recipe
 
 REPO = Path(__file__).resolve().parents[2]
@@ -119,8 +120,10 @@ def test_layout_and_config_match_transformers_save_pretrained(merged, tmp_path):
 
 def test_side_files(merged, llama_donors):
     recipe, _result, out = merged
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+    for name in ("tokenizer.json", "chat_template.jinja", "generation_config.json"):
         assert (out / name).read_bytes() == (llama_donors["base"] / name).read_bytes()
+    ours, base = (json.loads((folder / "tokenizer_config.json").read_text()) for folder in (out, llama_donors["base"]))
+    assert {**ours, "tokenizer_class": None} == {**base, "tokenizer_class": None}
     assert parse_recipe((out / "frankenmoe-recipe.yml").read_text()) == recipe
     card = (out / "README.md").read_text()
     assert card.startswith("---\nlicense: other\n")
@@ -128,6 +131,28 @@ def test_side_files(merged, llama_donors):
     assert "# Tiny MoE\n\nA test." in card
     assert "python code" in card
     assert "AutoModelForCausalLM.from_pretrained" in card
+
+
+def test_a_transformers_5_tokenizer_class_becomes_one_transformers_4_loads_too(llama_donors, tmp_path):
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(llama_donors["base"], base)
+    config = json.loads((base / "tokenizer_config.json").read_text())
+    config["tokenizer_class"] = "TokenizersBackend"  # what transformers 5's save_pretrained writes
+    (base / "tokenizer_config.json").write_text(json.dumps(config))
+    out = tmp_path / "moe"
+    merge(recipe_for({**llama_donors, "base": base}), out)
+    written = json.loads((out / "tokenizer_config.json").read_text())
+    # transformers 4 knows PreTrainedTokenizerFast (and loads it from tokenizer.json); 5 has it as an alias.
+    assert written["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert {**written, "tokenizer_class": None} == {**config, "tokenizer_class": None}
+    ours, theirs = AutoTokenizer.from_pretrained(out), AutoTokenizer.from_pretrained(llama_donors["base"])
+    text = "What is 12 plus 30?"
+    assert ours(text)["input_ids"] == theirs(text)["input_ids"]
+    messages = [{"role": "user", "content": text}]
+    assert ours.apply_chat_template(messages, tokenize=False) == theirs.apply_chat_template(messages, tokenize=False)
+    assert (ours.eos_token, ours.pad_token, ours.bos_token) == ("</s>", "<pad>", "<s>")
 
 
 @pytest.mark.parametrize(("experts", "top_k"), [(3, 1), (3, 2), (3, 3), (5, 1), (5, 2), (5, 3)])
@@ -237,7 +262,7 @@ for record in job:
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="uses SIGKILL")
-def test_killed_merge_leaves_no_model_and_the_next_run_cleans_up(llama_donors, tmp_path):
+def test_killed_merge_leaves_no_model_and_the_next_merge_into_its_folder_cleans_up(llama_donors, tmp_path):
     from app.core.recipe import save_recipe
 
     recipe_path = tmp_path / "recipe.yml"
@@ -257,9 +282,17 @@ def test_killed_merge_leaves_no_model_and_the_next_run_cleans_up(llama_donors, t
     process.wait()
     assert not out.exists()
     assert len(leftovers(work)) == 1  # the partial folder of the dead process, hidden and marked
-    merge(recipe_for(llama_donors), out)
-    assert out.is_dir()
+    partial = work / leftovers(work)[0]
+    size = sum(f.stat().st_size for f in partial.rglob("*") if f.is_file())
+    assert size > 0
+    # A merge into another target of the same folder removes it, and says how much that freed.
+    records = []
+    run_job(merge_moe(recipe_for(llama_donors), MergeOptions(out_dir=work / "other")), records.append)
+    assert (work / "other").is_dir() and not out.exists()
     assert leftovers(work) == []
+    cleaned = [r for r in records if r.stage == LEFTOVERS_STAGE]
+    assert [r.bytes_done for r in cleaned] == [size]
+    assert f"freed {format_bytes(size)}" in cleaned[0].message and str(work) in cleaned[0].message
 
 
 @pytest.mark.parametrize("gate_mode", ["cheap_embed", "hidden"])

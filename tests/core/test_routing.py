@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from app.core.routing import PromptRouting, evaluate_routing
+from app.core.routing import PromptRouting, evaluate_routing, misrouted_prompts
 
 
 def one_hot_weights(choices, num_experts=3):
@@ -47,3 +47,20 @@ def test_a_split_vote_goes_to_the_more_confident_expert():
 def test_no_prompts():
     quality = evaluate_routing([], 2)
     assert (quality.prompts, quality.tokens, quality.usage) == (0, 0, (0.0, 0.0))
+
+
+def test_misrouted_prompts_are_listed_worst_first():
+    def routed(text, intended, mean_weights):
+        return PromptRouting(text, intended, np.array([[mean_weights]]))  # 1 layer x 1 token
+
+    right = routed("right", 0, [0.7, 0.2, 0.1])
+    close = routed("close", 1, [0.45, 0.4, 0.15])
+    far = routed("far", 2, [0.1, 0.85, 0.05])
+    tie_small_margin = routed("tie small margin", 0, [0.3, 0.4, 0.3])
+    tie_big_margin = routed("tie big margin", 1, [0.6, 0.3, 0.1])
+    listed = misrouted_prompts([right, close, far, tie_small_margin, tie_big_margin])
+    assert [m.text for m in listed] == ["far", "tie big margin", "tie small margin", "close"]
+    worst = listed[0]
+    assert (worst.intended_expert, worst.chosen_expert) == (2, 1)
+    assert worst.intended_weight == pytest.approx(0.05) and worst.margin == pytest.approx(0.8)
+    assert misrouted_prompts([right]) == []

@@ -205,6 +205,17 @@ def test_a_dense_model_chats_without_a_panel_and_says_why(qtbot, page: ChatPage,
     assert not page._shown_tokens  # nothing to colour
 
 
+def test_a_folder_without_config_json_shows_the_problem_and_the_fix(qtbot, page: ChatPage, tmp_path: Path) -> None:
+    folder = tmp_path / "no-config"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"")
+    load(qtbot, page, LoadRequest(str(folder), device="cpu"))
+    assert page.state is PageState.NO_MODEL
+    status = page.model_status.text()
+    assert "has no config.json" in status and "Fix: point at the folder that holds config.json" in status
+    assert "FileNotFoundError" not in status
+
+
 def test_the_shared_expert_of_a_qwen2_moe_shows_as_always_active(qtbot, page: ChatPage, tmp_path: Path) -> None:
     folder = make_tiny_moe(tmp_path / "qwen2", "qwen2_moe", seed=4)
     load(qtbot, page, LoadRequest(str(folder), device="cpu"))

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 from PySide6.QtWidgets import QMessageBox
 
+from app.core.merge.leftovers import PARTIAL_MARK, record_output_folder
+from app.core.recipe import parse_recipe, save_recipe
 from app.gui.pages.models import COMPATIBILITY
 from app.gui.workers import running_jobs
 from tests.gui.conftest import screenshot
@@ -58,3 +62,52 @@ def test_incompatible_expert_shown_with_its_reasons(window, qtbot, demo_recipe: 
     assert "hidden size differs: base has 64" in reasons and "Fix:" in reasons
     assert table.item(0, COMPATIBILITY).text() == "✓ Compatible"
     screenshot(window, "1-models-incompatible")
+
+
+def dead_partial_folder(folder: Path, target: str, size: int) -> Path:
+    """A hidden work folder as a killed merge leaves it, owned by a process that has exited."""
+    exited = subprocess.Popen([sys.executable, "-c", "pass"])
+    exited.wait()
+    partial = folder / f".{target}{PARTIAL_MARK}{exited.pid}-1700000000000-0a1b2c3d"
+    partial.mkdir(parents=True)
+    (partial / "model.safetensors").write_bytes(b"\0" * size)
+    return partial
+
+
+def test_at_start_the_window_cleans_up_after_killed_merges_and_says_so(
+    qtbot, settings, answer, tmp_path: Path, monkeypatch
+) -> None:
+    from app.gui.main_window import MainWindow
+
+    monkeypatch.setenv("FRANKENMOE_STATE_DIR", str(tmp_path / "state"))
+    models = tmp_path / "models"
+    partial = dead_partial_folder(models, "moe", 2_500_000)
+    record_output_folder(models)
+    main = MainWindow(settings)
+    qtbot.addWidget(main)
+    qtbot.waitUntil(lambda: not partial.exists() and "freed" in main.statusBar().currentMessage(), timeout=TIMEOUT_MS)
+    assert f"freed 2.5 MB: removed 1 unfinished merge folder(s) left by stopped merges in {models}" in (
+        main.statusBar().currentMessage()
+    )
+    assert "Cleaned up after stopped merges: freed 2.5 MB" in main.log_panel.text
+
+
+def test_a_merge_cleans_up_after_a_killed_merge_in_its_folder_and_says_so(
+    window, qtbot, llama_donors, tmp_path: Path
+) -> None:
+    lines = [f"base_model: {llama_donors['base']}", "gate_mode: random", "experts:"]
+    lines += [f"  - source_model: {llama_donors[f'expert{index}']}" for index in range(2)]
+    recipe_path = tmp_path / "recipe.yml"
+    save_recipe(parse_recipe("\n".join(lines)), recipe_path)
+    assert window.open_recipe(recipe_path)
+    out = tmp_path / "out"
+    partial = dead_partial_folder(out, "earlier-moe", 1_200_000)
+    page = window.merge_page
+    page.out_dir.setText(str(out / "moe"))
+    page.merge_button.click()
+    qtbot.waitUntil(lambda: page.merged_folder is not None, timeout=TIMEOUT_MS)
+    assert not partial.exists()
+    assert f"freed 1.2 MB: removed 1 unfinished merge folder(s) left by stopped merges in {out}" in (
+        window.log_panel.text
+    )
+    assert "Cleaned up after stopped merges: freed 1.2 MB" in window.statusBar().currentMessage()

@@ -25,7 +25,7 @@ from app.core.imports import TRANSFORMERS_IMPORT_LOCK
 from app.core.problems import FrankenMoEError
 from app.core.progress import Cancelled, Job, Progress, check_cancel, format_bytes
 from app.core.recipe import ModelRef
-from app.core.sources import ModelSource, read_json_file, resolve_model_dir
+from app.core.sources import ModelSource, resolve_model_dir
 
 if TYPE_CHECKING:
     import torch
@@ -212,8 +212,9 @@ def plan_load(request: LoadRequest) -> LoadPlan:
     import torch
 
     folder = resolve_model_dir(ModelRef.parse(request.model), request.cache_dir)
-    check_remote_code(folder, request.trust_remote_code)
+    # ModelSource names a missing or broken config.json and missing weights as FrankenMoEErrors.
     with ModelSource(folder) as source:
+        check_remote_code(folder, source.config, request.trust_remote_code)
         counts = count_weights(source, request.trust_remote_code)
         config = source.config
     device = resolve_device(request.device)
@@ -261,13 +262,11 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def check_remote_code(folder: Path, allowed: bool) -> None:
+def check_remote_code(folder: Path, config: dict[str, Any], allowed: bool) -> None:
     """Refuse a model whose architecture exists only as code in its repository, unless allowed."""
-
     with TRANSFORMERS_IMPORT_LOCK:
         from transformers import CONFIG_MAPPING
 
-    config = read_json_file(folder / "config.json")
     needs_code = bool(config.get("auto_map")) and config.get("model_type") not in CONFIG_MAPPING
     if needs_code and not allowed:
         raise FrankenMoEError(

@@ -23,6 +23,7 @@ from app.core.families import (
     config_value,
     describe_parts,
     family_title,
+    missing_sizes,
     model_parts,
     rope_settings,
     sliding_window,
@@ -116,7 +117,7 @@ class OutputArchitecture:
         missing = self.requires - parts
         if missing:
             reasons.append(f"it has no {describe_parts(missing)}, which {self.title} always applies")
-        if not self.per_layer_windows and "num_hidden_layers" in config:
+        if not self.per_layer_windows and "num_hidden_layers" not in missing_sizes(config):
             sliding = [i for i, kind in enumerate(attention_layer_types(config)) if kind == "sliding_attention"]
             if 0 < len(sliding) < int(config["num_hidden_layers"]):
                 reasons.append(

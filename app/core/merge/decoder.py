@@ -17,7 +17,7 @@ import math
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
-from app.core.families import FAMILIES, config_value, rope_settings, sliding_window
+from app.core.families import FAMILIES, config_value, require_sizes, rope_settings, sliding_window
 from app.core.imports import TRANSFORMERS_IMPORT_LOCK
 from app.core.merge.architectures import attention_layer_types
 from app.core.problems import FrankenMoEError
@@ -70,7 +70,7 @@ def native_unsupported_reason(config: Mapping[str, Any], max_tokens: int) -> str
     rope = rope_settings(config)
     if rope["rope_type"] not in NATIVE_ROPE_TYPES:
         return f"RoPE type {rope['rope_type']!r}"
-    if float(rope.get("partial_rotary_factor", config.get("partial_rotary_factor") or 1.0)) != 1.0:
+    if float(rope.get("partial_rotary_factor") or config.get("partial_rotary_factor") or 1.0) != 1.0:
         return "partial rotary embeddings"
     # Dynamic NTK scaling only changes the frequencies for sequences longer than the model's context.
     if rope["rope_type"] == "dynamic" and int(config.get("max_position_embeddings") or 0) < max_tokens:
@@ -347,6 +347,7 @@ class TransformersDecoder:
 
 def open_decoder(source: ModelSource, device: torch.device, dtype: torch.dtype, max_tokens: int) -> Decoder:
     """The native decoder where it runs the model exactly, transformers' otherwise."""
+    require_sizes(source.config, source.ref)
     if native_unsupported_reason(source.config, max_tokens) is None:
         return NativeDecoder(source, device, dtype, max_tokens)
     return TransformersDecoder(source, device, dtype)

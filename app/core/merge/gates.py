@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Protocol
 
 from app.core.devices import available_memory, compute_dtype, resolve_device, return_freed_tensors_to_the_os
+from app.core.families import require_sizes
 from app.core.problems import FrankenMoEError
 from app.core.progress import Cancelled, Job, Progress, check_cancel
 from app.core.prompt_tokens import MAX_PROMPT_TOKENS, PromptTokenizer, load_prompt_tokenizer
@@ -376,7 +377,13 @@ class GateComputer:
     @property
     def source(self) -> ModelSource:
         if self._source is None:
-            self._source = open_model(self.base, self.cache_dir)
+            source = open_model(self.base, self.cache_dir)
+            try:
+                require_sizes(source.config, source.ref)
+            except FrankenMoEError:
+                source.close()
+                raise
+            self._source = source
         return self._source
 
     @property

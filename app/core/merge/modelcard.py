@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 
 import yaml
 
-from app.core.recipe import Recipe, dump_recipe
+from app.core.recipe import Expert, ModelRef, Recipe, dump_recipe
+
+# A Hub download's folder in the Hugging Face cache: .../models--ORG--NAME/snapshots/COMMIT
+_HUB_CACHE_FOLDER = re.compile(r"^models--(.+)$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,14 +38,55 @@ def base_license(base_folder: Path) -> str | None:
     return str(value) if value else None
 
 
-def render_model_card(recipe: Recipe, fields: ModelCardFields, base_folder: Path, out_name: str) -> str:
+def hub_id_of(ref: ModelRef) -> str | None:
+    """The Hub repository a donor came from: a Hub reference, or a folder inside the Hugging Face cache."""
+    if not ref.is_local:
+        return ref.path
+    parts = PurePath(os.path.normpath(ref.path)).parts
+    for index, part in enumerate(parts):
+        match = _HUB_CACHE_FOLDER.match(part)
+        if match and parts[index + 1 : index + 2] == ("snapshots",):
+            return match.group(1).replace("--", "/")
+    return None
+
+
+def public_ref(ref: ModelRef) -> ModelRef:
+    """How a published card names a donor: its Hub id, else only its folder's name, never a local path."""
+    if not ref.is_local:
+        return ref
+    hub_id = hub_id_of(ref)
+    if hub_id is not None:
+        return ModelRef(path=hub_id)
+    return ModelRef(path=PurePath(os.path.normpath(os.path.expanduser(ref.path))).name)
+
+
+def public_recipe(recipe: Recipe) -> Recipe:
+    """The recipe with every donor named as public_ref names it."""
+
+    def expert(entry: Expert) -> Expert:
+        return entry.model_copy(update={"source_model": public_ref(entry.source_model)})
+
+    return recipe.model_copy(
+        update={
+            "base_model": public_ref(recipe.base_model),
+            "experts": tuple(expert(e) for e in recipe.experts),
+            "shared_experts": tuple(expert(e) for e in recipe.shared_experts),
+        }
+    )
+
+
+def render_model_card(
+    recipe: Recipe, fields: ModelCardFields, base_folder: Path, out_name: str, model_type: str
+) -> str:
+    """The card of a merged model whose config.json has this model_type; it names no local path."""
     license_id = fields.license or base_license(base_folder) or "other"
-    hub_models = [str(ref.path) for ref in recipe.model_refs() if not ref.is_local]
+    hub_models = list(dict.fromkeys(h for h in map(hub_id_of, recipe.model_refs()) if h is not None))
+    recipe = public_recipe(recipe)
     front: dict[str, object] = {
         "license": license_id,
         "library_name": "transformers",
         "pipeline_tag": "text-generation",
-        "tags": ["moe", "frankenmoe", "mixtral", "merge"],
+        "tags": ["moe", "frankenmoe", model_type, "merge"],
     }
     if hub_models:
         front["base_model"] = hub_models

@@ -2,7 +2,8 @@
 
 The model is built in a hidden folder beside the target and renamed into place only when every
 file is written, so a cancel, an error or a killed process never leaves a model that looks complete.
-Leftovers of a killed run are removed by the next run for the same target.
+Leftovers of a killed run are removed by the next merge into the same folder or the app's next start
+(app/core/merge/leftovers.py).
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
 import shutil
 import threading
 import time
@@ -24,6 +24,14 @@ from app.core.devices import return_freed_tensors_to_the_os
 from app.core.families import QKV_BIAS, config_value, model_parts
 from app.core.merge.architectures import MLP_PROJECTIONS, MoEShape, OutputArchitecture, choose_architecture
 from app.core.merge.gates import GateResult, compute_gates, prompted_shared_experts
+from app.core.merge.leftovers import (
+    PARTIAL_MARK,
+    REPLACED_MARK,
+    clean_leftovers_job,
+    record_output_folder,
+    recorded_output_folders,
+    work_folder,
+)
 from app.core.merge.modelcard import ModelCardFields, render_model_card
 from app.core.merge.shards import PlannedTensor, ShardWriter, plan_shards, write_error
 from app.core.problems import FrankenMoEError, raise_if_errors
@@ -34,9 +42,9 @@ from app.core.sources import ByteRange, ModelSource, open_model
 if TYPE_CHECKING:
     import torch
 
-PARTIAL_MARK = ".frankenmoe-partial-"
-REPLACED_MARK = ".frankenmoe-replaced-"
 RECIPE_FILENAME = "frankenmoe-recipe.yml"
+# Tokenizer classes transformers 5 writes into tokenizer_config.json and transformers 4 does not have.
+TRANSFORMERS_5_ONLY_TOKENIZERS = frozenset({"TokenizersBackend", "SentencePieceBackend", "PythonBackend"})
 DEFAULT_SHARD_SIZE = 5 * 10**9
 _MLP_TENSOR = re.compile(r"^model\.layers\.(\d+)\.mlp\.")
 _LAYER_TENSOR = re.compile(r"^model\.layers\.(\d+)\.")
@@ -81,35 +89,6 @@ def output_dtype(recipe: Recipe, options: MergeOptions, base_config: dict[str, o
 # --------------------------------------------------------------------------- the output folder
 
 
-def _pid_alive(pid: int) -> bool:
-    import psutil
-
-    return psutil.pid_exists(pid)
-
-
-def _leftovers(out_dir: Path, mark: str) -> list[tuple[Path, int]]:
-    found = []
-    for path in out_dir.parent.glob(f".{out_dir.name}{mark}*"):
-        pid_text = path.name[len(f".{out_dir.name}{mark}") :].split("-", 1)[0]
-        if pid_text.isdigit():
-            found.append((path, int(pid_text)))
-    return found
-
-
-def clean_leftovers(out_dir: Path) -> None:
-    """Remove what a killed merge into out_dir left behind; restore a model it was replacing."""
-    for path, pid in _leftovers(out_dir, PARTIAL_MARK):
-        if not _pid_alive(pid):
-            shutil.rmtree(path, ignore_errors=True)
-    for path, pid in _leftovers(out_dir, REPLACED_MARK):
-        if _pid_alive(pid):
-            continue
-        if out_dir.exists():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.rename(out_dir)
-
-
 def check_target(out_dir: Path, overwrite: bool, input_dirs: Sequence[Path]) -> None:
     """Refuse any target whose replacement could destroy something the user did not ask to lose."""
     if out_dir.exists() and not out_dir.is_dir():
@@ -137,7 +116,7 @@ def check_target(out_dir: Path, overwrite: bool, input_dirs: Sequence[Path]) -> 
 
 def _commit(partial: Path, out_dir: Path) -> None:
     if out_dir.exists():
-        replaced = out_dir.parent / f".{out_dir.name}{REPLACED_MARK}{os.getpid()}-{secrets.token_hex(4)}"
+        replaced = work_folder(out_dir, REPLACED_MARK)
         out_dir.rename(replaced)
         partial.rename(out_dir)
         shutil.rmtree(replaced, ignore_errors=True)
@@ -330,7 +309,8 @@ def merge_moe(
     out_dir = Path(os.path.realpath(os.path.expanduser(options.out_dir)))
     yield Progress("checking", 0, 1, message="checking the recipe and models")
     raise_if_errors(check_recipe(recipe, options.cache_dir))
-    clean_leftovers(out_dir)
+    # Whatever killed merges left in this folder (for any target), or in those recent merges wrote into.
+    yield from clean_leftovers_job([out_dir.parent, *recorded_output_folders()])
 
     sources: dict[str, ModelSource] = {}
     try:
@@ -374,7 +354,8 @@ def merge_moe(
             total_bytes = sum(s.nbytes for s in shards)
             _check_free_space(out_dir.parent, total_bytes)
             out_dir.parent.mkdir(parents=True, exist_ok=True)
-            partial = out_dir.parent / f".{out_dir.name}{PARTIAL_MARK}{os.getpid()}-{secrets.token_hex(4)}"
+            record_output_folder(out_dir.parent)  # so that the app's next start cleans up if this run is killed
+            partial = work_folder(out_dir, PARTIAL_MARK)
             partial.mkdir()
             try:
                 with ShardWriter(partial, shards) as writer:
@@ -459,6 +440,24 @@ def _moe_shape(recipe: Recipe, base: ModelSource, shared_expert: ModelSource | N
     )
 
 
+def _make_tokenizer_config_portable(folder: Path) -> None:
+    """Name a tokenizer class transformers 4 and 5 both load, where the base names one only 5 has.
+
+    transformers 5 saves tokenizer_class "TokenizersBackend", which transformers 4 cannot find; both
+    load PreTrainedTokenizerFast (5 as an alias of the same class) from tokenizer.json.
+    """
+    config_path = folder / "tokenizer_config.json"
+    if not config_path.is_file() or not (folder / "tokenizer.json").is_file():
+        return
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except ValueError:
+        return  # the base's file as it is: a broken one is the tokenizer loader's to report
+    if isinstance(config, dict) and config.get("tokenizer_class") in TRANSFORMERS_5_ONLY_TOKENIZERS:
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
 def _write_side_files(
     folder: Path, recipe: Recipe, options: MergeOptions, base: ModelSource, config: dict[str, Any], out_name: str
 ) -> None:
@@ -471,5 +470,7 @@ def _write_side_files(
         (folder / "generation_config.json").write_text(json.dumps(defaults, indent=2) + "\n")
     for file in base.tokenizer_files():
         shutil.copyfile(file, folder / file.name)
+    _make_tokenizer_config_portable(folder)
     (folder / RECIPE_FILENAME).write_text(dump_recipe(recipe), encoding="utf-8")
-    (folder / "README.md").write_text(render_model_card(recipe, options.card, base.path, out_name), encoding="utf-8")
+    card = render_model_card(recipe, options.card, base.path, out_name, str(config["model_type"]))
+    (folder / "README.md").write_text(card, encoding="utf-8")

@@ -23,6 +23,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from app.core.merge.leftovers import LEFTOVERS_STAGE
 from app.core.progress import Progress
 from app.core.recipe import Recipe, validate_recipe
 from app.gui.context import AppContext, describe_error
@@ -187,6 +188,8 @@ class MergePage(QWidget):
             self.stage.setText("Cancelling…")
 
     def _progress(self, record: Progress) -> None:
+        if record.stage == LEFTOVERS_STAGE:
+            self.context.status.emit(f"Cleaned up after stopped merges: {record.message}.")
         self.progress.setValue(int(record.fraction * 1000))
         self.stage.setText(f"{record.stage}: {record.message}" if record.message else record.stage)
         if not record.bytes_total:

@@ -1,0 +1,63 @@
+"""The merged model's card gets published: it names donors by Hub id or folder name, and tags the real architecture."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from app.core.merge.modelcard import ModelCardFields, render_model_card
+from app.core.merge.pipeline import RECIPE_FILENAME, MergeOptions, merge_moe
+from app.core.progress import run_job
+from app.core.recipe import load_recipe, parse_recipe
+
+
+def front_matter(card: str) -> dict:
+    return yaml.safe_load(card.split("---\n")[1])
+
+
+def test_the_card_names_hub_donors_by_id_and_local_ones_by_folder_name_only(tmp_path: Path) -> None:
+    cached = tmp_path / "cache" / "hub" / "models--meta-math--MetaMath-Mistral-7B" / "snapshots" / "0123abcd"
+    recipe = parse_recipe(
+        "\n".join(
+            [
+                "base_model: mistralai/Mistral-7B-Instruct-v0.2@main",
+                "experts:",
+                f"  - source_model: {cached}",
+                "  - source_model: /root/private/projects/my-coder/",
+                "  - source_model: ./models/prose-writer",
+            ]
+        )
+    )
+    card = render_model_card(recipe, ModelCardFields(), tmp_path, "moe", "mixtral")
+    assert str(tmp_path) not in card and "/root/" not in card and "./models" not in card
+    front = front_matter(card)
+    assert front["base_model"] == ["mistralai/Mistral-7B-Instruct-v0.2", "meta-math/MetaMath-Mistral-7B"]
+    assert "`meta-math/MetaMath-Mistral-7B`" in card
+    assert "`my-coder`" in card and "`prose-writer`" in card
+    assert "`mistralai/Mistral-7B-Instruct-v0.2@main`" in card  # the revision the user asked for stays
+    recipe_in_card = yaml.safe_load(card.split("```yaml\n")[1].split("```")[0])
+    assert [e["source_model"] for e in recipe_in_card["experts"]] == [
+        "meta-math/MetaMath-Mistral-7B",
+        "my-coder",
+        "prose-writer",
+    ]
+
+
+def test_a_qwen2_moe_card_is_tagged_with_its_own_architecture_and_the_saved_recipe_is_the_users(
+    qwen2_donors: dict[str, Path], tmp_path: Path
+) -> None:
+    lines = [f"base_model: {qwen2_donors['base']}", "gate_mode: random", "dtype: float32", "experts:"]
+    lines += [f"  - source_model: {qwen2_donors[f'expert{index}']}" for index in range(3)]
+    lines += ["shared_experts:", f"  - source_model: {qwen2_donors['shared']}"]
+    recipe = parse_recipe("\n".join(lines))
+    out = tmp_path / "moe"
+    run_job(merge_moe(recipe, MergeOptions(out_dir=out, device="cpu")))
+    card = (out / "README.md").read_text(encoding="utf-8")
+    tags = front_matter(card)["tags"]
+    assert "qwen2_moe" in tags and "mixtral" not in tags
+    assert str(qwen2_donors["base"].parent) not in card
+    assert f"`{qwen2_donors['expert1'].name}`" in card
+    # The recipe beside the model is what the user wrote, so that the merge can be run again from it.
+    assert load_recipe(out / RECIPE_FILENAME) == recipe
+    assert str(qwen2_donors["expert1"]) in (out / RECIPE_FILENAME).read_text(encoding="utf-8")
