@@ -147,7 +147,7 @@ def test_special_tokens_and_chat_template_differences_are_warnings(tmp_path, lla
     problems = check_recipe(_recipe_for(llama_donors["base"], expert))
     assert only_errors(problems) == []
     messages = [p.message for p in problems]
-    assert any(m.startswith("eos_token differs: base has '</s>'") for m in messages)
+    assert any(m.startswith("the special token eos_token differs: base has '</s>'") for m in messages)
     assert any(m.startswith("chat template differs") for m in messages)
 
 
