@@ -268,12 +268,32 @@ def parse_recipe(text: str) -> Recipe:
             problems.append(
                 Problem(
                     field,
-                    error["msg"],
+                    _message_for(error),
                     _hint_for(error),
                     line=_closest_line(lines, error["loc"]),
                 )
             )
         raise ProblemsError(problems) from exc
+
+
+def _message_for(error: Mapping[str, Any]) -> str:
+    """Pydantic's message, with the key named in words: `source_model` of expert 0, not experts.0.source_model."""
+    loc = [str(part) if isinstance(part, str) else part for part in error.get("loc", ())]
+    keys = [part for part in loc if isinstance(part, str)]
+    key = f"`{keys[-1]}`" if keys else "the recipe"
+    owner = ""
+    for section, name in (("experts", "expert"), ("shared_experts", "shared expert")):
+        if section in loc[:-1] and isinstance(index := loc[loc.index(section) + 1], int):
+            owner = f" of {name} {index}"
+    if loc and loc[0] in (EXTENSION_KEY, "studio") and len(keys) > 1:
+        owner = f" in the `{EXTENSION_KEY}` settings{owner}"
+    kind = error.get("type", "")
+    if kind == "missing":
+        return f"the key {key}{owner} is missing"
+    if kind == "extra_forbidden":
+        return f"unknown key {key}{owner}"
+    detail = str(error.get("msg", "")).rstrip(".")
+    return f"the value of {key}{owner} is wrong: {detail[:1].lower()}{detail[1:]}"
 
 
 def _hint_for(error: Mapping[str, Any]) -> str:
