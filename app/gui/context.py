@@ -6,7 +6,7 @@ import time
 
 from PySide6.QtCore import QObject, Signal
 
-from app.core.problems import FrankenMoEError, ProblemsError
+from app.core.problems import FrankenMoEError, ProblemsError, sentence
 from app.core.progress import Progress
 from app.gui.settings import AppSettings
 from app.gui.workers import JobFactory, JobHandle
@@ -15,9 +15,10 @@ from app.gui.workers import JobFactory, JobHandle
 def describe_error(error: BaseException) -> str:
     """One readable paragraph: the problem and its fix, never a traceback."""
     if isinstance(error, ProblemsError):
-        return "\n".join(str(problem) for problem in error.problems)
+        return "\n".join(f"{'✗' if p.is_error else '⚠'} {p.text}" for p in error.problems)
     if isinstance(error, FrankenMoEError):
-        return f"{error.message}\nFix: {error.hint}" if error.hint else error.message
+        message = sentence(error.message)
+        return f"{message}\nFix: {sentence(error.hint)}" if error.hint else message
     return f"{type(error).__name__}: {error}"
 
 
