@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
@@ -146,20 +147,59 @@ def _dedupe(problems: list[Problem]) -> list[Problem]:
 # --------------------------------------------------------------------------- tokenizers
 
 
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+
 def tokenizer_fingerprint(folder: Path) -> dict[str, Any]:
-    """What a tokenizer is made of: its vocabulary, special tokens and chat template."""
-    vocab: dict[str, int] | None = None
-    vocab_digest: str | None = None
+    """What a tokenizer is made of: its vocabulary, special tokens and chat template.
+
+    The app checks the recipe again after every edit, and reading a large vocabulary takes a second
+    or more, so a fingerprint is kept while the tokenizer's files stay the same.
+    """
+    stamps = []
+    for name in TOKENIZER_FILES:
+        try:
+            stat = (folder / name).stat()
+        except OSError:
+            continue
+        stamps.append((name, stat.st_mtime_ns, stat.st_size))
+    return _cached_fingerprint(folder, tuple(stamps))
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_fingerprint(folder: Path, _stamps: tuple[tuple[str, int, int], ...]) -> dict[str, Any]:
+    return _read_fingerprint(folder)
+
+
+def _read_vocab(folder: Path) -> dict[str, int] | None:
+    """The token -> id map of tokenizer.json, added tokens included; None without that file."""
     tokenizer_json = folder / "tokenizer.json"
-    if tokenizer_json.is_file():
-        data = json.loads(tokenizer_json.read_text(encoding="utf-8"))
-        model_vocab = (data.get("model") or {}).get("vocab") or {}
-        if isinstance(model_vocab, list):  # Unigram: [[piece, score], ...]
-            vocab = {piece: index for index, (piece, _score) in enumerate(model_vocab)}
-        else:
-            vocab = dict(model_vocab)
-        for token in data.get("added_tokens") or []:
-            vocab[token["content"]] = token["id"]
+    if not tokenizer_json.is_file():
+        return None
+    data = json.loads(tokenizer_json.read_text(encoding="utf-8"))
+    model_vocab = (data.get("model") or {}).get("vocab") or {}
+    if isinstance(model_vocab, list):  # Unigram: [[piece, score], ...]
+        vocab = {piece: index for index, (piece, _score) in enumerate(model_vocab)}
+    else:
+        vocab = dict(model_vocab)
+    for token in data.get("added_tokens") or []:
+        vocab[token["content"]] = token["id"]
+    return vocab
+
+
+def _read_fingerprint(folder: Path) -> dict[str, Any]:
+    # The vocabulary itself is not kept (tens of MB for a large one): only its digest, and the
+    # folder to read it again from when a difference must be described.
+    vocab_digest: str | None = None
+    vocab = _read_vocab(folder)
+    if vocab is not None:
         vocab_digest = hashlib.sha256(json.dumps(sorted(vocab.items())).encode()).hexdigest()
     elif (folder / "tokenizer.model").is_file():
         vocab_digest = hashlib.sha256((folder / "tokenizer.model").read_bytes()).hexdigest()
@@ -178,7 +218,7 @@ def tokenizer_fingerprint(folder: Path) -> dict[str, Any]:
         template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
     if template is None and (folder / "chat_template.json").is_file():
         template = json.loads((folder / "chat_template.json").read_text(encoding="utf-8")).get("chat_template")
-    return {"vocab_digest": vocab_digest, "vocab": vocab, "specials": specials, "chat_template": template}
+    return {"folder": folder, "vocab_digest": vocab_digest, "specials": specials, "chat_template": template}
 
 
 def compare_tokenizers(
@@ -205,10 +245,11 @@ def compare_tokenizers(
             )
         ]
     if base["vocab_digest"] != other["vocab_digest"]:
+        difference = _vocab_difference(_read_vocab(base["folder"]), _read_vocab(other["folder"]))
         problems.append(
             Problem(
                 field,
-                f"vocabulary differs from the base's: {_vocab_difference(base['vocab'], other['vocab'])}; "
+                f"vocabulary differs from the base's: {difference}; "
                 "token ids would mean different things to the experts",
                 "use experts fine-tuned with the base model's tokenizer",
             )
