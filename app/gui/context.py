@@ -6,10 +6,19 @@ import time
 
 from PySide6.QtCore import QObject, Signal
 
-from app.core.problems import FrankenMoEError, ProblemsError, sentence
+from app.core.problems import FrankenMoEError, Problem, ProblemsError, sentence
 from app.core.progress import Progress
 from app.gui.settings import AppSettings
 from app.gui.workers import JobFactory, JobHandle
+
+
+def describe_problems(problems: list[Problem]) -> str:
+    """Errors, then warnings, each on a line, then each distinct fix once (most problems of one
+    donor share theirs)."""
+    ordered = [*(p for p in problems if p.is_error), *(p for p in problems if not p.is_error)]
+    lines = [f"{'✗' if p.is_error else '⚠'} {sentence(p.message)}" for p in ordered]
+    fixes = dict.fromkeys(sentence(p.hint) for p in ordered if p.hint)
+    return "\n".join([*lines, *(f"Fix: {fix}" for fix in fixes)])
 
 
 def describe_error(error: BaseException) -> str:

@@ -10,6 +10,7 @@ import pytest
 from PySide6.QtWidgets import QFileDialog
 
 from app.gui import recipe_edits
+from app.gui.main_window import Step
 from app.gui.pages.models import COMPATIBILITY
 from tests.gui.conftest import screenshot
 from tests.models import make_tiny_model
@@ -101,6 +102,8 @@ def test_a_donor_of_other_sizes_shows_every_reason_and_blocks_merge(window, qtbo
     qtbot.waitUntil(lambda: "Hidden size differs" in merge.problems.text(), timeout=TIMEOUT_MS)
     assert "odd has 48" in merge.problems.text() and "experts.1" not in merge.problems.text()
     assert not merge.merge_button.isEnabled()
+    window.show_step(Step.MERGE)
+    screenshot(window, "4-merge-blocked")
     page.table.selectRow(1)
     page.remove_button.click()
     # One expert left: route each token to it alone, and nothing stands in the way of the merge.

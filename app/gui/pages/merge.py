@@ -27,7 +27,7 @@ from PySide6.QtWidgets import (
 from app.core.problems import Problem
 from app.core.progress import Progress
 from app.core.recipe import Recipe, validate_recipe
-from app.gui.context import AppContext, describe_error
+from app.gui.context import AppContext, describe_error, describe_problems
 from app.gui.document import RecipeDocument
 from app.gui.engine import MergeRequest, PreviewResult, merge
 from app.gui.widgets import explanation, format_bytes, format_duration, heading
@@ -179,10 +179,9 @@ class MergePage(QWidget):
         """Recipe validation at once; the models' compatibility once the Models page has checked them."""
         checked = self.check is not None and self.check[0] == recipe
         problems = self.check[1] if self.check is not None and checked else validate_recipe(recipe)
-        lines = [f"✗ {p.text}" for p in problems if p.is_error]
-        if not checked and not lines:
-            lines.append("Checking the models against the base model…")
-        self.problems.setText("\n".join(lines))
+        errors = [p for p in problems if p.is_error]
+        waiting = "" if checked or errors else "Checking the models against the base model…"
+        self.problems.setText(describe_problems(errors) or waiting)
         self.blocked = not checked or any(p.is_error for p in problems)
         self._update_buttons()
 

@@ -25,11 +25,11 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from app.core.problems import Problem, explain, sentence
+from app.core.problems import Problem, explain
 from app.core.progress import Progress
 from app.core.recipe import ModelRef, Recipe, validate_recipe
 from app.gui import recipe_edits
-from app.gui.context import AppContext, describe_error
+from app.gui.context import AppContext, describe_error, describe_problems
 from app.gui.document import RecipeDocument
 from app.gui.engine import ModelInfo, check_compatibility, inspect_models
 from app.gui.hub_jobs import download
@@ -57,13 +57,8 @@ def problems_for_expert(problems: list[Problem], index: int) -> list[Problem]:
 
 
 def compatibility_text(problems: list[Problem]) -> str:
-    """Every reason, then each distinct fix once: the cell shows it all, wrapped, not only in a tooltip."""
-    if not problems:
-        return "✓ Compatible"
-    ordered = [*(p for p in problems if p.is_error), *(p for p in problems if not p.is_error)]
-    lines = [f"{'✗' if p.is_error else '⚠'} {sentence(p.message)}" for p in ordered]
-    fixes = list(dict.fromkeys(sentence(p.hint) for p in ordered if p.hint))
-    return "\n".join([*lines, *(f"Fix: {fix}" for fix in fixes)])
+    """Every reason and fix: the cell shows it all, wrapped, not only in a tooltip."""
+    return describe_problems(problems) if problems else "✓ Compatible"
 
 
 class ModelsPage(QWidget):
