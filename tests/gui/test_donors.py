@@ -97,6 +97,7 @@ def test_a_donor_of_other_sizes_shows_every_reason_and_blocks_merge(window, qtbo
     # The reasons are on the row, wrapped, not only in a tooltip: the row grows to hold them.
     assert table.rowHeight(1) >= 4 * table.rowHeight(0)
     assert table.columnWidth(COMPATIBILITY) < table.viewport().width() // 2
+    table.clearSelection()
     screenshot(page, "1-models-other-sizes")
 
     qtbot.waitUntil(lambda: "Hidden size differs" in merge.problems.text(), timeout=TIMEOUT_MS)
