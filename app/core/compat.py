@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
@@ -26,7 +27,7 @@ from app.core.merge.architectures import (
 )
 from app.core.problems import FrankenMoEError, Problem, Severity
 from app.core.recipe import MAX_EXPERTS, Recipe, validate_recipe
-from app.core.sources import MAX_TOKENIZER_JSON_BYTES, ModelSource, open_model, read_json_file
+from app.core.sources import MAX_TOKENIZER_JSON_BYTES, ModelNotDownloaded, ModelSource, open_model, read_json_file
 
 # (config key, what to call it, why it matters)
 SHAPE_KEYS = (
@@ -50,40 +51,45 @@ def compare_configs(
     who: str,
     architecture: OutputArchitecture | None = None,
     shared_expert: bool = False,
+    name: str | None = None,
 ) -> list[Problem]:
     """Mismatches between a donor's config and the base's, each naming both values.
 
-    Both models are also checked against the output architecture (by default the base family's),
-    which may not hold their attention biases or lack the q/k norms they need.
+    Problems are filed under the field ``who``; their messages call the donor ``name`` (its label,
+    say), or ``who`` when no name is given. Both models are also checked against the output
+    architecture (by default the base family's), which may not hold their attention biases or lack
+    the q/k norms they need.
     """
+    field_name = who
+    who = name or who
     problems: list[Problem] = []
     base_family = str(base_config.get("model_type"))
     family = str(other_config.get("model_type"))
     target = architecture or default_architecture(base_config)
-    for name, field, config in (("base model", "base_model", base_config), (who, who, other_config)):
+    for model, field, config in (("the base model", "base_model", base_config), (who, field_name, other_config)):
         model_type = str(config.get("model_type"))
         if model_type not in SUPPORTED_FAMILIES:
             problems.append(
                 Problem(
                     field,
-                    f"{name} is a {model_type!r} model; supported families are "
+                    f"{model} is a {model_type!r} model; supported families are "
                     f"{', '.join(f.title for f in FAMILIES.values())}",
                     "choose models of a supported family",
                 )
             )
         elif target is not None and (refusal := target.refusal(config)):
-            problems.append(Problem(field, f"{name}: {refusal}", "choose models whose layers it can hold"))
+            problems.append(Problem(field, f"{model}: {refusal}", "choose models whose layers it can hold"))
     if problems:
         return _dedupe(problems)
     if family != base_family:
         problems.append(
-            Problem(who, f"model family differs: base is {base_family}, {who} is {family}", _SAME_FAMILY_HINT)
+            Problem(field_name, f"model family differs: base is {base_family}, {who} is {family}", _SAME_FAMILY_HINT)
         )
     base_parts, parts = model_parts(base_config), model_parts(other_config)
     if base_parts != parts:
         problems.append(
             Problem(
-                who,
+                field_name,
                 f"attention layout differs: base has {describe_parts(base_parts)}, {who} has "
                 f"{describe_parts(parts)}; {who} was not fine-tuned from the base",
                 _SAME_FAMILY_HINT,
@@ -96,7 +102,7 @@ def compare_configs(
         if base_value != value:
             problems.append(
                 Problem(
-                    who,
+                    field_name,
                     f"{label} differs: base has {base_value}, {who} has {value}; {why}",
                     _SAME_FAMILY_HINT,
                 )
@@ -105,7 +111,7 @@ def compare_configs(
     if base_rope != rope:
         problems.append(
             Problem(
-                who,
+                field_name,
                 f"RoPE settings differ: base has {_short(base_rope)}, {who} has {_short(rope)}; "
                 "the experts would see positions differently and produce garbage",
                 _SAME_FAMILY_HINT,
@@ -114,7 +120,7 @@ def compare_configs(
     if sliding_window(base_config) != sliding_window(other_config):
         problems.append(
             Problem(
-                who,
+                field_name,
                 f"sliding window differs: base has {sliding_window(base_config)}, "
                 f"{who} has {sliding_window(other_config)}; the base's is used",
                 "check that the expert was trained with the base's attention window",
@@ -142,10 +148,31 @@ def _dedupe(problems: list[Problem]) -> list[Problem]:
 # --------------------------------------------------------------------------- tokenizers
 
 
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+
 def tokenizer_fingerprint(folder: Path) -> dict[str, Any]:
-    """What a tokenizer is made of: its vocabulary, special tokens and chat template."""
+    """What a tokenizer is made of: its vocabulary, special tokens and chat template.
+
+    The app checks the recipe again after every edit, and reading a large vocabulary takes a second
+    or more, so a fingerprint is kept while the tokenizer's files stay the same.
+    """
+    stamps = []
+    for name in TOKENIZER_FILES:
+        try:
+            stat = (folder / name).stat()
+        except OSError:
+            continue
+        stamps.append((name, stat.st_mtime_ns, stat.st_size))
     try:
-        return _tokenizer_fingerprint(folder)
+        return _cached_fingerprint(folder, tuple(stamps))
     except (OSError, ValueError, TypeError, AttributeError) as exc:
         raise FrankenMoEError(
             f"cannot read the tokenizer files of {folder} ({exc})",
@@ -153,19 +180,33 @@ def tokenizer_fingerprint(folder: Path) -> dict[str, Any]:
         ) from exc
 
 
-def _tokenizer_fingerprint(folder: Path) -> dict[str, Any]:
-    vocab: dict[str, int] | None = None
-    vocab_digest: str | None = None
+@functools.lru_cache(maxsize=32)
+def _cached_fingerprint(folder: Path, _stamps: tuple[tuple[str, int, int], ...]) -> dict[str, Any]:
+    return _read_fingerprint(folder)
+
+
+def _read_vocab(folder: Path) -> dict[str, int] | None:
+    """The token -> id map of tokenizer.json, added tokens included; None without that file."""
     tokenizer_json = folder / "tokenizer.json"
-    if tokenizer_json.is_file():
-        data = read_json_file(tokenizer_json, MAX_TOKENIZER_JSON_BYTES)
-        model_vocab = (data.get("model") or {}).get("vocab") or {}
-        if isinstance(model_vocab, list):  # Unigram: [[piece, score], ...]
-            vocab = {piece: index for index, (piece, _score) in enumerate(model_vocab)}
-        else:
-            vocab = dict(model_vocab)
-        for token in data.get("added_tokens") or []:
-            vocab[token["content"]] = token["id"]
+    if not tokenizer_json.is_file():
+        return None
+    data = read_json_file(tokenizer_json, MAX_TOKENIZER_JSON_BYTES)
+    model_vocab = (data.get("model") or {}).get("vocab") or {}
+    if isinstance(model_vocab, list):  # Unigram: [[piece, score], ...]
+        vocab = {piece: index for index, (piece, _score) in enumerate(model_vocab)}
+    else:
+        vocab = dict(model_vocab)
+    for token in data.get("added_tokens") or []:
+        vocab[token["content"]] = token["id"]
+    return vocab
+
+
+def _read_fingerprint(folder: Path) -> dict[str, Any]:
+    # The vocabulary itself is not kept (tens of MB for a large one): only its digest, and the
+    # folder to read it again from when a difference must be described.
+    vocab_digest: str | None = None
+    vocab = _read_vocab(folder)
+    if vocab is not None:
         vocab_digest = hashlib.sha256(json.dumps(sorted(vocab.items())).encode()).hexdigest()
     elif (folder / "tokenizer.model").is_file():
         vocab_digest = hashlib.sha256((folder / "tokenizer.model").read_bytes()).hexdigest()
@@ -184,10 +225,14 @@ def _tokenizer_fingerprint(folder: Path) -> dict[str, Any]:
         template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
     if template is None and (folder / "chat_template.json").is_file():
         template = read_json_file(folder / "chat_template.json").get("chat_template")
-    return {"vocab_digest": vocab_digest, "vocab": vocab, "specials": specials, "chat_template": template}
+    return {"folder": folder, "vocab_digest": vocab_digest, "specials": specials, "chat_template": template}
 
 
-def compare_tokenizers(base: Mapping[str, Any], other: Mapping[str, Any], who: str) -> list[Problem]:
+def compare_tokenizers(
+    base: Mapping[str, Any], other: Mapping[str, Any], who: str, name: str | None = None
+) -> list[Problem]:
+    """Problems filed under the field ``who``, whose messages call the donor ``name`` (default ``who``)."""
+    field, who = who, name or who
     problems: list[Problem] = []
     if base["vocab_digest"] is None:
         return [
@@ -200,17 +245,18 @@ def compare_tokenizers(base: Mapping[str, Any], other: Mapping[str, Any], who: s
     if other["vocab_digest"] is None:
         return [
             Problem(
-                who,
+                field,
                 f"{who} has no tokenizer files, so its vocabulary cannot be checked",
                 "make sure it was fine-tuned with the base's tokenizer",
                 severity=Severity.WARNING,
             )
         ]
     if base["vocab_digest"] != other["vocab_digest"]:
+        difference = _vocab_difference(_read_vocab(base["folder"]), _read_vocab(other["folder"]))
         problems.append(
             Problem(
-                who,
-                f"vocabulary differs from the base's: {_vocab_difference(base['vocab'], other['vocab'])}; "
+                field,
+                f"vocabulary differs from the base's: {difference}; "
                 "token ids would mean different things to the experts",
                 "use experts fine-tuned with the base model's tokenizer",
             )
@@ -219,8 +265,9 @@ def compare_tokenizers(base: Mapping[str, Any], other: Mapping[str, Any], who: s
         if other["specials"].get(key) != base_value:
             problems.append(
                 Problem(
-                    who,
-                    f"{key} differs: base has {base_value!r}, {who} has {other['specials'].get(key)!r}; "
+                    field,
+                    f"the special token {key} differs: base has {base_value!r}, "
+                    f"{who} has {other['specials'].get(key)!r}; "
                     "the base's tokenizer is used",
                     "check that the expert expects the base's special tokens",
                     severity=Severity.WARNING,
@@ -229,7 +276,7 @@ def compare_tokenizers(base: Mapping[str, Any], other: Mapping[str, Any], who: s
     if (base["chat_template"] or "") != (other["chat_template"] or ""):
         problems.append(
             Problem(
-                who,
+                field,
                 f"chat template differs from the base's; the MoE uses the base's "
                 f"({'none' if not base['chat_template'] else 'present'})",
                 "check that the expert was tuned on the base's chat format",
@@ -257,27 +304,33 @@ def check_models(
     base: ModelSource,
     donors: Sequence[tuple[str, ModelSource]],
     architecture: OutputArchitecture | None = None,
+    names: Mapping[str, str] | None = None,
 ) -> list[Problem]:
     """Compatibility of each (field, donor) with the base: configs, tensors present, tokenizers.
 
     Donors whose field starts with ``shared_experts`` are shared experts, whose MLP size may differ.
+    Messages call each donor by its name in ``names`` (by field), else by its field.
     """
+    names = names or {}
     problems: list[Problem] = []
     base_tokenizer = tokenizer_fingerprint(base.path)
     tokenizers: dict[Path, dict[str, Any]] = {base.path: base_tokenizer}
     for field, donor in donors:
         shared = field.startswith("shared_experts")
-        config_problems = compare_configs(base.config, donor.config, field, architecture, shared_expert=shared)
+        name = names.get(field, field)
+        config_problems = compare_configs(
+            base.config, donor.config, field, architecture, shared_expert=shared, name=name
+        )
         problems.extend(config_problems)
         if donor.path not in tokenizers:
             tokenizers[donor.path] = tokenizer_fingerprint(donor.path)
-        problems.extend(compare_tokenizers(base_tokenizer, tokenizers[donor.path], field))
+        problems.extend(compare_tokenizers(base_tokenizer, tokenizers[donor.path], field, name))
         if not any(p.is_error for p in config_problems):
-            problems.extend(_missing_mlp_tensors(donor, field))
+            problems.extend(_missing_mlp_tensors(donor, field, name))
     return _dedupe(problems)
 
 
-def _missing_mlp_tensors(donor: ModelSource, field: str) -> list[Problem]:
+def _missing_mlp_tensors(donor: ModelSource, field: str, name: str) -> list[Problem]:
     layers = int(donor.config["num_hidden_layers"])
     missing = [
         name
@@ -290,20 +343,26 @@ def _missing_mlp_tensors(donor: ModelSource, field: str) -> list[Problem]:
     return [
         Problem(
             field,
-            f"{donor.ref} lacks {len(missing)} MLP tensor(s), e.g. {missing[0]}",
+            f"the checkpoint of {name} ({donor.ref}) lacks {len(missing)} MLP tensor(s), e.g. {missing[0]}",
             "the checkpoint is incomplete or not a plain model of its family; download it again",
         )
     ]
 
 
-def check_recipe(recipe: Recipe, cache_dir: Path | None = None) -> list[Problem]:
-    """Recipe validation plus, where the models can be opened, their compatibility."""
+def check_recipe(recipe: Recipe, cache_dir: Path | None = None, download_later: bool = False) -> list[Problem]:
+    """Recipe validation plus, where the models can be opened, their compatibility.
+
+    With ``download_later`` (the app's merge downloads what the cache lacks first), a Hub model not
+    downloaded yet is a warning rather than an error.
+    """
     problems = validate_recipe(recipe)
     if len(recipe.experts) > MAX_EXPERTS:
         return problems  # refused already; checking each of thousands of donors would take minutes
     base: ModelSource | None = None
     donors: list[tuple[str, ModelSource]] = []
     opened: dict[str, ModelSource] = {}
+    names = {f"experts.{i}.source_model": recipe.expert_label(i) for i in range(len(recipe.experts))}
+    names.update({f"shared_experts.{i}.source_model": "the shared expert" for i in range(len(recipe.shared_experts))})
     try:
         for field, ref in [
             ("base_model", recipe.base_model),
@@ -314,8 +373,22 @@ def check_recipe(recipe: Recipe, cache_dir: Path | None = None) -> list[Problem]
             try:
                 if key not in opened:
                     opened[key] = open_model(ref, cache_dir)
+            except ModelNotDownloaded as exc:
+                if not download_later:
+                    problems.append(Problem(field, exc.message, exc.hint))
+                    continue
+                problems.append(
+                    Problem(
+                        field,
+                        f"{exc.message}, so it cannot be checked against the base yet",
+                        "it is downloaded and checked when you merge; download it now to check it first",
+                        severity=Severity.WARNING,
+                    )
+                )
+                continue
             except FrankenMoEError as exc:
-                problems.append(Problem(field, exc.message, exc.hint))
+                message = f"{names[field]}: {exc.message}" if field in names else exc.message
+                problems.append(Problem(field, message, exc.hint))
                 continue
             try:
                 require_sizes(opened[key].config, ref)
@@ -333,7 +406,7 @@ def check_recipe(recipe: Recipe, cache_dir: Path | None = None) -> list[Problem]
                 architecture = choose_architecture(recipe, base.config)
             except ArchitectureRefused as exc:
                 problems.append(Problem(exc.field, exc.message, exc.hint))
-            problems.extend(check_models(base, donors, architecture))
+            problems.extend(check_models(base, donors, architecture, names))
     finally:
         for source in opened.values():
             source.close()

@@ -24,10 +24,28 @@ class Problem:
     def is_error(self) -> bool:
         return self.severity is Severity.ERROR
 
+    @property
+    def text(self) -> str:
+        """What a person reads: "Message. Fix: Hint." as sentences, without the field's path."""
+        return explain(self.message, self.hint)
+
     def __str__(self) -> str:
         where = f"{self.field}" + (f" (line {self.line})" if self.line is not None else "")
-        text = f"{self.severity.value}: {where}: {self.message}"
-        return f"{text} Fix: {self.hint}" if self.hint else text
+        return f"{self.severity.value}: {where}: {self.text}"
+
+
+def sentence(clause: str) -> str:
+    """A message or hint (written as a lowercase clause, to fit after a field's name) as a sentence:
+    a capital first letter and a full stop."""
+    clause = clause.strip()
+    if not clause:
+        return clause
+    clause = clause[0].upper() + clause[1:]
+    return clause if clause.endswith((".", "!", "?")) else f"{clause}."
+
+
+def explain(message: str, hint: str = "") -> str:
+    return f"{sentence(message)} Fix: {sentence(hint)}" if hint.strip() else sentence(message)
 
 
 class FrankenMoEError(Exception):

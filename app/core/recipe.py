@@ -7,6 +7,7 @@ key, which mergekit-moe's pydantic models ignore.
 
 from __future__ import annotations
 
+import difflib
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from app.core.problems import Problem, ProblemsError, Severity
+from app.core.problems import Problem, ProblemsError, Severity, sentence
 
 EXTENSION_KEY = "frankenmoe"
 
@@ -264,7 +265,7 @@ def parse_recipe(text: str) -> Recipe:
                 Problem(
                     "recipe",
                     f"the YAML is malformed: {exc.problem or exc}",
-                    "fix the indentation or quoting at that line",
+                    "correct the indentation or quoting at that line",
                     line=line,
                 )
             ]
@@ -285,12 +286,32 @@ def parse_recipe(text: str) -> Recipe:
             problems.append(
                 Problem(
                     field,
-                    error["msg"],
+                    _message_for(error),
                     _hint_for(error),
                     line=_closest_line(lines, error["loc"]),
                 )
             )
         raise ProblemsError(problems) from exc
+
+
+def _message_for(error: Mapping[str, Any]) -> str:
+    """Pydantic's message, with the key named in words: `source_model` of expert 0, not experts.0.source_model."""
+    loc = [str(part) if isinstance(part, str) else part for part in error.get("loc", ())]
+    keys = [part for part in loc if isinstance(part, str)]
+    key = f"`{keys[-1]}`" if keys else "the recipe"
+    owner = ""
+    for section, name in (("experts", "expert"), ("shared_experts", "shared expert")):
+        if section in loc[:-1] and isinstance(index := loc[loc.index(section) + 1], int):
+            owner = f" of {name} {index}"
+    if loc and loc[0] in (EXTENSION_KEY, "studio") and len(keys) > 1:
+        owner = f" in the `{EXTENSION_KEY}` settings{owner}"
+    kind = error.get("type", "")
+    if kind == "missing":
+        return f"the key {key}{owner} is missing"
+    if kind == "extra_forbidden":
+        return f"unknown key {key}{owner}"
+    detail = str(error.get("msg", "")).rstrip(".")
+    return f"the value of {key}{owner} is wrong: {detail[:1].lower()}{detail[1:]}"
 
 
 def _hint_for(error: Mapping[str, Any]) -> str:
@@ -302,9 +323,20 @@ def _hint_for(error: Mapping[str, Any]) -> str:
     if kind in ("greater_than_equal", "less_than_equal"):
         return "use a value inside that range"
     if kind == "extra_forbidden":
-        known = "base_model, experts, gate_mode, dtype, experts_per_token, shared_experts, architecture"
-        return f"remove or rename it; known keys are {known}, and `{EXTENSION_KEY}` for our own settings"
+        # Unknown keys elsewhere are set aside with a warning: only our own section refuses them.
+        loc = [part for part in error.get("loc", ()) if not isinstance(part, int)]
+        model = ExpertExtras if "experts" in loc[1:] else StudioExtras
+        known = sorted(model.model_fields)
+        return did_you_mean(
+            str(loc[-1]) if loc else "", known, f"remove or rename it; known keys here are {', '.join(known)}"
+        )
     return "correct the value's type"
+
+
+def did_you_mean(key: str, known: Iterable[str], hint: str) -> str:
+    """The hint, led by "did you mean `gate_mode`?" when the key is spelt close to a known one."""
+    matches = difflib.get_close_matches(key, list(known), n=1, cutoff=0.7)
+    return f"did you mean `{matches[0]}`? {sentence(hint)}" if matches else hint
 
 
 def _field_lines(text: str) -> dict[tuple[str | int, ...], int]:
@@ -440,7 +472,7 @@ def validate_recipe(recipe: Recipe) -> list[Problem]:
             Problem(
                 "gate_mode",
                 f"unknown gate mode {recipe.gate_mode!r}",
-                f"use one of: {', '.join(GATE_MODES)}",
+                did_you_mean(recipe.gate_mode, GATE_MODES, f"use one of: {', '.join(GATE_MODES)}"),
             )
         )
     if recipe.gate_mode in MERGEKIT_FALLBACK_MODES:
@@ -457,7 +489,8 @@ def validate_recipe(recipe: Recipe) -> list[Problem]:
         problems.append(
             Problem(
                 "experts_per_token",
-                f"experts_per_token is {recipe.experts_per_token}, but each token needs at least one expert",
+                f"the experts_per_token setting is {recipe.experts_per_token}, but each token needs at least "
+                "one expert",
                 "set experts_per_token to 1 or more (2 is usual)",
             )
         )
@@ -465,7 +498,7 @@ def validate_recipe(recipe: Recipe) -> list[Problem]:
         problems.append(
             Problem(
                 "experts_per_token",
-                f"experts_per_token is {recipe.experts_per_token}, but there are only {n_experts} experts",
+                f"the experts_per_token setting is {recipe.experts_per_token}, but there are only {n_experts} experts",
                 f"set experts_per_token to at most {n_experts}, or add experts",
             )
         )
@@ -497,14 +530,7 @@ def validate_recipe(recipe: Recipe) -> list[Problem]:
             )
         )
     for key in recipe.ignored_keys:
-        problems.append(
-            Problem(
-                key,
-                f"unknown key {key.rsplit('.', 1)[-1]!r} is ignored (mergekit-moe ignores it too)",
-                "check its spelling, or remove it",
-                severity=Severity.WARNING,
-            )
-        )
+        problems.append(_ignored_key_problem(recipe, key))
     if len(recipe.studio.experts) > n_experts:
         problems.append(
             Problem(
@@ -528,7 +554,8 @@ def validate_recipe(recipe: Recipe) -> list[Problem]:
                 )
         if n_experts > 1:
             prompt_sets = {(frozenset(e.positive_prompts), frozenset(e.negative_prompts)) for e in recipe.experts}
-            if len(prompt_sets) == 1:
+            # Experts without prompts at all are each reported above already.
+            if len(prompt_sets) == 1 and any(e.positive_prompts for e in recipe.experts):
                 problems.append(
                     Problem(
                         "experts",
@@ -549,3 +576,22 @@ def validate_recipe(recipe: Recipe) -> list[Problem]:
             )
         )
     return problems
+
+
+def _ignored_key_problem(recipe: Recipe, key: str) -> Problem:
+    """An unknown key, named in words (the expert's label, not `experts.3.`), with the key it may be a typo of."""
+    section, _, rest = key.partition(".")
+    index_text, _, name = rest.partition(".")
+    if section in ("experts", "shared_experts") and index_text.isdigit() and name:
+        index = int(index_text)
+        owner = f" of {recipe.expert_label(index)}" if section == "experts" else " of the shared expert"
+        known: Iterable[str] = Expert.model_fields
+    else:
+        name, owner = key, ""
+        known = (*(f for f in Recipe.model_fields if f not in ("studio", "ignored_keys")), EXTENSION_KEY)
+    return Problem(
+        key,
+        f"unknown key {name!r}{owner} is ignored (mergekit-moe ignores it too)",
+        did_you_mean(name, known, "check its spelling, or remove it"),
+        severity=Severity.WARNING,
+    )

@@ -6,18 +6,28 @@ import time
 
 from PySide6.QtCore import QObject, Signal
 
-from app.core.problems import FrankenMoEError, ProblemsError
+from app.core.problems import FrankenMoEError, Problem, ProblemsError, sentence
 from app.core.progress import Progress
 from app.gui.settings import AppSettings
 from app.gui.workers import JobFactory, JobHandle
 
 
+def describe_problems(problems: list[Problem]) -> str:
+    """Errors, then warnings, each on a line, then each distinct fix once (most problems of one
+    donor share theirs)."""
+    ordered = [*(p for p in problems if p.is_error), *(p for p in problems if not p.is_error)]
+    lines = [f"{'✗' if p.is_error else '⚠'} {sentence(p.message)}" for p in ordered]
+    fixes = dict.fromkeys(sentence(p.hint) for p in ordered if p.hint)
+    return "\n".join([*lines, *(f"Fix: {fix}" for fix in fixes)])
+
+
 def describe_error(error: BaseException) -> str:
     """One readable paragraph: the problem and its fix, never a traceback."""
     if isinstance(error, ProblemsError):
-        return "\n".join(str(problem) for problem in error.problems)
+        return "\n".join(f"{'✗' if p.is_error else '⚠'} {p.text}" for p in error.problems)
     if isinstance(error, FrankenMoEError):
-        return f"{error.message}\nFix: {error.hint}" if error.hint else error.message
+        message = sentence(error.message)
+        return f"{message}\nFix: {sentence(error.hint)}" if error.hint else message
     return f"{type(error).__name__}: {error}"
 
 

@@ -100,7 +100,8 @@ def check_compatibility(recipe: Recipe, cache_dir: Path | None = None) -> JobFac
 
         yield Progress("checking", 0, 1, message="checking compatibility")
         check_cancel(cancel)
-        return list(check_recipe(recipe, cache_dir))
+        # The app's merge downloads what the cache lacks first: a model not downloaded yet blocks nothing.
+        return list(check_recipe(recipe, cache_dir, download_later=True))
 
     return job
 

@@ -111,6 +111,7 @@ class MainWindow(QMainWindow):
         self.models_page.add_from_hub_requested.connect(lambda: self.search_hub(Purpose.EXPERT))
         self.models_page.base_from_hub_requested.connect(lambda: self.search_hub(Purpose.BASE))
         self.preview_page.computed.connect(self.merge_page.use_preview)
+        self.models_page.checked.connect(self.merge_page.use_check)
         self.merge_page.open_in_chat.connect(self.open_in_chat)
         self.document.undo_stack.cleanChanged.connect(self._update_title)
         self.document.path_changed.connect(lambda _path: self._update_title())
@@ -268,9 +269,7 @@ class MainWindow(QMainWindow):
         lines = []
         for problem in error.problems:
             where = f"line {problem.line}: " if problem.line is not None else ""
-            lines.append(
-                f"{where}{problem.field}: {problem.message}" + (f"\nFix: {problem.hint}" if problem.hint else "")
-            )
+            lines.append(f"{where}{problem.text}")
         self.context.log(f"{title}: " + "; ".join(lines))
         QMessageBox.warning(self, title, "\n\n".join(lines))
 

@@ -92,7 +92,7 @@ def test_check_fails_on_a_recipe_that_cannot_be_merged(recipe_file, tmp_path):
     bad.write_text(recipe_file.read_text().replace("experts_per_token: 2", "experts_per_token: 7"))
     result = frankenmoe("check", str(bad))
     assert result.returncode == 1
-    assert "experts_per_token is 7, but there are only 3 experts" in result.stderr
+    assert "experts_per_token setting is 7, but there are only 3 experts" in result.stderr
     assert "Traceback" not in result.stderr
 
 

@@ -140,6 +140,17 @@ def test_different_vocabulary_is_an_error(tmp_path, llama_donors):
     assert "renumbered" in problems[0].message
 
 
+def test_a_tokenizer_changed_on_disk_is_read_again(tmp_path, llama_donors):
+    # Fingerprints are kept between checks; a tokenizer saved anew must not be judged by its old one.
+    expert = tmp_path / "retrained"
+    shutil.copytree(llama_donors["expert0"], expert)
+    recipe = _recipe_for(llama_donors["base"], expert)
+    assert only_errors(check_recipe(recipe)) == []
+    write_tokenizer(expert, extra_text="zebra quagga okapi xylophone " * 5)
+    (problem,) = only_errors(check_recipe(recipe))
+    assert "vocabulary differs" in problem.message
+
+
 def test_special_tokens_and_chat_template_differences_are_warnings(tmp_path, llama_donors):
     expert = tmp_path / "other-specials"
     shutil.copytree(llama_donors["expert0"], expert)
@@ -147,7 +158,7 @@ def test_special_tokens_and_chat_template_differences_are_warnings(tmp_path, lla
     problems = check_recipe(_recipe_for(llama_donors["base"], expert))
     assert only_errors(problems) == []
     messages = [p.message for p in problems]
-    assert any(m.startswith("eos_token differs: base has '</s>'") for m in messages)
+    assert any(m.startswith("the special token eos_token differs: base has '</s>'") for m in messages)
     assert any(m.startswith("chat template differs") for m in messages)
 
 

@@ -34,6 +34,7 @@ def test_demo_flow_preview_merge_and_load(window, qtbot, demo_recipe: Path, tmp_
     out = tmp_path / "merged"
     merge.out_dir.setText(str(out))
     merge.name.setText("Demo MoE")
+    qtbot.waitUntil(merge.merge_button.isEnabled, timeout=WORK_TIMEOUT_MS)  # once the models are checked
     merge.merge_button.click()
     qtbot.waitUntil(lambda: merge.merged_folder is not None, timeout=WORK_TIMEOUT_MS)
     assert (out / "config.json").is_file()

@@ -263,6 +263,8 @@ def test_merge_downloads_missing_hub_models_first(window, qtbot, gui_hub, hub_ho
     out = tmp_path / "moe"
     merge.out_dir.setText(str(out))
     stages: list[str] = []
+    # Not downloaded yet is no reason to wait: the merge downloads them first.
+    qtbot.waitUntil(merge.merge_button.isEnabled, timeout=TIMEOUT_MS)
     merge.merge_button.click()
     assert merge.job is not None
     merge.job.progress.connect(lambda record: stages.append(record.stage))
@@ -271,6 +273,25 @@ def test_merge_downloads_missing_hub_models_first(window, qtbot, gui_hub, hub_ho
     assert "download" in stages
     cached = sorted(p.name for p in (hub_home / "hub").iterdir() if p.name.startswith("models--"))
     assert cached == ["models--acme--tiny-llama-chat", "models--acme--tiny-llama-instruct"]
+
+
+def test_cancelled_merge_shows_no_progress_or_time_left(window, qtbot, gui_hub, local_base: Path, tmp_path) -> None:
+    new_recipe_on(window, local_base)
+    window.models_page.add_expert("acme/tiny-llama-chat")
+    window.models_page.add_expert("acme/tiny-llama-instruct")
+    merge = window.merge_page
+    merge.out_dir.setText(str(tmp_path / "moe"))
+    gui_hub.throttle("model.safetensors", piece=2048, pause_s=0.05)
+    qtbot.waitUntil(merge.merge_button.isEnabled, timeout=TIMEOUT_MS)
+    merge.merge_button.click()
+    qtbot.waitUntil(lambda: "left" in merge.speed.text() and merge.progress.value() > 0, timeout=TIMEOUT_MS)
+    assert merge.job is not None
+    with qtbot.waitSignal(merge.job.finished, timeout=TIMEOUT_MS):
+        merge.cancel_button.click()
+    assert merge.stage.text() == "Merge cancelled; nothing was left behind."
+    assert merge.progress.value() == 0 and merge.speed.text() == ""
+    assert merge.merge_button.isEnabled() and not merge.cancel_button.isEnabled()
+    assert not (tmp_path / "moe").exists()
 
 
 def test_preview_downloads_a_hub_base_first(window, qtbot, gui_hub) -> None:

@@ -24,9 +24,10 @@ from PySide6.QtWidgets import (
 )
 
 from app.core.merge.leftovers import LEFTOVERS_STAGE
+from app.core.problems import Problem
 from app.core.progress import Progress
 from app.core.recipe import Recipe, validate_recipe
-from app.gui.context import AppContext, describe_error
+from app.gui.context import AppContext, describe_error, describe_problems
 from app.gui.document import RecipeDocument
 from app.gui.engine import MergeRequest, PreviewResult, merge
 from app.gui.widgets import MessageLabel, explanation, format_bytes, format_duration, heading
@@ -45,6 +46,9 @@ class MergePage(QWidget):
         self.preview: PreviewResult | None = None
         self.job: JobHandle | None = None
         self.merged_folder: Path | None = None
+        # The Models page's compatibility check, for the recipe it checked; Merge waits for it.
+        self.check: tuple[Recipe, list[Problem]] | None = None
+        self.blocked = True
         # The stage whose speed is shown, when it started, and its bytes then.
         self._speed_start: tuple[str, float, int] | None = None
 
@@ -128,9 +132,35 @@ class MergePage(QWidget):
         layout.addStretch(1)
         document.changed.connect(self._recipe_changed)
         document.path_changed.connect(self._suggest_folder)
+        document.opened.connect(self._document_opened)
+        self._recipe_changed(document.recipe)
 
     def use_preview(self, result: PreviewResult) -> None:
         self.preview = result
+
+    def use_check(self, recipe: Recipe, problems: list[Problem]) -> None:
+        self.check = (recipe, problems)
+        self._recipe_changed(self.document.recipe)
+
+    def _document_opened(self) -> None:
+        """Nothing of the previous recipe carries over: above all not its folder with "Replace" ticked."""
+        self.preview = None
+        self.check = None
+        path = self.document.path
+        self.out_dir.setText(str(path.parent / f"{path.stem}-moe") if path is not None else "")
+        self.overwrite.setChecked(False)
+        for field in (self.name, self.license):
+            field.clear()
+        self.description.clear()
+        if self.job is not None and self.job.is_running:
+            return  # a merge of the previous recipe is still running: its progress and result stay
+        self.merged_folder = None
+        self._speed_start = None
+        self.progress.setValue(0)
+        for label in (self.stage, self.speed, self.result_label):
+            label.clear()
+        for button in (self.chat_button, self.show_button):
+            button.setVisible(False)
 
     def _suggest_folder(self, path: Path | None) -> None:
         if path is not None and not self.out_dir.text():
@@ -142,8 +172,19 @@ class MergePage(QWidget):
             self.out_dir.setText(folder)
 
     def _recipe_changed(self, recipe: Recipe) -> None:
-        errors = [p for p in validate_recipe(recipe) if p.is_error]
-        self.problems.setText("\n".join(f"✗ {p.field}: {p.message}. {p.hint}" for p in errors))
+        """Recipe validation at once; the models' compatibility once the Models page has checked them."""
+        checked = self.check is not None and self.check[0] == recipe
+        problems = self.check[1] if self.check is not None and checked else validate_recipe(recipe)
+        errors = [p for p in problems if p.is_error]
+        waiting = "" if checked or errors else "Checking the models against the base model…"
+        self.problems.setText(describe_problems(errors) or waiting)
+        self.blocked = not checked or any(p.is_error for p in problems)
+        self._update_buttons()
+
+    def _update_buttons(self) -> None:
+        running = self.job is not None and self.job.is_running
+        self.merge_button.setEnabled(not running and not self.blocked)
+        self.cancel_button.setEnabled(running)
 
     def request(self) -> MergeRequest:
         settings = self.context.settings
@@ -158,7 +199,7 @@ class MergePage(QWidget):
         )
 
     def start_merge(self) -> None:
-        if self.job is not None and self.job.is_running:
+        if self.blocked or (self.job is not None and self.job.is_running):
             return
         if not self.out_dir.text().strip():
             self.stage.setText("✗ Choose a folder for the merged model first.")
@@ -178,9 +219,9 @@ class MergePage(QWidget):
         self.job = self.context.run("Merge", merge(recipe, self.request(), gates))
         self.job.progress.connect(self._progress)
         self.job.succeeded.connect(self._merged)
-        self.job.failed.connect(lambda error: self.stage.setText(f"✗ The merge failed: {describe_error(error)}"))
-        self.job.cancelled.connect(lambda: self.stage.setText("Merge cancelled; nothing was left behind."))
-        self.job.finished.connect(self._job_finished)
+        self.job.failed.connect(lambda error: self._stopped(f"✗ The merge failed: {describe_error(error)}"))
+        self.job.cancelled.connect(lambda: self._stopped("Merge cancelled; nothing was left behind."))
+        self.job.finished.connect(self._update_buttons)
 
     def cancel(self) -> None:
         if self.job is not None:
@@ -220,9 +261,11 @@ class MergePage(QWidget):
         for button in (self.chat_button, self.show_button):
             button.setVisible(True)
 
-    def _job_finished(self) -> None:
-        self.merge_button.setEnabled(True)
-        self.cancel_button.setEnabled(False)
+    def _stopped(self, message: str) -> None:
+        """A merge that ends without a model shows no progress and no time left."""
+        self.progress.setValue(0)
+        self.speed.clear()
+        self.stage.setText(message)
 
     def _show_folder(self) -> None:
         if self.merged_folder is not None:

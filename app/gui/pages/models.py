@@ -1,5 +1,5 @@
-"""Models page: the base model and the experts, each with its family, size, parameters and a
-compatibility badge whose tooltip names every reason."""
+"""Models page: the base model and the experts, each with its family, size, parameters and its
+compatibility with the base, every reason written out on its row."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from PySide6.QtWidgets import (
     QHeaderView,
     QLabel,
     QLineEdit,
+    QMessageBox,
     QProgressBar,
     QPushButton,
     QTableWidget,
@@ -24,11 +25,11 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from app.core.problems import Problem
+from app.core.problems import Problem, explain
 from app.core.progress import Progress
 from app.core.recipe import ModelRef, Recipe, validate_recipe
 from app.gui import recipe_edits
-from app.gui.context import AppContext, describe_error
+from app.gui.context import AppContext, describe_error, describe_problems
 from app.gui.document import RecipeDocument
 from app.gui.engine import ModelInfo, check_compatibility, inspect_models
 from app.gui.hub_jobs import download
@@ -49,27 +50,22 @@ NOT_DOWNLOADED_TOOLTIP = (
 
 
 def problems_for_expert(problems: list[Problem], index: int) -> list[Problem]:
+    """The problems of one expert's model; its prompts are the Prompts page's business."""
     prefixes = (f"experts.{index}.", f"experts[{index}]")
-    return [p for p in problems if p.field == f"experts.{index}" or p.field.startswith(prefixes)]
+    mine = [p for p in problems if p.field == f"experts.{index}" or p.field.startswith(prefixes)]
+    return [p for p in mine if not p.field.endswith("_prompts")]
 
 
-def badge(problems: list[Problem]) -> tuple[str, str]:
-    """Badge text and tooltip: every reason with its fix."""
-    errors = [p for p in problems if p.is_error]
-    warnings = [p for p in problems if not p.is_error]
-    if errors:
-        text = f"✗ {len(errors)} problem{'s' * (len(errors) > 1)}"
-    elif warnings:
-        text = f"⚠ {len(warnings)} warning{'s' * (len(warnings) > 1)}"
-    else:
-        return "✓ Compatible", "Compatible with the base model."
-    reasons = [f"• {p.message}" + (f"\n   Fix: {p.hint}" if p.hint else "") for p in [*errors, *warnings]]
-    return text, "\n".join(reasons)
+def compatibility_text(problems: list[Problem]) -> str:
+    """Every reason and fix: the cell shows it all, wrapped, not only in a tooltip."""
+    return describe_problems(problems) if problems else "✓ Compatible"
 
 
 class ModelsPage(QWidget):
     add_from_hub_requested = Signal()
     base_from_hub_requested = Signal()
+    # (recipe, problems): the compatibility check's answer for that recipe, recipe validation included.
+    checked = Signal(object, object)
 
     def __init__(self, document: RecipeDocument, context: AppContext, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -80,6 +76,7 @@ class ModelsPage(QWidget):
         self.checked_recipe: Recipe | None = None
         self._inspecting: set[ModelRef] = set()
         self._check_job: JobHandle | None = None
+        self._folder_job: JobHandle | None = None
         self._refreshing = False
 
         self.base_edit = QLineEdit()
@@ -99,9 +96,13 @@ class ModelsPage(QWidget):
         self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
         self.table.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
         self.table.verticalHeader().setVisible(False)
+        # Rows grow to show every compatibility reason, wrapped.
+        self.table.setWordWrap(True)
+        self.table.verticalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
         header = self.table.horizontalHeader()
         header.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
         header.setSectionResizeMode(MODEL, QHeaderView.ResizeMode.Stretch)
+        header.setSectionResizeMode(COMPATIBILITY, QHeaderView.ResizeMode.Stretch)
         self.table.itemChanged.connect(self._item_changed)
         self.table.cellDoubleClicked.connect(self._cell_double_clicked)
 
@@ -156,6 +157,7 @@ class ModelsPage(QWidget):
         self._check_timer.setInterval(CHECK_DELAY_MS)
         self._check_timer.timeout.connect(self._start_check)
         document.changed.connect(self._recipe_changed)
+        document.opened.connect(self._document_opened)
         self._recipe_changed(document.recipe)
 
     # ------------------------------------------------------------------ reacting to the recipe
@@ -171,6 +173,10 @@ class ModelsPage(QWidget):
             handle.finished.connect(lambda: self._inspecting.difference_update(missing))
         self._check_timer.start()
 
+    def _document_opened(self) -> None:
+        # The previous recipe's answers must not show, even for a moment, against this one.
+        self.problems, self.checked_recipe = [], None
+
     def _models_inspected(self, found: dict[ModelRef, ModelInfo]) -> None:
         self.infos.update(found)
         self._refresh(self.document.recipe)
@@ -178,8 +184,7 @@ class ModelsPage(QWidget):
     def _start_check(self) -> None:
         recipe = self.document.recipe
         if not recipe.base_model.path or not recipe.experts:
-            self.problems, self.checked_recipe = validate_recipe(recipe), recipe
-            self._refresh(recipe)
+            self._checked(recipe, validate_recipe(recipe))
             return
         if self._check_job is not None and self._check_job.is_running:
             self._check_job.cancel()
@@ -192,6 +197,7 @@ class ModelsPage(QWidget):
             return  # an answer about a recipe that has since changed; a fresh check is on its way
         self.problems, self.checked_recipe = problems, recipe
         self._refresh(recipe)
+        self.checked.emit(recipe, problems)
 
     # ------------------------------------------------------------------ drawing
 
@@ -200,7 +206,7 @@ class ModelsPage(QWidget):
         if info is None:
             return "reading…" if reference.path else ""
         if info.error:
-            return f"{info.error}. {info.hint}".strip() if info.hint else info.error
+            return explain(info.error, info.hint)
         parameters = format_count(info.parameter_count)
         text = f"{info.family}, {parameters} parameters, {format_bytes(info.size_bytes)}, {info.dtype}"
         if info.downloadable:
@@ -219,7 +225,7 @@ class ModelsPage(QWidget):
             self._fill_base_download(base)
             base_text = self._info_text(recipe.base_model)
             if base_problems:
-                base_text += "\n" + "\n".join(f"✗ {p.message}" for p in base_problems)
+                base_text += "\n" + "\n".join(f"✗ {p.text}" for p in base_problems)
             self.base_info.setText(base_text)
             selected = self.table.currentRow()
             self.table.setRowCount(len(recipe.experts))
@@ -233,9 +239,7 @@ class ModelsPage(QWidget):
                 for p in self.problems
                 if (not p.field.startswith(("experts.", "base_model")) and p.field != "recipe") or p.field == "experts"
             ]
-            self.general_problems.setText(
-                "\n".join(f"{'✗' if p.is_error else '⚠'} {p.message}. {p.hint}" for p in general)
-            )
+            self.general_problems.setText("\n".join(f"{'✗' if p.is_error else '⚠'} {p.text}" for p in general))
         finally:
             self._refreshing = False
         self._update_buttons()
@@ -264,7 +268,7 @@ class ModelsPage(QWidget):
             cell(SIZE, "")
             cell(PARAMETERS, "")
         elif info.error:
-            cell(FAMILY, "—", f"{info.error}\n{info.hint}")
+            cell(FAMILY, "—", explain(info.error, info.hint))
             cell(SIZE, "—")
             cell(PARAMETERS, "—")
         else:
@@ -272,10 +276,11 @@ class ModelsPage(QWidget):
             cell(SIZE, format_bytes(info.size_bytes))
             cell(PARAMETERS, format_count(info.parameter_count))
         if info is not None and info.downloadable:
-            reason = f"{info.error}. {info.hint}\n\n" if info.error else ""
+            reason = f"{explain(info.error, info.hint)}\n\n" if info.error else ""
             text, tooltip = NOT_DOWNLOADED_BADGE, reason + NOT_DOWNLOADED_TOOLTIP
         elif checked:
-            text, tooltip = badge(problems_for_expert(self.problems, row))
+            text = compatibility_text(problems_for_expert(self.problems, row))
+            tooltip = text
         else:
             text, tooltip = "… checking", "Checking compatibility with the base model"
         badge_item = cell(COMPATIBILITY, text, tooltip)
@@ -331,7 +336,7 @@ class ModelsPage(QWidget):
     def _choose_base_folder(self) -> None:
         folder = QFileDialog.getExistingDirectory(self, "Choose the base model's folder")
         if folder:
-            self.set_base(folder)
+            self.add_model_folder(folder, as_base=True)
 
     def set_base(self, reference: str) -> None:
         if reference != str(self.document.recipe.base_model):
@@ -349,7 +354,35 @@ class ModelsPage(QWidget):
     def _add_from_folder(self) -> None:
         folder = QFileDialog.getExistingDirectory(self, "Choose an expert model's folder")
         if folder:
+            self.add_model_folder(folder)
+
+    def add_model_folder(self, folder: str, as_base: bool = False) -> None:
+        """Read the folder off the GUI thread (config.json and the weights' headers); use it if it is a
+        model, and refuse it at once, saying what it lacks, if it is not."""
+        reference = ModelRef.parse(folder)
+        self._folder_job = self.context.run("Read model", inspect_models([reference]), quiet=True)
+        self._folder_job.succeeded.connect(lambda found: self._folder_read(found[reference], folder, as_base))
+        self._folder_job.failed.connect(lambda error: self._refuse_folder(folder, describe_error(error), as_base))
+
+    def _folder_read(self, info: ModelInfo, folder: str, as_base: bool) -> None:
+        if info.error:
+            self._refuse_folder(folder, explain(info.error, info.hint), as_base)
+            return
+        self.infos[info.reference] = info
+        if as_base:
+            self.set_base(folder)
+        else:
             self.add_expert(folder, Path(folder).name)
+
+    def _refuse_folder(self, folder: str, reason: str, as_base: bool) -> None:
+        role = "the base model" if as_base else "an expert"
+        QMessageBox.warning(
+            self,
+            "Not a model folder",
+            f"{folder} cannot be used as {role}.\n\n{reason}\n\n"
+            "Choose the folder that holds the model's config.json and .safetensors files, such as one "
+            "written by save_pretrained or downloaded from the Hub.",
+        )
 
     def _remove(self) -> None:
         row = self.table.currentRow()

@@ -131,7 +131,7 @@ class PreviewPage(QWidget):
         recipe = self.document.recipe
         errors = [p for p in validate_recipe(recipe) if p.is_error]
         if errors:
-            self.status.setText("Fix these first:\n" + "\n".join(f"✗ {p.message}. {p.hint}" for p in errors))
+            self.status.setText("Fix these first:\n" + "\n".join(f"✗ {p.text}" for p in errors))
             return
         if self.job is not None and self.job.is_running:
             return

@@ -352,10 +352,10 @@ class PromptsPage(QWidget):
             self._refresh_shared_expert(recipe, architecture)
             problems = validate_recipe(recipe)
             mine = [p for p in problems if has_expert and p.field.startswith(f"experts.{index}.")]
-            self.expert_problems.setText("\n".join(f"✗ {p.message}. {p.hint}" for p in mine))
+            self.expert_problems.setText("\n".join(f"✗ {p.text}" for p in mine))
             settings_fields = ("gate_mode", "experts_per_token", "dtype", "architecture", "shared_experts")
             general = [p for p in problems if p.field in settings_fields or p.field == "experts"]
-            self.settings_problems.setText("\n".join(f"✗ {p.message}. {p.hint}" for p in general))
+            self.settings_problems.setText("\n".join(f"✗ {p.text}" for p in general))
         finally:
             self._refreshing = False
 
