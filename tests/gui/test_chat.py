@@ -18,8 +18,10 @@ from app.core.chat import ExpertLegend, LoadMode, LoadRequest, plan_load
 from app.core.merge.pipeline import MergeOptions, merge_moe
 from app.core.progress import run_job
 from app.core.recipe import parse_recipe
+from app.gui.chat.style import ExpertStyle
+from app.gui.chat.transcript import token_pieces
 from app.gui.context import AppContext
-from app.gui.pages.chat import ChatPage, PageState, token_pieces
+from app.gui.pages.chat import ChatPage, PageState
 from app.gui.settings import AppSettings
 from tests.chat_models import make_tiny_moe
 from tests.core.test_chat_capture import MERGED_RECIPE
@@ -73,22 +75,22 @@ def token_background(page: ChatPage, index: int) -> QColor:
 
 
 def test_a_merged_model_streams_coloured_tokens_and_the_panel_follows(qtbot, page: ChatPage, merged: Path) -> None:
-    page.device.setCurrentText("cpu")
-    page.model_path.setText(str(merged))
-    page.load_button.click()
+    page.model_box.device.setCurrentText("cpu")
+    page.model_box.model_path.setText(str(merged))
+    page.model_box.load_button.click()
     qtbot.waitUntil(lambda: page.state is PageState.READY, timeout=TIMEOUT_MS)
     assert page.model is not None and page.model.is_moe
-    assert "maths" in page.legend_label.text() and "code" in page.legend_label.text()
-    assert page.panel_stack.currentIndex() == 0
+    assert "maths" in page.panel.legend_label.text() and "code" in page.panel.legend_label.text()
+    assert page.panel.currentIndex() == 0
 
     batches: list[tuple[float, int]] = []
     page.backend.worker.tokens_generated.connect(lambda events: batches.append((time.monotonic(), len(events))))
-    page.max_new_tokens.setValue(40)
-    page.seed.setValue(5)
-    page.system_prompt.setPlainText("You are terse.")
-    page.message_input.setPlainText("What is 2 + 2?")
+    page.sampling.max_new_tokens.setValue(40)
+    page.sampling.seed.setValue(5)
+    page.sampling.system_prompt.setPlainText("You are terse.")
+    page.controls.message_input.setPlainText("What is 2 + 2?")
     started = time.monotonic()
-    answer(qtbot, page, page.send_button.click)
+    answer(qtbot, page, page.controls.send_button.click)
     elapsed = time.monotonic() - started
 
     question, reply = page.conversation.path()
@@ -97,42 +99,43 @@ def test_a_merged_model_streams_coloured_tokens_and_the_panel_follows(qtbot, pag
     assert sum(count for _at, count in batches) == len(generated)
     # At most about 30 updates a second, however fast the tokens come.
     assert len(batches) <= 2 + elapsed * 30
-    assert "tokens/s" in page.stats.text() and "first token after" in page.stats.text()
+    assert "tokens/s" in page.controls.stats.text() and "first token after" in page.controls.stats.text()
 
     # Each token is coloured by the expert most layers chose; then by one layer's choice.
-    first = page._shown_tokens[0]
-    expected = page._token_background(first)
+    first = page.transcript.shown_tokens[0]
+    expected = page.transcript.token_background(first)
     assert token_background(page, 0) == expected
     assert expected != page.palette().base().color()
-    page.color_by.setCurrentIndex(2)  # layer 1's first choice
-    assert token_background(page, 0) == page._token_background(page._shown_tokens[0])
+    page.panel.color_by.setCurrentIndex(2)  # layer 1's first choice
+    assert token_background(page, 0) == page.transcript.token_background(page.transcript.shown_tokens[0])
 
     # Pointing at a token shows its layers x experts router weights with the top-k marked.
-    page._token_hovered(QUrl("token:0"))
-    heatmap = page.token_map.data
+    page.transcript.highlighted.emit(QUrl("token:0"))
+    heatmap = page.panel.token_map.data
     assert heatmap is not None
     assert heatmap.row_labels == ["layer 0", "layer 1"]
     assert heatmap.column_labels == ["maths", "code", "2"]
     assert [list(row) for row in heatmap.marked] == [list(e) for e in first.experts]
-    usage = page.usage_map.data
+    usage = page.panel.usage_map.data
     assert usage is not None and usage.row_labels[-1] == "all tokens" and len(usage.values) == 3
     assert page.usage.tokens == len([t for t in generated if t.experts])
     # Clicking pins a token: leaving it (an empty hover) keeps it shown, a theme switch too.
-    page._link_clicked(QUrl("token:3"))
-    page._token_hovered(QUrl())
-    assert page.token_map.data is not None and str(page._shown_tokens[3].position) in page.token_map.data.title
+    pinned = page.transcript.shown_tokens[3]
+    page.transcript.anchorClicked.emit(QUrl("token:3"))
+    page.transcript.highlighted.emit(QUrl())
+    assert page.panel.token_map.data is not None and str(pinned.position) in page.panel.token_map.data.title
     screenshot(page, "chat-panel")
-    assert page.token_map.data is not None and str(page._shown_tokens[3].position) in page.token_map.data.title
+    assert page.panel.token_map.data is not None and str(pinned.position) in page.panel.token_map.data.title
 
 
 def test_regenerate_edit_branches_save_load_and_export(qtbot, page: ChatPage, merged: Path, tmp_path: Path) -> None:
     load(qtbot, page, LoadRequest(str(merged), device="cpu"))
-    page.max_new_tokens.setValue(6)
-    page.seed.setValue(2)  # fixed, so that no answer can end at its first token
+    page.sampling.max_new_tokens.setValue(6)
+    page.sampling.seed.setValue(2)  # fixed, so that no answer can end at its first token
     answer(qtbot, page, lambda: page.send("Tell me a story"))
     question, first_reply = page.conversation.path()
 
-    answer(qtbot, page, page.regenerate_button.click)
+    answer(qtbot, page, page.controls.regenerate_button.click)
     assert [m.id for m in page.conversation.siblings(first_reply.id)][:1] == [first_reply.id]
     assert len(page.conversation.siblings(first_reply.id)) == 2
     assert "2/2" in page.transcript.toPlainText()
@@ -149,10 +152,10 @@ def test_regenerate_edit_branches_save_load_and_export(qtbot, page: ChatPage, me
     page.save_conversation(conversation_file)
     path_before = [m.id for m in page.conversation.path()]
     page.clear()
-    assert not page.conversation.messages and page.usage_map.data is None
+    assert not page.conversation.messages and page.panel.usage_map.data is None
     page.open_conversation(conversation_file)
     assert [m.id for m in page.conversation.path()] == path_before
-    assert page._shown_tokens and page.usage_map.data is not None  # the saved routing shows again
+    assert page.transcript.shown_tokens and page.panel.usage_map.data is not None  # the saved routing shows again
 
     page.export_markdown(tmp_path / "chat.md")
     assert "Tell me a story" in (tmp_path / "chat.md").read_text()
@@ -166,14 +169,14 @@ def test_regenerate_edit_branches_save_load_and_export(qtbot, page: ChatPage, me
 
 def test_stop_takes_effect_at_the_next_token(qtbot, page: ChatPage, merged: Path) -> None:
     load(qtbot, page, LoadRequest(str(merged), device="cpu"))
-    page.max_new_tokens.setValue(5000)
-    page.seed.setValue(3)
-    page.backend.worker.tokens_generated.connect(lambda _events: page.stop_button.click())
+    page.sampling.max_new_tokens.setValue(5000)
+    page.sampling.seed.setValue(3)
+    page.backend.worker.tokens_generated.connect(lambda _events: page.controls.stop_button.click())
     answer(qtbot, page, lambda: page.send("Count to a thousand"))
     reply = page.conversation.path()[-1]
     assert reply.generation.stop_reason == "stopped"
     assert len(reply.generation.generated) < 5000
-    assert "ended by the user" in page.stats.text()
+    assert "ended by the user" in page.controls.stats.text()
 
 
 def test_a_model_that_does_not_fit_offers_what_does(qtbot, page: ChatPage, merged: Path) -> None:
@@ -181,41 +184,41 @@ def test_a_model_that_does_not_fit_offers_what_does(qtbot, page: ChatPage, merge
     half = next(o for o in full.options if (o.mode, o.dtype) == (LoadMode.FULL, "bfloat16"))
     limit = (half.needed + full.chosen.needed) // 2
     load(qtbot, page, LoadRequest(str(merged), device="cpu", dtype="float32", memory_limit=limit))
-    assert page.state is PageState.NO_MODEL and page.fit_box.isVisible()
-    assert "does not fit" in page.fit_message.text()
-    labels = [button.text() for button in page.fallback_buttons]
+    assert page.state is PageState.NO_MODEL and page.model_box.fit_box.isVisible()
+    assert "does not fit" in page.model_box.fit_message.text()
+    labels = [button.text() for button in page.model_box.fallback_buttons]
     assert "Load on cpu in bfloat16" in labels
-    page.fallback_buttons[labels.index("Load on cpu in bfloat16")].click()
+    page.model_box.fallback_buttons[labels.index("Load on cpu in bfloat16")].click()
     qtbot.waitUntil(lambda: page.state is PageState.READY, timeout=TIMEOUT_MS)
     assert page.model is not None and "bfloat16" in page.model.description
-    assert not page.fit_box.isVisible()
+    assert not page.model_box.fit_box.isVisible()
 
-    page.unload_button.click()
-    qtbot.waitUntil(lambda: "memory is freed" in page.model_status.text(), timeout=TIMEOUT_MS)
-    assert page.state is PageState.NO_MODEL and not page.send_button.isEnabled()
+    page.model_box.unload_button.click()
+    qtbot.waitUntil(lambda: "memory is freed" in page.model_box.model_status.text(), timeout=TIMEOUT_MS)
+    assert page.state is PageState.NO_MODEL and not page.controls.send_button.isEnabled()
 
 
 def test_a_dense_model_chats_without_a_panel_and_says_why(qtbot, page: ChatPage, llama_donors) -> None:
     load(qtbot, page, LoadRequest(str(llama_donors["base"]), device="cpu"))
-    assert page.panel_stack.currentIndex() == 1
-    assert "dense model" in page.panel_reason.text() and "no layer has a router" in page.panel_reason.text()
-    page.max_new_tokens.setValue(4)
+    assert page.panel.currentIndex() == 1
+    assert "dense model" in page.panel.panel_reason.text() and "no layer has a router" in page.panel.panel_reason.text()
+    page.sampling.max_new_tokens.setValue(4)
     answer(qtbot, page, lambda: page.send("hello"))
     assert page.conversation.path()[-1].generation is not None
-    assert not page._shown_tokens  # nothing to colour
+    assert not page.transcript.shown_tokens  # nothing to colour
 
 
 def test_the_shared_expert_of_a_qwen2_moe_shows_as_always_active(qtbot, page: ChatPage, tmp_path: Path) -> None:
     folder = make_tiny_moe(tmp_path / "qwen2", "qwen2_moe", seed=4)
     load(qtbot, page, LoadRequest(str(folder), device="cpu"))
     assert page.model is not None and page.model.has_shared_expert
-    assert "shared expert (always active)" in page.legend_label.text()
-    page.max_new_tokens.setValue(5)
-    page.seed.setValue(1)  # a random seed may sample the end-of-text token first, leaving nothing to click
+    assert "shared expert (always active)" in page.panel.legend_label.text()
+    page.sampling.max_new_tokens.setValue(5)
+    page.sampling.seed.setValue(1)  # a random seed may sample the end-of-text token first, leaving nothing to click
     answer(qtbot, page, lambda: page.send("hello"))
-    assert page._shown_tokens
-    page._link_clicked(QUrl("token:0"))
-    heatmap = page.token_map.data
+    assert page.transcript.shown_tokens
+    page.transcript.anchorClicked.emit(QUrl("token:0"))
+    heatmap = page.panel.token_map.data
     assert heatmap is not None and heatmap.column_labels[-1] == "shared"
     assert all(row[-1] == 1.0 for row in heatmap.values) and all(4 in row for row in heatmap.marked)
     assert heatmap.row_labels == ["layer 0", "layer 2"]  # layer 1 is dense
@@ -223,9 +226,8 @@ def test_the_shared_expert_of_a_qwen2_moe_shows_as_always_active(qtbot, page: Ch
 
 
 def test_model_text_in_rich_text_is_escaped(page: ChatPage) -> None:
-    page.legend = ExpertLegend(("<b>bold</b>",), ("#123456",))
-    page._update_legend()
-    assert "&lt;b&gt;bold&lt;/b&gt;" in page.legend_label.text()
+    page.panel.show_legend(ExpertStyle(ExpertLegend(("<b>bold</b>",), ("#123456",))))
+    assert "&lt;b&gt;bold&lt;/b&gt;" in page.panel.legend_label.text()
 
 
 def test_token_pieces_follow_the_answer_text() -> None:
@@ -241,11 +243,11 @@ def test_token_pieces_follow_the_answer_text() -> None:
 
 def test_closing_the_window_mid_answer_stops_and_joins_the_worker(qtbot, window, merged: Path) -> None:
     chat = window.chat_page
-    chat.device.setCurrentText("cpu")
+    chat.model_box.device.setCurrentText("cpu")
     window.open_in_chat(merged)
     qtbot.waitUntil(lambda: chat.state is PageState.READY, timeout=TIMEOUT_MS)
-    chat.max_new_tokens.setValue(100_000)
-    chat.seed.setValue(5)
+    chat.sampling.max_new_tokens.setValue(100_000)
+    chat.sampling.seed.setValue(5)
     chat.send("Go on forever")
     with qtbot.waitSignal(chat.backend.worker.tokens_generated, timeout=TIMEOUT_MS):
         pass
