@@ -115,6 +115,20 @@ def test_events_stream_the_prompt_then_each_token_with_its_timing(chat):
         assert tokens[-1].tokens_per_second == pytest.approx(result.tokens_per_second)
 
 
+def test_the_token_that_ends_an_answer_is_not_part_of_its_text(chat):
+    # With plain sampling, seed 34 ends this tiny model's answer with its end-of-text token, "</s>".
+    settings = SamplingSettings(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=40, seed=34)
+    session = ChatSession(chat, settings=settings)
+    events: list = []
+    reply = run_job(session.send("What is 2 plus 2?"), events.append)
+    generation = reply.generation
+    assert generation.stop_reason == "eos" and generation.generated[-1].token == "</s>"  # kept in the trace
+    streamed = [e.text for e in events if isinstance(e, TokenGenerated)]
+    assert streamed[-1] == "" and "".join(streamed) == reply.content
+    assert reply.content.strip() and "</s>" not in reply.content
+    assert "</s>" not in session.conversation.to_markdown()
+
+
 def test_incremental_text_equals_decoding_the_whole_answer(chat):
     text = "héllo wörld ✓ 12 plus 30"
     ids = chat.tokenizer(text, add_special_tokens=False)["input_ids"]
