@@ -12,9 +12,18 @@ from pathlib import Path
 
 import pytest
 from PySide6.QtCore import QUrl
-from PySide6.QtGui import QColor
+from PySide6.QtGui import QColor, Qt, QTextCharFormat, QTextDocument
 
-from app.core.chat import ExpertLegend, LoadMode, LoadRequest, plan_load
+from app.core.chat import (
+    Conversation,
+    ExpertLegend,
+    Generation,
+    LoadMode,
+    LoadRequest,
+    SamplingSettings,
+    TokenRouting,
+    plan_load,
+)
 from app.core.merge.pipeline import MergeOptions, merge_moe
 from app.core.progress import run_job
 from app.core.recipe import parse_recipe
@@ -57,6 +66,39 @@ def answer(qtbot, page: ChatPage, action) -> None:
     action()
     assert page.is_answering
     qtbot.waitUntil(lambda: page.state is PageState.READY, timeout=TIMEOUT_MS)
+
+
+def token_formats(page: ChatPage) -> dict[str, QTextCharFormat]:
+    """The character format of each coloured token in the transcript, by the text it shows."""
+    formats = {}
+    block = page.transcript.document().begin()
+    while block.isValid():
+        fragments = block.begin()
+        while not fragments.atEnd():
+            fragment = fragments.fragment()
+            if fragment.charFormat().anchorHref().startswith("token:"):
+                formats[fragment.text()] = fragment.charFormat()
+            fragments += 1
+        block = block.next()
+    return formats
+
+
+def shown_tooltip(tooltip: str) -> str:
+    """What Qt's tooltip shows for this text: it is rich text when Qt guesses it is, else plain."""
+    if not Qt.mightBeRichText(tooltip):
+        return tooltip
+    document = QTextDocument()
+    document.setHtml(tooltip)
+    return document.toPlainText()
+
+
+def plain_sampling(page: ChatPage, seed: int) -> None:
+    """Sampling from the whole distribution, so that a seed picks the answer alone."""
+    page.sampling.temperature.setValue(1.0)
+    page.sampling.top_p.setValue(1.0)
+    page.sampling.top_k.setValue(0)
+    page.sampling.max_new_tokens.setValue(40)
+    page.sampling.seed.setValue(seed)
 
 
 def token_background(page: ChatPage, index: int) -> QColor:
@@ -223,6 +265,48 @@ def test_the_shared_expert_of_a_qwen2_moe_shows_as_always_active(qtbot, page: Ch
     assert all(row[-1] == 1.0 for row in heatmap.values) and all(4 in row for row in heatmap.marked)
     assert heatmap.row_labels == ["layer 0", "layer 2"]  # layer 1 is dense
     screenshot(page, "chat-panel-qwen2-moe")
+
+
+@pytest.fixture(scope="module")
+def qwen3_moe(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_moe(tmp_path_factory.mktemp("chat-qwen3") / "qwen3", "qwen3_moe", seed=11)
+
+
+def test_the_token_that_ends_an_answer_is_neither_shown_nor_exported(
+    qtbot, page: ChatPage, qwen3_moe: Path, tmp_path: Path
+) -> None:
+    load(qtbot, page, LoadRequest(str(qwen3_moe), device="cpu"))
+    plain_sampling(page, seed=34)  # this tiny model's answer then ends with its end-of-text token, "</s>"
+    answer(qtbot, page, lambda: page.send("What is 2 plus 2?"))
+    reply = page.conversation.path()[-1]
+    assert reply.generation.stop_reason == "eos" and reply.generation.generated[-1].token == "</s>"
+    assert page.transcript.shown_tokens and "</s>" not in page.transcript.toPlainText()
+    page.export_markdown(tmp_path / "chat.md")
+    assert "</s>" not in (tmp_path / "chat.md").read_text(encoding="utf-8")
+    page.save_conversation(tmp_path / "chat.json")
+    page.open_conversation(tmp_path / "chat.json")  # not streamed: the pieces come from the text
+    assert page.transcript.shown_tokens and "</s>" not in page.transcript.toPlainText()
+
+
+def test_token_tooltips_show_the_token_and_its_expert_as_written(page: ChatPage) -> None:
+    def token(position: int, text: str, expert: int) -> TokenRouting:
+        probs = (0.75, 0.25) if expert == 0 else (0.25, 0.75)
+        return TokenRouting(position, position, text, True, (0,), ((expert,),), ((1.0,),), (probs,))
+
+    tokens = (token(5, "8", 0), token(6, "&lt;", 1), token(7, "  <i>x</i>", 1))
+    conversation = Conversation()
+    question = conversation.add("user", "hi", None)
+    generation = Generation(SamplingSettings(seed=1), 1, "eos", 0.1, 1.0, (), tokens)
+    conversation.add("assistant", "8&lt;  <i>x</i>", question.id, generation)
+    page.conversation = conversation
+    page.legend = ExpertLegend(("Arithmetic", "<b>code</b> & more"), ("#123456", "#654321"))
+    page._render()
+    tooltips = {text: shown_tooltip(char_format.toolTip()) for text, char_format in token_formats(page).items()}
+    assert tooltips == {
+        "8": "'8': Arithmetic",
+        "&lt;": "'&lt;': <b>code</b> & more",
+        "  <i>x</i>": "'  <i>x</i>': <b>code</b> & more",
+    }
 
 
 def test_model_text_in_rich_text_is_escaped(page: ChatPage) -> None:

@@ -222,9 +222,14 @@ class TranscriptView(QTextBrowser):
         return _mix(base, QColor(self.expert_style.color(expert)), tint)
 
     def token_tooltip(self, token: TokenRouting) -> str:
-        # A tooltip is shown as rich text when it looks like markup, so the token is escaped.
+        """The token and its expert, as rich text with both escaped once.
+
+        Qt guesses whether a tooltip is rich text, and a token such as "&lt;" would fool the guess
+        either way; the <qt> tag settles it, and white-space: pre keeps the token's spaces.
+        """
         expert = token.top_expert(self._color_slot(token))
-        return f"{html.escape(repr(token.token))}: {html.escape(self.expert_style.label(expert))}"
+        text = f"{repr(token.token)}: {self.expert_style.label(expert)}"
+        return f'<qt><p style="white-space:pre">{html.escape(text, quote=False)}</p></qt>'
 
     def _hovered(self, url: QUrl) -> None:
         kind, _, value = url.toString().partition(":")
