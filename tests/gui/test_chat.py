@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 from PySide6.QtCore import QUrl
-from PySide6.QtGui import QColor, Qt, QTextCharFormat, QTextDocument
+from PySide6.QtGui import QColor, QFontMetricsF, QPalette, Qt, QTextCharFormat, QTextDocument
+from PySide6.QtWidgets import QApplication, QComboBox, QLabel, QStyle, QStyleOptionComboBox
 
 from app.core.chat import (
     Conversation,
@@ -27,11 +28,14 @@ from app.core.chat import (
 from app.core.merge.pipeline import MergeOptions, merge_moe
 from app.core.progress import run_job
 from app.core.recipe import parse_recipe
+from app.gui.chat.routing_panel import MIN_ROW_HEIGHT
 from app.gui.chat.style import ExpertStyle
 from app.gui.chat.transcript import token_pieces
 from app.gui.context import AppContext
 from app.gui.pages.chat import ChatPage, PageState
+from app.gui.plots import Heatmap
 from app.gui.settings import AppSettings
+from app.gui.theme import apply_theme
 from tests.chat_models import make_tiny_moe
 from tests.core.test_chat_capture import MERGED_RECIPE
 from tests.gui.conftest import screenshot
@@ -68,15 +72,15 @@ def answer(qtbot, page: ChatPage, action) -> None:
     qtbot.waitUntil(lambda: page.state is PageState.READY, timeout=TIMEOUT_MS)
 
 
-def token_formats(page: ChatPage) -> dict[str, QTextCharFormat]:
-    """The character format of each coloured token in the transcript, by the text it shows."""
+def anchor_formats(page: ChatPage, kind: str = "token") -> dict[str, QTextCharFormat]:
+    """The character format of each link of a kind (token, edit, branch) in the transcript, by its text."""
     formats = {}
     block = page.transcript.document().begin()
     while block.isValid():
         fragments = block.begin()
         while not fragments.atEnd():
             fragment = fragments.fragment()
-            if fragment.charFormat().anchorHref().startswith("token:"):
+            if fragment.charFormat().anchorHref().startswith(f"{kind}:"):
                 formats[fragment.text()] = fragment.charFormat()
             fragments += 1
         block = block.next()
@@ -301,12 +305,81 @@ def test_token_tooltips_show_the_token_and_its_expert_as_written(page: ChatPage)
     page.conversation = conversation
     page.legend = ExpertLegend(("Arithmetic", "<b>code</b> & more"), ("#123456", "#654321"))
     page._render()
-    tooltips = {text: shown_tooltip(char_format.toolTip()) for text, char_format in token_formats(page).items()}
+    tooltips = {text: shown_tooltip(char_format.toolTip()) for text, char_format in anchor_formats(page).items()}
     assert tooltips == {
         "8": "'8': Arithmetic",
         "&lt;": "'&lt;': <b>code</b> & more",
         "  <i>x</i>": "'  <i>x</i>': <b>code</b> & more",
     }
+
+
+def assert_heatmap_reads(heatmap: Heatmap) -> None:
+    """Every text of the plot whole and inside its place, and every row at least MIN_ROW_HEIGHT high."""
+    data, layout = heatmap.data, heatmap.layout_for(heatmap.width(), heatmap.height())
+    assert data is not None and layout is not None
+    base_font, title_font = heatmap.fonts()
+    metrics, title_metrics = QFontMetricsF(base_font), QFontMetricsF(title_font)
+    assert " ".join(layout.title_lines) == data.title
+    assert all(title_metrics.horizontalAdvance(line) <= layout.title_rect.width() for line in layout.title_lines)
+    assert len(layout.title_lines) * title_metrics.height() <= layout.title_rect.height() + 1
+    assert layout.column_labels == list(data.column_labels)
+    room = layout.column_label_height if layout.vertical_column_labels else layout.cell_width
+    assert all(metrics.horizontalAdvance(label) <= room for label in layout.column_labels)
+    assert layout.legend_label == data.legend_label
+    assert metrics.horizontalAdvance(layout.legend_label) <= layout.bar.height()
+    assert layout.cell_height >= MIN_ROW_HEIGHT
+
+
+def assert_texts_fit(widget) -> None:
+    """Every one-line label and combo box under widget shows its whole text."""
+    for label in widget.findChildren(QLabel):
+        if label.isVisible() and not label.wordWrap() and label.textFormat() != Qt.TextFormat.RichText:
+            assert label.fontMetrics().horizontalAdvance(label.text()) <= label.contentsRect().width(), label.text()
+    for combo in widget.findChildren(QComboBox):
+        if combo.isVisible():
+            option = QStyleOptionComboBox()
+            combo.initStyleOption(option)
+            field = combo.style().subControlRect(
+                QStyle.ComplexControl.CC_ComboBox, option, QStyle.SubControl.SC_ComboBoxEditField, combo
+            )
+            assert combo.fontMetrics().horizontalAdvance(combo.currentText()) <= field.width(), combo.currentText()
+
+
+@pytest.mark.parametrize("layers", [2, 8])
+def test_the_routing_panel_reads_at_the_default_window_size(qtbot, window, tmp_path: Path, layers: int) -> None:
+    names = ("Arithmetic", "Python code", "Short stories", "French")
+    folder = make_tiny_moe(tmp_path / f"moe-{layers}", "mixtral", seed=5, layers=layers, expert_names=names)
+    window.document.new()
+    chat = window.chat_page
+    chat.model_box.device.setCurrentText("cpu")
+    window.open_in_chat(folder)
+    qtbot.waitUntil(lambda: chat.state is PageState.READY, timeout=TIMEOUT_MS)
+    assert "Short&nbsp;stories" in chat.panel.legend_label.text()  # the names reached the panel
+    chat.sampling.max_new_tokens.setValue(8)
+    chat.sampling.seed.setValue(5)
+    answer(qtbot, chat, lambda: chat.send("What is 2 plus 2?"))
+    chat.transcript.anchorClicked.emit(QUrl(f"token:{len(chat.transcript.shown_tokens) - 1}"))
+    qtbot.waitUntil(lambda: chat.panel.token_map.height() >= chat.panel.token_map.minimumSizeHint().height())
+
+    assert_heatmap_reads(chat.panel.token_map)
+    assert_heatmap_reads(chat.panel.usage_map)
+    assert_texts_fit(chat.panel)
+    area = chat.panel.plots_area
+    assert chat.panel.token_map.width() <= area.viewport().width()  # nothing hides beyond the right edge
+    if layers == 8:
+        assert area.verticalScrollBar().maximum() > 0  # the rows keep their height; the panel scrolls
+    screenshot(window, f"chat-routing-{layers}-layers")
+    apply_theme(QApplication.instance(), "dark")  # the links are redrawn in the new theme's colour
+    assert anchor_formats(chat, "edit")["edit"].foreground().color() == chat.palette().color(QPalette.ColorRole.Link)
+    apply_theme(QApplication.instance(), "light")
+
+    chat.side_tabs.setCurrentIndex(1)
+    qtbot.waitUntil(lambda: chat.sampling.system_prompt.isVisible())
+    prompt = chat.sampling.system_prompt
+    assert prompt.height() >= 5 * prompt.fontMetrics().lineSpacing()
+    assert prompt.width() >= 0.8 * chat.side_tabs.currentWidget().width()
+    assert_texts_fit(chat.sampling)
+    screenshot(window, f"chat-settings-{layers}-layers")
 
 
 def test_model_text_in_rich_text_is_escaped(page: ChatPage) -> None:

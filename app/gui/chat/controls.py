@@ -19,6 +19,7 @@ from app.core.chat import SamplingSettings
 from app.gui.widgets import explanation
 
 SEED_RANDOM = -1  # the seed box's "random": a fresh seed per answer, recorded with it
+SYSTEM_PROMPT_LINES = 6  # what the system prompt box shows without scrolling
 
 
 class MessageControls(QWidget):
@@ -63,7 +64,10 @@ class SamplingForm(QWidget):
         defaults = SamplingSettings()
         self.system_prompt = QPlainTextEdit()
         self.system_prompt.setPlaceholderText("Optional: instructions the model sees before the conversation")
-        self.system_prompt.setMaximumHeight(110)
+        margins = self.system_prompt.contentsMargins()
+        lines = self.system_prompt.fontMetrics().lineSpacing() * SYSTEM_PROMPT_LINES
+        padding = 2 * self.system_prompt.document().documentMargin() + margins.top() + margins.bottom()
+        self.system_prompt.setFixedHeight(int(lines + padding))
         self.temperature = QDoubleSpinBox()
         self.temperature.setRange(0.0, 5.0)
         self.temperature.setSingleStep(0.05)
@@ -87,8 +91,13 @@ class SamplingForm(QWidget):
         self.seed.setSpecialValueText("random")
         self.seed.setValue(SEED_RANDOM)
 
-        form = QFormLayout(self)
-        form.addRow("System prompt", self.system_prompt)
+        # The system prompt spans the tab's width under its label: beside it, it would get what the
+        # labels of the form leave, too little for instructions.
+        layout = QVBoxLayout(self)
+        layout.addWidget(QLabel("System prompt"))
+        layout.addWidget(self.system_prompt)
+        form = QFormLayout()
+        layout.addLayout(form)
         form.addRow("Temperature", self.temperature)
         form.addRow("", explanation("Higher is more varied; 0 always takes the likeliest token."))
         form.addRow("Top-p", self.top_p)
@@ -100,6 +109,7 @@ class SamplingForm(QWidget):
         form.addRow("Max new tokens", self.max_new_tokens)
         form.addRow("Seed", self.seed)
         form.addRow("", explanation("random: a fresh seed per answer, saved with it so the answer can be repeated."))
+        layout.addStretch(1)
 
     def sampling_settings(self) -> SamplingSettings:
         seed = self.seed.value()

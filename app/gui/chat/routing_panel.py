@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import html
 
-from PySide6.QtCore import Qt
+from PySide6.QtCore import QSize, Qt
 from PySide6.QtWidgets import (
     QComboBox,
+    QFrame,
     QHBoxLayout,
     QLabel,
     QPushButton,
-    QSplitter,
+    QScrollArea,
     QStackedWidget,
     QVBoxLayout,
     QWidget,
@@ -23,6 +24,9 @@ from app.gui.chat.style import SHARED_EXPERT_COLOR, ExpertStyle
 from app.gui.plots import Heatmap, HeatmapData
 from app.gui.widgets import explanation
 
+# Enough for a row label and its cell to read; a model with many layers makes the panel scroll instead.
+MIN_ROW_HEIGHT = 22
+
 
 class RoutingPanel(QStackedWidget):
     def __init__(self, parent: QWidget | None = None) -> None:
@@ -31,15 +35,21 @@ class RoutingPanel(QStackedWidget):
         self.legend_label.setWordWrap(True)
         self.legend_label.setTextFormat(Qt.TextFormat.RichText)
         self.color_by = QComboBox()
-        self.color_by.setToolTip("Which layer's choice colours the tokens")
-        self.token_map = Heatmap("Point at a token of an answer to see which experts every layer chose for it.")
-        self.usage_map = Heatmap("Expert usage appears once the model answers.")
+        self.color_by.setToolTip(
+            "Which expert colours each token: the one most layers chose first, or one layer's first choice"
+        )
+        self.token_map = Heatmap(
+            "Point at a token of an answer to see which experts every layer chose for it.",
+            minimum=QSize(260, 180),
+            min_row_height=MIN_ROW_HEIGHT,
+        )
+        self.usage_map = Heatmap(
+            "Expert usage appears once the model answers.", minimum=QSize(260, 180), min_row_height=MIN_ROW_HEIGHT
+        )
         self.usage_map.setToolTip(
             "Each layer's row: the share of its top-k choices that went to each expert. The last row: each "
             "expert's share of the tokens, counting for each token the expert most layers chose."
         )
-        for plot in (self.token_map, self.usage_map):
-            plot.setMinimumSize(260, 180)
         self.export_trace_button = QPushButton("Export trace (JSONL)…")
         self.export_trace_button.setToolTip("Every token of the latest answer, prompt included, with its routing")
         self.export_usage_button = QPushButton("Export usage (CSV)…")
@@ -51,15 +61,21 @@ class RoutingPanel(QStackedWidget):
         exports.addWidget(self.export_trace_button)
         exports.addWidget(self.export_usage_button)
         exports.addStretch(1)
-        plots = QSplitter(Qt.Orientation.Vertical)
-        plots.addWidget(self.token_map)
-        plots.addWidget(self.usage_map)
-        plots.setChildrenCollapsible(False)
+        plots = QWidget()
+        plots_layout = QVBoxLayout(plots)
+        plots_layout.setContentsMargins(0, 0, 0, 0)
+        plots_layout.addWidget(self.token_map)
+        plots_layout.addWidget(self.usage_map)
+        self.plots_area = QScrollArea()
+        self.plots_area.setWidget(plots)
+        self.plots_area.setWidgetResizable(True)
+        self.plots_area.setFrameShape(QFrame.Shape.NoFrame)
+        self.plots_area.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
         panel = QWidget()
         layout = QVBoxLayout(panel)
         layout.addWidget(self.legend_label)
         layout.addLayout(colour_row)
-        layout.addWidget(plots, 1)
+        layout.addWidget(self.plots_area, 1)
         layout.addLayout(exports)
 
         self.panel_reason = explanation("")
@@ -75,9 +91,9 @@ class RoutingPanel(QStackedWidget):
     def fill_color_by(self, layers: tuple[int, ...]) -> None:
         self.color_by.blockSignals(True)
         self.color_by.clear()
-        self.color_by.addItem("The expert most layers chose", None)
+        self.color_by.addItem("Most layers' choice", None)
         for slot, layer in enumerate(layers):
-            self.color_by.addItem(f"Layer {layer}'s first choice", slot)
+            self.color_by.addItem(f"Layer {layer}'s choice", slot)
         self.color_by.blockSignals(False)
 
     def color_slot(self) -> int | None:
@@ -101,7 +117,8 @@ class RoutingPanel(QStackedWidget):
                 values=values,
                 row_labels=[f"layer {layer}" for layer in token.layers],
                 column_labels=labels,
-                title=f"Router weights for {token.token!r} (position {token.position})",
+                # A no-break space keeps "(position N)" together when the title wraps.
+                title=f"Router weights for {token.token!r} (position\u00a0{token.position})",
                 x_label="expert",
                 y_label="layer",
                 legend_label="router probability",
@@ -134,8 +151,10 @@ class RoutingPanel(QStackedWidget):
 
     def show_legend(self, style: ExpertStyle) -> None:
         legend = style.legend
+        # Non-breaking spaces keep each entry on one line; the lines break between entries.
         entries = [
-            f'<span style="background-color:{color}">&nbsp;&nbsp;&nbsp;&nbsp;</span>&nbsp;{html.escape(label)}'
+            f'<span style="background-color:{color}">&nbsp;&nbsp;&nbsp;&nbsp;</span>&nbsp;'
+            + html.escape(label).replace(" ", "&nbsp;")
             for label, color in zip(legend.labels, legend.colors, strict=True)
         ]
         if style.shared_expert:
@@ -143,4 +162,4 @@ class RoutingPanel(QStackedWidget):
                 f'<span style="background-color:{SHARED_EXPERT_COLOR}">&nbsp;&nbsp;&nbsp;&nbsp;</span>'
                 "&nbsp;shared expert (always active)"
             )
-        self.legend_label.setText("&nbsp;&nbsp; ".join(entries))
+        self.legend_label.setText(" &nbsp; ".join(entries))

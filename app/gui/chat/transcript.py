@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import html
 
-from PySide6.QtCore import QUrl, Signal
+from PySide6.QtCore import QEvent, QUrl, Signal
 from PySide6.QtGui import QColor, QFont, QPalette, QTextBlockFormat, QTextCharFormat, QTextCursor
 from PySide6.QtWidgets import QTextBrowser, QWidget
 
@@ -72,6 +72,7 @@ class TranscriptView(QTextBrowser):
     token_clicked = Signal(object)  # TokenRouting
     branch_clicked = Signal(str)  # the id of the message to show instead
     edit_clicked = Signal(str)  # the id of the message to edit
+    palette_changed = Signal()  # the colours written into the transcript are out of date
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -86,6 +87,12 @@ class TranscriptView(QTextBrowser):
         self.pieces: dict[str, list[str]] = {}
         self.shown_tokens: list[TokenRouting] = []  # the tokens the transcript links to, by index
         self._stream_cursor: QTextCursor | None = None
+
+    def changeEvent(self, event: QEvent) -> None:
+        super().changeEvent(event)
+        # Sent once this widget's palette is the new one (its parent hears of a theme switch earlier).
+        if event.type() == QEvent.Type.PaletteChange:
+            self.palette_changed.emit()
 
     # ------------------------------------------------------------------ writing
 
@@ -228,7 +235,7 @@ class TranscriptView(QTextBrowser):
         either way; the <qt> tag settles it, and white-space: pre keeps the token's spaces.
         """
         expert = token.top_expert(self._color_slot(token))
-        text = f"{repr(token.token)}: {self.expert_style.label(expert)}"
+        text = f"{token.token!r}: {self.expert_style.label(expert)}"
         return f'<qt><p style="white-space:pre">{html.escape(text, quote=False)}</p></qt>'
 
     def _hovered(self, url: QUrl) -> None:

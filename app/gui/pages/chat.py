@@ -11,11 +11,13 @@ from collections.abc import Callable
 from enum import Enum, auto
 from pathlib import Path
 
-from PySide6.QtCore import QEvent
+from PySide6.QtCore import Qt
 from PySide6.QtWidgets import (
     QFileDialog,
+    QFrame,
     QInputDialog,
     QMessageBox,
+    QScrollArea,
     QSplitter,
     QTabWidget,
     QVBoxLayout,
@@ -88,6 +90,7 @@ class ChatPage(QWidget):
         self.transcript.token_clicked.connect(self._pin_token)
         self.transcript.branch_clicked.connect(self.select_branch)
         self.transcript.edit_clicked.connect(self._edit_dialog)
+        self.transcript.palette_changed.connect(self._palette_changed)
         self.controls = MessageControls()
         controls = self.controls
         controls.send_button.clicked.connect(lambda: self.send(controls.message_input.toPlainText()))
@@ -105,7 +108,12 @@ class ChatPage(QWidget):
         self.sampling = SamplingForm()
         self.side_tabs = QTabWidget()
         self.side_tabs.addTab(self.panel, "Routing")
-        self.side_tabs.addTab(self.sampling, "Settings")
+        settings_area = QScrollArea()
+        settings_area.setWidget(self.sampling)
+        settings_area.setWidgetResizable(True)
+        settings_area.setFrameShape(QFrame.Shape.NoFrame)
+        settings_area.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.side_tabs.addTab(settings_area, "Settings")
 
         column = QWidget()
         column_layout = QVBoxLayout(column)
@@ -135,11 +143,10 @@ class ChatPage(QWidget):
 
     # ------------------------------------------------------------------ state
 
-    def changeEvent(self, event: QEvent) -> None:
-        super().changeEvent(event)
+    def _palette_changed(self) -> None:
         # The transcript's colours come from the palette; a theme switch redraws it (an answer
         # being streamed keeps its colours until it ends and is redrawn anyway).
-        if event.type() == QEvent.Type.PaletteChange and not self.is_answering:
+        if not self.is_answering:
             self._render()
 
     def _set_state(self, state: PageState) -> None:
