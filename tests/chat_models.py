@@ -74,7 +74,9 @@ def make_tiny_moe(
 def write_expert_names(folder: Path, names: tuple[str, ...]) -> None:
     from app.core.merge.pipeline import RECIPE_FILENAME
 
-    experts = "".join(f"  - source_model: donor-{i}\n    positive_prompts: [{name!r}]\n" for i, name in enumerate(names))
+    experts = "".join(
+        f"  - source_model: donor-{i}\n    positive_prompts: [{name!r}]\n" for i, name in enumerate(names)
+    )
     labels = "".join(f"    - {{label: {name!r}}}\n" for name in names)
     recipe = f"base_model: base\ngate_mode: random\nexperts:\n{experts}frankenmoe:\n  experts:\n{labels}"
     (folder / RECIPE_FILENAME).write_text(recipe, encoding="utf-8")

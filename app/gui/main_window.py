@@ -320,13 +320,16 @@ class MainWindow(QMainWindow):
         if not self.confirm_discard():
             event.ignore()
             return
-        running = self.context.running
+        running = [handle.name for handle in self.context.running]
+        kept = ""
+        if self.chat_page.is_answering:
+            running.append("the chat's answer")
+            kept = " The chat's conversation is kept and comes back with its model."
         if running:
-            names = ", ".join(handle.name for handle in running)
             answer = QMessageBox.question(
                 self,
                 "Work is running",
-                f"Stop {names} and quit? Anything half-written is removed.",
+                f"Stop {', '.join(running)} and quit? Anything half-written is removed.{kept}",
                 QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No,
                 QMessageBox.StandardButton.No,
             )

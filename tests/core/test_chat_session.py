@@ -189,6 +189,29 @@ def test_conversations_save_and_load_with_their_routing(chat, tmp_path):
         Conversation.load(tmp_path / "other.json")
 
 
+def test_a_conversation_is_autosaved_per_model_and_restored(chat, tmp_path, monkeypatch):
+    from app.core.chat.autosave import autosave_conversation, autosave_path, restore_conversation
+
+    folder = tmp_path / "autosave"
+    model = tmp_path / "models" / "moe"
+    model.mkdir(parents=True)
+    session = ChatSession(chat, Conversation(system_prompt="Be brief."), SamplingSettings(seed=4, max_new_tokens=3))
+    run_job(session.send("Remember me"))
+    assert restore_conversation(folder, str(model)) is None
+    autosave_conversation(session.conversation, folder, str(model))
+    monkeypatch.chdir(tmp_path)
+    for spelling in ("models/moe", "models/moe/", str(model)):  # one model, however its folder is written
+        assert restore_conversation(folder, spelling).to_json() == session.conversation.to_json()
+    assert restore_conversation(folder, "org/another-model") is None
+    assert [p.name for p in folder.iterdir()] == [autosave_path(folder, str(model)).name]  # no partial file left
+
+    autosave_conversation(Conversation(), folder, str(model))  # an emptied conversation leaves nothing
+    assert restore_conversation(folder, str(model)) is None
+    autosave_path(folder, "org/broken").write_text("{", encoding="utf-8")
+    with pytest.raises(FrankenMoEError, match="cannot read the conversation"):
+        restore_conversation(folder, "org/broken")
+
+
 def test_a_dense_model_chats_without_a_panel_and_says_why(llama_donors):
     dense = run_job(load_chat_model(LoadRequest(str(llama_donors["base"]), device="cpu")))
     try:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from PySide6.QtCore import QUrl
 from PySide6.QtGui import QColor, QFontMetricsF, QPalette, Qt, QTextCharFormat, QTextDocument
-from PySide6.QtWidgets import QApplication, QComboBox, QLabel, QStyle, QStyleOptionComboBox
+from PySide6.QtWidgets import QApplication, QComboBox, QLabel, QMessageBox, QStyle, QStyleOptionComboBox
 
 from app.core.chat import (
     Conversation,
@@ -32,6 +32,7 @@ from app.gui.chat.routing_panel import MIN_ROW_HEIGHT
 from app.gui.chat.style import ExpertStyle
 from app.gui.chat.transcript import token_pieces
 from app.gui.context import AppContext
+from app.gui.main_window import MainWindow
 from app.gui.pages.chat import ChatPage, PageState
 from app.gui.plots import Heatmap
 from app.gui.settings import AppSettings
@@ -398,18 +399,76 @@ def test_token_pieces_follow_the_answer_text() -> None:
     assert "".join(pieces) == "Hello big world!"
 
 
-def test_closing_the_window_mid_answer_stops_and_joins_the_worker(qtbot, window, merged: Path) -> None:
+@pytest.fixture
+def replies(answer: dict) -> dict:
+    """The window's answers to its questions (the conftest's `answer`, named apart from the helper here)."""
+    return answer
+
+
+def test_quitting_mid_answer_asks_then_stops_and_keeps_the_conversation(
+    qtbot, window, replies: dict, settings: AppSettings, merged: Path
+) -> None:
     chat = window.chat_page
     chat.model_box.device.setCurrentText("cpu")
     window.open_in_chat(merged)
     qtbot.waitUntil(lambda: chat.state is PageState.READY, timeout=TIMEOUT_MS)
     chat.sampling.max_new_tokens.setValue(100_000)
     chat.sampling.seed.setValue(5)
+    chat.sampling.system_prompt.setPlainText("Be verbose.")
     chat.send("Go on forever")
     with qtbot.waitSignal(chat.backend.worker.tokens_generated, timeout=TIMEOUT_MS):
         pass
+
+    replies["question"] = QMessageBox.StandardButton.No
+    assert not window.close()
+    assert "Stop the chat's answer and quit?" in replies["asked"][-1] and "conversation is kept" in replies["asked"][-1]
+    assert window.isVisible() and chat.is_answering  # refusing stops nothing
+    with qtbot.waitSignal(chat.backend.worker.tokens_generated, timeout=TIMEOUT_MS):
+        pass
+
+    replies["question"] = QMessageBox.StandardButton.Yes
     started = time.monotonic()
-    window.close()
+    assert window.close()
     assert chat.backend.thread.isFinished()
     assert time.monotonic() - started < 5
     assert chat.backend.worker._model is None  # the model's memory is freed
+
+    # The same model, opened again (here by a new window), brings the conversation back, unfinished answer included.
+    again = MainWindow(settings)
+    qtbot.addWidget(again)
+    again.chat_page.model_box.device.setCurrentText("cpu")
+    again.open_in_chat(merged)
+    qtbot.waitUntil(lambda: again.chat_page.state is PageState.READY, timeout=TIMEOUT_MS)
+    restored = again.chat_page
+    question, reply = restored.conversation.path()
+    assert question.content == "Go on forever" and restored.conversation.system_prompt == "Be verbose."
+    assert reply.generation.stop_reason == "stopped" and reply.generation.generated
+    assert restored.sampling.system_prompt.toPlainText() == "Be verbose."
+    assert "Go on forever" in restored.transcript.toPlainText() and restored.transcript.shown_tokens
+    assert "last conversation is back" in restored.model_box.model_status.text()
+    assert again.close()
+
+
+def test_a_model_loaded_beside_a_conversation_offers_its_own(qtbot, page: ChatPage, tmp_path: Path) -> None:
+    first = make_tiny_moe(tmp_path / "first", "mixtral", seed=5)
+    second = make_tiny_moe(tmp_path / "second", "mixtral", seed=6)
+    load(qtbot, page, LoadRequest(str(second), device="cpu"))
+    page.sampling.max_new_tokens.setValue(3)
+    page.sampling.seed.setValue(5)
+    answer(qtbot, page, lambda: page.send("Kept with the second model"))
+    page.unload_model()
+    page.clear()  # with no model loaded, nothing autosaved changes
+    load(qtbot, page, LoadRequest(str(first), device="cpu"))
+    assert not page.conversation.messages  # the first model has no conversation of its own yet
+    answer(qtbot, page, lambda: page.send("Held with the first model"))
+
+    load(qtbot, page, LoadRequest(str(second), device="cpu"))  # the first model's conversation stays shown
+    assert page.conversation.path()[0].content == "Held with the first model"
+    assert page.controls.restore_button.isVisible()
+    page.controls.restore_button.click()
+    assert page.conversation.path()[0].content == "Kept with the second model"
+    assert not page.controls.restore_button.isVisible()
+
+    page.controls.clear_button.click()  # clearing means it: nothing comes back
+    load(qtbot, page, LoadRequest(str(second), device="cpu"))
+    assert not page.conversation.messages and not page.controls.restore_button.isVisible()

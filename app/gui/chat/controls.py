@@ -42,12 +42,17 @@ class MessageControls(QWidget):
         self.save_button = QPushButton("Save…")
         self.open_button = QPushButton("Open…")
         self.markdown_button = QPushButton("Export Markdown…")
+        self.restore_button = QPushButton("Restore the last conversation")
+        self.restore_button.setToolTip(
+            "The conversation last held with this model, kept when the app closed; it replaces the one shown"
+        )
+        self.restore_button.setVisible(False)
 
         actions = QHBoxLayout()
         for button in (self.send_button, self.stop_button, self.regenerate_button, self.clear_button):
             actions.addWidget(button)
         actions.addStretch(1)
-        for button in (self.open_button, self.save_button, self.markdown_button):
+        for button in (self.restore_button, self.open_button, self.save_button, self.markdown_button):
             actions.addWidget(button)
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)

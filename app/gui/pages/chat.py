@@ -3,17 +3,18 @@
 The model lives in the chat worker's thread (:mod:`app.gui.chat_worker`); this page only sends it
 requests and shows what comes back. Its widgets live in :mod:`app.gui.chat`: the model box, the
 transcript, the routing panel and the controls; the page owns the conversation and the state.
+
+The conversation is autosaved for its model after every change and when the app closes, even
+mid-answer, and comes back when that model is loaded again.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from enum import Enum, auto
 from pathlib import Path
 
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import (
-    QFileDialog,
     QFrame,
     QInputDialog,
     QMessageBox,
@@ -38,6 +39,7 @@ from app.core.chat import (
 )
 from app.core.problems import FrankenMoEError
 from app.gui.chat.controls import MessageControls, SamplingForm
+from app.gui.chat.files import AutosavedConversations, run_file_action
 from app.gui.chat.model_box import ModelBox
 from app.gui.chat.routing_panel import RoutingPanel
 from app.gui.chat.style import ExpertStyle
@@ -61,6 +63,7 @@ class ChatPage(QWidget):
         super().__init__(parent)
         self.context = context
         self.backend = ChatBackend(self)
+        self.autosaved = AutosavedConversations(context)
         self.state = PageState.NO_MODEL
         self.model: LoadedModel | None = None
         self.conversation = Conversation()
@@ -68,6 +71,8 @@ class ChatPage(QWidget):
         self.usage: ExpertUsage | None = None
         self._pinned_token: TokenRouting | None = None
         self._streamed: list[TokenGenerated] = []
+        self._loading: str = ""  # the model being loaded, as requested
+        self._model_key: str = ""  # the model loaded, as requested: its conversation is autosaved for it
 
         self.model_box = ModelBox(context.settings.device, context.settings.dtype)
         self.model_box.load_requested.connect(self.load_model)
@@ -100,6 +105,7 @@ class ChatPage(QWidget):
         controls.save_button.clicked.connect(self._save_dialog)
         controls.open_button.clicked.connect(self._open_dialog)
         controls.markdown_button.clicked.connect(self._markdown_dialog)
+        controls.restore_button.clicked.connect(self.restore_last_conversation)
 
         self.panel = RoutingPanel()
         self.panel.color_by.currentIndexChanged.connect(self._color_by_changed)
@@ -191,11 +197,14 @@ class ChatPage(QWidget):
         box.load_progress.setValue(0)
         box.model_status.setText(f"Loading {request.model}…")
         self._set_state(PageState.LOADING)
+        self._loading, self._model_key = request.model, ""
+        self.controls.restore_button.setVisible(False)
         self.context.log(f"Chat: loading {request.model}")
         self.backend.load(request)
 
     def unload_model(self) -> None:
         self.model = None
+        self._model_key = ""
         self.model_box.model_status.setText("Unloading…")
         self._set_state(PageState.NO_MODEL)
         self.backend.unload()
@@ -207,7 +216,9 @@ class ChatPage(QWidget):
         self.context.log(f"Chat: loaded {model.name} {model.description}")
         self.panel.show_unavailable(model.panel_unavailable_reason)
         self.panel.fill_color_by(model.layers)
+        self._model_key = self._loading
         self._set_state(PageState.READY)
+        self._offer_last_conversation()
         self._render()
 
     def _load_failed(self, error: BaseException) -> None:
@@ -249,6 +260,7 @@ class ChatPage(QWidget):
         message = self.conversation.messages[message_id]
         if message.role == "assistant":
             self.conversation.edit(message_id, text)
+            self._autosave()
             self._render()
             return
         before = self.conversation.path(message.parent) if message.parent else []
@@ -269,6 +281,7 @@ class ChatPage(QWidget):
     def select_branch(self, message_id: str) -> None:
         if self.state is not PageState.ANSWERING:
             self.conversation.select(message_id)
+            self._autosave()
             self._render()
 
     def stop(self) -> None:
@@ -278,6 +291,7 @@ class ChatPage(QWidget):
         if self.state in (PageState.NO_MODEL, PageState.READY):
             self.conversation.clear()
             self._pinned_token = None
+            self._autosave()
             self._render()
 
     def _start_answer(
@@ -316,11 +330,13 @@ class ChatPage(QWidget):
             self.transcript.pieces[message.id] = [event.text for event in self._streamed]
         self._streamed = []
         self._set_state(PageState.READY)
+        self._autosave()
         self._render()
 
     def _answer_failed(self, error: BaseException) -> None:
         self._streamed = []
         self._set_state(PageState.READY)
+        self._autosave()
         self._render()
         self.controls.stats.setText(f"The answer failed: {describe_error(error)}")
         self.context.log(f"Chat: the answer failed: {describe_error(error)}")
@@ -396,9 +412,13 @@ class ChatPage(QWidget):
         self.context.log(f"Chat: saved the conversation to {path}")
 
     def open_conversation(self, path: Path) -> None:
-        self.conversation = Conversation.load(path)
+        self._use_conversation(Conversation.load(path))
+
+    def _use_conversation(self, conversation: Conversation) -> None:
+        self.conversation = conversation
         self.transcript.pieces.clear()
         self._pinned_token = None
+        self.controls.restore_button.setVisible(False)
         self.sampling.system_prompt.setPlainText(self.conversation.system_prompt)
         if self.model is None:
             # Without a model, the recorded routing still shows, in the default colours.
@@ -421,38 +441,54 @@ class ChatPage(QWidget):
             legend = self.legend if len(self.legend.labels) == self.usage.num_experts else None
             Path(path).write_text(self.usage.to_csv(legend), encoding="utf-8")
 
-    def _file_action(
-        self, action: str, write: bool, file_filter: str, suggested: str, run: Callable[[Path], None]
-    ) -> None:
-        if write:
-            name, _ = QFileDialog.getSaveFileName(self, action, suggested, file_filter)
-        else:
-            name, _ = QFileDialog.getOpenFileName(self, action, "", file_filter)
-        if not name:
-            return
-        try:
-            run(Path(name))
-        except (OSError, FrankenMoEError) as error:
-            message = describe_error(error) if isinstance(error, FrankenMoEError) else str(error)
-            QMessageBox.warning(self, action, message)
-
     def _save_dialog(self) -> None:
-        self._file_action("Save the conversation", True, CONVERSATION_FILTER, "chat.json", self.save_conversation)
+        run_file_action(self, "Save the conversation", True, CONVERSATION_FILTER, "chat.json", self.save_conversation)
 
     def _open_dialog(self) -> None:
-        self._file_action("Open a conversation", False, CONVERSATION_FILTER, "", self.open_conversation)
+        run_file_action(self, "Open a conversation", False, CONVERSATION_FILTER, "", self.open_conversation)
 
     def _markdown_dialog(self) -> None:
-        self._file_action("Export as Markdown", True, "Markdown (*.md)", "chat.md", self.export_markdown)
+        run_file_action(self, "Export as Markdown", True, "Markdown (*.md)", "chat.md", self.export_markdown)
 
     def _trace_dialog(self) -> None:
-        self._file_action("Export the routing trace", True, "JSON Lines (*.jsonl)", "trace.jsonl", self.export_trace)
+        run_file_action(
+            self, "Export the routing trace", True, "JSON Lines (*.jsonl)", "trace.jsonl", self.export_trace
+        )
 
     def _usage_dialog(self) -> None:
-        self._file_action("Export expert usage", True, "CSV (*.csv)", "usage.csv", self.export_usage)
+        run_file_action(self, "Export expert usage", True, "CSV (*.csv)", "usage.csv", self.export_usage)
+
+    # ------------------------------------------------------------------ autosave
+
+    def _autosave(self) -> None:
+        """Keep the conversation for the loaded model; it now replaces whatever was kept before."""
+        if self._model_key:
+            self.controls.restore_button.setVisible(False)
+            self.conversation.system_prompt = self.sampling.system_prompt.toPlainText().strip()
+            self.autosaved.save(self.conversation, self._model_key)
+
+    def _offer_last_conversation(self) -> None:
+        """The conversation last held with the model just loaded: back at once if none is shown, else offered."""
+        last = self.autosaved.last(self._model_key)
+        if last is None or last.to_json() == self.conversation.to_json():
+            return
+        if self.conversation.messages:
+            self.controls.restore_button.setVisible(True)
+            return
+        self._use_conversation(last)
+        self.model_box.model_status.setText(f"{self.model_box.model_status.text()} The last conversation is back.")
+        self.context.log(f"Chat: restored the last conversation with {self._model_key}")
+
+    def restore_last_conversation(self) -> None:
+        if self.state is PageState.READY and (last := self.autosaved.last(self._model_key)) is not None:
+            self._use_conversation(last)
+            self._render()
 
     # ------------------------------------------------------------------ shutdown
 
     def shutdown(self) -> bool:
-        """Stop any answer or load at its next step, join the worker and free the model."""
-        return self.backend.shutdown()
+        """Stop any answer or load at its next step, join the worker, free the model and autosave."""
+        joined = self.backend.shutdown()
+        if joined:  # the worker has let go of the conversation, with what it had of its answer
+            self._autosave()
+        return joined
