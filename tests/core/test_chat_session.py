@@ -127,6 +127,10 @@ def test_the_token_that_ends_an_answer_is_not_part_of_its_text(chat):
     assert streamed[-1] == "" and "".join(streamed) == reply.content
     assert reply.content.strip() and "</s>" not in reply.content
     assert "</s>" not in session.conversation.to_markdown()
+    # A conversation saved before, with the end token in the answer's text, opens without it.
+    saved = session.conversation.to_json()
+    saved["messages"][-1]["content"] += "</s>"
+    assert Conversation.from_json(saved).messages[reply.id].content == reply.content
 
 
 def test_incremental_text_equals_decoding_the_whole_answer(chat):

@@ -40,11 +40,11 @@ class RoutingPanel(QStackedWidget):
         )
         self.token_map = Heatmap(
             "Point at a token of an answer to see which experts every layer chose for it.",
-            minimum=QSize(260, 180),
+            minimum=QSize(260, 140),
             min_row_height=MIN_ROW_HEIGHT,
         )
         self.usage_map = Heatmap(
-            "Expert usage appears once the model answers.", minimum=QSize(260, 180), min_row_height=MIN_ROW_HEIGHT
+            "Expert usage appears once the model answers.", minimum=QSize(260, 140), min_row_height=MIN_ROW_HEIGHT
         )
         self.usage_map.setToolTip(
             "Each layer's row: the share of its top-k choices that went to each expert. The last row: each "
