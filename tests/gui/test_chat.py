@@ -383,9 +383,15 @@ def test_the_routing_panel_reads_at_the_default_window_size(qtbot, window, tmp_p
     screenshot(window, f"chat-settings-{layers}-layers")
 
 
-def test_model_text_in_rich_text_is_escaped(page: ChatPage) -> None:
+def test_model_text_in_rich_text_is_escaped(qtbot, page: ChatPage, tmp_path: Path) -> None:
     page.panel.show_legend(ExpertStyle(ExpertLegend(("<b>bold</b>",), ("#123456",))))
     assert "&lt;b&gt;bold&lt;/b&gt;" in page.panel.legend_label.text()
+    # Labels that show a model's name, path or errors show them as written, markup or not.
+    page.load_model(LoadRequest(str(tmp_path / "<b>no such model</b>"), device="cpu"))
+    qtbot.waitUntil(lambda: page.state is PageState.NO_MODEL, timeout=TIMEOUT_MS)
+    page.panel.show_unavailable("<i>dense</i> is a dense model")
+    for label in (page.model_box.model_status, page.panel.panel_reason):
+        assert "<" in label.text() and label.textFormat() == Qt.TextFormat.PlainText
 
 
 def test_token_pieces_follow_the_answer_text() -> None:

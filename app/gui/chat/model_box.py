@@ -61,12 +61,15 @@ class ModelBox(QGroupBox):
         self.load_progress = QProgressBar()
         self.load_progress.setRange(0, 1000)
         self.load_progress.setMaximumWidth(220)
+        # Model names, paths and errors are never markup: these labels show them as plain text.
         self.model_status = QLabel("No model loaded.")
+        self.model_status.setTextFormat(Qt.TextFormat.PlainText)
         self.model_status.setWordWrap(True)
         self.model_status.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
 
         self.fit_box = QGroupBox("The model does not fit")
         self.fit_message = QLabel()
+        self.fit_message.setTextFormat(Qt.TextFormat.PlainText)
         self.fit_message.setWordWrap(True)
         self.fit_buttons_layout = QHBoxLayout()
         self.fallback_buttons: list[QPushButton] = []

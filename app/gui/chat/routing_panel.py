@@ -79,6 +79,7 @@ class RoutingPanel(QStackedWidget):
         layout.addLayout(exports)
 
         self.panel_reason = explanation("")
+        self.panel_reason.setTextFormat(Qt.TextFormat.PlainText)  # it names the model
         self.panel_reason.setAlignment(Qt.AlignmentFlag.AlignCenter)
         self.addWidget(panel)
         self.addWidget(self.panel_reason)
