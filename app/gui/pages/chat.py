@@ -168,6 +168,7 @@ class ChatPage(QWidget):
         for button in (controls.clear_button, controls.save_button, controls.markdown_button):
             button.setEnabled(idle and has_messages)
         controls.open_button.setEnabled(idle)
+        controls.restore_button.setEnabled(ready)
         self.panel.export_trace_button.setEnabled(idle and self._latest_answer() is not None)
         self.panel.export_usage_button.setEnabled(idle and self.usage is not None and self.usage.tokens > 0)
 
