@@ -43,14 +43,21 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
 }
 
 
-def make_tiny_moe(folder: Path, architecture: str, seed: int = 0) -> Path:
-    """A random MoE model of the given transformers architecture, deterministic for a seed."""
+def make_tiny_moe(
+    folder: Path, architecture: str, seed: int = 0, layers: int | None = None, expert_names: tuple[str, ...] = ()
+) -> Path:
+    """A random MoE model of the given transformers architecture, deterministic for a seed.
+
+    ``layers`` overrides the architecture's number of layers; ``expert_names`` are written as the
+    experts' labels in a recipe beside the weights, as a merge writes them.
+    """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     folder = Path(folder)
     vocab_size = write_tokenizer(folder)
-    config = AutoConfig.for_model(architecture, vocab_size=vocab_size, **TINY, **ARCHITECTURES[architecture])
+    shape = dict(ARCHITECTURES[architecture], **({"num_hidden_layers": layers} if layers else {}))
+    config = AutoConfig.for_model(architecture, vocab_size=vocab_size, **TINY, **shape)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():
@@ -59,4 +66,17 @@ def make_tiny_moe(folder: Path, architecture: str, seed: int = 0) -> Path:
             if name.endswith("gate.weight"):
                 parameter.normal_(0.0, 0.5)
     model.save_pretrained(folder)
+    if expert_names:
+        write_expert_names(folder, expert_names)
     return folder
+
+
+def write_expert_names(folder: Path, names: tuple[str, ...]) -> None:
+    from app.core.merge.pipeline import RECIPE_FILENAME
+
+    experts = "".join(
+        f"  - source_model: donor-{i}\n    positive_prompts: [{name!r}]\n" for i, name in enumerate(names)
+    )
+    labels = "".join(f"    - {{label: {name!r}}}\n" for name in names)
+    recipe = f"base_model: base\ngate_mode: random\nexperts:\n{experts}frankenmoe:\n  experts:\n{labels}"
+    (folder / RECIPE_FILENAME).write_text(recipe, encoding="utf-8")

@@ -361,13 +361,16 @@ class MainWindow(QMainWindow):
             event.ignore()
             return
         # The start-up cleanup is no work of the user's to ask about; shutdown waits for it.
-        running = [handle for handle in self.context.running if handle is not self.cleanup_job]
+        running = [handle.name for handle in self.context.running if handle is not self.cleanup_job]
+        kept = ""
+        if self.chat_page.is_answering:
+            running.append("the chat's answer")
+            kept = " The chat's conversation is kept and comes back with its model."
         if running:
-            names = ", ".join(handle.name for handle in running)
             answer = QMessageBox.question(
                 self,
                 "Work is running",
-                f"Stop {names} and quit? Anything half-written is removed.",
+                f"Stop {', '.join(running)} and quit? Anything half-written is removed.{kept}",
                 QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No,
                 QMessageBox.StandardButton.No,
             )

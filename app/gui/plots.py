@@ -1,6 +1,11 @@
 """Heatmaps drawn with QPainter: title, axis labels, tick labels, a colour-bar legend, and
 optional outlined cells (the expert each layer picks). Colours come from the palette, so the plot
-reads in light and dark themes alike."""
+reads in light and dark themes alike.
+
+Text never clips: the title wraps, column labels turn vertical when they do not fit under their
+column, and with a minimum row height the widget asks for the height its rows need (put it in a
+scroll area); only what still cannot fit is elided.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from PySide6.QtCore import QPointF, QRectF, QSize, Qt
-from PySide6.QtGui import QColor, QFont, QFontMetricsF, QLinearGradient, QPainter, QPaintEvent, QPalette, QPen
+from PySide6.QtGui import (
+    QColor,
+    QFont,
+    QFontMetricsF,
+    QLinearGradient,
+    QPainter,
+    QPaintEvent,
+    QPalette,
+    QPen,
+    QResizeEvent,
+)
 from PySide6.QtWidgets import QSizePolicy, QWidget
 
 from app.gui.theme import is_dark
@@ -33,6 +48,48 @@ class HeatmapData:
     diverging: bool = False
 
 
+LEGEND_WIDTH = 70  # the colour bar, its tick values and its rotated label
+MIN_PLOT_SIZE = 20
+MAX_VERTICAL_LABEL = 120  # column labels turned vertical are elided beyond this length
+
+
+@dataclass(frozen=True)
+class HeatmapLayout:
+    """Where everything goes at one size, and each text as it is drawn (wrapped or elided)."""
+
+    title_lines: list[str]
+    title_rect: QRectF
+    plot: QRectF
+    cell_width: float
+    cell_height: float
+    column_labels: list[str]
+    vertical_column_labels: bool
+    column_labels_top: float
+    column_label_height: float
+    bar: QRectF
+    legend_label: str
+
+
+def wrap_text(metrics: QFontMetricsF, text: str, width: float) -> list[str]:
+    """Lines of at most width, broken between words; a word longer than a line is elided."""
+    lines: list[str] = []
+    current = ""
+    for word in text.split(" "):
+        candidate = f"{current} {word}" if current else word
+        if current and metrics.horizontalAdvance(candidate) > width:
+            lines.append(current)
+            current = word
+        else:
+            current = candidate
+    lines.append(current)
+    return [
+        line
+        if metrics.horizontalAdvance(line) <= width
+        else metrics.elidedText(line, Qt.TextElideMode.ElideMiddle, width)
+        for line in lines
+    ]
+
+
 def _mix(a: QColor, b: QColor, t: float) -> QColor:
     t = min(1.0, max(0.0, t))
     return QColor.fromRgbF(
@@ -43,15 +100,26 @@ def _mix(a: QColor, b: QColor, t: float) -> QColor:
 
 
 class Heatmap(QWidget):
-    def __init__(self, empty_text: str = "Nothing to show yet.", parent: QWidget | None = None) -> None:
+    def __init__(
+        self,
+        empty_text: str = "Nothing to show yet.",
+        parent: QWidget | None = None,
+        minimum: QSize | None = None,
+        min_row_height: int = 0,
+    ) -> None:
+        """``min_row_height`` > 0 makes the widget ask for at least that height per row."""
         super().__init__(parent)
         self._data: HeatmapData | None = None
         self._empty_text = empty_text
+        self._minimum = minimum or QSize(320, 240)
+        self.min_row_height = min_row_height
         self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Expanding)
-        self.setMinimumSize(320, 240)
 
     def sizeHint(self) -> QSize:
-        return QSize(480, 360)
+        return QSize(480, 360).expandedTo(self.minimumSizeHint())
+
+    def minimumSizeHint(self) -> QSize:
+        return QSize(self._minimum.width(), max(self._minimum.height(), self.height_for_rows(self.width())))
 
     @property
     def data(self) -> HeatmapData | None:
@@ -70,7 +138,81 @@ class Heatmap(QWidget):
         self._data = data
         if empty_text is not None:
             self._empty_text = empty_text
+        self.updateGeometry()
         self.update()
+
+    def resizeEvent(self, event: QResizeEvent) -> None:
+        super().resizeEvent(event)
+        # The title's lines and the column labels' direction follow the width, and the height needed with them.
+        if event.size().width() != event.oldSize().width():
+            self.updateGeometry()
+
+    def fonts(self) -> tuple[QFont, QFont]:
+        base_font = QFont(self.font())
+        title_font = QFont(base_font)
+        title_font.setBold(True)
+        title_font.setPointSizeF(base_font.pointSizeF() * 1.15)
+        return base_font, title_font
+
+    def layout_for(self, width: float, height: float) -> HeatmapLayout | None:
+        """The plot's layout at this size, or None without data."""
+        data = self._data
+        if data is None or not data.values:
+            return None
+        base_font, title_font = self.fonts()
+        metrics, title_metrics = QFontMetricsF(base_font), QFontMetricsF(title_font)
+        line = metrics.height()
+        columns = len(data.values[0])
+
+        title_lines = wrap_text(title_metrics, data.title, width - 8)
+        top = len(title_lines) * title_metrics.height() + 10
+        row_label_width = max(metrics.horizontalAdvance(label) for label in data.row_labels) + 8
+        left = line + 6 + row_label_width
+        plot_width = width - left - LEGEND_WIDTH - 10
+        cell_w = plot_width / columns
+        label_widths = [metrics.horizontalAdvance(label) for label in data.column_labels]
+        vertical = any(w > cell_w - 2 for w in label_widths)
+        if vertical:
+            label_height = min(max(label_widths), MAX_VERTICAL_LABEL)
+            labels = [
+                metrics.elidedText(label, Qt.TextElideMode.ElideRight, MAX_VERTICAL_LABEL)
+                for label in data.column_labels
+            ]
+        else:
+            label_height, labels = line, list(data.column_labels)
+        strip = 8 if data.column_colors else 4  # the column colours, under the plot
+        bottom_space = strip + label_height + 4 + line + 8 + (line + 4 if data.outline_legend else 0)
+        plot = QRectF(left, top, plot_width, height - top - bottom_space)
+        bar = QRectF(plot.right() + 14, plot.top(), 14, plot.height())
+        legend_label = metrics.elidedText(data.legend_label, Qt.TextElideMode.ElideRight, bar.height())
+        return HeatmapLayout(
+            title_lines=title_lines,
+            title_rect=QRectF(4, 2, width - 8, top - 8),
+            plot=plot,
+            cell_width=cell_w,
+            cell_height=plot.height() / len(data.values),
+            column_labels=labels,
+            vertical_column_labels=vertical,
+            column_labels_top=plot.bottom() + strip,
+            column_label_height=label_height,
+            bar=bar,
+            legend_label=legend_label,
+        )
+
+    def height_for_rows(self, width: float) -> int:
+        """The height that gives every row min_row_height and the rotated labels their length, at this width."""
+        data = self._data
+        if self.min_row_height <= 0 or data is None or not data.values:
+            return 0
+        probe = self.layout_for(width, 10_000)
+        assert probe is not None
+        metrics = QFontMetricsF(self.fonts()[0])
+        plot_height = max(
+            len(data.values) * self.min_row_height,
+            metrics.horizontalAdvance(data.legend_label) + 8,
+            metrics.horizontalAdvance(data.y_label) + 8,
+        )
+        return int(10_000 - probe.plot.height() + plot_height) + 1
 
     def color_for(self, value: float) -> QColor:
         """Sequential: background to accent; diverging: blue through background to orange."""
@@ -92,33 +234,21 @@ class Heatmap(QWidget):
         painter.fillRect(self.rect(), palette.color(QPalette.ColorRole.Window))
         painter.setPen(text_color)
         data = self._data
-        if data is None or not data.values:
+        layout = self.layout_for(self.width(), self.height())
+        if data is None or layout is None:
             painter.drawText(self.rect(), Qt.AlignmentFlag.AlignCenter | Qt.TextFlag.TextWordWrap, self._empty_text)
             painter.end()
             return
-
-        base_font = QFont(self.font())
-        title_font = QFont(base_font)
-        title_font.setBold(True)
-        title_font.setPointSizeF(base_font.pointSizeF() * 1.15)
-        metrics = QFontMetricsF(base_font)
-        line = metrics.height()
-        rows, columns = len(data.values), len(data.values[0])
-
-        row_label_width = max(metrics.horizontalAdvance(label) for label in data.row_labels) + 8
-        column_label_height = line + (8 if data.column_colors else 4)
-        legend_width = 70
-        left = line + 6 + row_label_width
-        top = QFontMetricsF(title_font).height() + 10
-        bottom_space = column_label_height + line + 8 + (line + 4 if data.outline_legend else 0)
-        plot = QRectF(left, top, self.width() - left - legend_width - 10, self.height() - top - bottom_space)
-        if plot.width() < 20 or plot.height() < 20:
+        plot, cell_w, cell_h = layout.plot, layout.cell_width, layout.cell_height
+        if plot.width() < MIN_PLOT_SIZE or plot.height() < MIN_PLOT_SIZE:
             painter.end()
             return
-        cell_w, cell_h = plot.width() / columns, plot.height() / rows
+        base_font, title_font = self.fonts()
+        metrics = QFontMetricsF(base_font)
+        line = metrics.height()
 
         painter.setFont(title_font)
-        painter.drawText(QRectF(0, 2, self.width(), top - 6), Qt.AlignmentFlag.AlignCenter, data.title)
+        painter.drawText(layout.title_rect, Qt.AlignmentFlag.AlignCenter, "\n".join(layout.title_lines))
         painter.setFont(base_font)
 
         show_values = cell_w > metrics.horizontalAdvance("-0.00") + 6 and cell_h > line + 2
@@ -148,19 +278,12 @@ class Heatmap(QWidget):
             )
 
         painter.setPen(text_color)
+        row_label_left = line + 6
         for r, label in enumerate(data.row_labels):
-            rect = QRectF(line + 6, plot.top() + r * cell_h, row_label_width - 6, cell_h)
+            rect = QRectF(row_label_left, plot.top() + r * cell_h, plot.left() - row_label_left - 6, cell_h)
             painter.drawText(rect, Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter, label)
-        for c, label in enumerate(data.column_labels):
-            rect = QRectF(plot.left() + c * cell_w, plot.bottom() + 4, cell_w, line)
-            elided = metrics.elidedText(label, Qt.TextElideMode.ElideRight, cell_w - 2)
-            painter.drawText(rect, Qt.AlignmentFlag.AlignHCenter | Qt.AlignmentFlag.AlignTop, elided)
-            if c < len(data.column_colors):
-                painter.fillRect(
-                    QRectF(plot.left() + c * cell_w + 2, plot.bottom() + 4 + line, cell_w - 4, 4),
-                    QColor(data.column_colors[c]),
-                )
-        x_label_top = plot.bottom() + column_label_height + 4
+        self._draw_column_labels(painter, layout, line)
+        x_label_top = layout.column_labels_top + layout.column_label_height + 4
         painter.drawText(
             QRectF(plot.left(), x_label_top, plot.width(), line), Qt.AlignmentFlag.AlignCenter, data.x_label
         )
@@ -175,10 +298,33 @@ class Heatmap(QWidget):
         painter.drawText(QRectF(-plot.height() / 2, 0, plot.height(), line), Qt.AlignmentFlag.AlignCenter, data.y_label)
         painter.restore()
 
-        self._draw_colour_bar(painter, QRectF(plot.right() + 14, plot.top(), 14, plot.height()), metrics)
+        self._draw_colour_bar(painter, layout.bar, layout.legend_label, metrics)
         painter.end()
 
-    def _draw_colour_bar(self, painter: QPainter, bar: QRectF, metrics: QFontMetricsF) -> None:
+    def _draw_column_labels(self, painter: QPainter, layout: HeatmapLayout, line: float) -> None:
+        assert self._data is not None
+        plot, cell_w = layout.plot, layout.cell_width
+        for c, color in enumerate(self._data.column_colors):
+            painter.fillRect(QRectF(plot.left() + c * cell_w + 2, plot.bottom() + 2, cell_w - 4, 4), QColor(color))
+        for c, label in enumerate(layout.column_labels):
+            center = plot.left() + (c + 0.5) * cell_w
+            if layout.vertical_column_labels:
+                # Read from the bottom up, ending under the column.
+                painter.save()
+                painter.translate(center, layout.column_labels_top)
+                painter.rotate(-90)
+                height = layout.column_label_height
+                painter.drawText(
+                    QRectF(-height, -line / 2, height, line),
+                    Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter,
+                    label,
+                )
+                painter.restore()
+            else:
+                rect = QRectF(center - cell_w / 2, layout.column_labels_top, cell_w, line)
+                painter.drawText(rect, Qt.AlignmentFlag.AlignHCenter | Qt.AlignmentFlag.AlignTop, label)
+
+    def _draw_colour_bar(self, painter: QPainter, bar: QRectF, legend_label: str, metrics: QFontMetricsF) -> None:
         assert self._data is not None
         low, high = self._data.value_range
         gradient = QLinearGradient(bar.bottomLeft(), bar.topLeft())
@@ -191,13 +337,13 @@ class Heatmap(QWidget):
         text_left = bar.right() + 4
         painter.drawText(QPointF(text_left, bar.top() + metrics.ascent()), f"{high:g}")
         painter.drawText(QPointF(text_left, bar.bottom()), f"{low:g}")
-        if self._data.legend_label:
+        if legend_label:
             painter.save()
             painter.translate(text_left + metrics.height() * 0.2, bar.center().y())
             painter.rotate(90)
             painter.drawText(
                 QRectF(-bar.height() / 2, -metrics.height() - 14, bar.height(), metrics.height()),
                 Qt.AlignmentFlag.AlignCenter,
-                self._data.legend_label,
+                legend_label,
             )
             painter.restore()

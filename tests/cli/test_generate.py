@@ -38,6 +38,16 @@ def test_generate_prints_the_answer_and_writes_the_trace(moe, tmp_path, capsys):
     assert sum(r["generated"] for r in records) == len(expected.generated)
 
 
+def test_generate_does_not_print_the_token_that_ends_the_answer(moe, capsys):
+    # With plain sampling, seed 21 ends this tiny model's answer with its end-of-text token, "</s>".
+    argv = ["generate", str(moe), "--prompt", "What is 2 plus 2?", "--temperature", "1", "--top-p", "1"]
+    argv += ["--top-k", "0", "--max-new-tokens", "40", "--seed", "21", "--device", "cpu"]
+    assert run_cli(argv) == 0
+    captured = capsys.readouterr()
+    assert "tokens (eos)" in captured.err
+    assert captured.out.strip() and "</s>" not in captured.out
+
+
 def test_generate_with_a_dense_model_says_there_is_no_routing(llama_donors, capsys):
     argv = ["generate", str(llama_donors["base"]), "--prompt", "hi", "--max-new-tokens", "3", "--device", "cpu"]
     assert run_cli(argv) == 0

@@ -115,6 +115,24 @@ def test_events_stream_the_prompt_then_each_token_with_its_timing(chat):
         assert tokens[-1].tokens_per_second == pytest.approx(result.tokens_per_second)
 
 
+def test_the_token_that_ends_an_answer_is_not_part_of_its_text(chat):
+    # With plain sampling, seed 34 ends this tiny model's answer with its end-of-text token, "</s>".
+    settings = SamplingSettings(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=40, seed=34)
+    session = ChatSession(chat, settings=settings)
+    events: list = []
+    reply = run_job(session.send("What is 2 plus 2?"), events.append)
+    generation = reply.generation
+    assert generation.stop_reason == "eos" and generation.generated[-1].token == "</s>"  # kept in the trace
+    streamed = [e.text for e in events if isinstance(e, TokenGenerated)]
+    assert streamed[-1] == "" and "".join(streamed) == reply.content
+    assert reply.content.strip() and "</s>" not in reply.content
+    assert "</s>" not in session.conversation.to_markdown()
+    # A conversation saved before, with the end token in the answer's text, opens without it.
+    saved = session.conversation.to_json()
+    saved["messages"][-1]["content"] += "</s>"
+    assert Conversation.from_json(saved).messages[reply.id].content == reply.content
+
+
 def test_incremental_text_equals_decoding_the_whole_answer(chat):
     text = "héllo wörld ✓ 12 plus 30"
     ids = chat.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -173,6 +191,29 @@ def test_conversations_save_and_load_with_their_routing(chat, tmp_path):
     (tmp_path / "other.json").write_text('{"format": "something-else"}')
     with pytest.raises(FrankenMoEError, match="not a FrankenMoE Studio conversation"):
         Conversation.load(tmp_path / "other.json")
+
+
+def test_a_conversation_is_autosaved_per_model_and_restored(chat, tmp_path, monkeypatch):
+    from app.core.chat.autosave import autosave_conversation, autosave_path, restore_conversation
+
+    folder = tmp_path / "autosave"
+    model = tmp_path / "models" / "moe"
+    model.mkdir(parents=True)
+    session = ChatSession(chat, Conversation(system_prompt="Be brief."), SamplingSettings(seed=4, max_new_tokens=3))
+    run_job(session.send("Remember me"))
+    assert restore_conversation(folder, str(model)) is None
+    autosave_conversation(session.conversation, folder, str(model))
+    monkeypatch.chdir(tmp_path)
+    for spelling in ("models/moe", "models/moe/", str(model)):  # one model, however its folder is written
+        assert restore_conversation(folder, spelling).to_json() == session.conversation.to_json()
+    assert restore_conversation(folder, "org/another-model") is None
+    assert [p.name for p in folder.iterdir()] == [autosave_path(folder, str(model)).name]  # no partial file left
+
+    autosave_conversation(Conversation(), folder, str(model))  # an emptied conversation leaves nothing
+    assert restore_conversation(folder, str(model)) is None
+    autosave_path(folder, "org/broken").write_text("{", encoding="utf-8")
+    with pytest.raises(FrankenMoEError, match="cannot read the conversation"):
+        restore_conversation(folder, "org/broken")
 
 
 def test_a_dense_model_chats_without_a_panel_and_says_why(llama_donors):

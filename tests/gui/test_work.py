@@ -106,6 +106,7 @@ def test_a_merge_cleans_up_after_a_killed_merge_in_its_folder_and_says_so(
     partial = dead_partial_folder(out, "earlier-moe", 1_200_000)
     page = window.merge_page
     page.out_dir.setText(str(out / "moe"))
+    qtbot.waitUntil(page.merge_button.isEnabled, timeout=TIMEOUT_MS)  # once the models are checked
     page.merge_button.click()
     qtbot.waitUntil(lambda: page.merged_folder is not None, timeout=TIMEOUT_MS)
     assert not partial.exists()

@@ -68,7 +68,7 @@ class TokenGenerated:
     """One new token: its routing, the text it adds to the answer, and the running speed."""
 
     token: TokenRouting
-    text: str  # what to append to the answer shown so far (may be empty mid-character)
+    text: str  # what to append to the answer shown so far (empty mid-character, and for the end token)
     count: int  # tokens generated so far
     time_to_first_token: float
     tokens_per_second: float
@@ -312,7 +312,9 @@ class ChatModel:
                 logits, cache, routing = self._step(next_token.view(1, 1).to(self.input_device), cache, capturing)
             (token,) = self._routings(position, [token_id], True, routing)
             generated.append(token)
-            text = decoder.add(token_id)
+            # The token that ends the answer (e.g. "</s>") is markup for the model, not text for the
+            # reader: it keeps its routing in the trace but adds nothing to the answer.
+            text = "" if token_id in stops else decoder.add(token_id)
             answer.append(text)
             last_token_at = time.perf_counter()
             first_token_at = first_token_at or last_token_at

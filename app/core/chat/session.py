@@ -101,14 +101,18 @@ class Message:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Message:
-        generation = data.get("generation")
+        generation = Generation.from_json(data["generation"]) if data.get("generation") else None
+        content = str(data["content"])
+        if generation is not None and generation.stop_reason == "eos" and generation.generated:
+            # Files saved before the end token was left out of answers end with its text (e.g. "</s>").
+            content = content.removesuffix(generation.generated[-1].token)
         return cls(
             id=str(data["id"]),
             role=data["role"],
-            content=str(data["content"]),
+            content=content,
             parent=data.get("parent"),
             created=float(data.get("created", 0.0)),
-            generation=Generation.from_json(generation) if generation else None,
+            generation=generation,
         )
 
 
