@@ -341,7 +341,7 @@ class MainWindow(QMainWindow):
 
     def chat_without_recipe(self) -> None:
         self.show_step(Step.CHAT)
-        self.chat_page.model_path.setFocus()
+        self.chat_page.model_box.model_path.setFocus()
 
     def open_in_chat(self, folder: Path) -> None:
         self.chat_page.set_model(folder)

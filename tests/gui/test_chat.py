@@ -261,8 +261,8 @@ def test_a_folder_without_config_json_shows_the_problem_and_the_fix(qtbot, page:
     (folder / "model.safetensors").write_bytes(b"")
     load(qtbot, page, LoadRequest(str(folder), device="cpu"))
     assert page.state is PageState.NO_MODEL
-    status = page.model_status.text()
-    assert "has no config.json" in status and "Fix: point at the folder that holds config.json" in status
+    status = page.model_box.model_status.text()
+    assert "has no config.json" in status and "Fix: Point at the folder that holds config.json" in status
     assert "FileNotFoundError" not in status
 
 

@@ -27,7 +27,7 @@ def test_chat_from_the_start_screen_needs_no_recipe(window, qtbot) -> None:
     qtbot.mouseClick(window.start_page.chat_button, Qt.MouseButton.LeftButton)
     assert window.central.currentWidget() is window.workspace
     assert window.pages.currentWidget() is window.chat_page and window.chat_page.isVisible()
-    assert window.chat_page.load_button.isEnabled() and window.chat_page.model_path.hasFocus()
+    assert window.chat_page.model_box.load_button.isEnabled() and window.chat_page.model_box.model_path.hasFocus()
     # The recipe's steps wait for a recipe; the sidebar says so.
     for step in (Step.MODELS, Step.PROMPTS, Step.PREVIEW, Step.MERGE):
         assert not window.steps.item(step).flags() & Qt.ItemFlag.ItemIsEnabled

@@ -27,7 +27,12 @@ def message_labels(window) -> dict[Step, list[QLabel]]:
         Step.PROMPTS: [prompts.expert_problems, prompts.settings_problems],
         Step.PREVIEW: [preview.status, preview.quality, preview.warnings],
         Step.MERGE: [merge.problems, merge.stage, merge.speed, merge.result_label],
-        Step.CHAT: [chat.model_status, chat.fit_message, chat.stats, chat.panel_reason],
+        Step.CHAT: [
+            chat.model_box.model_status,
+            chat.model_box.fit_message,
+            chat.controls.stats,
+            chat.panel.panel_reason,
+        ],
     }
 
 
@@ -47,8 +52,8 @@ def test_long_messages_wrap_inside_the_window_on_every_page(window, qtbot) -> No
         if step is Step.PREVIEW:
             window.preview_page.warnings.show()
         if step is Step.CHAT:
-            window.chat_page.fit_box.show()
-            window.chat_page.panel_stack.setCurrentWidget(window.chat_page.panel_reason)
+            window.chat_page.model_box.fit_box.show()
+            window.chat_page.panel.setCurrentWidget(window.chat_page.panel.panel_reason)
             conversation = window.chat_page.conversation
             question = conversation.add("user", f"Where is {LONG_PATH}?", None)
             conversation.add("assistant", f"{LONG_ERROR} {LONG_HASH}" * 3, question.id)
