@@ -94,9 +94,10 @@ def main() -> None:
     ours, theirs = statistics.median(ours_seconds), statistics.median(theirs_seconds)
     print(f"model: llama hidden {args.hidden}, {args.layers} layers; {len(records)} texts, {tokens} predicted tokens")
     print(f"batch size {args.batch_size}, {args.rounds} alternating rounds, medians, {torch.get_num_threads()} threads")
-    print(f"ours (score_loaded_model):          {ours:7.3f} s  {tokens / ours:9.0f} tokens/s  nll {ours_nll:.5f}")
-    print(f"lm-eval (loglikelihood_rolling):    {theirs:7.3f} s  {their_tokens / theirs:9.0f} tokens/s  nll {theirs_nll:.5f}")
-    print(f"ratio (ours / lm-eval throughput):  {theirs / ours:.2f}x")
+    ours_rate, their_rate = tokens / ours, their_tokens / theirs
+    print(f"ours (score_loaded_model):        {ours:7.3f} s  {ours_rate:9.0f} tokens/s  nll {ours_nll:.5f}")
+    print(f"lm-eval (loglikelihood_rolling):  {theirs:7.3f} s  {their_rate:9.0f} tokens/s  nll {theirs_nll:.5f}")
+    print(f"ratio (ours / lm-eval, tokens/s): {ours_rate / their_rate:.2f}x")
 
 
 if __name__ == "__main__":
