@@ -44,6 +44,8 @@ class ProgressBars:
                 dynamic_ncols=True,
             )
         assert self._bar is not None
+        if not by_bytes and record.total != self._bar.total:  # a job that learns its size as it goes (lm-eval)
+            self._bar.total = record.total
         self._bar.n = record.bytes_done if by_bytes else record.done
         self._bar.refresh()
 

@@ -168,6 +168,8 @@ def test_lm_eval_tasks_on_the_moe(merged, tmp_path):
         section["results"][0]["metrics"]["acc"]
     )
     assert "lm-eval:" in result.stdout
+    # One progress step per request: 3 questions x 2 choices + 3 texts, the bar's total grown to match.
+    assert "9/9" in result.stderr
 
 
 def not_utf8(path: Path) -> Path:

@@ -149,9 +149,12 @@ def run_harness(
         task_manager = known_tasks(request.include_path)
         check_tasks(task_manager, request.tasks)
     check_cancel(cancel)
-    # Custom tasks read local files through `datasets`; nothing may reach the network unless the user allows it.
-    os.environ.setdefault("HF_DATASETS_OFFLINE", os.environ.get("HF_HUB_OFFLINE", "0"))
-    logging.getLogger("lm_eval").setLevel(logging.WARNING)
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        # Offline for the Hub means offline for `datasets` too (which task data loads through).
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    # lm-eval warns about things that are as intended here (a model object rather than a name, metrics
+    # without an explicit aggregation); its errors still show.
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
 
     # (requests answered, requests announced) increments from the harness thread.
     records: queue.SimpleQueue[tuple[int, int]] = queue.SimpleQueue()
