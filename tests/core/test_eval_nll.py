@@ -287,3 +287,19 @@ def test_comparison_models_come_from_the_recipe_beside_the_merge(tmp_path: Path)
         ("donor-1", "donor-1"),
         ("donor-2", "donor-2"),
     ]
+
+
+def test_records_longer_than_the_context_are_cut_to_it(models: dict[str, Path]) -> None:
+    import torch
+
+    model, tokenizer = load(models["dense"])
+    context = model.config.max_position_embeddings
+    text = " ".join(f"word{i % 37} and more" for i in range(context))
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    assert ids.shape[1] > context
+    cut = ids[:, :context]
+    with torch.no_grad():
+        expected = float(model(input_ids=cut, labels=cut).loss)
+    [result] = run_job(score_loaded_model(model, tokenizer, [EvalDataset("long", (text,))])).results
+    assert result.tokens == context - 1
+    assert result.nll == pytest.approx(expected, rel=1e-5)
