@@ -30,6 +30,10 @@ class RoutingOverride:
     top_k: int | None = None
     disabled: frozenset[int] = field(default_factory=frozenset)
 
+    def __post_init__(self) -> None:
+        # Callers pass lists and sets too; a frozenset keeps the override hashable (a dict key in sweeps).
+        object.__setattr__(self, "disabled", frozenset(int(i) for i in self.disabled))
+
     @property
     def is_default(self) -> bool:
         return self.top_k is None and not self.disabled

@@ -165,7 +165,7 @@ def score_loaded_model(
                         tokens += batch_tokens
                         done += 1
                         yield Progress("scoring", done, total, message=f"{model_name} on {dataset.name}")
-                    nll = nll_sum / tokens if tokens else float("nan")
+                    nll = nll_sum / tokens  # every dataset has a token to predict: checked above
                     results.append(NllResult(model_name, dataset.name, override, nll, _ppl(nll), tokens))
                     if counts is not None:
                         per_dataset.append(dataset_routing(dataset.name, counts))
