@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from app.core.eval.controls import RoutingOverride, overridden_rule, routing_override
+from app.core.eval.controls import RoutingOverride, k_sweep, overridden_rule, routing_override
 from app.core.eval.data import EvalDataset
 from app.core.eval.nll import EvalModel, EvalRequest, comparison_models, evaluate, score_loaded_model
 from app.core.problems import FrankenMoEError
@@ -303,3 +303,20 @@ def test_records_longer_than_the_context_are_cut_to_it(models: dict[str, Path]) 
     [result] = run_job(score_loaded_model(model, tokenizer, [EvalDataset("long", (text,))])).results
     assert result.tokens == context - 1
     assert result.nll == pytest.approx(expected, rel=1e-5)
+
+
+def test_a_k_sweep_scores_the_moe_at_every_k_and_a_dense_model_once(models: dict[str, Path]) -> None:
+    sweep = k_sweep(4, disabled=frozenset({3}))
+    assert [(o.top_k, o.disabled) for o in sweep] == [(1, {3}), (2, {3}), (3, {3})]
+    request = EvalRequest(
+        models=(EvalModel("moe", str(models["mixtral"])), EvalModel("base", str(models["dense"]))),
+        datasets=(CODE,),
+        overrides=sweep,
+        device="cpu",
+    )
+    report = run_job(evaluate(request))
+    assert [(r.model, r.override.top_k) for r in report.results] == [("moe", 1), ("moe", 2), ("moe", 3), ("base", None)]
+    assert list(report.routing["moe"]) == [o.label() for o in sweep]
+    assert "base" not in report.routing
+    with pytest.raises(FrankenMoEError, match="every one of the 2 experts"):
+        k_sweep(2, disabled=frozenset({0, 1}))

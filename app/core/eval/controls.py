@@ -85,6 +85,13 @@ def validate_override(override: RoutingOverride, num_experts: int) -> None:
             )
 
 
+def k_sweep(num_experts: int, disabled: frozenset[int] = frozenset()) -> tuple[RoutingOverride, ...]:
+    """Overrides for every possible experts-per-token count, 1 up to the experts left switched on."""
+    validate_override(RoutingOverride(disabled=disabled), num_experts)
+    enabled = num_experts - len(disabled)
+    return tuple(RoutingOverride(top_k=k, disabled=disabled) for k in range(1, enabled + 1))
+
+
 def model_num_experts(model: Any) -> int:
     """The number of routed experts of a loaded model (0 for a dense model)."""
     from app.core.chat.capture import find_routers
