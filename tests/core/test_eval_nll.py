@@ -225,6 +225,13 @@ def test_overrides_on_a_dense_model_are_refused(models: dict[str, Path]) -> None
     model, _ = load(models["dense"])
     with pytest.raises(FrankenMoEError, match="no experts"), routing_override(model, RoutingOverride(top_k=1)):
         pass
+    request = EvalRequest(
+        models=(EvalModel("base", str(models["dense"])),), datasets=(TEXTS,), overrides=(RoutingOverride(top_k=1),)
+    )
+    records: list[Progress] = []
+    with pytest.raises(FrankenMoEError, match="none of the models has experts"):
+        run_job(evaluate(request), records.append)
+    assert records == []
 
 
 def test_a_folder_that_is_not_a_causal_lm_is_named(tmp_path: Path) -> None:

@@ -295,13 +295,20 @@ def evaluate(request: EvalRequest, cancel: threading.Event | None = None) -> Job
     if empty:
         raise FrankenMoEError(f"dataset {', '.join(empty)} holds no records", "give at least one text per dataset")
     _check_settings(request.batch_size, request.padding_side)
+    any_moe = False
     for model in request.models:
         config = _read_config(model.path, request.cache_dir)
         _check_causal_lm(model.path, config)
         experts = _configured_experts(config)
+        any_moe = any_moe or bool(experts)
         if experts:
             for override in request.overrides:
                 validate_override(override, experts)
+    if not any_moe and any(not o.is_default for o in request.overrides):
+        raise FrankenMoEError(
+            "none of the models has experts, so experts per token and switched-off experts do not apply",
+            "evaluate without --top-k and --disable-expert, or include a mixture-of-experts model",
+        )
     report = EvalReport(
         scoring=SCORING,
         results=[],
