@@ -12,9 +12,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from app.core.problems import FrankenMoEError
+
+if TYPE_CHECKING:
+    from app.core.chat.capture import RoutingRule
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +29,10 @@ class RoutingOverride:
 
     top_k: int | None = None
     disabled: frozenset[int] = field(default_factory=frozenset)
+
+    def __post_init__(self) -> None:
+        # Callers pass lists and sets too; a frozenset keeps the override hashable (a dict key in sweeps).
+        object.__setattr__(self, "disabled", frozenset(int(i) for i in self.disabled))
 
     @property
     def is_default(self) -> bool:
@@ -78,6 +85,13 @@ def validate_override(override: RoutingOverride, num_experts: int) -> None:
             )
 
 
+def k_sweep(num_experts: int, disabled: frozenset[int] = frozenset()) -> tuple[RoutingOverride, ...]:
+    """Overrides for every possible experts-per-token count, 1 up to the experts left switched on."""
+    validate_override(RoutingOverride(disabled=disabled), num_experts)
+    enabled = num_experts - len(disabled)
+    return tuple(RoutingOverride(top_k=k, disabled=disabled) for k in range(1, enabled + 1))
+
+
 def model_num_experts(model: Any) -> int:
     """The number of routed experts of a loaded model (0 for a dense model)."""
     from app.core.chat.capture import find_routers
@@ -85,6 +99,17 @@ def model_num_experts(model: Any) -> int:
     routers = find_routers(model)
     first = next(iter(routers.values()), None)
     return int(first.weight.shape[0]) if first is not None else 0
+
+
+def overridden_rule(rule: RoutingRule, override: RoutingOverride) -> RoutingRule:
+    """A RoutingRule (app.core.chat.capture) with the override's experts per token, for the chat's capture.
+
+    The capture sees the masked logits already (the override's hook runs first); only its top-k
+    count comes from the config, so a chat that changes k swaps its capture's rule for this one.
+    """
+    from dataclasses import replace
+
+    return replace(rule, top_k=override.top_k) if override.top_k is not None else rule
 
 
 @contextmanager
