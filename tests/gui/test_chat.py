@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -81,22 +80,20 @@ def test_a_merged_model_streams_coloured_tokens_and_the_panel_follows(qtbot, pag
     assert "maths" in page.legend_label.text() and "code" in page.legend_label.text()
     assert page.panel_stack.currentIndex() == 0
 
-    batches: list[tuple[float, int]] = []
-    page.backend.worker.tokens_generated.connect(lambda events: batches.append((time.monotonic(), len(events))))
+    batches: list[int] = []
+    page.backend.worker.tokens_generated.connect(lambda events: batches.append(len(events)))
     page.max_new_tokens.setValue(40)
     page.seed.setValue(5)
     page.system_prompt.setPlainText("You are terse.")
     page.message_input.setPlainText("What is 2 + 2?")
-    started = time.monotonic()
     answer(qtbot, page, page.send_button.click)
-    elapsed = time.monotonic() - started
 
     question, reply = page.conversation.path()
     assert question.content == "What is 2 + 2?" and page.conversation.system_prompt == "You are terse."
     generated = reply.generation.generated
-    assert sum(count for _at, count in batches) == len(generated)
-    # At most about 30 updates a second, however fast the tokens come.
-    assert len(batches) <= 2 + elapsed * 30
+    # Every token reaches the page; the 30-updates-a-second cap is tested with a controlled clock
+    # in test_chat_worker.py.
+    assert sum(batches) == len(generated)
     assert "tokens/s" in page.stats.text() and "first token after" in page.stats.text()
 
     # Each token is coloured by the expert most layers chose; then by one layer's choice.
@@ -249,8 +246,8 @@ def test_closing_the_window_mid_answer_stops_and_joins_the_worker(qtbot, window,
     chat.send("Go on forever")
     with qtbot.waitSignal(chat.backend.worker.tokens_generated, timeout=TIMEOUT_MS):
         pass
-    started = time.monotonic()
-    window.close()
+    window.close()  # returns once the worker has stopped at its next token and been joined
     assert chat.backend.thread.isFinished()
-    assert time.monotonic() - started < 5
+    reply = chat.conversation.path()[-1]
+    assert reply.generation is not None and reply.generation.stop_reason == "stopped"
     assert chat.backend.worker._model is None  # the model's memory is freed
