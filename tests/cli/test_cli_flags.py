@@ -18,7 +18,6 @@ from app.core.chat import LoadRequest, SamplingSettings, load_chat_model, write_
 from app.core.merge.gates import compute_gates
 from app.core.progress import run_job
 from app.core.recipe import load_recipe, parse_recipe, save_recipe
-from tests.chat_models import make_tiny_moe
 
 REPO = Path(__file__).resolve().parents[2]
 PROMPT = "Tell me about the sea."
@@ -27,8 +26,8 @@ DEFAULTS = SamplingSettings(max_new_tokens=10, seed=9)
 
 
 @pytest.fixture(scope="module")
-def moe(tmp_path_factory):
-    return make_tiny_moe(tmp_path_factory.mktemp("flags") / "moe", "mixtral", seed=5)
+def moe(tiny_mixtral):
+    return tiny_mixtral
 
 
 @pytest.fixture(scope="module")

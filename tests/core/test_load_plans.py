@@ -10,14 +10,13 @@ import torch
 
 from app.cli.main import run_cli
 from app.core.chat import LoadMode, LoadRequest, plan_load
-from tests.chat_models import make_tiny_moe
 
 GPU_FREE = 6 * 10**9
 
 
 @pytest.fixture(scope="module")
-def moe(tmp_path_factory):
-    return make_tiny_moe(tmp_path_factory.mktemp("plans") / "mixtral", "mixtral", seed=3)
+def moe(tiny_mixtral):
+    return tiny_mixtral
 
 
 @pytest.fixture

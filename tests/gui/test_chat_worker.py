@@ -4,7 +4,6 @@ whatever the speed of the machine."""
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -12,12 +11,11 @@ import pytest
 from app.core.chat import Conversation, LoadRequest, SamplingSettings
 from app.gui import chat_worker
 from app.gui.chat_worker import AnswerKind, AnswerRequest, ChatWorker
-from tests.chat_models import make_tiny_moe
 
 
 @pytest.fixture(scope="module")
-def moe(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_moe(tmp_path_factory.mktemp("worker") / "moe", "mixtral", seed=5)
+def moe(tiny_mixtral):
+    return tiny_mixtral
 
 
 class SteppingClock:
