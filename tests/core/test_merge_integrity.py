@@ -115,21 +115,22 @@ def test_a_merge_killed_while_overwriting_leaves_the_old_model_or_the_new(llama_
     assert leftovers(work) == []
 
 
-def test_the_next_merge_restores_a_model_a_killed_overwrite_had_moved_aside(llama_donors, tmp_path):
+@pytest.mark.parametrize("name", ["moe", "moe [v2]*?"])  # glob's special characters are only a name here
+def test_the_next_merge_restores_a_model_a_killed_overwrite_had_moved_aside(llama_donors, tmp_path, name):
     """The state a kill between 'move the old model aside' and 'rename the new one in' leaves."""
     from app.core.problems import FrankenMoEError
 
-    out = tmp_path / "moe"
+    out = tmp_path / name
     merge(recipe_for(llama_donors), out)
     old = snapshot(out)
     pid = dead_pid()
-    aside = tmp_path / f".moe{REPLACED_MARK}{pid}-0badc0de"
+    aside = tmp_path / f".{name}{REPLACED_MARK}{pid}-0badc0de"
     out.rename(aside)
-    partial = tmp_path / f".moe{PARTIAL_MARK}{pid}-0badc0de"
+    partial = tmp_path / f".{name}{PARTIAL_MARK}{pid}-0badc0de"
     shutil.copytree(aside, partial)
     (partial / "config.json").unlink()  # the new model, unfinished
     # A live process's folders are its own business: the cleanup leaves them alone.
-    alive = tmp_path / f".moe{REPLACED_MARK}{os.getpid()}-0badc0de"
+    alive = tmp_path / f".{name}{REPLACED_MARK}{os.getpid()}-0badc0de"
     alive.mkdir()
 
     # The next merge restores the old model and removes the dead run's partial folder; then it

@@ -7,6 +7,7 @@ Leftovers of a killed run are removed by the next run for the same target.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
@@ -89,7 +90,8 @@ def _pid_alive(pid: int) -> bool:
 
 def _leftovers(out_dir: Path, mark: str) -> list[tuple[Path, int]]:
     found = []
-    for path in out_dir.parent.glob(f".{out_dir.name}{mark}*"):
+    # Escaped: a folder named e.g. "model [v2]" would otherwise be a glob pattern that never matches.
+    for path in out_dir.parent.glob(f"{glob.escape(f'.{out_dir.name}{mark}')}*"):
         pid_text = path.name[len(f".{out_dir.name}{mark}") :].split("-", 1)[0]
         if pid_text.isdigit():
             found.append((path, int(pid_text)))
