@@ -93,6 +93,6 @@ def test_the_merged_card_carries_the_base_model_s_licence(llama_donors, tmp_path
     assert (tmp_path / "moe" / "README.md").read_text().startswith("---\nlicense: llama3\n")
     # A licence the user gives wins over the base model's; without either it is "other".
     recipe = recipe_for(donors)
-    chosen = render_model_card(recipe, ModelCardFields(license="mit"), base, "moe")
+    chosen = render_model_card(recipe, ModelCardFields(license="mit"), base, "moe", "mixtral")
     assert chosen.startswith("---\nlicense: mit\n")
-    assert render_model_card(recipe, ModelCardFields(), llama_donors["base"], "moe").startswith("---\nlicense: other\n")
+    assert render_model_card(recipe, ModelCardFields(), llama_donors["base"], "moe", "mixtral").startswith("---\nlicense: other\n")
