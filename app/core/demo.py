@@ -29,6 +29,9 @@ SEED = 1234
 VOCAB_SIZE = 384
 SEQUENCE_LENGTH = 48
 BATCH_SIZE = 16
+# Training steps of the base, and of each expert on top of it.
+BASE_STEPS = 200
+EXPERT_STEPS = 100
 
 
 def _arithmetic(rng: random.Random) -> str:
@@ -126,8 +129,8 @@ def build_demo(
     cache_dir: Path,
     cancel: threading.Event | None = None,
     *,
-    base_steps: int = 200,
-    expert_steps: int = 100,
+    base_steps: int = BASE_STEPS,
+    expert_steps: int = EXPERT_STEPS,
 ) -> Job[Path]:
     """Build (or find cached) the demo models and recipe; returns the recipe's path."""
     recipe_path = demo_recipe_path(cache_dir)
