@@ -46,9 +46,19 @@ def test_a_failing_step_stops_the_self_test_with_its_traceback(monkeypatch):
     assert "ok  " not in report
 
 
-def test_main_dispatches_the_self_test_flag(monkeypatch):
+def test_main_dispatches_the_self_test_flag(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))  # main() logs; not into the user's log
+    monkeypatch.setenv("LOCALAPPDATA", str(tmp_path))
+    monkeypatch.setattr(Path, "home", lambda: tmp_path)
     monkeypatch.setattr(selftest, "run_self_test", lambda: 7)
-    assert entry.main(["--self-test"]) == 7
+    handlers = list(startup.logging.getLogger().handlers)
+    try:
+        assert entry.main(["--self-test"]) == 7
+    finally:
+        for handler in startup.logging.getLogger().handlers:
+            if handler not in handlers:
+                startup.logging.getLogger().removeHandler(handler)
+                handler.close()
 
 
 def test_resources_come_from_the_repository_from_source_and_from_meipass_when_frozen(monkeypatch, tmp_path):
