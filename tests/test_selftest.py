@@ -34,6 +34,23 @@ def test_self_test_passes_offline_in_a_fresh_process(tmp_path):
     assert not list(tmp_path.rglob("*.ini")), "the self-test wrote settings into the user's home"
 
 
+def test_the_window_step_prints_no_stray_qt_warning(tmp_path):
+    """Qt's offscreen plugin warns about size hints; the self-test's report must not be interleaved with it."""
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from app.selftest import open_main_window\n"
+        f"print(open_main_window(Path({str(tmp_path / 'cache')!r}), Path({str(tmp_path / 'settings')!r})))\n"
+    )
+    env = {**os.environ, "QT_QPA_PLATFORM": "offscreen", "PYTHONPATH": str(REPO), "HOME": str(tmp_path)}
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "'FrankenMoE Studio' on the offscreen platform"
+    assert result.stderr == ""
+
+
 def test_a_failing_step_stops_the_self_test_with_its_traceback(monkeypatch):
     def broken() -> str:
         raise RuntimeError("no tokenizers here")
