@@ -7,6 +7,7 @@ from pathlib import Path
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import QHBoxLayout, QListWidget, QListWidgetItem, QPushButton, QVBoxLayout, QWidget
 
+from app.core.demo import DEMO_DURATION
 from app.gui.widgets import explanation, heading
 
 
@@ -42,8 +43,8 @@ class StartPage(QWidget):
             explanation(
                 "Build a Mixture-of-Experts model from models you already have: pick a base and experts, "
                 "describe with prompts what each expert is for, preview how the router will send text, "
-                "merge, and chat. New here? Try the demo: it needs no Hub access and runs in about a minute "
-                "on a CPU."
+                "merge, and chat. New here? Try the demo: it needs no Hub access, and building its models "
+                f"takes {DEMO_DURATION} on a CPU."
             )
         )
         column.addSpacing(12)
