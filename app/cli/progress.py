@@ -34,6 +34,11 @@ class _Bar(tqdm):  # type: ignore[type-arg]
         return values
 
 
+def bytes_bar(total: int, desc: str, file: TextIO | None = None) -> tqdm:  # type: ignore[type-arg]
+    """A bar counting bytes, shown as decimal sizes (``1.2 GB / 4.9 GB``) like every size the CLI prints."""
+    return _Bar(total=total, desc=desc, bar_format=BYTES_FORMAT, file=file or sys.stderr, dynamic_ncols=True)
+
+
 class ProgressBars:
     def __init__(self, enabled: bool = True, file: TextIO | None = None) -> None:
         self.enabled = enabled
