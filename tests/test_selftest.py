@@ -31,6 +31,7 @@ def test_self_test_passes_offline_in_a_fresh_process(tmp_path):
         assert any(line.startswith(f"ok  {step} ") for line in lines), result.stdout
     assert "offscreen platform" in result.stdout
     assert lines[-1].startswith("self-test passed in ")
+    assert "propagateSizeHints" not in result.stdout + result.stderr  # Qt's offscreen chatter stays out
     assert not list(tmp_path.rglob("*.ini")), "the self-test wrote settings into the user's home"
 
 
