@@ -177,6 +177,42 @@ def train_domain_models(
     """
     import torch
 
+    # The models are tiny: one thread trains them several times faster than a pool whose threads
+    # mostly wait for each other (and, on a busy machine, for a core). bench/demo.py measures it.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return (
+            yield from _train_domain_models(
+                workspace,
+                domains,
+                cancel,
+                base_steps=base_steps,
+                expert_steps=expert_steps,
+                final_folder=final_folder,
+                seed=seed,
+                hidden_size=hidden_size,
+                num_layers=num_layers,
+            )
+        )
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_domain_models(
+    workspace: Path,
+    domains: Mapping[str, Domain],
+    cancel: threading.Event | None = None,
+    *,
+    base_steps: int,
+    expert_steps: int,
+    final_folder: Path | None = None,
+    seed: int = SEED,
+    hidden_size: int = 64,
+    num_layers: int = 4,
+) -> Job[Recipe]:
+    import torch
+
     final_folder = final_folder or workspace
     total = base_steps + expert_steps * len(domains)
     yield Progress("demo: tokenizer", 0, total, message="training a tokenizer on the demo texts")
