@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from app.cli.main import run_cli
@@ -44,7 +46,10 @@ def test_info_checks_against_a_recipe(cli_hub, tmp_path, capsys):
 
 def test_download_then_fetch_a_recipe(cli_hub, hub_home, tmp_path, capsys):
     assert run_cli(["hub", "download", "acme/tiny-llama-instruct@v1"]) == 0
-    folder = capsys.readouterr().out.strip().splitlines()[-1]
+    captured = capsys.readouterr()
+    folder = captured.out.strip().splitlines()[-1]
+    # Sizes as every size the CLI prints (decimal, with a space), not tqdm's own "1.21G".
+    assert re.search(r"\d+\.\d [kM]B / \d+\.\d [kM]B", captured.err), captured.err
     assert folder.startswith(str(hub_home / "hub" / "models--acme--tiny-llama-instruct" / "snapshots"))
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(
