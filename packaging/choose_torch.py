@@ -93,7 +93,10 @@ def pip_commands(spec: str, choice: Choice, installed: tuple[str, str] | None) -
     index = ["--index-url", choice.index_url] if choice.index_url else []
     # Only torch comes from its index; its dependencies come with the app's, from PyPI. Without an
     # index change, a torch that already satisfies spec makes this a no-op that needs no network.
-    commands.append([*pip, "install", "--quiet", *(["--no-deps"] if index else []), *index, spec])
+    # One retry, not pip's five: where PyTorch's index cannot be reached but a local wheel or mirror
+    # holds torch (find-links in pip.conf), five backed-off retries cost minutes before pip uses it.
+    only_torch = ["--no-deps", "--retries", "1"] if index else []
+    commands.append([*pip, "install", "--quiet", *only_torch, *index, spec])
     return commands
 
 

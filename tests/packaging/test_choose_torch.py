@@ -83,6 +83,8 @@ def test_a_cuda_build_is_replaced_where_the_cpu_build_is_wanted():
     commands = choose_torch.pip_commands("torch==2.13.0", cpu, ("2.13.0", "cuda"))
     assert [command[3] for command in commands] == ["uninstall", "install"]
     assert commands[1][-3:] == ["--index-url", choose_torch.CPU_INDEX_URL, "torch==2.13.0"]
+    # Only torch from that index, with one retry: an unreachable index must not cost minutes.
+    assert commands[1][4:8] == ["--quiet", "--no-deps", "--retries", "1"]
     assert choose_torch.pip_commands("torch==2.13.0", cpu, ("2.13.0+cpu", "cpu")) == []
     assert choose_torch.pip_commands("torch", cpu, ("2.14.1+cpu", "cpu")) == []
     # Another version of the right build: pip changes it, nothing is uninstalled first.
