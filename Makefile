@@ -2,11 +2,14 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# Users get whatever torch build suits their machine; the test environment pins the
-# CPU build so that CI installs in seconds and results are reproducible.
+# `make run` gets the torch build that suits the machine: the CPU build without an NVIDIA driver,
+# the CUDA build with one, PyPI's on macOS. `make test` gets the CPU build of torch 2.13 on every
+# machine, so that the suite runs the same everywhere. Both share .venv: packaging/choose_torch.py
+# checks the torch installed there before every run and test, and replaces it when it is not the
+# build (or version) wanted, then says what it chose. TORCH=SPEC overrides the version for run.
 TORCH ?= torch
-# The test environment adds the eval extra (lm-eval), so that CI runs the benchmark tests too.
-EXTRAS ?= test
+TEST_TORCH := torch==2.13.0
+CHOOSE_TORCH = $(BIN)/python packaging/choose_torch.py $(TORCH_FLAGS) "$(TORCH)"
 
 .PHONY: run demo test lint bench clean
 
@@ -14,20 +17,29 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
+# The stamp stands for the app and its dependencies; torch is checked separately, every time.
 $(VENV)/.installed: $(BIN)/python pyproject.toml
-	$(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
+	$(CHOOSE_TORCH)
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $@
+
+# Tests also install the eval extra (lm-eval), so that CI runs the lm-eval tests.
+$(VENV)/.installed-eval: $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet -e ".[test,eval]"
 	touch $@
 
 run: $(VENV)/.installed
+	$(CHOOSE_TORCH)
 	$(BIN)/frankenmoe
 
 demo: $(VENV)/.installed
+	$(CHOOSE_TORCH)
 	$(BIN)/frankenmoe --demo
 
-test: TORCH = torch==2.13.0
-test: EXTRAS = test,eval
-test: $(VENV)/.installed
+test: TORCH = $(TEST_TORCH)
+test: TORCH_FLAGS = --cpu
+test: $(VENV)/.installed-eval
+	$(CHOOSE_TORCH)
 	$(BIN)/ruff check app tests bench packaging
 	QT_QPA_PLATFORM=offscreen $(BIN)/python -m pytest -q
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 
@@ -18,6 +19,17 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_self_test()
     if not args or args[0] in GUI_FLAGS:
+        from app.startup import missing_display
+
+        problem = missing_display(os.environ, sys.platform)
+        if problem is not None:
+            print(f"error: {problem}.", file=sys.stderr)
+            print(
+                "fix: start it in a desktop session (or with ssh -X), or use the command line instead: "
+                "frankenmoe --help lists its commands.",
+                file=sys.stderr,
+            )
+            return 1
         from app.gui.launch import launch
 
         return launch(args)

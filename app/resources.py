@@ -1,8 +1,9 @@
-"""Files shipped beside the code (icons), found the same way from a source checkout and a bundle.
+"""Files shipped beside the code (icons), found the same way from a source checkout, a wheel and a bundle.
 
-From source (or an editable install) they are in ``resources/`` at the repository root; in a
+From source (or an editable install) they are in ``resources/`` at the repository root; a wheel
+(``pip install .``) carries a copy as ``app/_resources`` (setup.py copies it there); in a
 PyInstaller bundle the spec copies that folder to ``resources/`` under ``sys._MEIPASS``, the
-bundle's data folder. A plain wheel does not carry them: callers treat a missing file as "no icon".
+bundle's data folder.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ def resources_dir() -> Path:
     bundle = getattr(sys, "_MEIPASS", None)
     if bundle:
         return Path(bundle) / "resources"
-    return Path(__file__).resolve().parent.parent / "resources"
+    package = Path(__file__).resolve().parent
+    installed = package / "_resources"
+    return installed if installed.is_dir() else package.parent / "resources"
 
 
 def resource_path(name: str) -> Path:

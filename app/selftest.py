@@ -35,6 +35,8 @@ RUNTIME_LIBRARIES = (
     ("jinja2", "jinja2"),  # chat templates
 )
 GENERATED_TOKENS = 4
+# The offscreen platform (which the self-test uses) cannot pass a window's size hints on; nothing is wrong.
+HARMLESS_QT_MESSAGES = ("This plugin does not support propagateSizeHints()",)
 # Tiny on purpose: the self-test proves the machinery, not the models' quality.
 BASE_STEPS = 2
 EXPERT_STEPS = 1
@@ -140,6 +142,21 @@ def generate_with_routing(model_dir: Path) -> str:
 
 def open_main_window(cache_dir: Path, settings_dir: Path) -> str:
     """Open the main window offscreen with throw-away settings, let it start, and close it."""
+    from PySide6.QtCore import qInstallMessageHandler
+
+    # Qt's own messages are collected, not printed between the report's lines; any that matter
+    # are reported with the step.
+    qt_messages: list[str] = []
+    previous = qInstallMessageHandler(lambda _mode, _context, message: qt_messages.append(message))
+    try:
+        detail = _show_and_close_main_window(cache_dir, settings_dir)
+    finally:
+        qInstallMessageHandler(previous)
+    notes = [message for message in qt_messages if message not in HARMLESS_QT_MESSAGES]
+    return detail + (f"; Qt said: {' | '.join(notes)}" if notes else "")
+
+
+def _show_and_close_main_window(cache_dir: Path, settings_dir: Path) -> str:
     from PySide6.QtCore import QCoreApplication, QSettings
     from PySide6.QtWidgets import QApplication
 

@@ -59,3 +59,11 @@ def qwen3_donors(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             root / f"expert{index}", "qwen3", seed=31 + index, config_overrides=overrides
         )
     return donors
+
+
+@pytest.fixture(scope="session")
+def tiny_mixtral(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random tiny Mixtral (4 experts, top-2) with a chat template, for chat and CLI tests."""
+    from tests.chat_models import make_tiny_moe
+
+    return make_tiny_moe(tmp_path_factory.mktemp("mixtral") / "moe", "mixtral", seed=5)

@@ -31,7 +31,25 @@ def test_self_test_passes_offline_in_a_fresh_process(tmp_path):
         assert any(line.startswith(f"ok  {step} ") for line in lines), result.stdout
     assert "offscreen platform" in result.stdout
     assert lines[-1].startswith("self-test passed in ")
+    assert "propagateSizeHints" not in result.stdout + result.stderr  # Qt's offscreen chatter stays out
     assert not list(tmp_path.rglob("*.ini")), "the self-test wrote settings into the user's home"
+
+
+def test_the_window_step_prints_no_stray_qt_warning(tmp_path):
+    """Qt's offscreen plugin warns about size hints; the self-test's report must not be interleaved with it."""
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from app.selftest import open_main_window\n"
+        f"print(open_main_window(Path({str(tmp_path / 'cache')!r}), Path({str(tmp_path / 'settings')!r})))\n"
+    )
+    env = {**os.environ, "QT_QPA_PLATFORM": "offscreen", "PYTHONPATH": str(REPO), "HOME": str(tmp_path)}
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "'FrankenMoE Studio' on the offscreen platform"
+    assert result.stderr == ""
 
 
 def test_a_failing_step_stops_the_self_test_with_its_traceback(monkeypatch):
@@ -46,9 +64,19 @@ def test_a_failing_step_stops_the_self_test_with_its_traceback(monkeypatch):
     assert "ok  " not in report
 
 
-def test_main_dispatches_the_self_test_flag(monkeypatch):
+def test_main_dispatches_the_self_test_flag(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))  # main() logs; not into the user's log
+    monkeypatch.setenv("LOCALAPPDATA", str(tmp_path))
+    monkeypatch.setattr(Path, "home", lambda: tmp_path)
     monkeypatch.setattr(selftest, "run_self_test", lambda: 7)
-    assert entry.main(["--self-test"]) == 7
+    handlers = list(startup.logging.getLogger().handlers)
+    try:
+        assert entry.main(["--self-test"]) == 7
+    finally:
+        for handler in startup.logging.getLogger().handlers:
+            if handler not in handlers:
+                startup.logging.getLogger().removeHandler(handler)
+                handler.close()
 
 
 def test_resources_come_from_the_repository_from_source_and_from_meipass_when_frozen(monkeypatch, tmp_path):

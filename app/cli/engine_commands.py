@@ -37,7 +37,8 @@ def parse_size(text: str) -> int:
 
 
 def register(commands: Any) -> None:
-    merge = commands.add_parser("merge", help="merge a recipe into a Mixtral MoE model folder")
+    what = "merge a recipe into an MoE model folder (Mixtral, Qwen2-MoE or Qwen3-MoE, from the recipe's architecture)"
+    merge = commands.add_parser("merge", help=what, description=what[0].upper() + what[1:] + ".")
     merge.add_argument("recipe", type=Path, help="mergekit-moe YAML recipe")
     merge.add_argument("out", type=Path, help="output folder (created; must be new or empty)")
     merge.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="where to compute gates")

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
+from app.cli.progress import bytes_bar
 from app.core.hub.sorting import SORT_KEYS
 from app.core.progress import Job, Progress, format_bytes
 from app.core.recipe import ModelRef, load_recipe
@@ -132,7 +133,7 @@ def _drive(job: Job[Any], cancel: threading.Event) -> Any:
                 if bar is not None:
                     bar.close()
                 current = record.repo_id
-                bar = tqdm(total=record.bytes_total, unit="B", unit_scale=True, desc=record.repo_id)
+                bar = bytes_bar(record.bytes_total, record.repo_id)
             bar.update(record.bytes_done - bar.n)
             bar.set_postfix_str(f"{record.done}/{record.total} files")
     except KeyboardInterrupt:

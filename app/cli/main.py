@@ -23,7 +23,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="frankenmoe",
         description="Build Mixture-of-Experts models from existing models. Without a command, opens the app.",
-        epilog=f"{SELF_TEST_FLAG}: check that this installation works (offline, about a minute), exit 0 if so.",
+        epilog=(
+            "--demo: open the app and build the demo models. "
+            f"{SELF_TEST_FLAG}: check that this installation works (offline, about a minute), exit 0 if so."
+        ),
     )
     parser.add_argument("--version", action="version", version=f"FrankenMoE Studio {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -1,4 +1,4 @@
-"""The demo: three tiny local experts and a recipe for them, built offline in seconds on a CPU.
+"""The demo: three tiny local experts and a recipe for them, built offline on a CPU (DEMO_DURATION).
 
 A tiny Llama base is trained on a mix of arithmetic, Python code and English prose; each expert is
 the base with its MLPs trained further on one of the three. Attention and embeddings stay the
@@ -29,6 +29,12 @@ SEED = 1234
 VOCAB_SIZE = 384
 SEQUENCE_LENGTH = 48
 BATCH_SIZE = 16
+# Training steps of the base, and of each expert on top of it. With fewer, the experts stay
+# distinct but the test prompts start going astray (bench/demo.py measures both).
+BASE_STEPS = 200
+EXPERT_STEPS = 100
+# What the app and README promise for a first build: bench/demo.py measured 20-22 s on two shared cores.
+DEMO_DURATION = "about 20 seconds"
 
 
 def _arithmetic(rng: random.Random) -> str:
@@ -126,8 +132,8 @@ def build_demo(
     cache_dir: Path,
     cancel: threading.Event | None = None,
     *,
-    base_steps: int = 200,
-    expert_steps: int = 100,
+    base_steps: int = BASE_STEPS,
+    expert_steps: int = EXPERT_STEPS,
 ) -> Job[Path]:
     """Build (or find cached) the demo models and recipe; returns the recipe's path."""
     recipe_path = demo_recipe_path(cache_dir)
@@ -168,6 +174,42 @@ def train_domain_models(
 
     Paths in the recipe point into final_folder (where workspace will be renamed to), or workspace.
     """
+    import torch
+
+    # The models are tiny: one thread trains them several times faster than a pool whose threads
+    # mostly wait for each other (and, on a busy machine, for a core). bench/demo.py measures it.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return (
+            yield from _train_domain_models(
+                workspace,
+                domains,
+                cancel,
+                base_steps=base_steps,
+                expert_steps=expert_steps,
+                final_folder=final_folder,
+                seed=seed,
+                hidden_size=hidden_size,
+                num_layers=num_layers,
+            )
+        )
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_domain_models(
+    workspace: Path,
+    domains: Mapping[str, Domain],
+    cancel: threading.Event | None = None,
+    *,
+    base_steps: int,
+    expert_steps: int,
+    final_folder: Path | None = None,
+    seed: int = SEED,
+    hidden_size: int = 64,
+    num_layers: int = 4,
+) -> Job[Recipe]:
     import torch
 
     final_folder = final_folder or workspace

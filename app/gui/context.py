@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 from PySide6.QtCore import QObject, Signal
@@ -43,6 +44,7 @@ class AppContext(QObject):
         self._running: list[JobHandle] = []
 
     def log(self, message: str) -> None:
+        logging.getLogger("frankenmoe.gui").info(message)  # the log file keeps what the panel shows
         self.logged.emit(f"{time.strftime('%H:%M:%S')}  {message}")
 
     @property

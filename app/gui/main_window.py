@@ -20,9 +20,10 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from app.core.demo import build_demo
+from app.core.demo import DEMO_DURATION, build_demo
 from app.core.merge.leftovers import Cleanup, clean_leftovers_job
 from app.core.problems import ProblemsError
+from app.core.progress import Progress
 from app.gui.context import AppContext, describe_error
 from app.gui.document import RecipeDocument
 from app.gui.hub_search import HubSearchDialog, Purpose
@@ -36,10 +37,12 @@ from app.gui.pages.start import StartPage
 from app.gui.settings import AppSettings
 from app.gui.settings_dialog import SettingsDialog
 from app.gui.theme import apply_theme
+from app.gui.workers import JobHandle
 
 STEPS = ("1  Models", "2  Prompts", "3  Preview", "4  Merge", "5  Chat")
 RECIPE_FILTER = "mergekit-moe recipes (*.yml *.yaml);;All files (*)"
 STATUS_NOTICE_MS = 15_000
+PROGRESS_STEPS = 1000  # the status bar's progress range, when a job reports its share done
 
 
 class Step(int, Enum):
@@ -93,6 +96,7 @@ class MainWindow(QMainWindow):
         self.addDockWidget(Qt.DockWidgetArea.BottomDockWidgetArea, self.log_panel)
         self.context.logged.connect(self.log_panel.append)
         self.jobs_label = QLabel("")
+        self.demo_job: JobHandle | None = None
         self.job_progress = QProgressBar()
         self.job_progress.setMaximumWidth(160)
         self.job_progress.setRange(0, 0)
@@ -200,6 +204,8 @@ class MainWindow(QMainWindow):
     def _jobs_changed(self) -> None:
         running = self.context.running
         self.job_progress.setVisible(bool(running))
+        if self.demo_job is None or not self.demo_job.is_running:
+            self.job_progress.setRange(0, 0)  # other jobs report no share done: busy, not a percentage
         self.jobs_label.setText(", ".join(handle.name for handle in running))
 
     def show_step(self, step: Step) -> None:
@@ -297,15 +303,19 @@ class MainWindow(QMainWindow):
     def try_demo(self) -> None:
         if not self.confirm_discard():
             return
-        self.statusBar().showMessage("Building the demo models (about 20 s the first time)…")
+        self.statusBar().showMessage(f"Building the demo models ({DEMO_DURATION} the first time)…")
         self.start_page.demo_button.setEnabled(False)
         self.demo_job = self.context.run("Demo", lambda cancel: build_demo(self.settings.demo_dir, cancel))
-        self.demo_job.progress.connect(
-            lambda record: self.statusBar().showMessage(f"Demo: {record.message} ({record.fraction:.0%})")
-        )
+        self.demo_job.progress.connect(self._demo_progress)
         self.demo_job.succeeded.connect(self._demo_built)
         self.demo_job.failed.connect(lambda error: QMessageBox.warning(self, "The demo failed", describe_error(error)))
         self.demo_job.finished.connect(lambda: self.start_page.demo_button.setEnabled(True))
+
+    def _demo_progress(self, record: Progress) -> None:
+        self.statusBar().showMessage(f"Demo: {record.message} ({record.fraction:.0%})")
+        # The status bar's progress shows the demo's share done, while the demo runs.
+        self.job_progress.setRange(0, PROGRESS_STEPS)
+        self.job_progress.setValue(round(record.fraction * PROGRESS_STEPS))
 
     def _demo_built(self, recipe_path: Path) -> None:
         if self.open_recipe(recipe_path, confirmed=True):

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -60,7 +61,14 @@ def test_merge_writes_a_loadable_model(recipe_file, tmp_path):
     result = frankenmoe("merge", str(recipe_file), str(out), "--dtype", "bfloat16", "--shard-size", "50KB")
     assert result.returncode == 0, result.stderr
     assert f"merged 3 experts into {out}" in result.stdout
-    assert "writing" in result.stderr  # the tqdm bar
+    # The tqdm bars: writing waits for the gates without starting over, sizes read as in the summary.
+    lines = [line.strip() for line in re.split(r"[\r\n]", result.stderr) if line.strip()]
+    writing = [int(m.group(1)) for line in lines if (m := re.match(r"writing:\s+(\d+)%", line))]
+    assert writing and writing == sorted(writing), writing
+    assert any(line.startswith("writing:") and "waiting for the gates" in line for line in lines)
+    summary_size = re.search(r"\((\d+\.\d (?:kB|MB)) in \d+ shard", result.stdout)
+    assert summary_size and f"/ {summary_size.group(1)}" in result.stderr
+    assert "step/s" not in result.stderr
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     assert len(list(out.glob("model-*.safetensors"))) > 1
     assert AutoModelForCausalLM.from_pretrained(out).config.num_local_experts == 3
@@ -209,3 +217,22 @@ def test_merge_says_how_much_the_leftovers_of_a_killed_merge_freed(recipe_file, 
     assert not partial.exists()
     err = capsys.readouterr().err
     assert f"freed 1.5 MB: removed 1 unfinished merge folder(s) left by stopped merges in {tmp_path}" in err
+
+
+def test_readme_lists_every_command_and_merge_names_every_output_architecture():
+    import argparse
+
+    from app.cli.main import build_parser
+
+    def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+        actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        return dict(actions[0].choices) if actions else {}
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    listed = readme.split("## Command line", 1)[1].split("```sh", 1)[1].split("```", 1)[0]
+    for name, parser in subcommands(build_parser()).items():
+        nested = subcommands(parser)
+        for command in [f"{name} {sub}" for sub in nested] or [name]:
+            assert f"frankenmoe {command} " in listed, command
+    help_text = frankenmoe("merge", "--help").stdout
+    assert "Mixtral, Qwen2-MoE or Qwen3-MoE" in " ".join(help_text.split())

@@ -9,12 +9,11 @@ import pytest
 from app.cli.main import run_cli
 from app.core.chat import LoadRequest, SamplingSettings, load_chat_model
 from app.core.progress import run_job
-from tests.chat_models import make_tiny_moe
 
 
 @pytest.fixture(scope="module")
-def moe(tmp_path_factory):
-    return make_tiny_moe(tmp_path_factory.mktemp("generate") / "moe", "mixtral", seed=5)
+def moe(tiny_mixtral):
+    return tiny_mixtral
 
 
 def test_generate_prints_the_answer_and_writes_the_trace(moe, tmp_path, capsys):

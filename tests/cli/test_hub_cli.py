@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from app.cli.main import run_cli
@@ -44,7 +46,10 @@ def test_info_checks_against_a_recipe(cli_hub, tmp_path, capsys):
 
 def test_download_then_fetch_a_recipe(cli_hub, hub_home, tmp_path, capsys):
     assert run_cli(["hub", "download", "acme/tiny-llama-instruct@v1"]) == 0
-    folder = capsys.readouterr().out.strip().splitlines()[-1]
+    captured = capsys.readouterr()
+    folder = captured.out.strip().splitlines()[-1]
+    # Sizes as every size the CLI prints (decimal, with a space), not tqdm's own "1.21G".
+    assert re.search(r"\d+\.\d [kM]B / \d+\.\d [kM]B", captured.err), captured.err
     assert folder.startswith(str(hub_home / "hub" / "models--acme--tiny-llama-instruct" / "snapshots"))
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(
@@ -116,3 +121,38 @@ def test_merge_of_cached_hub_models_works_offline(cli_hub, hub_home, closed_endp
     out = tmp_path / "moe"
     assert run_cli(["merge", str(recipe), str(out), "--quiet"]) == 0
     assert f"merged 2 experts into {out}" in capsys.readouterr().out
+
+
+def hub_login(hub, hub_home, token: str):
+    """`frankenmoe hub login` in a process of its own (huggingface_hub's login reads the endpoint at import)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    return subprocess.run(
+        [sys.executable, "-m", "app", "hub", "login"],
+        input=token + "\n",
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(repo), "HF_ENDPOINT": hub.url, "HF_HOME": str(hub_home)},
+    )
+
+
+def test_login_checks_the_token_saves_it_and_never_prints_it(hub, hub_home):
+    hub.add_token("hf_alice_secret", "alice")
+    refused = hub_login(hub, hub_home, "hf_wrong_secret")
+    assert refused.returncode == 1
+    assert "the Hub refused this access token" in refused.stderr and "fix: " in refused.stderr
+    assert not (hub_home / "token").exists()
+
+    accepted = hub_login(hub, hub_home, "hf_alice_secret")
+    assert accepted.returncode == 0, accepted.stderr[-3000:]
+    assert "logged in as alice (token 'test token', read)" in accepted.stdout
+    assert (hub_home / "token").read_text().strip() == "hf_alice_secret"
+    for result in (refused, accepted):
+        assert "secret" not in result.stdout + result.stderr
+        assert "Traceback" not in result.stderr

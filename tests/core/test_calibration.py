@@ -140,3 +140,27 @@ def test_default_confidence_follows_accuracy_within_bounds():
     blurred = fit_layer(overlapping, centres)
     assert blurred.train_accuracy < 0.95
     assert blurred.confidence == pytest.approx(max(blurred.train_accuracy, 2 / 3), abs=0.02)
+
+
+def test_calibrated_fit_when_the_prompts_do_not_fit_in_one_batch(llama_donors):
+    """With too little memory for one MoE pass, every layer is fitted on the base model's own states."""
+    recipe = calibrated_recipe(llama_donors)
+    recipe = recipe.model_copy(
+        update={
+            "experts": tuple(e.model_copy(update={"positive_prompts": e.positive_prompts[:1]}) for e in recipe.experts)
+        }
+    )
+    one_pass = run_job(compute_gates(recipe, device="cpu"))
+    computer = GateComputer(recipe.base_model, device="cpu", memory_budget=1)  # one prompt per batch
+    try:
+        prompts = computer.tokenizer.encode([e.positive_prompts[0] for e in recipe.experts])
+        assert len(computer.probe().plan_batches([len(ids) for ids in prompts], "tokens")) == 3
+        split = run_job(computer.compute(recipe))
+    finally:
+        computer.close()
+    assert split.mode == "calibrated" and split.router.shape == one_pass.router.shape
+    assert len(split.train_accuracy) == 2
+    assert split.train_accuracy[0] == pytest.approx(one_pass.train_accuracy[0])
+    # Layer 0's inputs are the base model's either way; layer 1's differ (base MLP, not the MoE's).
+    torch.testing.assert_close(split.router[0], one_pass.router[0], rtol=1e-3, atol=1e-4)
+    assert not torch.allclose(split.router[1], one_pass.router[1], rtol=1e-3, atol=1e-4)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from app.core.chat import LoadRequest, SamplingSettings, TokenGenerated, load_chat_model
-from app.core.chat.capture import find_routers
+from app.core.chat.capture import RoutingRule, find_routers, route_logits, routing_rule
 from app.core.merge.pipeline import MergeOptions, merge_moe
 from app.core.progress import run_job
 from app.core.recipe import parse_recipe
@@ -52,15 +52,22 @@ def moe_folders(merged_moe, tmp_path_factory):
     return folders
 
 
-def recompute(model, token_ids, rule):
-    """Top-k experts and weights per token and layer, from one full forward with output_router_logits."""
+def recompute(model, token_ids):
+    """Top-k experts and weights per token and layer, from one full forward with output_router_logits.
+
+    Top-k and the renormalisation come from the model's config, as transformers' own MoE blocks read
+    them: Mixtral always renormalises, Qwen-MoE when norm_topk_prob says so.
+    """
+    config = model.config
+    top_k = config.num_experts_per_tok
+    renormalise = True if config.model_type == "mixtral" else config.norm_topk_prob
     with torch.no_grad():
         output = model(torch.tensor([token_ids]), output_router_logits=True)
     experts, weights, probs = [], [], []
     for logits in output.router_logits:
         distribution = torch.softmax(logits.float(), dim=-1)
-        top_weights, top_experts = torch.topk(distribution, rule.top_k, dim=-1)
-        if rule.renormalise:
+        top_weights, top_experts = torch.topk(distribution, top_k, dim=-1)
+        if renormalise:
             top_weights = top_weights / top_weights.sum(dim=-1, keepdim=True)
         experts.append(top_experts.numpy())
         weights.append(top_weights.numpy())
@@ -80,9 +87,7 @@ def test_trace_equals_an_independent_recomputation(moe_folders, architecture):
         assert [t.generated for t in trace] == [False] * len(ids) + [True] * 12
         assert [t.token_id for t in trace[: len(ids)]] == ids
 
-        expected_experts, expected_weights, expected_probs = recompute(
-            chat.model, [t.token_id for t in trace], chat.capture.rule
-        )
+        expected_experts, expected_weights, expected_probs = recompute(chat.model, [t.token_id for t in trace])
         assert expected_experts.shape[1] == len(chat.capture.layers)
         np.testing.assert_array_equal(np.array([t.experts for t in trace]), expected_experts)
         np.testing.assert_allclose(np.array([t.weights for t in trace]), expected_weights, atol=1e-5)
@@ -163,3 +168,22 @@ def test_only_qwen2_moe_has_a_shared_expert(moe_folders):
             assert chat.has_shared_expert == (name == "qwen2_moe"), name
         finally:
             chat.unload()
+
+
+def test_the_routing_rule_comes_from_the_config(moe_folders):
+    from transformers import AutoConfig
+
+    rules = {name: routing_rule(AutoConfig.from_pretrained(folder), 4) for name, folder in moe_folders.items()}
+    assert rules["mixtral"] == RoutingRule(num_experts=4, top_k=2, renormalise=True)
+    assert rules["qwen2_moe"] == RoutingRule(num_experts=4, top_k=2, renormalise=False)
+    assert rules["qwen3_moe"] == RoutingRule(num_experts=4, top_k=3, renormalise=True)
+
+
+@pytest.mark.parametrize("renormalise", [True, False])
+def test_top_k_weights_are_renormalised_only_when_the_rule_says_so(renormalise):
+    logits = np.log(np.array([[0.1, 0.4, 0.2, 0.3]], dtype=np.float32))
+    probs, weights, experts = route_logits(logits, RoutingRule(num_experts=4, top_k=2, renormalise=renormalise))
+    np.testing.assert_allclose(probs, [[0.1, 0.4, 0.2, 0.3]], rtol=1e-6)
+    assert experts.tolist() == [[1, 3]]
+    expected = [[0.4 / 0.7, 0.3 / 0.7]] if renormalise else [[0.4, 0.3]]
+    np.testing.assert_allclose(weights, expected, rtol=1e-6)

@@ -155,6 +155,33 @@ def test_a_transformers_5_tokenizer_class_becomes_one_transformers_4_loads_too(l
     assert (ours.eos_token, ours.pad_token, ours.bos_token) == ("</s>", "<pad>", "<s>")
 
 
+def read_header(file: Path) -> dict[str, dict]:
+    """A safetensors file's header, read here byte by byte rather than through our own reader."""
+    with file.open("rb") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(length))
+    header.pop("__metadata__", None)
+    return header
+
+
+def test_shard_index_maps_every_tensor_to_the_shard_that_holds_it(merged):
+    _recipe, result, out = merged
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    holders = {name: file.name for file in out.glob("*.safetensors") for name in read_header(file)}
+    assert len(set(holders.values())) == len(result.shard_files) > 1
+    assert index["weight_map"] == holders
+    sizes = [
+        end - start
+        for file in out.glob("*.safetensors")
+        for start, end in (info["data_offsets"] for info in read_header(file).values())
+    ]
+    assert (
+        index["metadata"]["total_size"]
+        == sum(sizes)
+        == sum(t.numel() * t.element_size() for t in load_all(out).values())
+    )
+
+
 @pytest.mark.parametrize(("experts", "top_k"), [(3, 1), (3, 2), (3, 3), (5, 1), (5, 2), (5, 3)])
 def test_any_number_of_experts_and_top_k(llama_donors, tmp_path, experts, top_k):
     out = tmp_path / "moe"

@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -130,22 +129,20 @@ def test_a_merged_model_streams_coloured_tokens_and_the_panel_follows(qtbot, pag
     assert "maths" in page.panel.legend_label.text() and "code" in page.panel.legend_label.text()
     assert page.panel.currentIndex() == 0
 
-    batches: list[tuple[float, int]] = []
-    page.backend.worker.tokens_generated.connect(lambda events: batches.append((time.monotonic(), len(events))))
+    batches: list[int] = []
+    page.backend.worker.tokens_generated.connect(lambda events: batches.append(len(events)))
     page.sampling.max_new_tokens.setValue(40)
     page.sampling.seed.setValue(5)
     page.sampling.system_prompt.setPlainText("You are terse.")
     page.controls.message_input.setPlainText("What is 2 + 2?")
-    started = time.monotonic()
     answer(qtbot, page, page.controls.send_button.click)
-    elapsed = time.monotonic() - started
 
     question, reply = page.conversation.path()
     assert question.content == "What is 2 + 2?" and page.conversation.system_prompt == "You are terse."
     generated = reply.generation.generated
-    assert sum(count for _at, count in batches) == len(generated)
-    # At most about 30 updates a second, however fast the tokens come.
-    assert len(batches) <= 2 + elapsed * 30
+    # Every token reaches the page; the 30-updates-a-second cap is tested with a controlled clock
+    # in test_chat_worker.py.
+    assert sum(batches) == len(generated)
     assert "tokens/s" in page.controls.stats.text() and "first token after" in page.controls.stats.text()
 
     # Each token is coloured by the expert most layers chose; then by one layer's choice.
@@ -444,10 +441,10 @@ def test_quitting_mid_answer_asks_then_stops_and_keeps_the_conversation(
         pass
 
     replies["question"] = QMessageBox.StandardButton.Yes
-    started = time.monotonic()
-    assert window.close()
+    assert window.close()  # returns once the worker has stopped at its next token and been joined
     assert chat.backend.thread.isFinished()
-    assert time.monotonic() - started < 5
+    reply = chat.conversation.path()[-1]
+    assert reply.generation is not None and reply.generation.stop_reason == "stopped"
     assert chat.backend.worker._model is None  # the model's memory is freed
 
     # The same model, opened again (here by a new window), brings the conversation back, unfinished answer included.

@@ -163,7 +163,7 @@ def test_an_unreachable_hub_is_named_in_the_dialog(window, qtbot, hub_home, clos
     dialog.search_button.click()
     qtbot.waitUntil(lambda: dialog.status.text() == "The search failed.", timeout=TIMEOUT_MS)
     text = dialog.detail_pane.toPlainText()
-    assert f"cannot reach the Hub at {closed_endpoint}" in text and "refused the connection" in text
+    assert f"Cannot reach the Hub at {closed_endpoint}" in text and "refused the connection" in text
     assert "Fix:" in text and "still work offline" in text
     dialog.reject()
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from PySide6.QtWidgets import QMessageBox
 
+from app.core.demo import demo_recipe_path
 from app.core.merge.leftovers import PARTIAL_MARK, record_output_folder
 from app.core.recipe import parse_recipe, save_recipe
 from app.gui.pages.models import COMPATIBILITY
@@ -51,7 +52,7 @@ def test_closing_with_work_running_asks_then_stops_it(window, qtbot, answer) -> 
     assert window.close()
     assert not running_jobs()
     assert "Stop Demo and quit?" in answer["asked"][-1]
-    assert not (window.settings.demo_dir / "demo-v1").exists()
+    assert not demo_recipe_path(window.settings.demo_dir).parent.exists()
 
 
 def test_incompatible_expert_shown_with_its_reasons(window, qtbot, demo_recipe: Path, tmp_path: Path) -> None:
@@ -114,3 +115,21 @@ def test_a_merge_cleans_up_after_a_killed_merge_in_its_folder_and_says_so(
         window.log_panel.text
     )
     assert "Cleaned up after stopped merges: freed 1.2 MB" in window.statusBar().currentMessage()
+
+
+def test_status_bar_progress_shows_the_demos_share_done(window, qtbot) -> None:
+    bar = window.job_progress
+    window.try_demo()
+    qtbot.waitUntil(
+        lambda: window.demo_job.last_progress is not None and window.demo_job.last_progress.fraction > 0,
+        timeout=TIMEOUT_MS,
+    )
+    record = window.demo_job.last_progress
+    assert bar.isVisible()
+    assert (bar.minimum(), bar.maximum()) == (0, 1000)  # determinate, not the busy animation
+    assert bar.value() == round(record.fraction * 1000)
+    assert f"({record.fraction:.0%})" in window.statusBar().currentMessage()
+    with qtbot.waitSignal(window.demo_job.finished, timeout=TIMEOUT_MS):
+        window.demo_job.cancel()
+    assert not bar.isVisible()
+    assert (bar.minimum(), bar.maximum()) == (0, 0)  # the next job, whatever it is, starts as busy

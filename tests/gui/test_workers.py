@@ -13,15 +13,25 @@ from app.gui.workers import JobHandle, running_jobs, stop_all
 
 
 def counting_job(steps: int, release: threading.Event | None = None):
+    """Counts to steps; with release, the second step waits for the test to release it."""
+
     def job(cancel: threading.Event):
         for step in range(steps):
-            if release is not None:
-                release.wait(5)
+            if release is not None and step == 1:
+                release.wait(60)  # a guard against a hung test, never reached when the test passes
             check_cancel(cancel)
             yield Progress("counting", step + 1, steps)
         return steps * 10
 
     return job
+
+
+def outcomes(handle: JobHandle) -> list[str]:
+    seen: list[str] = []
+    handle.succeeded.connect(lambda _result: seen.append("succeeded"))
+    handle.failed.connect(lambda _error: seen.append("failed"))
+    handle.cancelled.connect(lambda: seen.append("cancelled"))
+    return seen
 
 
 def test_result_and_progress_arrive_in_gui_thread(qtbot) -> None:
@@ -51,21 +61,28 @@ def test_failure_is_reported_not_raised(qtbot) -> None:
 def test_cancel_takes_effect_at_the_next_step(qtbot) -> None:
     release = threading.Event()
     handle = JobHandle("slow", counting_job(1000, release))
-    handle.start()
+    seen = outcomes(handle)
+    with qtbot.waitSignal(handle.progress, timeout=30_000):
+        handle.start()
+    # The job is now waiting inside its second step, so it is certainly still running.
     handle.cancel()
     release.set()
-    with qtbot.waitSignal(handle.finished, timeout=5000):
+    with qtbot.waitSignal(handle.finished, timeout=30_000):
         pass
-    assert handle.last_progress is None or handle.last_progress.done < 1000
+    assert seen == ["cancelled"]
+    assert handle.last_progress is not None and handle.last_progress.done == 1
 
 
 def test_stop_all_cancels_and_joins(qtbot) -> None:
-    release = threading.Event()
-    handle = JobHandle("slow", counting_job(1000, release)).start()
-    qtbot.waitUntil(lambda: handle.is_running)
-    release.set()
-    assert stop_all(5000)
+    # Far too long to finish by itself: only a cancel ends it.
+    handle = JobHandle("endless", counting_job(10**9))
+    seen = outcomes(handle)
+    with qtbot.waitSignal(handle.progress, timeout=30_000):
+        handle.start()
+    assert handle.is_running
+    assert stop_all(30_000)
     assert not handle.is_running
+    qtbot.waitUntil(lambda: seen == ["cancelled"], timeout=30_000)
 
 
 @pytest.mark.parametrize("module", ["app.gui.main_window", "app.gui.launch"])

@@ -368,6 +368,14 @@ def merge_moe(
                                 background.result()  # raises the gate computation's error now
                             if planned.name == architecture.router_name(0):
                                 # Everything else is written; the routers wait for the gates.
+                                yield Progress(
+                                    "writing",
+                                    done,
+                                    len(plan),
+                                    writer.bytes_written,
+                                    total_bytes,
+                                    message="waiting for the gates",
+                                )
                                 while not background.wait(0.1):
                                     yield from background.drain()
                                     if cancel is not None and cancel.is_set():

@@ -16,6 +16,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from app.core.demo import DEMO_DURATION
 from app.gui.widgets import explanation, heading
 
 
@@ -57,8 +58,8 @@ class StartPage(QWidget):
             explanation(
                 "Build a Mixture-of-Experts model from models you already have: pick a base and experts, "
                 "describe with prompts what each expert is for, preview how the router will send text, "
-                "merge, and chat. New here? Try the demo: it needs no Hub access and runs in about a minute "
-                "on a CPU. Have an MoE model already? Chat with it: no recipe needed."
+                "merge, and chat. New here? Try the demo: it needs no Hub access, and building its models "
+                f"takes {DEMO_DURATION} on a CPU. Have an MoE model already? Chat with it: no recipe needed."
             )
         )
         column.addSpacing(12)
