@@ -23,12 +23,12 @@ CSV_FIELDS = ("model", "dataset", "top_k", "disabled", "nll", "ppl", "tokens")
 
 
 def result_top_k(result: dict[str, Any]) -> int | None:
-    value = result.get("top_k")
+    value = (result.get("override") or {}).get("top_k")
     return int(value) if value is not None else None
 
 
 def result_disabled(result: dict[str, Any]) -> tuple[int, ...]:
-    return tuple(int(expert) for expert in result.get("disabled") or ())
+    return tuple(int(expert) for expert in (result.get("override") or {}).get("disabled") or ())
 
 
 def is_default_routing(result: dict[str, Any]) -> bool:
@@ -94,7 +94,12 @@ def evaluation_section(report: dict[str, Any]) -> str:
         lines.append("")
     benchmark_rows = lm_eval_rows(report)
     if benchmark_rows:
-        lines += ["Benchmarks run with EleutherAI's lm-evaluation-harness:", "", "| Task | Metric | Value |", "|---|---|---:|"]
+        lines += [
+            "Benchmarks run with EleutherAI's lm-evaluation-harness:",
+            "",
+            "| Task | Metric | Value |",
+            "|---|---|---:|",
+        ]
         lines += [f"| {_cell(task)} | {_cell(metric)} | {value:.4f} |" for task, metric, value in benchmark_rows]
         lines.append("")
     if len(lines) == 2:

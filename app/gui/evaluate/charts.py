@@ -131,9 +131,7 @@ class _Chart(QWidget):
         metrics = QFontMetricsF(self.fonts()[0])
         return len(self._legend_rows(series, metrics, self.width() - 16)) * (metrics.height() + 4)
 
-    def _draw_y_axis(
-        self, painter: QPainter, plot: QRectF, low: float, high: float, label: str, text: QColor
-    ) -> None:
+    def _draw_y_axis(self, painter: QPainter, plot: QRectF, low: float, high: float, label: str, text: QColor) -> None:
         metrics = QFontMetricsF(self.fonts()[0])
         grid = QPen(self.palette().color(QPalette.ColorRole.Mid), 1, Qt.PenStyle.DotLine)
         for tick in range(TICKS + 1):
@@ -300,7 +298,9 @@ class LinePlot(_Chart):
                 QRectF(point(x, low).x() - 30, plot.bottom() + 4, 60, line), Qt.AlignmentFlag.AlignCenter, f"{x:g}"
             )
         painter.drawText(
-            QRectF(plot.left(), plot.bottom() + line + 6, plot.width(), line), Qt.AlignmentFlag.AlignCenter, data.x_label
+            QRectF(plot.left(), plot.bottom() + line + 6, plot.width(), line),
+            Qt.AlignmentFlag.AlignCenter,
+            data.x_label,
         )
         for index, row in enumerate(data.values):
             color = series_color(index)

@@ -24,6 +24,7 @@ class StartPage(QWidget):
     open_requested = Signal()
     demo_requested = Signal()
     chat_requested = Signal()
+    evaluate_requested = Signal()
     recent_requested = Signal(object)
 
     def __init__(self, parent: QWidget | None = None) -> None:
@@ -39,6 +40,9 @@ class StartPage(QWidget):
         new_button.clicked.connect(self.new_requested)
         open_button.clicked.connect(self.open_requested)
         self.chat_button.clicked.connect(self.chat_requested)
+        self.evaluate_button = QPushButton("Evaluate a model…")
+        self.evaluate_button.setToolTip("Perplexity on your data, beside the base and experts of a merged model.")
+        self.evaluate_button.clicked.connect(self.evaluate_requested)
         self.recent = QListWidget()
         self.recent.setMaximumHeight(180)
         self.recent.setCursor(Qt.CursorShape.PointingHandCursor)
@@ -46,7 +50,7 @@ class StartPage(QWidget):
         self.recent.itemActivated.connect(self._recent_activated)
 
         buttons = QHBoxLayout()
-        for button in (self.demo_button, new_button, open_button, self.chat_button):
+        for button in (self.demo_button, new_button, open_button, self.chat_button, self.evaluate_button):
             button.setMinimumHeight(36)
             buttons.addWidget(button)
 
