@@ -11,14 +11,19 @@ tokens over their count; perplexity is exp of that.
 
 from __future__ import annotations
 
+import json
+import math
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from app.core.eval.controls import RoutingOverride
+from app.core.chat.capture import RouterCapture
+from app.core.eval.controls import RoutingOverride, model_num_experts, routing_override, validate_override
 from app.core.eval.data import EvalDataset
-from app.core.progress import Job
+from app.core.eval.routing_stats import DatasetRouting, RoutingCounts, confusion, dataset_routing
+from app.core.problems import FrankenMoEError
+from app.core.progress import Job, Progress, check_cancel
 
 SCORING = (
     "mean next-token negative log-likelihood per predicted token (nats), each record scored on its own "
@@ -117,10 +122,148 @@ def score_loaded_model(
     """Score a model the app already has loaded (the chat's, for instance) on every dataset.
 
     A generator of Progress records (stage "scoring") returning :class:`ModelScores`; checks
-    ``cancel`` between batches. Routing statistics come from the same forward pass.
+    ``cancel`` between batches. Routing statistics come from the same forward pass. A dense model is
+    scored once, with the default override, whatever ``overrides`` holds.
     """
-    raise NotImplementedError
-    yield
+    _check_settings(batch_size, padding_side)
+    num_experts = model_num_experts(model)
+    runs = list(dict.fromkeys(overrides)) if num_experts else [RoutingOverride()]
+    for override in runs:
+        validate_override(override, num_experts)
+    labels = expert_labels or tuple(f"expert {i}" for i in range(num_experts))
+    encoded = [_encode_dataset(tokenizer, dataset, _context_length(model)) for dataset in datasets]
+    batches_per_run = sum(-(-len(records) // batch_size) for records in encoded)
+    total = batches_per_run * len(runs)
+    done = 0
+    results: list[NllResult] = []
+    routing: dict[str, Any] = {}
+    yield Progress("scoring", 0, total, message=f"{model_name}")
+    for override in runs:
+        per_dataset: list[DatasetRouting] = []
+        with routing_override(model, override):
+            capture = RouterCapture(model) if num_experts else None
+            try:
+                for dataset, records in zip(datasets, encoded, strict=True):
+                    counts = RoutingCounts(capture.layers, num_experts) if capture is not None else None
+                    nll_sum, tokens = 0.0, 0
+                    for start in range(0, len(records), batch_size):
+                        check_cancel(cancel)
+                        batch = records[start : start + batch_size]
+                        batch_nll, batch_tokens = _score_batch(model, batch, padding_side, capture, counts)
+                        nll_sum += batch_nll
+                        tokens += batch_tokens
+                        done += 1
+                        yield Progress("scoring", done, total, message=f"{model_name} on {dataset.name}")
+                    nll = nll_sum / tokens if tokens else float("nan")
+                    results.append(NllResult(model_name, dataset.name, override, nll, _ppl(nll), tokens))
+                    if counts is not None:
+                        per_dataset.append(dataset_routing(dataset.name, counts))
+            finally:
+                if capture is not None:
+                    capture.remove()
+        if num_experts:
+            routing[override.label()] = {
+                "override": override.to_json(),
+                "experts": list(labels),
+                "datasets": {r.dataset: r.to_json() for r in per_dataset},
+                "confusion": confusion(per_dataset, labels),
+            }
+    return ModelScores(results=results, routing=routing)
+
+
+def _check_settings(batch_size: int, padding_side: str) -> None:
+    if batch_size < 1:
+        raise FrankenMoEError(f"a batch size of {batch_size} is not possible", "use a batch size of 1 or more")
+    if padding_side not in ("left", "right"):
+        raise FrankenMoEError(f"padding side {padding_side!r} is unknown", 'use "left" or "right"')
+
+
+def _ppl(nll: float) -> float:
+    try:
+        return math.exp(nll)
+    except OverflowError:
+        return float("inf")
+
+
+def _context_length(model: Any) -> int | None:
+    config = getattr(model.config, "text_config", None) or model.config
+    value = getattr(config, "max_position_embeddings", None)
+    return int(value) if value else None
+
+
+def _encode_dataset(tokenizer: Any, dataset: EvalDataset, context: int | None) -> list[list[int]]:
+    """Token ids of each record, longest first (order does not change the token-weighted figure)."""
+    encoded = []
+    for record in dataset.records:
+        if isinstance(record, str):
+            ids = list(tokenizer(record)["input_ids"])
+        else:
+            if not getattr(tokenizer, "chat_template", None):
+                raise FrankenMoEError(
+                    f"dataset {dataset.name} holds conversations, but this model's tokenizer has no chat template",
+                    "give plain text records for this model, or use a model with a chat template",
+                )
+            text = tokenizer.apply_chat_template(list(record), tokenize=False)
+            # The template writes the special tokens itself; adding them again would double the BOS.
+            ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if context is not None:
+            ids = ids[:context]
+        if ids:
+            encoded.append(ids)
+    return sorted(encoded, key=len, reverse=True)
+
+
+def _score_batch(
+    model: Any,
+    batch: list[list[int]],
+    padding_side: str,
+    capture: RouterCapture | None,
+    counts: RoutingCounts | None,
+) -> tuple[float, int]:
+    """Summed NLL of the predicted tokens of a batch and their count; routing counted on the way."""
+    import torch
+
+    device = model.get_input_embeddings().weight.device
+    width = max(len(ids) for ids in batch)
+    input_ids = torch.zeros((len(batch), width), dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, ids in enumerate(batch):
+        span = slice(width - len(ids), width) if padding_side == "left" else slice(0, len(ids))
+        input_ids[row, span] = torch.tensor(ids)
+        mask[row, span] = 1
+    # Positions count from each record's own first token, so left padding does not shift them.
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    with torch.inference_mode():
+        if capture is not None:
+            capture.begin_step()
+            capture.enabled = True
+        try:
+            output = model(
+                input_ids=input_ids.to(device),
+                attention_mask=mask.to(device),
+                position_ids=positions.to(device),
+                use_cache=False,
+            )
+        finally:
+            if capture is not None:
+                capture.enabled = False
+        if capture is not None and counts is not None:
+            step = capture.finish_step()
+            real = mask.reshape(-1).bool().numpy()
+            counts.add(step.probs[real].argmax(axis=-1))
+        nll_sum = 0.0
+        tokens = 0
+        for row in range(len(batch)):
+            keep = mask[row].bool()
+            logits = output.logits[row][keep.to(output.logits.device)]
+            targets = input_ids[row][keep].to(logits.device)
+            if len(targets) < 2:
+                continue
+            # As transformers' loss: logits in float32, position t predicts token t + 1.
+            losses = torch.nn.functional.cross_entropy(logits[:-1].float(), targets[1:], reduction="sum")
+            nll_sum += float(losses)
+            tokens += len(targets) - 1
+    return nll_sum, tokens
 
 
 def evaluate(request: EvalRequest, cancel: threading.Event | None = None) -> Job[EvalReport]:
@@ -128,7 +271,88 @@ def evaluate(request: EvalRequest, cancel: threading.Event | None = None) -> Job
 
     Yields Progress records like the merge ("loading <model>", "scoring <model>") and raises
     Cancelled between batches once ``cancel`` is set. Bad input raises FrankenMoEError before any
-    model is loaded where it can be told beforehand (overrides on the first MoE found, empty datasets).
+    model is loaded where it can be told beforehand (settings, empty datasets, overrides against the
+    expert count in each MoE's config.json).
     """
-    raise NotImplementedError
-    yield
+    from app.core.chat.loading import LoadRequest, load_chat_model
+
+    if not request.models:
+        raise FrankenMoEError("there is no model to evaluate", "name at least one model")
+    if not request.datasets:
+        raise FrankenMoEError("there is no dataset to evaluate on", "give a data file, a recipe or a Hub dataset")
+    empty = [d.name for d in request.datasets if not d.records]
+    if empty:
+        raise FrankenMoEError(f"dataset {', '.join(empty)} holds no records", "give at least one text per dataset")
+    _check_settings(request.batch_size, request.padding_side)
+    for model in request.models:
+        experts = _configured_experts(model.path)
+        if experts:
+            for override in request.overrides:
+                validate_override(override, experts)
+    report = EvalReport(
+        scoring=SCORING,
+        results=[],
+        models=[m.name for m in request.models],
+        datasets=[d.name for d in request.datasets],
+    )
+    for model in request.models:
+        check_cancel(cancel)
+        load = LoadRequest(
+            model=model.path,
+            device=request.device,
+            dtype=None if request.dtype == "auto" else request.dtype,
+            trust_remote_code=request.trust_remote_code,
+        )
+        loader = load_chat_model(load, cancel)
+        while True:
+            try:
+                record = next(loader)
+            except StopIteration as stop:
+                chat = stop.value
+                break
+            yield replace(record, stage=f"loading {model.name}")
+        try:
+            scores = yield from _relabel(
+                score_loaded_model(
+                    chat.model,
+                    chat.tokenizer,
+                    request.datasets,
+                    model_name=model.name,
+                    overrides=request.overrides,
+                    batch_size=request.batch_size,
+                    padding_side=request.padding_side,
+                    expert_labels=chat.legend.labels if chat.is_moe else None,
+                    cancel=cancel,
+                ),
+                f"scoring {model.name}",
+            )
+        finally:
+            chat.unload()
+            del chat
+        report.results.extend(scores.results)
+        if scores.routing:
+            report.routing[model.name] = scores.routing
+    return report
+
+
+def _relabel(job: Job[ModelScores], stage: str) -> Job[ModelScores]:
+    while True:
+        try:
+            record = next(job)
+        except StopIteration as stop:
+            return stop.value
+        yield replace(record, stage=stage)
+
+
+def _configured_experts(path: str) -> int:
+    """The routed experts a model's config.json declares (0 when dense or not readable here)."""
+    from app.core.recipe import ModelRef
+    from app.core.sources import resolve_model_dir
+
+    try:
+        folder = resolve_model_dir(ModelRef.parse(path), None)
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (FrankenMoEError, OSError, ValueError):
+        return 0  # loading names what is wrong with the folder
+    text = config.get("text_config", config) if isinstance(config, dict) else {}
+    return int(text.get("num_local_experts") or text.get("num_experts") or 0)
