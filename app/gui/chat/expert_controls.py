@@ -84,7 +84,8 @@ class ExpertControls(QWidget):
     def _changed(self, changed: object = None) -> None:
         wanted = self.wanted()
         try:
-            validate_override(wanted, self.num_experts)
+            # With the model's own k spelled out: it too must not exceed the experts left on.
+            validate_override(RoutingOverride(self.top_k.value(), wanted.disabled), self.num_experts)
         except FrankenMoEError as error:
             self._revert(changed)
             self.message.setText(f"✗ Not applied: {describe_error(error)}")

@@ -91,7 +91,7 @@ def evaluate_job(choices: EvaluateChoices) -> JobFactory:
         datasets = _datasets(choices, recipe)
         if choices.tasks and not lm_eval_installed():
             raise FrankenMoEError(
-                "lm-eval is not installed, so no benchmark task can run",
+                "The lm-eval package is not installed, so benchmark tasks cannot run",
                 "Install it with pip install 'frankenmoe-studio[eval]', or clear the task list.",
             )
         check_cancel(cancel)

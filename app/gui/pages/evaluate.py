@@ -271,7 +271,10 @@ class EvaluatePage(QWidget):
             raise FrankenMoEError("No model is chosen", "Choose the folder of the model to evaluate.")
         tasks = tuple(t.strip() for t in self.tasks.text().replace(" ", ",").split(",") if t.strip())
         if tasks and not self.has_lm_eval:
-            raise FrankenMoEError("lm-eval is not installed", "Install frankenmoe-studio[eval], or clear the tasks.")
+            raise FrankenMoEError(
+                "The lm-eval package is not installed, so benchmark tasks cannot run",
+                "Install frankenmoe-studio[eval], or clear the tasks.",
+            )
         include = self.include_path.text().strip()
         settings = self.context.settings
         return EvaluateChoices(
