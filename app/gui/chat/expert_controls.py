@@ -88,7 +88,9 @@ class ExpertControls(QWidget):
             validate_override(RoutingOverride(self.top_k.value(), wanted.disabled), self.num_experts)
         except FrankenMoEError as error:
             self._revert(changed)
-            self.message.setText(f"✗ Not applied: {describe_error(error)}")
+            self.message.setText(
+                f"✗ Not applied: {describe_error(error)}\nRouting stays: {self.describe(self.override)}."
+            )
             return
         self.override = wanted
         self.message.setText("" if wanted.is_default else f"Routing now: {self.describe(wanted)}.")

@@ -52,8 +52,8 @@ class ResultsView(QTabWidget):
 
         self.table = QTableWidget()
         self.table.verticalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
-        self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
-        self.table.horizontalHeader().setStretchLastSection(True)
+        self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
+        self.table.horizontalHeader().setMinimumSectionSize(80)
         self.table_note = explanation("")
         table_tab = QWidget()
         table_layout = QVBoxLayout(table_tab)

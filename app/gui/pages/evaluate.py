@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from PySide6.QtCore import Qt
 from PySide6.QtWidgets import (
     QCheckBox,
     QFileDialog,
@@ -20,6 +21,7 @@ from PySide6.QtWidgets import (
     QHBoxLayout,
     QLineEdit,
     QListWidget,
+    QListWidgetItem,
     QProgressBar,
     QPushButton,
     QScrollArea,
@@ -249,11 +251,17 @@ class EvaluatePage(QWidget):
         self._update_buttons()
 
     def add_data_files(self, paths: list[Path]) -> None:
-        present = {self.data_files.item(row).text() for row in range(self.data_files.count())}
+        present = set(self.data_file_paths())
         for path in paths:
-            if str(path) not in present:
-                self.data_files.addItem(str(path))
+            if path not in present:
+                item = QListWidgetItem(path.name)
+                item.setData(Qt.ItemDataRole.UserRole, path)
+                item.setToolTip(str(path))
+                self.data_files.addItem(item)
         self._update_buttons()
+
+    def data_file_paths(self) -> list[Path]:
+        return [self.data_files.item(row).data(Qt.ItemDataRole.UserRole) for row in range(self.data_files.count())]
 
     def _add_files_dialog(self) -> None:
         names, _filter = QFileDialog.getOpenFileNames(self, "Evaluation data", "", DATA_FILTER)
@@ -280,7 +288,7 @@ class EvaluatePage(QWidget):
         return EvaluateChoices(
             model_dir=Path(text).expanduser(),
             recipe_prompts=self.recipe_prompts.isEnabled() and self.recipe_prompts.isChecked(),
-            data_files=tuple(Path(self.data_files.item(row).text()) for row in range(self.data_files.count())),
+            data_files=tuple(self.data_file_paths()),
             compare_donors=self.compare_donors.isEnabled() and self.compare_donors.isChecked(),
             top_ks=(None, *parse_sweep(self.sweep.text())),
             tasks=tasks,
