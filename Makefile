@@ -5,6 +5,8 @@ BIN := $(VENV)/bin
 # Users get whatever torch build suits their machine; the test environment pins the
 # CPU build so that CI installs in seconds and results are reproducible.
 TORCH ?= torch
+# The test environment adds the eval extra (lm-eval), so that CI runs the benchmark tests too.
+EXTRAS ?= test
 
 .PHONY: run demo test lint bench clean
 
@@ -14,7 +16,7 @@ $(BIN)/python:
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
 	touch $@
 
 run: $(VENV)/.installed
@@ -24,6 +26,7 @@ demo: $(VENV)/.installed
 	$(BIN)/frankenmoe --demo
 
 test: TORCH = torch==2.13.0
+test: EXTRAS = test,eval
 test: $(VENV)/.installed
 	$(BIN)/ruff check app tests bench packaging
 	QT_QPA_PLATFORM=offscreen $(BIN)/python -m pytest -q

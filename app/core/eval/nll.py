@@ -285,7 +285,9 @@ def evaluate(request: EvalRequest, cancel: threading.Event | None = None) -> Job
         raise FrankenMoEError(f"dataset {', '.join(empty)} holds no records", "give at least one text per dataset")
     _check_settings(request.batch_size, request.padding_side)
     for model in request.models:
-        experts = _configured_experts(model.path)
+        config = _read_config(model.path)
+        _check_causal_lm(model.path, config)
+        experts = _configured_experts(config)
         if experts:
             for override in request.overrides:
                 validate_override(override, experts)
@@ -344,8 +346,8 @@ def _relabel(job: Job[ModelScores], stage: str) -> Job[ModelScores]:
         yield replace(record, stage=stage)
 
 
-def _configured_experts(path: str) -> int:
-    """The routed experts a model's config.json declares (0 when dense or not readable here)."""
+def _read_config(path: str) -> dict[str, Any]:
+    """A model's config.json, or {} when it cannot be read here (loading then names what is wrong)."""
     from app.core.recipe import ModelRef
     from app.core.sources import resolve_model_dir
 
@@ -353,6 +355,26 @@ def _configured_experts(path: str) -> int:
         folder = resolve_model_dir(ModelRef.parse(path), None)
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (FrankenMoEError, OSError, ValueError):
-        return 0  # loading names what is wrong with the folder
-    text = config.get("text_config", config) if isinstance(config, dict) else {}
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+# Class name endings of the heads that predict the next token.
+_CAUSAL_HEADS = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+
+
+def _check_causal_lm(path: str, config: dict[str, Any]) -> None:
+    """Refuse a model whose saved architecture has no next-token head (an encoder, a classifier)."""
+    architectures = config.get("architectures") or []
+    if architectures and not any(str(a).endswith(_CAUSAL_HEADS) for a in architectures):
+        raise FrankenMoEError(
+            f"{path} holds a {', '.join(map(str, architectures))}, not a causal language model, so it has "
+            "no next-token loss to measure",
+            "evaluate a model saved as a causal LM (its config's architectures ends in ForCausalLM)",
+        )
+
+
+def _configured_experts(config: dict[str, Any]) -> int:
+    """The routed experts a model's config declares (0 when dense or unknown)."""
+    text = config.get("text_config", config)
     return int(text.get("num_local_experts") or text.get("num_experts") or 0)
