@@ -281,3 +281,36 @@ def test_chat_routing_change_reaches_an_answer_being_written(qtbot, chat: ChatPa
     ks = [len(token.experts[0]) for token in tokens]
     switched = ks.index(1)
     assert switched > 0 and set(ks[:switched]) == {2} and set(ks[switched:]) == {1}
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("lm_eval") is None,
+    reason="lm-eval is not installed (pip install 'frankenmoe-studio[eval]')",
+)
+def test_runs_a_local_lm_eval_task_on_the_moe(
+    qtbot, page: EvaluatePage, merged: Path, tmp_path: Path, monkeypatch
+) -> None:
+    from tests.eval_tasks import write_eval_tasks
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    tasks = write_eval_tasks(tmp_path / "tasks")
+    page.set_model(merged)
+    page.tasks.setText("tiny_choice")
+    page.include_path.setText(str(tasks))
+    page.limit.setValue(4)
+    run(qtbot, page)
+    assert page.outcome is not None, page.stage.text()
+    entries = page.outcome.report["lm_eval"]["results"]
+    accuracy = next(e["metrics"]["acc"] for e in entries if e["model"] == "moe" and e["task"] == "tiny_choice")
+    benchmarks = page.results.benchmarks
+    assert page.results.isTabEnabled(page.results.indexOf(benchmarks))
+    row = next(
+        r for r in range(benchmarks.rowCount()) if benchmarks.verticalHeaderItem(r).text() == "tiny_choice · acc"
+    )
+    assert benchmarks.item(row, 0).text() == f"{accuracy:.4f}"
+    page.card_button.click()
+    assert "| tiny_choice | acc |" in (merged / "README.md").read_text(encoding="utf-8")
+
+    page.tasks.setText("no_such_task")
+    run(qtbot, page)
+    assert page.stage.text().startswith("✗") and "no_such_task" in page.stage.text() and "Fix:" in page.stage.text()

@@ -61,15 +61,18 @@ def perplexity_table(report: dict[str, Any]) -> tuple[list[str], list[str], dict
     return datasets, models, values
 
 
-def lm_eval_rows(report: dict[str, Any]) -> list[tuple[str, str, float]]:
-    """(task, metric, value) from lm-eval's results, its standard-error entries left out."""
-    lm_eval = report.get("lm_eval") or {}
-    rows = []
-    for task, metrics in sorted((lm_eval.get("results") or {}).items()):
-        for metric, value in metrics.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and "_stderr" not in metric:
-                rows.append((task, metric.removesuffix(",none"), float(value)))
-    return rows
+def lm_eval_table(report: dict[str, Any]) -> tuple[list[tuple[str, str]], list[str], dict[tuple[str, str, str], float]]:
+    """lm-eval's scores with each model's own routing: (task, metric) rows, models, and the value of each
+    (task, metric, model); standard errors left out."""
+    entries = [e for e in ((report.get("lm_eval") or {}).get("results") or []) if is_default_routing(e)]
+    values: dict[tuple[str, str, str], float] = {}
+    for entry in entries:
+        for metric, value in (entry.get("metrics") or {}).items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and "stderr" not in metric:
+                values[(entry["task"], metric.removesuffix(",none"), entry["model"])] = float(value)
+    rows = list(dict.fromkeys((task, metric) for task, metric, _model in values))
+    models = list(dict.fromkeys(model for _task, _metric, model in values))
+    return rows, models, values
 
 
 def evaluation_section(report: dict[str, Any]) -> str:
@@ -92,15 +95,19 @@ def evaluation_section(report: dict[str, Any]) -> str:
             ]
             lines.append(f"| {_cell(dataset)} | " + " | ".join(cells) + " |")
         lines.append("")
-    benchmark_rows = lm_eval_rows(report)
+    benchmark_rows, benchmark_models, scores = lm_eval_table(report)
     if benchmark_rows:
         lines += [
             "Benchmarks run with EleutherAI's lm-evaluation-harness:",
             "",
-            "| Task | Metric | Value |",
-            "|---|---|---:|",
+            "| Task | Metric | " + " | ".join(_cell(card_model_name(m)) for m in benchmark_models) + " |",
+            "|---|---|" + "---:|" * len(benchmark_models),
         ]
-        lines += [f"| {_cell(task)} | {_cell(metric)} | {value:.4f} |" for task, metric, value in benchmark_rows]
+        for task, metric in benchmark_rows:
+            cells = [
+                f"{scores[(task, metric, m)]:.4f}" if (task, metric, m) in scores else "—" for m in benchmark_models
+            ]
+            lines.append(f"| {_cell(task)} | {_cell(metric)} | " + " | ".join(cells) + " |")
         lines.append("")
     if len(lines) == 2:
         lines += ["No results yet.", ""]

@@ -84,11 +84,14 @@ def _datasets(choices: EvaluateChoices, recipe: Recipe | None) -> list[EvalDatas
 def evaluate_job(choices: EvaluateChoices) -> JobFactory:
     def job(cancel: threading.Event) -> Job[EvaluateOutcome]:
         from app.core.eval.controls import RoutingOverride
+        from app.core.eval.harness import HarnessRequest
         from app.core.eval.nll import EvalModel, EvalRequest, evaluate
 
         yield Progress("reading datasets", 0, 1, message="reading the recipe and the data files")
         recipe = _read_recipe(choices.model_dir)
-        datasets = _datasets(choices, recipe)
+        datasets = (
+            _datasets(choices, recipe) if choices.recipe_prompts or choices.data_files or not choices.tasks else []
+        )
         if choices.tasks and not lm_eval_installed():
             raise FrankenMoEError(
                 "The lm-eval package is not installed, so benchmark tasks cannot run",
@@ -115,10 +118,17 @@ def evaluate_job(choices: EvaluateChoices) -> JobFactory:
             device=choices.device,
             dtype=choices.dtype,
             overrides=overrides,
+            harness=HarnessRequest(
+                tasks=choices.tasks,
+                limit=choices.limit,
+                num_fewshot=choices.num_fewshot,
+                include_path=choices.include_path,
+                batch_size=choices.batch_size,
+            )
+            if choices.tasks
+            else None,
         )
         report = yield from evaluate(request, cancel)
-        if choices.tasks:
-            report.lm_eval = yield from _run_tasks(choices, cancel)
         labels = tuple(recipe.expert_label(i) for i in range(len(recipe.experts))) if recipe is not None else ()
         return EvaluateOutcome(report.to_json(), labels)
 
@@ -129,19 +139,3 @@ def _model_path(moe_folder: Path, source: str) -> str:
     """A donor as the recipe names it: a folder relative to the recipe's own folder, or a Hub id."""
     candidate = (Path(moe_folder) / source).expanduser()
     return str(candidate) if candidate.exists() else source
-
-
-def _run_tasks(choices: EvaluateChoices, cancel: threading.Event) -> Job[dict[str, Any]]:
-    from app.core.eval.harness import run_tasks
-
-    return run_tasks(
-        str(choices.model_dir),
-        list(choices.tasks),
-        cancel,
-        include_path=choices.include_path,
-        limit=choices.limit,
-        num_fewshot=choices.num_fewshot,
-        batch_size=choices.batch_size,
-        device=choices.device,
-        dtype=choices.dtype,
-    )

@@ -21,7 +21,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from app.core.eval.card import card_model_name, is_default_routing, lm_eval_rows, perplexity_table, result_top_k
+from app.core.eval.card import card_model_name, is_default_routing, lm_eval_table, perplexity_table, result_top_k
 from app.gui.evaluate.charts import BarChart, BarChartData, LinePlot, LinePlotData
 from app.gui.plots import Heatmap, HeatmapData
 from app.gui.widgets import explanation
@@ -85,9 +85,8 @@ class ResultsView(QTabWidget):
             "Give several experts-per-token values (a k sweep) to see how the MoE's perplexity moves with k."
         )
 
-        self.benchmarks = QTableWidget(0, 3)
-        self.benchmarks.setHorizontalHeaderLabels(["Task", "Metric", "Value"])
-        self.benchmarks.horizontalHeader().setStretchLastSection(True)
+        self.benchmarks = QTableWidget()
+        self.benchmarks.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
 
         self.addTab(table_tab, "Table")
         self.addTab(self.bars, "Chart")
@@ -251,10 +250,14 @@ class ResultsView(QTabWidget):
         )
 
     def _fill_benchmarks(self) -> None:
-        rows = lm_eval_rows(self.report or {})
+        rows, models, scores = lm_eval_table(self.report or {})
+        self.benchmarks.clear()
         self.benchmarks.setRowCount(len(rows))
-        for row, (task, metric, value) in enumerate(rows):
-            self.benchmarks.setItem(row, 0, _item(task))
-            self.benchmarks.setItem(row, 1, _item(metric))
-            self.benchmarks.setItem(row, 2, _item(f"{value:.4f}"))
+        self.benchmarks.setColumnCount(len(models))
+        self.benchmarks.setHorizontalHeaderLabels([model_label(m) for m in models])
+        self.benchmarks.setVerticalHeaderLabels([f"{task} · {metric}" for task, metric in rows])
+        for row, (task, metric) in enumerate(rows):
+            for column, model in enumerate(models):
+                value = scores.get((task, metric, model))
+                self.benchmarks.setItem(row, column, _item("—" if value is None else f"{value:.4f}"))
         self.setTabEnabled(self.indexOf(self.benchmarks), bool(rows))
