@@ -200,10 +200,11 @@ class EvaluatePage(QWidget):
         results_layout.setContentsMargins(6, 0, 0, 0)
         results_layout.addWidget(self.results, 1)
         export_row = QHBoxLayout()
-        export_row.addWidget(self.result_note, 1)
+        export_row.addStretch(1)
         for button in (self.export_csv_button, self.export_json_button, self.card_button):
             export_row.addWidget(button)
         results_layout.addLayout(export_row)
+        results_layout.addWidget(self.result_note)
 
         splitter = QSplitter()
         splitter.addWidget(settings_area)
