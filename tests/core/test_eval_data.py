@@ -72,6 +72,9 @@ def test_parquet_text_column(tmp_path: Path) -> None:
     path = tmp_path / "data.parquet"
     pyarrow.parquet.write_table(pyarrow.table({"text": ["a b", "c d"]}), path)
     assert load_data_file(path).records == ("a b", "c d")
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    pyarrow.parquet.write_table(pyarrow.table({"messages": [chat]}), path)
+    assert load_data_file(path).records == (tuple(chat),)
     pyarrow.parquet.write_table(pyarrow.table({"prompt": ["a"]}), path)
     with pytest.raises(FrankenMoEError, match="no text or messages column"):
         load_data_file(path)
@@ -81,6 +84,20 @@ def test_parquet_text_column(tmp_path: Path) -> None:
 def test_hub_dataset_without_the_library_says_what_to_install() -> None:
     with pytest.raises(FrankenMoEError, match="needs the datasets library"):
         hub_dataset("someone/texts")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("datasets") is None, reason="datasets is not installed")
+def test_hub_dataset_through_the_datasets_library(tmp_path: Path) -> None:
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text("".join(json.dumps({"body": f"text {i}"}) + "\n" for i in range(5)))
+    cache = tmp_path / "cache"
+    dataset = hub_dataset(str(folder), split="train", field="body", limit=3, cache_dir=cache)
+    assert (dataset.name, dataset.records) == ("texts", ("text 0", "text 1", "text 2"))
+    with pytest.raises(FrankenMoEError, match="no 'text' column"):
+        hub_dataset(str(folder), split="train", cache_dir=cache)
+    with pytest.raises(FrankenMoEError, match="cannot load split 'test'"):
+        hub_dataset(str(folder), split="test", cache_dir=cache)
 
 
 def test_recipe_prompts_per_expert() -> None:

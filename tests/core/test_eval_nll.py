@@ -10,12 +10,12 @@ from typing import Any
 
 import pytest
 
-from app.core.eval.controls import RoutingOverride, routing_override
+from app.core.eval.controls import RoutingOverride, overridden_rule, routing_override
 from app.core.eval.data import EvalDataset
-from app.core.eval.nll import EvalModel, EvalRequest, evaluate, score_loaded_model
+from app.core.eval.nll import EvalModel, EvalRequest, comparison_models, evaluate, score_loaded_model
 from app.core.problems import FrankenMoEError
 from app.core.progress import Cancelled, Progress, run_job
-from tests.chat_models import make_tiny_moe
+from tests.chat_models import make_tiny_moe, write_expert_names
 from tests.models import make_tiny_model
 
 TEXTS = EvalDataset(
@@ -177,12 +177,14 @@ def test_routing_override_is_undone_on_exit_and_seen_by_the_chat_capture(models:
 
     model, tokenizer = load(models["mixtral"])
     capture = RouterCapture(model)  # attached first, as the chat attaches it
+    override = RoutingOverride(top_k=1, disabled=frozenset({0, 2}))
     ids = tokenizer(TEXTS.records[2], return_tensors="pt").input_ids
     routers = list(find_routers(model).values())
     before_hooks = [len(r._forward_hooks) for r in routers]
     with torch.no_grad():
         before = model(input_ids=ids).logits
-        with routing_override(model, RoutingOverride(top_k=1, disabled=frozenset({0, 2}))):
+        with routing_override(model, override):
+            capture.rule = overridden_rule(capture.rule, override)
             capture.begin_step()
             capture.enabled = True
             during = model(input_ids=ids).logits
@@ -194,6 +196,8 @@ def test_routing_override_is_undone_on_exit_and_seen_by_the_chat_capture(models:
     assert [len(r._forward_hooks) for r in routers] == before_hooks
     assert [r.top_k for r in routers] == [2, 2]
     assert set(step.experts.ravel().tolist()) <= {1, 3}  # the capture sees the masked router logits
+    assert step.experts.shape[-1] == 1
+    assert step.weights.ravel().tolist() == pytest.approx([1.0] * step.weights.size)
 
 
 @pytest.mark.parametrize(
@@ -262,3 +266,40 @@ def test_evaluate_reports_progress_and_stops_on_cancel(models: dict[str, Path]) 
                 cancel.set()
     assert seen[-1].done == 2
     assert not any(r.stage.endswith("base") for r in seen)
+
+
+def test_a_dataset_with_nothing_to_predict_is_refused(models: dict[str, Path]) -> None:
+    model, tokenizer = load(models["dense"])
+    with pytest.raises(FrankenMoEError, match="no token to predict"):
+        run_job(score_loaded_model(model, tokenizer, [EvalDataset("tiny", ("",))]))
+
+
+def test_comparison_models_come_from_the_recipe_beside_the_merge(tmp_path: Path) -> None:
+    folder = tmp_path / "merged"
+    folder.mkdir()
+    with pytest.raises(FrankenMoEError, match="has no frankenmoe-recipe"):
+        comparison_models(folder)
+    write_expert_names(folder, ("maths", "code", "prose"))
+    assert [(m.name, m.path) for m in comparison_models(folder)] == [
+        ("moe", str(folder)),
+        ("base", "base"),
+        ("donor-0", "donor-0"),
+        ("donor-1", "donor-1"),
+        ("donor-2", "donor-2"),
+    ]
+
+
+def test_records_longer_than_the_context_are_cut_to_it(models: dict[str, Path]) -> None:
+    import torch
+
+    model, tokenizer = load(models["dense"])
+    context = model.config.max_position_embeddings
+    text = " ".join(f"word{i % 37} and more" for i in range(context))
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    assert ids.shape[1] > context
+    cut = ids[:, :context]
+    with torch.no_grad():
+        expected = float(model(input_ids=cut, labels=cut).loss)
+    [result] = run_job(score_loaded_model(model, tokenizer, [EvalDataset("long", (text,))])).results
+    assert result.tokens == context - 1
+    assert result.nll == pytest.approx(expected, rel=1e-5)

@@ -12,9 +12,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from app.core.problems import FrankenMoEError
+
+if TYPE_CHECKING:
+    from app.core.chat.capture import RoutingRule
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +88,17 @@ def model_num_experts(model: Any) -> int:
     routers = find_routers(model)
     first = next(iter(routers.values()), None)
     return int(first.weight.shape[0]) if first is not None else 0
+
+
+def overridden_rule(rule: RoutingRule, override: RoutingOverride) -> RoutingRule:
+    """A RoutingRule (app.core.chat.capture) with the override's experts per token, for the chat's capture.
+
+    The capture sees the masked logits already (the override's hook runs first); only its top-k
+    count comes from the config, so a chat that changes k swaps its capture's rule for this one.
+    """
+    from dataclasses import replace
+
+    return replace(rule, top_k=override.top_k) if override.top_k is not None else rule
 
 
 @contextmanager

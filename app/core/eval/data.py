@@ -162,8 +162,13 @@ def recipe_datasets(recipe: Any) -> list[EvalDataset]:
     return datasets
 
 
-def hub_dataset(repo_id: str, split: str = "test", field: str = "text", limit: int | None = None) -> EvalDataset:
-    """A Hub dataset's ``field`` column through the optional ``datasets`` library (from its cache when offline)."""
+def hub_dataset(
+    repo_id: str, split: str = "test", field: str = "text", limit: int | None = None, cache_dir: Path | None = None
+) -> EvalDataset:
+    """A Hub dataset's ``field`` column through the optional ``datasets`` library (from its cache when offline).
+
+    ``field`` "messages" reads conversations; any other names a column of texts.
+    """
     try:
         import datasets
     except ImportError as exc:
@@ -172,7 +177,7 @@ def hub_dataset(repo_id: str, split: str = "test", field: str = "text", limit: i
             "pip install datasets, or save the texts as a .jsonl file and give that",
         ) from exc
     try:
-        table = datasets.load_dataset(repo_id, split=split)
+        table = datasets.load_dataset(repo_id, split=split, cache_dir=str(cache_dir) if cache_dir else None)
     except Exception as exc:  # datasets raises many unrelated types for a missing repo, split or cache
         raise FrankenMoEError(
             f"cannot load split {split!r} of the Hub dataset {repo_id} ({exc})",

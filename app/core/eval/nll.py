@@ -16,7 +16,8 @@ import math
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from app.core.chat.capture import RouterCapture
 from app.core.eval.controls import RoutingOverride, model_num_experts, routing_override, validate_override
@@ -24,6 +25,9 @@ from app.core.eval.data import EvalDataset
 from app.core.eval.routing_stats import DatasetRouting, RoutingCounts, confusion, dataset_routing
 from app.core.problems import FrankenMoEError
 from app.core.progress import Job, Progress, check_cancel
+
+if TYPE_CHECKING:
+    from app.core.recipe import Recipe
 
 SCORING = (
     "mean next-token negative log-likelihood per predicted token (nats), each record scored on its own "
@@ -55,6 +59,7 @@ class EvalRequest:
     padding_side: str = "right"
     overrides: tuple[RoutingOverride, ...] = (RoutingOverride(),)
     trust_remote_code: bool = False
+    cache_dir: Path | None = None  # the Hub cache for models given as Hub ids
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +137,12 @@ def score_loaded_model(
         validate_override(override, num_experts)
     labels = expert_labels or tuple(f"expert {i}" for i in range(num_experts))
     encoded = [_encode_dataset(tokenizer, dataset, _context_length(model)) for dataset in datasets]
+    silent = [d.name for d, records in zip(datasets, encoded, strict=True) if not any(len(r) > 1 for r in records)]
+    if silent:
+        raise FrankenMoEError(
+            f"dataset {', '.join(silent)} has no token to predict: every record encodes to one token or none",
+            "give records of at least a few words",
+        )
     batches_per_run = sum(-(-len(records) // batch_size) for records in encoded)
     total = batches_per_run * len(runs)
     done = 0
@@ -285,7 +296,7 @@ def evaluate(request: EvalRequest, cancel: threading.Event | None = None) -> Job
         raise FrankenMoEError(f"dataset {', '.join(empty)} holds no records", "give at least one text per dataset")
     _check_settings(request.batch_size, request.padding_side)
     for model in request.models:
-        config = _read_config(model.path)
+        config = _read_config(model.path, request.cache_dir)
         _check_causal_lm(model.path, config)
         experts = _configured_experts(config)
         if experts:
@@ -304,6 +315,7 @@ def evaluate(request: EvalRequest, cancel: threading.Event | None = None) -> Job
             device=request.device,
             dtype=None if request.dtype == "auto" else request.dtype,
             trust_remote_code=request.trust_remote_code,
+            cache_dir=request.cache_dir,
         )
         loader = load_chat_model(load, cancel)
         while True:
@@ -346,13 +358,13 @@ def _relabel(job: Job[ModelScores], stage: str) -> Job[ModelScores]:
         yield replace(record, stage=stage)
 
 
-def _read_config(path: str) -> dict[str, Any]:
+def _read_config(path: str, cache_dir: Path | None) -> dict[str, Any]:
     """A model's config.json, or {} when it cannot be read here (loading then names what is wrong)."""
     from app.core.recipe import ModelRef
     from app.core.sources import resolve_model_dir
 
     try:
-        folder = resolve_model_dir(ModelRef.parse(path), None)
+        folder = resolve_model_dir(ModelRef.parse(path), cache_dir)
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (FrankenMoEError, OSError, ValueError):
         return {}
@@ -378,3 +390,29 @@ def _configured_experts(config: dict[str, Any]) -> int:
     """The routed experts a model's config declares (0 when dense or unknown)."""
     text = config.get("text_config", config)
     return int(text.get("num_local_experts") or text.get("num_experts") or 0)
+
+
+def comparison_models(moe_folder: Path, recipe: Recipe | None = None) -> tuple[EvalModel, ...]:
+    """The MoE, its base and every donor, from ``recipe`` or else the recipe the merge saved beside the model.
+
+    Names are "moe", "base" and each donor's ``source_model`` exactly as the recipe writes it; a
+    model the recipe names twice (the base also as an expert, say) is evaluated once, under its
+    first name. Shared experts count as donors.
+    """
+    from app.core.merge.pipeline import RECIPE_FILENAME
+    from app.core.recipe import load_recipe
+
+    if recipe is None:
+        path = Path(moe_folder) / RECIPE_FILENAME
+        if not path.is_file():
+            raise FrankenMoEError(
+                f"{moe_folder} has no {RECIPE_FILENAME}, so its base and donors are not known",
+                "give the recipe the model was merged from (--recipe), or evaluate a folder this app merged",
+            )
+        recipe = load_recipe(path)
+    models = [EvalModel("moe", str(moe_folder)), EvalModel("base", str(recipe.base_model))]
+    for expert in (*recipe.experts, *recipe.shared_experts):
+        reference = str(expert.source_model)
+        if all(m.path != reference for m in models):
+            models.append(EvalModel(reference, reference))
+    return tuple(models)
