@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Generator
 from contextlib import ExitStack
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
@@ -217,12 +217,12 @@ class _AppliedRouting:
     def apply(self, wanted: RoutingOverride) -> None:
         if wanted == self._applied:
             return
-        from app.core.eval.controls import routing_override
+        from app.core.eval.controls import overridden_rule, routing_override
 
         self.leave()
         self._stack.enter_context(routing_override(self._model.model, wanted))
         # The routing panel reads the picks from the router logits with the capture's rule: its k follows.
-        self._model.capture.rule = replace(self._rule, top_k=wanted.top_k or self._rule.top_k)
+        self._model.capture.rule = overridden_rule(self._rule, wanted)
         self._applied = wanted
 
     def leave(self) -> None:

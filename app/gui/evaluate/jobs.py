@@ -47,6 +47,7 @@ class EvaluateChoices:
     batch_size: int = 8
     device: str = "auto"
     dtype: str = "auto"
+    cache_dir: Path | None = None  # the Hub cache, for a base or donor given as a Hub id
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,7 @@ def evaluate_job(choices: EvaluateChoices) -> JobFactory:
     def job(cancel: threading.Event) -> Job[EvaluateOutcome]:
         from app.core.eval.controls import RoutingOverride
         from app.core.eval.harness import HarnessRequest
-        from app.core.eval.nll import EvalModel, EvalRequest, evaluate
+        from app.core.eval.nll import EvalModel, EvalRequest, comparison_models, evaluate
 
         yield Progress("reading datasets", 0, 1, message="reading the recipe and the data files")
         recipe = _read_recipe(choices.model_dir)
@@ -98,44 +99,38 @@ def evaluate_job(choices: EvaluateChoices) -> JobFactory:
                 "Install it with pip install 'frankenmoe-studio[eval]', or clear the task list.",
             )
         check_cancel(cancel)
-        models = [EvalModel("moe", str(choices.model_dir))]
-        if choices.compare_donors:
-            if recipe is None:
-                raise FrankenMoEError(
-                    f"{choices.model_dir} holds no recipe, so its base and experts are unknown",
-                    "Untick Compare with the base and experts, or pick a model that FrankenMoE Studio merged.",
-                )
-            models.append(EvalModel("base", _model_path(choices.model_dir, recipe.base_model.path)))
-            models += [
-                EvalModel(expert.source_model.path, _model_path(choices.model_dir, expert.source_model.path))
-                for expert in recipe.experts
-            ]
+        models = (
+            comparison_models(choices.model_dir, recipe)
+            if choices.compare_donors
+            else (EvalModel("moe", str(choices.model_dir)),)
+        )
         overrides = tuple(RoutingOverride(top_k=k, disabled=choices.disabled) for k in choices.top_ks)
+        # lm-eval's tasks run on each model while it is loaded for scoring: no second load.
+        harness = (
+            {
+                "harness": HarnessRequest(
+                    tasks=choices.tasks,
+                    limit=choices.limit,
+                    num_fewshot=choices.num_fewshot,
+                    include_path=choices.include_path,
+                    batch_size=choices.batch_size,
+                )
+            }
+            if choices.tasks
+            else {}
+        )
         request = EvalRequest(
-            models=tuple(models),
+            models=models,
             datasets=tuple(datasets),
             batch_size=choices.batch_size,
             device=choices.device,
             dtype=choices.dtype,
+            cache_dir=choices.cache_dir,
             overrides=overrides,
-            harness=HarnessRequest(
-                tasks=choices.tasks,
-                limit=choices.limit,
-                num_fewshot=choices.num_fewshot,
-                include_path=choices.include_path,
-                batch_size=choices.batch_size,
-            )
-            if choices.tasks
-            else None,
+            **harness,
         )
         report = yield from evaluate(request, cancel)
         labels = tuple(recipe.expert_label(i) for i in range(len(recipe.experts))) if recipe is not None else ()
         return EvaluateOutcome(report.to_json(), labels)
 
     return job
-
-
-def _model_path(moe_folder: Path, source: str) -> str:
-    """A donor as the recipe names it: a folder relative to the recipe's own folder, or a Hub id."""
-    candidate = (Path(moe_folder) / source).expanduser()
-    return str(candidate) if candidate.exists() else source

@@ -298,6 +298,7 @@ class EvaluatePage(QWidget):
             batch_size=self.batch_size.value(),
             device=settings.device,
             dtype=settings.dtype,
+            cache_dir=settings.cache_dir,
         )
 
     # ------------------------------------------------------------------ running
