@@ -118,12 +118,14 @@ def test_compares_the_moe_with_its_base_and_experts(qtbot, page: EvaluatePage, m
         and list(heatmap.column_labels) == ["maths", "code", "expert 2"]
     )
     assert all(abs(sum(row) - 1.0) < 1e-6 for row in heatmap.values)
-    # The k sweep: the MoE at k = 1 and 3 on every dataset.
+    # The k sweep: the MoE at k = 1 and 3 on every dataset, and at its own k (2) with its own routing.
     ks, per_dataset = routing.sweep_points()
-    assert ks == [1, 3] and set(per_dataset) == set(report["datasets"])
+    assert ks == [1, 2, 3] and set(per_dataset) == set(report["datasets"])
+    own = {r["dataset"]: r["ppl"] for r in report["results"] if r["model"] == "moe" and r["override"]["top_k"] is None}
+    assert {dataset: points[2] for dataset, points in per_dataset.items()} == own
     assert routing.sweep.data is not None
 
-    for index, name in ((1, "evaluate-chart"), (2, "evaluate-routing"), (0, "evaluate-table")):
+    for index, name in ((1, "evaluate-chart"), (2, "evaluate-routing"), (3, "evaluate-k-sweep"), (0, "evaluate-table")):
         routing.setCurrentIndex(index)
         screenshot(page, name)
 
@@ -151,6 +153,23 @@ def test_compares_the_moe_with_its_base_and_experts(qtbot, page: EvaluatePage, m
     )
     assert f"{moe_maths:.3f}" in card and str(merged.parent) not in card  # donors by folder name, never local paths
     assert not list(merged.glob(".README.md*"))
+
+
+def test_cancel_stops_the_evaluation_and_keeps_the_page(qtbot, page: EvaluatePage, merged: Path) -> None:
+    page.set_model(merged)
+    page.compare_donors.setChecked(True)
+    page.run_button.click()
+    assert page.job is not None
+    stages: list[str] = []
+    page.job.progress.connect(lambda record: stages.append(record.stage))
+    page.job.progress.connect(lambda _record: page.cancel_button.click())
+    with qtbot.waitSignal(page.job.cancelled, timeout=TIMEOUT_MS):
+        pass
+    qtbot.waitUntil(lambda: not page.is_running, timeout=TIMEOUT_MS)
+    QCoreApplication.processEvents()
+    assert stages and page.stage.text() == "Evaluation cancelled." and page.outcome is None
+    assert page.run_button.isEnabled() and not page.cancel_button.isEnabled()
+    assert page.progress.value() == 0
 
 
 def test_bad_input_gets_a_message_and_keeps_the_page(qtbot, page: EvaluatePage, merged: Path, tmp_path: Path) -> None:

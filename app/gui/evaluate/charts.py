@@ -27,11 +27,11 @@ def series_color(index: int) -> QColor:
 
 
 def nice_ceiling(value: float) -> float:
-    """A round axis maximum at or above value: 1, 2 or 5 times a power of ten."""
+    """A round number at or above value: 1, 2 or 5 times a power of ten."""
     if value <= 0:
         return 1.0
     power = 10 ** math.floor(math.log10(value))
-    return next(step * power for step in (1, 2, 5, 10) if step * power >= value)
+    return next(step * power for step in (1, 2, 5, 10) if step * power >= value * (1 - 1e-9))
 
 
 @dataclass(frozen=True)
@@ -131,12 +131,14 @@ class _Chart(QWidget):
         metrics = QFontMetricsF(self.fonts()[0])
         return len(self._legend_rows(series, metrics, self.width() - 16)) * (metrics.height() + 4)
 
-    def _draw_y_axis(self, painter: QPainter, plot: QRectF, low: float, high: float, label: str, text: QColor) -> None:
+    def _draw_y_axis(
+        self, painter: QPainter, plot: QRectF, low: float, high: float, label: str, text: QColor, ticks: int = TICKS
+    ) -> None:
         metrics = QFontMetricsF(self.fonts()[0])
         grid = QPen(self.palette().color(QPalette.ColorRole.Mid), 1, Qt.PenStyle.DotLine)
-        for tick in range(TICKS + 1):
-            value = low + (high - low) * tick / TICKS
-            y = plot.bottom() - plot.height() * tick / TICKS
+        for tick in range(ticks + 1):
+            value = low + (high - low) * tick / ticks
+            y = plot.bottom() - plot.height() * tick / ticks
             painter.setPen(grid)
             painter.drawLine(QPointF(plot.left(), y), QPointF(plot.right(), y))
             painter.setPen(text)
@@ -275,16 +277,18 @@ class LinePlot(_Chart):
         metrics = QFontMetricsF(self.fonts()[0])
         line = metrics.height()
         top = self._draw_title(painter, data.title)
-        low, high = min(values), max(values)
-        span = (high - low) or max(abs(high), 1.0) * 0.1
-        low, high = low - span * 0.1, high + span * 0.1
+        # Round ticks around the values: a step of 1, 2 or 5 times a power of ten.
+        step = nice_ceiling(((max(values) - min(values)) or max(abs(max(values)), 1.0) * 0.1) / TICKS)
+        low, high = math.floor(min(values) / step) * step, math.ceil(max(values) / step) * step
+        high = high if high > low else low + step
+        ticks = round((high - low) / step)
         legend_height = self._legend_height(data.series)
         left = self._left_margin(high)
         plot = QRectF(left, top, self.width() - left - 16, self.height() - top - 3 * line - 18 - legend_height)
         if plot.width() < 40 or plot.height() < 40:
             painter.end()
             return
-        self._draw_y_axis(painter, plot, low, high, data.y_label, text)
+        self._draw_y_axis(painter, plot, low, high, data.y_label, text, ticks)
         x_low, x_high = min(data.x_values), max(data.x_values)
 
         def point(x: float, y: float) -> QPointF:

@@ -7,6 +7,7 @@ there, never on the GUI thread. What the page chose travels as an :class:`Evalua
 from __future__ import annotations
 
 import importlib.util
+import json
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,7 @@ class EvaluateChoices:
 class EvaluateOutcome:
     report: dict[str, Any]  # the report's JSON layout, as ``frankenmoe eval --json`` writes it
     expert_labels: tuple[str, ...]  # the MoE's experts, named as its recipe names them
+    moe_top_k: int | None = None  # the MoE's own experts per token, where its config says
 
 
 def _read_recipe(folder: Path) -> Recipe | None:
@@ -131,6 +133,17 @@ def evaluate_job(choices: EvaluateChoices) -> JobFactory:
         )
         report = yield from evaluate(request, cancel)
         labels = tuple(recipe.expert_label(i) for i in range(len(recipe.experts))) if recipe is not None else ()
-        return EvaluateOutcome(report.to_json(), labels)
+        return EvaluateOutcome(report.to_json(), labels, _configured_top_k(choices.model_dir))
 
     return job
+
+
+def _configured_top_k(folder: Path) -> int | None:
+    """The experts per token in a model folder's config.json, or None (dense, or not a folder)."""
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    text = config.get("text_config", config) if isinstance(config, dict) else {}
+    value = text.get("num_experts_per_tok") if isinstance(text, dict) else None
+    return int(value) if isinstance(value, int) else None

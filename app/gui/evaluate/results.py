@@ -21,7 +21,14 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from app.core.eval.card import card_model_name, is_default_routing, lm_eval_table, perplexity_table, result_top_k
+from app.core.eval.card import (
+    card_model_name,
+    is_default_routing,
+    lm_eval_table,
+    perplexity_table,
+    result_disabled,
+    result_top_k,
+)
 from app.gui.evaluate.charts import BarChart, BarChartData, LinePlot, LinePlotData
 from app.gui.plots import Heatmap, HeatmapData
 from app.gui.widgets import explanation
@@ -49,6 +56,7 @@ class ResultsView(QTabWidget):
         super().__init__(parent)
         self.report: dict[str, Any] | None = None
         self.expert_labels: tuple[str, ...] = ()
+        self.moe_top_k: int | None = None
 
         self.table = QTableWidget()
         self.table.verticalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
@@ -95,9 +103,13 @@ class ResultsView(QTabWidget):
         self.addTab(self.benchmarks, "Benchmarks")
         self.show_report(None)
 
-    def show_report(self, report: dict[str, Any] | None, expert_labels: tuple[str, ...] = ()) -> None:
+    def show_report(
+        self, report: dict[str, Any] | None, expert_labels: tuple[str, ...] = (), moe_top_k: int | None = None
+    ) -> None:
+        """``moe_top_k`` places the MoE's own-routing results in the k sweep."""
         self.report = report
         self.expert_labels = expert_labels
+        self.moe_top_k = moe_top_k
         self._fill_table()
         self._fill_bars()
         self._fill_routing()
@@ -219,15 +231,16 @@ class ResultsView(QTabWidget):
     # ------------------------------------------------------------------ sweep and benchmarks
 
     def sweep_points(self) -> tuple[list[int], dict[str, dict[int, float]]]:
-        """The MoE's perplexity per dataset at each k given explicitly."""
+        """The MoE's perplexity per dataset at each k measured: each k given, and its own k when known."""
         report = self.report or {}
         per_dataset: dict[str, dict[int, float]] = {}
         for result in report.get("results", []):
             if result["model"] != "moe":
                 continue
             k = result_top_k(result)
-            if k is None:
+            if result_disabled(result) or (k is None and self.moe_top_k is None):
                 continue
+            k = k if k is not None else self.moe_top_k
             per_dataset.setdefault(result["dataset"], {})[int(k)] = float(result["ppl"])
         ks = sorted({k for values in per_dataset.values() for k in values})
         return ks, per_dataset

@@ -353,7 +353,7 @@ class EvaluatePage(QWidget):
         self.evaluated_folder = folder
         self.progress.setValue(1000)
         self.stage.setText(f"✓ Evaluated {folder}.")
-        self.results.show_report(outcome.report, outcome.expert_labels)
+        self.results.show_report(outcome.report, outcome.expert_labels, outcome.moe_top_k)
         self._update_buttons()
 
     def _fail(self, error: BaseException) -> None:
