@@ -133,13 +133,21 @@ def write_results_json(results: dict[str, Any], path: Path) -> Path:
 
 
 def run_harness(
-    model: Any, tokenizer: Any, request: HarnessRequest, cancel: threading.Event | None = None
+    model: Any,
+    tokenizer: Any,
+    request: HarnessRequest,
+    cancel: threading.Event | None = None,
+    task_manager: Any = None,
 ) -> Job[HarnessResult]:
-    """Run lm-eval tasks on a loaded causal LM; yields a Progress record per answered request."""
+    """Run lm-eval tasks on a loaded causal LM; yields a Progress record per answered request.
+
+    ``task_manager``: a :func:`known_tasks` index already checked against the tasks (it takes seconds
+    to build, so a caller running several models builds it once)."""
     _require_lm_eval()
-    yield Progress(HARNESS_STAGE, 0, 1, message="Indexing lm-eval tasks")
-    task_manager = known_tasks(request.include_path)
-    check_tasks(task_manager, request.tasks)
+    if task_manager is None:
+        yield Progress(HARNESS_STAGE, 0, 1, message="Indexing lm-eval tasks")
+        task_manager = known_tasks(request.include_path)
+        check_tasks(task_manager, request.tasks)
     check_cancel(cancel)
     # Custom tasks read local files through `datasets`; nothing may reach the network unless the user allows it.
     os.environ.setdefault("HF_DATASETS_OFFLINE", os.environ.get("HF_HUB_OFFLINE", "0"))

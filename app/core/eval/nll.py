@@ -17,17 +17,20 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from app.core.chat.capture import RouterCapture
 from app.core.eval.controls import RoutingOverride, model_num_experts, routing_override, validate_override
 from app.core.eval.data import EvalDataset
+from app.core.eval.harness import HarnessRequest, check_tasks, known_tasks, run_harness
 from app.core.eval.routing_stats import DatasetRouting, RoutingCounts, confusion, dataset_routing
 from app.core.problems import FrankenMoEError
 from app.core.progress import Job, Progress, check_cancel
 
 if TYPE_CHECKING:
     from app.core.recipe import Recipe
+
+T = TypeVar("T")
 
 SCORING = (
     "mean next-token negative log-likelihood per predicted token (nats), each record scored on its own "
@@ -60,6 +63,8 @@ class EvalRequest:
     overrides: tuple[RoutingOverride, ...] = (RoutingOverride(),)
     trust_remote_code: bool = False
     cache_dir: Path | None = None  # the Hub cache for models given as Hub ids
+    # lm-eval tasks, run on each model while it is loaded (under each override for an MoE); needs the eval extra.
+    harness: HarnessRequest | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +96,8 @@ class EvalReport:
     lm_eval: dict[str, Any] | None = None
     models: list[str] = field(default_factory=list)
     datasets: list[str] = field(default_factory=list)
+    # lm-eval's own results per (model, override), as lm-eval returns them, for saving beside the report.
+    lm_eval_runs: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         """The CLI's ``--json`` layout: scoring, models, datasets, results, routing, lm_eval."""
@@ -289,8 +296,10 @@ def evaluate(request: EvalRequest, cancel: threading.Event | None = None) -> Job
 
     if not request.models:
         raise FrankenMoEError("there is no model to evaluate", "name at least one model")
-    if not request.datasets:
-        raise FrankenMoEError("there is no dataset to evaluate on", "give a data file, a recipe or a Hub dataset")
+    if not request.datasets and request.harness is None:
+        raise FrankenMoEError(
+            "there is no dataset to evaluate on", "give a data file, a recipe, a Hub dataset or lm-eval tasks"
+        )
     empty = [d.name for d in request.datasets if not d.records]
     if empty:
         raise FrankenMoEError(f"dataset {', '.join(empty)} holds no records", "give at least one text per dataset")
@@ -302,6 +311,12 @@ def evaluate(request: EvalRequest, cancel: threading.Event | None = None) -> Job
         if experts:
             for override in request.overrides:
                 validate_override(override, experts)
+    task_manager = None
+    if request.harness is not None:
+        # Unknown tasks are found before any model is loaded, not after minutes of scoring.
+        yield Progress("lm-eval", 0, 1, message="Indexing lm-eval tasks")
+        task_manager = known_tasks(request.harness.include_path)
+        check_tasks(task_manager, request.harness.tasks)
     report = EvalReport(
         scoring=SCORING,
         results=[],
@@ -340,6 +355,8 @@ def evaluate(request: EvalRequest, cancel: threading.Event | None = None) -> Job
                 ),
                 f"scoring {model.name}",
             )
+            if request.harness is not None:
+                yield from _run_harness(chat, model.name, request, task_manager, report, cancel)
         finally:
             chat.unload()
             del chat
@@ -349,7 +366,32 @@ def evaluate(request: EvalRequest, cancel: threading.Event | None = None) -> Job
     return report
 
 
-def _relabel(job: Job[ModelScores], stage: str) -> Job[ModelScores]:
+def _run_harness(
+    chat: Any, name: str, request: EvalRequest, task_manager: Any, report: EvalReport, cancel: threading.Event | None
+) -> Job[None]:
+    """lm-eval on a loaded model, under each override for an MoE; results go into the report."""
+    assert request.harness is not None
+    overrides = list(dict.fromkeys(request.overrides)) if chat.is_moe else [RoutingOverride()]
+    if report.lm_eval is None:
+        report.lm_eval = {
+            "tasks": list(request.harness.tasks),
+            "limit": request.harness.limit,
+            "num_fewshot": request.harness.num_fewshot,
+            "results": [],
+        }
+    for override in overrides:
+        with routing_override(chat.model, override):
+            result = yield from _relabel(
+                run_harness(chat.model, chat.tokenizer, request.harness, cancel, task_manager), f"lm-eval {name}"
+            )
+        for task, metrics in result.summary.items():
+            report.lm_eval["results"].append(
+                {"model": name, "override": override.to_json(), "task": task, "metrics": metrics}
+            )
+        report.lm_eval_runs.append({"model": name, "override": override.to_json(), "results": result.results})
+
+
+def _relabel(job: Job[T], stage: str) -> Job[T]:
     while True:
         try:
             record = next(job)
