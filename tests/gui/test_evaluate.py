@@ -329,6 +329,11 @@ def test_runs_a_local_lm_eval_task_on_the_moe(
     assert benchmarks.item(row, 0).text() == f"{accuracy:.4f}"
     page.card_button.click()
     assert "| tiny_choice | acc |" in (merged / "README.md").read_text(encoding="utf-8")
+    page.export_json(tmp_path / "report.json")
+    document = json.loads((tmp_path / "report.json").read_text())
+    assert document["lm_eval"]["file"] == "report.lm-eval.json"
+    runs = json.loads((tmp_path / "report.lm-eval.json").read_text())["runs"]
+    assert runs[0]["model"] == "moe" and "tiny_choice" in runs[0]["results"]["results"]
 
     page.tasks.setText("no_such_task")
     run(qtbot, page)

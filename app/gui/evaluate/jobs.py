@@ -56,6 +56,7 @@ class EvaluateOutcome:
     report: dict[str, Any]  # the report's JSON layout, as ``frankenmoe eval --json`` writes it
     expert_labels: tuple[str, ...]  # the MoE's experts, named as its recipe names them
     moe_top_k: int | None = None  # the MoE's own experts per token, where its config says
+    lm_eval_runs: tuple[dict[str, Any], ...] = ()  # lm-eval's own results, per model and routing
 
 
 def _read_recipe(folder: Path) -> Recipe | None:
@@ -107,20 +108,6 @@ def evaluate_job(choices: EvaluateChoices) -> JobFactory:
             else (EvalModel("moe", str(choices.model_dir)),)
         )
         overrides = tuple(RoutingOverride(top_k=k, disabled=choices.disabled) for k in choices.top_ks)
-        # lm-eval's tasks run on each model while it is loaded for scoring: no second load.
-        harness = (
-            {
-                "harness": HarnessRequest(
-                    tasks=choices.tasks,
-                    limit=choices.limit,
-                    num_fewshot=choices.num_fewshot,
-                    include_path=choices.include_path,
-                    batch_size=choices.batch_size,
-                )
-            }
-            if choices.tasks
-            else {}
-        )
         request = EvalRequest(
             models=models,
             datasets=tuple(datasets),
@@ -129,11 +116,22 @@ def evaluate_job(choices: EvaluateChoices) -> JobFactory:
             dtype=choices.dtype,
             cache_dir=choices.cache_dir,
             overrides=overrides,
-            **harness,
+            # lm-eval's tasks run on each model while it is loaded for scoring: no second load.
+            harness=HarnessRequest(
+                tasks=choices.tasks,
+                limit=choices.limit,
+                num_fewshot=choices.num_fewshot,
+                include_path=choices.include_path,
+                batch_size=choices.batch_size,
+            )
+            if choices.tasks
+            else None,
         )
         report = yield from evaluate(request, cancel)
         labels = tuple(recipe.expert_label(i) for i in range(len(recipe.experts))) if recipe is not None else ()
-        return EvaluateOutcome(report.to_json(), labels, _configured_top_k(choices.model_dir))
+        return EvaluateOutcome(
+            report.to_json(), labels, _configured_top_k(choices.model_dir), tuple(report.lm_eval_runs)
+        )
 
     return job
 

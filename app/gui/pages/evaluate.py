@@ -378,7 +378,18 @@ class EvaluatePage(QWidget):
         self.result_note.setText(f"Saved {path}")
 
     def export_json(self, path: Path) -> None:
-        write_text_atomically(Path(path), json.dumps(self.report, indent=2) + "\n")
+        """The report as ``frankenmoe eval --json`` writes it, lm-eval's own results beside it."""
+        path = Path(path)
+        document = self.report
+        assert self.outcome is not None
+        if self.outcome.lm_eval_runs:
+            from app.cli.eval_commands import LM_EVAL_SUFFIX
+            from app.core.eval.harness import write_results_json
+
+            lm_eval_path = path.with_name(path.stem + LM_EVAL_SUFFIX)
+            document = {**document, "lm_eval": {**(document["lm_eval"] or {}), "file": lm_eval_path.name}}
+            write_results_json({"runs": list(self.outcome.lm_eval_runs)}, lm_eval_path)
+        write_text_atomically(path, json.dumps(document, indent=2) + "\n")
         self.result_note.setText(f"Saved {path}")
 
     def add_to_card(self) -> None:
