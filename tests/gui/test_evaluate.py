@@ -289,14 +289,16 @@ def test_chat_routing_change_reaches_an_answer_being_written(qtbot, chat: ChatPa
     batches = []
 
     def first_batch_changes_k_then_stop(events: list) -> None:
+        # k changes while the answer is being written; it stops once a token shows the change.
         batches.append(events)
         if len(batches) == 1:
             chat.experts.top_k.setValue(1)
-        elif len(batches) == 2:
+        elif any(len(event.token.experts[0]) == 1 for event in events):
             chat.controls.stop_button.click()
 
     chat.backend.worker.tokens_generated.connect(first_batch_changes_k_then_stop)
     tokens = chat_answer(qtbot, chat, "Count to a thousand")
+    assert chat.conversation.path()[-1].generation.stop_reason == "stopped"
     ks = [len(token.experts[0]) for token in tokens]
     switched = ks.index(1)
     assert switched > 0 and set(ks[:switched]) == {2} and set(ks[switched:]) == {1}

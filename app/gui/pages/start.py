@@ -62,7 +62,7 @@ class StartPage(QWidget):
                 "Build a Mixture-of-Experts model from models you already have: pick a base and experts, "
                 "describe with prompts what each expert is for, preview how the router will send text, "
                 "merge, and chat. New here? Try the demo: it needs no Hub access and runs in about a minute "
-                "on a CPU. Have an MoE model already? Chat with it: no recipe needed."
+                "on a CPU. Have an MoE model already? Chat with it or evaluate it: no recipe needed."
             )
         )
         column.addSpacing(12)
