@@ -240,9 +240,12 @@ class EvaluatePage(QWidget):
     def _model_changed(self) -> None:
         text = self.model_path.text().strip()
         has_recipe = bool(text) and recipe_beside(Path(text).expanduser()).is_file()
+        if has_recipe != self.recipe_prompts.isEnabled():
+            # A model with a recipe starts with its prompts ticked; the user's choices stay while it stays.
+            self.recipe_prompts.setChecked(has_recipe)
+            self.compare_donors.setChecked(False)
         for box in (self.recipe_prompts, self.compare_donors):
             box.setEnabled(has_recipe)
-            box.setChecked(has_recipe and (box is self.recipe_prompts or box.isChecked()))
         if not text:
             self.model_note.setText("")
         elif has_recipe:
