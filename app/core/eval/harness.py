@@ -238,6 +238,10 @@ def _evaluate(
             on_progress((0, len(requests)))
             return super().generate_until(requests, disable_tqdm=True)
 
+        # loglikelihood_rolling asks for a bar per batch of windows whatever it was told.
+        def _loglikelihood_tokens(self, requests: list[Any], disable_tqdm: bool = False, **kwargs: Any) -> list[Any]:
+            return super()._loglikelihood_tokens(requests, disable_tqdm=True, **kwargs)
+
     lm = LoadedModelLM(pretrained=model, tokenizer=tokenizer, batch_size=request.batch_size)
     lm.set_cache_hook(CountingHook())
     results = simple_evaluate(
