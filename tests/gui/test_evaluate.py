@@ -110,7 +110,7 @@ def test_compares_the_moe_with_its_base_and_experts(qtbot, page: EvaluatePage, m
 
     # Routing per dataset: one heatmap row per MoE layer, one column per expert, named by the recipe.
     routing = page.results
-    assert routing.routing_dataset.count() == 4
+    assert routing.routing_dataset.count() == 5  # each dataset, then all of them against the experts
     heatmap = routing.heatmap.data
     assert (
         heatmap is not None
@@ -125,6 +125,12 @@ def test_compares_the_moe_with_its_base_and_experts(qtbot, page: EvaluatePage, m
     assert {dataset: points[2] for dataset, points in per_dataset.items()} == own
     assert routing.sweep.data is not None
 
+    routing.routing_dataset.setCurrentIndex(4)
+    confusion = routing.heatmap.data
+    assert confusion is not None and list(confusion.row_labels) == report["datasets"]
+    # The recipe's datasets are named after their experts: each outlines its own.
+    assert list(confusion.outlined) == [0, 1, 2, None]
+    assert "on average" in routing.routing_note.text()
     for index, name in ((1, "evaluate-chart"), (2, "evaluate-routing"), (3, "evaluate-k-sweep"), (0, "evaluate-table")):
         routing.setCurrentIndex(index)
         screenshot(page, name)

@@ -34,6 +34,7 @@ from app.gui.plots import Heatmap, HeatmapData
 from app.gui.widgets import explanation
 
 MIN_HEATMAP_ROW = 22
+ALL_DATASETS = "All datasets: dataset × expert"
 
 
 def model_label(model: str) -> str:
@@ -179,19 +180,24 @@ class ResultsView(QTabWidget):
 
     # ------------------------------------------------------------------ routing
 
-    def routing_sections(self) -> dict[str, dict[str, Any]]:
-        """The MoE's routing per dataset, with its own routing (the first override when none is default)."""
+    def moe_routing(self) -> dict[str, Any]:
+        """The MoE's routing section with its own routing (the first override when none is default)."""
         by_override = ((self.report or {}).get("routing") or {}).get("moe") or {}
         if not by_override:
             return {}
-        section = by_override.get("default") or next(iter(by_override.values()))
-        return dict(section.get("datasets") or {})
+        return dict(by_override.get("default") or next(iter(by_override.values())))
+
+    def routing_sections(self) -> dict[str, dict[str, Any]]:
+        """The MoE's routing statistics per dataset."""
+        return dict(self.moe_routing().get("datasets") or {})
 
     def _fill_routing(self) -> None:
         sections = self.routing_sections()
         self.routing_dataset.blockSignals(True)
         self.routing_dataset.clear()
         self.routing_dataset.addItems(list(sections))
+        if len(sections) > 1 and self.moe_routing().get("confusion"):
+            self.routing_dataset.addItem(ALL_DATASETS)
         self.routing_dataset.blockSignals(False)
         self.routing_dataset.setEnabled(bool(sections))
         self._show_routing()
@@ -199,6 +205,9 @@ class ResultsView(QTabWidget):
     def _show_routing(self) -> None:
         sections = self.routing_sections()
         name = self.routing_dataset.currentText()
+        if name == ALL_DATASETS:
+            self._show_confusion(self.moe_routing()["confusion"])
+            return
         stats = sections.get(name)
         if not stats or not stats.get("top1_share"):
             self.heatmap.set_data(None)
@@ -227,6 +236,32 @@ class ResultsView(QTabWidget):
             f"⚠ under 1 % of tokens: {', '.join(dead)}" if dead else "every expert gets at least 1 % of tokens"
         )
         self.routing_note.setText(" · ".join(parts))
+
+    def _show_confusion(self, confusion: dict[str, Any]) -> None:
+        """Each dataset's top-1 share per expert over all layers; a dataset named after an expert outlines it."""
+        datasets, shares = confusion["datasets"], confusion["shares"]
+        matched = confusion.get("matched") or {}
+        num_experts = len(shares[0]) if shares else 0
+        labels = [self.expert_labels[e] if e < len(self.expert_labels) else str(e) for e in range(num_experts)]
+        self.heatmap.set_data(
+            HeatmapData(
+                values=shares,
+                row_labels=datasets,
+                column_labels=labels,
+                title="Top-1 share of each expert per dataset, over all MoE layers",
+                x_label="expert",
+                y_label="dataset",
+                legend_label="share of tokens",
+                outlined=[matched.get(dataset) for dataset in datasets],
+                outline_legend="the expert a dataset is named after" if matched else "",
+            )
+        )
+        accuracy = confusion.get("accuracy")
+        self.routing_note.setText(
+            f"Datasets named after an expert give it {accuracy:.0%} of their top-1 picks on average."
+            if accuracy is not None
+            else "No dataset is named after an expert, so none has an expert of its own to check."
+        )
 
     # ------------------------------------------------------------------ sweep and benchmarks
 
