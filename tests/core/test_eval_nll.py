@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from app.core.eval.controls import RoutingOverride, overridden_rule, routing_override
+from app.core.eval.controls import RoutingOverride, k_sweep, overridden_rule, routing_override
 from app.core.eval.data import EvalDataset
 from app.core.eval.nll import EvalModel, EvalRequest, comparison_models, evaluate, score_loaded_model
 from app.core.problems import FrankenMoEError
@@ -225,6 +225,13 @@ def test_overrides_on_a_dense_model_are_refused(models: dict[str, Path]) -> None
     model, _ = load(models["dense"])
     with pytest.raises(FrankenMoEError, match="no experts"), routing_override(model, RoutingOverride(top_k=1)):
         pass
+    request = EvalRequest(
+        models=(EvalModel("base", str(models["dense"])),), datasets=(TEXTS,), overrides=(RoutingOverride(top_k=1),)
+    )
+    records: list[Progress] = []
+    with pytest.raises(FrankenMoEError, match="none of the models has experts"):
+        run_job(evaluate(request), records.append)
+    assert records == []
 
 
 def test_a_folder_that_is_not_a_causal_lm_is_named(tmp_path: Path) -> None:
@@ -303,3 +310,20 @@ def test_records_longer_than_the_context_are_cut_to_it(models: dict[str, Path]) 
     [result] = run_job(score_loaded_model(model, tokenizer, [EvalDataset("long", (text,))])).results
     assert result.tokens == context - 1
     assert result.nll == pytest.approx(expected, rel=1e-5)
+
+
+def test_a_k_sweep_scores_the_moe_at_every_k_and_a_dense_model_once(models: dict[str, Path]) -> None:
+    sweep = k_sweep(4, disabled=frozenset({3}))
+    assert [(o.top_k, o.disabled) for o in sweep] == [(1, {3}), (2, {3}), (3, {3})]
+    request = EvalRequest(
+        models=(EvalModel("moe", str(models["mixtral"])), EvalModel("base", str(models["dense"]))),
+        datasets=(CODE,),
+        overrides=sweep,
+        device="cpu",
+    )
+    report = run_job(evaluate(request))
+    assert [(r.model, r.override.top_k) for r in report.results] == [("moe", 1), ("moe", 2), ("moe", 3), ("base", None)]
+    assert list(report.routing["moe"]) == [o.label() for o in sweep]
+    assert "base" not in report.routing
+    with pytest.raises(FrankenMoEError, match="every one of the 2 experts"):
+        k_sweep(2, disabled=frozenset({0, 1}))

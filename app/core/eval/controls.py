@@ -30,6 +30,10 @@ class RoutingOverride:
     top_k: int | None = None
     disabled: frozenset[int] = field(default_factory=frozenset)
 
+    def __post_init__(self) -> None:
+        # Callers pass lists and sets too; a frozenset keeps the override hashable (a dict key in sweeps).
+        object.__setattr__(self, "disabled", frozenset(int(i) for i in self.disabled))
+
     @property
     def is_default(self) -> bool:
         return self.top_k is None and not self.disabled
@@ -79,6 +83,13 @@ def validate_override(override: RoutingOverride, num_experts: int) -> None:
                 f"{override.top_k} experts per token is more than the {enabled} experts left switched on",
                 f"choose at most {enabled} experts per token, or switch fewer experts off",
             )
+
+
+def k_sweep(num_experts: int, disabled: frozenset[int] = frozenset()) -> tuple[RoutingOverride, ...]:
+    """Overrides for every possible experts-per-token count, 1 up to the experts left switched on."""
+    validate_override(RoutingOverride(disabled=disabled), num_experts)
+    enabled = num_experts - len(disabled)
+    return tuple(RoutingOverride(top_k=k, disabled=disabled) for k in range(1, enabled + 1))
 
 
 def model_num_experts(model: Any) -> int:

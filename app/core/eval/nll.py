@@ -172,7 +172,7 @@ def score_loaded_model(
                         tokens += batch_tokens
                         done += 1
                         yield Progress("scoring", done, total, message=f"{model_name} on {dataset.name}")
-                    nll = nll_sum / tokens if tokens else float("nan")
+                    nll = nll_sum / tokens  # every dataset has a token to predict: checked above
                     results.append(NllResult(model_name, dataset.name, override, nll, _ppl(nll), tokens))
                     if counts is not None:
                         per_dataset.append(dataset_routing(dataset.name, counts))
@@ -304,13 +304,20 @@ def evaluate(request: EvalRequest, cancel: threading.Event | None = None) -> Job
     if empty:
         raise FrankenMoEError(f"dataset {', '.join(empty)} holds no records", "give at least one text per dataset")
     _check_settings(request.batch_size, request.padding_side)
+    any_moe = False
     for model in request.models:
         config = _read_config(model.path, request.cache_dir)
         _check_causal_lm(model.path, config)
         experts = _configured_experts(config)
+        any_moe = any_moe or bool(experts)
         if experts:
             for override in request.overrides:
                 validate_override(override, experts)
+    if not any_moe and any(not o.is_default for o in request.overrides):
+        raise FrankenMoEError(
+            "none of the models has experts, so experts per token and switched-off experts do not apply",
+            "evaluate without --top-k and --disable-expert, or include a mixture-of-experts model",
+        )
     task_manager = None
     if request.harness is not None:
         # Unknown tasks are found before any model is loaded, not after minutes of scoring.
