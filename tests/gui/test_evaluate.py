@@ -178,7 +178,9 @@ def test_cancel_stops_the_evaluation_and_keeps_the_page(qtbot, page: EvaluatePag
     assert page.progress.value() == 0
 
 
-def test_bad_input_gets_a_message_and_keeps_the_page(qtbot, page: EvaluatePage, merged: Path, tmp_path: Path) -> None:
+def test_bad_input_gets_a_message_and_keeps_the_page(
+    qtbot, page: EvaluatePage, merged: Path, llama_donors: dict[str, Path], tmp_path: Path
+) -> None:
     empty = tmp_path / "empty.txt"
     empty.write_text("", encoding="utf-8")
     latin = tmp_path / "latin.txt"
@@ -198,6 +200,19 @@ def test_bad_input_gets_a_message_and_keeps_the_page(qtbot, page: EvaluatePage, 
     page.run_button.click()
     assert page.job is None or not page.job.is_running
     assert "✗" in page.stage.text() and "Fix:" in page.stage.text()
+
+    dense = llama_donors["base"]  # a dense model: no experts to sweep over
+    page.set_model(dense)
+    page.sweep.setText("1-2")
+    page.data_files.clear()
+    page.add_data_files([Path(__file__)])  # a .py file: a suffix the app does not read
+    run(qtbot, page)
+    assert page.stage.text().startswith("✗") and ".py" in page.stage.text()
+    page.data_files.clear()
+    (tmp_path / "ok.txt").write_text("A few words to score here.\n", encoding="utf-8")
+    page.add_data_files([tmp_path / "ok.txt"])
+    run(qtbot, page)
+    assert "has no experts" in page.stage.text() and "Fix: Clear Experts per token" in page.stage.text()
 
     page.sweep.clear()
     good = tmp_path / "good.txt"

@@ -107,6 +107,11 @@ def evaluate_job(choices: EvaluateChoices) -> JobFactory:
             if choices.compare_donors
             else (EvalModel("moe", str(choices.model_dir)),)
         )
+        if len(choices.top_ks) > 1 and _configured_top_k(choices.model_dir) is None:
+            raise FrankenMoEError(
+                f"{choices.model_dir} has no experts, so there is no experts-per-token sweep to run",
+                "Clear Experts per token, or choose a mixture-of-experts model.",
+            )
         overrides = tuple(RoutingOverride(top_k=k, disabled=choices.disabled) for k in choices.top_ks)
         request = EvalRequest(
             models=models,
