@@ -9,6 +9,9 @@ Tokens can come far faster than anyone reads them; the worker sends them in batc
 
 The conversation is shared with the page: the worker changes it only while an answer runs, and the
 page reads or changes it only while none does (its buttons say so).
+
+The routing override (experts per token, experts switched off) is set by the page at any time and
+applied by the worker, in its own thread, before each token: a change reaches the next token.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Generator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, Any
@@ -32,6 +36,7 @@ from app.core.chat import (
     SamplingSettings,
     TokenGenerated,
 )
+from app.core.eval.controls import RoutingOverride
 from app.core.progress import Cancelled, Progress
 
 if TYPE_CHECKING:
@@ -106,6 +111,18 @@ class ChatWorker(QObject):
         self._stop = stop
         self._cancel = cancel
         self._model: ChatModel | None = None
+        self._routing_lock = threading.Lock()
+        self._routing = RoutingOverride()
+
+    def set_routing(self, override: RoutingOverride) -> None:
+        """Route from the next token on as override says; called from any thread."""
+        with self._routing_lock:
+            self._routing = override
+
+    @property
+    def routing(self) -> RoutingOverride:
+        with self._routing_lock:
+            return self._routing
 
     @Slot(object)
     def load(self, request: LoadRequest) -> None:
@@ -159,8 +176,10 @@ class ChatWorker(QObject):
             job = session.edit(request.message_id, request.text, self._stop)
         pending: list[TokenGenerated] = []
         last_sent = 0.0
+        routing = _AppliedRouting(self._model)
         try:
             while True:
+                routing.apply(self.routing)
                 try:
                     event = next(job)
                 except StopIteration as finished:
@@ -179,9 +198,38 @@ class ChatWorker(QObject):
                 self.tokens_generated.emit(pending)
             self.answer_failed.emit(error)
             return
+        finally:
+            routing.leave()
         if pending:
             self.tokens_generated.emit(pending)
         self.answer_finished.emit(message)
+
+
+class _AppliedRouting:
+    """The override in force on the worker's model during one answer; swapped between tokens."""
+
+    def __init__(self, model: ChatModel) -> None:
+        self._model = model
+        self._rule = model.capture.rule
+        self._applied = RoutingOverride()
+        self._stack = ExitStack()
+
+    def apply(self, wanted: RoutingOverride) -> None:
+        if wanted == self._applied:
+            return
+        from app.core.eval.controls import overridden_rule, routing_override
+
+        self.leave()
+        self._stack.enter_context(routing_override(self._model.model, wanted))
+        # The routing panel reads the picks from the router logits with the capture's rule: its k follows.
+        self._model.capture.rule = overridden_rule(self._rule, wanted)
+        self._applied = wanted
+
+    def leave(self) -> None:
+        self._stack.close()
+        self._stack = ExitStack()
+        self._model.capture.rule = self._rule
+        self._applied = RoutingOverride()
 
 
 class ChatBackend(QObject):
@@ -215,6 +263,9 @@ class ChatBackend(QObject):
 
     def unload(self) -> None:
         self.unload_requested.emit()
+
+    def set_routing(self, override: RoutingOverride) -> None:
+        self.worker.set_routing(override)
 
     def answer(self, request: AnswerRequest) -> None:
         self.stop.clear()

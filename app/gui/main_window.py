@@ -1,4 +1,4 @@
-"""The main window: the recipe as a document, the five steps, the log, and orderly shutdown."""
+"""The main window: the recipe as a document, the six steps, the log, and orderly shutdown."""
 
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ from app.gui.document import RecipeDocument
 from app.gui.hub_search import HubSearchDialog, Purpose
 from app.gui.log_panel import LogPanel
 from app.gui.pages.chat import ChatPage
+from app.gui.pages.evaluate import EvaluatePage
 from app.gui.pages.merge import MergePage
 from app.gui.pages.models import ModelsPage
 from app.gui.pages.preview import PreviewPage
@@ -39,7 +40,7 @@ from app.gui.settings_dialog import SettingsDialog
 from app.gui.theme import apply_theme
 from app.gui.workers import JobHandle
 
-STEPS = ("1  Models", "2  Prompts", "3  Preview", "4  Merge", "5  Chat")
+STEPS = ("1  Models", "2  Prompts", "3  Preview", "4  Merge", "5  Evaluate", "6  Chat")
 RECIPE_FILTER = "mergekit-moe recipes (*.yml *.yaml);;All files (*)"
 STATUS_NOTICE_MS = 15_000
 PROGRESS_STEPS = 1000  # the status bar's progress range, when a job reports its share done
@@ -50,7 +51,12 @@ class Step(int, Enum):
     PROMPTS = 1
     PREVIEW = 2
     MERGE = 3
-    CHAT = 4
+    EVALUATE = 4
+    CHAT = 5
+
+
+# Steps that need no recipe: any model folder, straight from the start screen.
+MODEL_STEPS = (Step.EVALUATE, Step.CHAT)
 
 
 class MainWindow(QMainWindow):
@@ -66,9 +72,18 @@ class MainWindow(QMainWindow):
         self.prompts_page = PromptsPage(self.document)
         self.preview_page = PreviewPage(self.document, self.context)
         self.merge_page = MergePage(self.document, self.context)
+        self.evaluate_page = EvaluatePage(self.context)
         self.chat_page = ChatPage(self.context)
         self.pages = QStackedWidget()
-        for page in (self.models_page, self.prompts_page, self.preview_page, self.merge_page, self.chat_page):
+        pages = (
+            self.models_page,
+            self.prompts_page,
+            self.preview_page,
+            self.merge_page,
+            self.evaluate_page,
+            self.chat_page,
+        )
+        for page in pages:
             self.pages.addWidget(page)
         self.steps = QListWidget()
         self.steps.addItems(STEPS)
@@ -110,6 +125,7 @@ class MainWindow(QMainWindow):
         self.start_page.open_requested.connect(self.open_recipe_dialog)
         self.start_page.demo_requested.connect(self.try_demo)
         self.start_page.chat_requested.connect(self.chat_without_recipe)
+        self.start_page.evaluate_requested.connect(self.evaluate_without_recipe)
         self.start_page.recent_requested.connect(self.open_recent)
         self.start_page.set_recent_files(self.settings.recent_files)
         self.models_page.add_from_hub_requested.connect(lambda: self.search_hub(Purpose.EXPERT))
@@ -117,6 +133,8 @@ class MainWindow(QMainWindow):
         self.preview_page.computed.connect(self.merge_page.use_preview)
         self.models_page.checked.connect(self.merge_page.use_check)
         self.merge_page.open_in_chat.connect(self.open_in_chat)
+        self.merge_page.open_in_evaluate.connect(self.open_in_evaluate)
+        self.chat_page.evaluate_requested.connect(self.open_in_evaluate)
         self.document.undo_stack.cleanChanged.connect(self._update_title)
         self.document.path_changed.connect(lambda _path: self._update_title())
         self.document.opened.connect(self._document_opened)
@@ -183,8 +201,8 @@ class MainWindow(QMainWindow):
 
     def _update_actions(self) -> None:
         is_open = self.document.is_open
-        # Chat needs no recipe: any model folder or Hub model, straight from the start screen.
-        recipe_steps = [step for step in Step if step is not Step.CHAT]
+        # Chat and Evaluate need no recipe: any model folder or Hub model, straight from the start screen.
+        recipe_steps = [step for step in Step if step not in MODEL_STEPS]
         for action in (self.save_action, self.save_as_action, *(self.step_actions[step] for step in recipe_steps)):
             action.setEnabled(is_open)
         for step in recipe_steps:
@@ -209,7 +227,7 @@ class MainWindow(QMainWindow):
         self.jobs_label.setText(", ".join(handle.name for handle in running))
 
     def show_step(self, step: Step) -> None:
-        if step is Step.CHAT or self.document.is_open:
+        if step in MODEL_STEPS or self.document.is_open:
             self.central.setCurrentWidget(self.workspace)
             self.steps.setCurrentRow(int(step))
 
@@ -353,6 +371,14 @@ class MainWindow(QMainWindow):
         self.show_step(Step.CHAT)
         self.chat_page.model_box.model_path.setFocus()
 
+    def evaluate_without_recipe(self) -> None:
+        self.show_step(Step.EVALUATE)
+        self.evaluate_page.model_path.setFocus()
+
+    def open_in_evaluate(self, folder: Path | str) -> None:
+        self.evaluate_page.set_model(Path(folder))
+        self.show_step(Step.EVALUATE)
+
     def open_in_chat(self, folder: Path) -> None:
         self.chat_page.set_model(folder)
         self.show_step(Step.CHAT)
@@ -392,5 +418,6 @@ class MainWindow(QMainWindow):
         self.models_page.shutdown()
         self.context.shutdown()
         self.preview_page.shutdown()
+        self.evaluate_page.shutdown()
         self.chat_page.shutdown()
         event.accept()

@@ -21,12 +21,13 @@ LONG_ERROR = (
 def message_labels(window) -> dict[Step, list[QLabel]]:
     """Every label a page writes messages, errors and results into."""
     models, prompts, preview = window.models_page, window.prompts_page, window.preview_page
-    merge, chat = window.merge_page, window.chat_page
+    merge, evaluate, chat = window.merge_page, window.evaluate_page, window.chat_page
     return {
         Step.MODELS: [models.base_info, models.general_problems],
         Step.PROMPTS: [prompts.expert_problems, prompts.settings_problems],
         Step.PREVIEW: [preview.status, preview.quality, preview.warnings],
         Step.MERGE: [merge.problems, merge.stage, merge.speed, merge.result_label],
+        Step.EVALUATE: [evaluate.model_note, evaluate.stage, evaluate.result_note, evaluate.results.table_note],
         Step.CHAT: [
             chat.model_box.model_status,
             chat.model_box.fit_message,

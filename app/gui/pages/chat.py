@@ -13,7 +13,7 @@ from __future__ import annotations
 from enum import Enum, auto
 from pathlib import Path
 
-from PySide6.QtCore import Qt
+from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import (
     QFrame,
     QInputDialog,
@@ -37,8 +37,10 @@ from app.core.chat import (
     TokenRouting,
     write_trace,
 )
+from app.core.eval.controls import RoutingOverride
 from app.core.problems import FrankenMoEError
 from app.gui.chat.controls import MessageControls, SamplingForm
+from app.gui.chat.expert_controls import ExpertControls
 from app.gui.chat.files import AutosavedConversations, run_file_action
 from app.gui.chat.model_box import ModelBox
 from app.gui.chat.routing_panel import RoutingPanel
@@ -59,6 +61,8 @@ class PageState(Enum):
 
 
 class ChatPage(QWidget):
+    evaluate_requested = Signal(object)  # the model's folder or Hub id, as loaded
+
     def __init__(self, context: AppContext, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.context = context
@@ -78,6 +82,7 @@ class ChatPage(QWidget):
         self.model_box.load_requested.connect(self.load_model)
         self.model_box.cancel_button.clicked.connect(self.backend.cancel.set)
         self.model_box.unload_button.clicked.connect(self.unload_model)
+        self.model_box.evaluate_button.clicked.connect(lambda: self.evaluate_requested.emit(self._model_key))
 
         worker = self.backend.worker
         worker.load_progress.connect(self.model_box.show_progress)
@@ -120,6 +125,9 @@ class ChatPage(QWidget):
         settings_area.setFrameShape(QFrame.Shape.NoFrame)
         settings_area.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
         self.side_tabs.addTab(settings_area, "Settings")
+        self.experts = ExpertControls()
+        self.experts.override_changed.connect(self.backend.set_routing)
+        self.side_tabs.addTab(self.experts, "Experts")
 
         column = QWidget()
         column_layout = QVBoxLayout(column)
@@ -128,7 +136,7 @@ class ChatPage(QWidget):
         column_layout.addWidget(self.controls)
 
         layout = QVBoxLayout(self)
-        layout.addWidget(heading("5  Chat"))
+        layout.addWidget(heading("6  Chat"))
         layout.addWidget(
             explanation(
                 "Chat with a merged model, any Mixtral, Qwen2-MoE or Qwen3-MoE model folder, or a downloaded "
@@ -161,6 +169,7 @@ class ChatPage(QWidget):
         ready = state is PageState.READY
         has_messages = bool(self.conversation.messages)
         self.model_box.set_enabled_for(idle, state is PageState.LOADING, ready)
+        self.model_box.evaluate_button.setEnabled(ready)
         controls = self.controls
         controls.send_button.setEnabled(ready)
         controls.stop_button.setEnabled(state is PageState.ANSWERING)
@@ -195,6 +204,7 @@ class ChatPage(QWidget):
             return
         box.fit_box.setVisible(False)
         self.model = None
+        self._reset_routing(None)
         box.load_progress.setValue(0)
         box.model_status.setText(f"Loading {request.model}…")
         self._set_state(PageState.LOADING)
@@ -206,6 +216,7 @@ class ChatPage(QWidget):
     def unload_model(self) -> None:
         self.model = None
         self._model_key = ""
+        self._reset_routing(None)
         self.model_box.model_status.setText("Unloading…")
         self._set_state(PageState.NO_MODEL)
         self.backend.unload()
@@ -217,6 +228,7 @@ class ChatPage(QWidget):
         self.context.log(f"Chat: loaded {model.name} {model.description}")
         self.panel.show_unavailable(model.panel_unavailable_reason)
         self.panel.fill_color_by(model.layers)
+        self._reset_routing(model)
         self._model_key = self._loading
         self._set_state(PageState.READY)
         self._offer_last_conversation()
@@ -234,6 +246,12 @@ class ChatPage(QWidget):
     def _load_cancelled(self) -> None:
         self.model_box.model_status.setText("Loading cancelled.")
         self._set_state(PageState.NO_MODEL)
+
+    def _reset_routing(self, model: LoadedModel | None) -> None:
+        """A newly loaded (or no) model starts with its own routing."""
+        self.backend.set_routing(RoutingOverride())
+        moe = model is not None and model.is_moe
+        self.experts.set_model(len(self.legend.labels) if moe else 0, model.top_k if moe else 0, self.expert_style)
 
     def _unloaded(self) -> None:
         if self.state is PageState.NO_MODEL:

@@ -25,6 +25,7 @@ class StartPage(QWidget):
     open_requested = Signal()
     demo_requested = Signal()
     chat_requested = Signal()
+    evaluate_requested = Signal()
     recent_requested = Signal(object)
 
     def __init__(self, parent: QWidget | None = None) -> None:
@@ -40,6 +41,9 @@ class StartPage(QWidget):
         new_button.clicked.connect(self.new_requested)
         open_button.clicked.connect(self.open_requested)
         self.chat_button.clicked.connect(self.chat_requested)
+        self.evaluate_button = QPushButton("Evaluate a model…")
+        self.evaluate_button.setToolTip("Perplexity on your data, beside the base and experts of a merged model.")
+        self.evaluate_button.clicked.connect(self.evaluate_requested)
         self.recent = QListWidget()
         self.recent.setMaximumHeight(180)
         self.recent.setCursor(Qt.CursorShape.PointingHandCursor)
@@ -47,7 +51,7 @@ class StartPage(QWidget):
         self.recent.itemActivated.connect(self._recent_activated)
 
         buttons = QHBoxLayout()
-        for button in (self.demo_button, new_button, open_button, self.chat_button):
+        for button in (self.demo_button, new_button, open_button, self.chat_button, self.evaluate_button):
             button.setMinimumHeight(36)
             buttons.addWidget(button)
 
@@ -59,7 +63,8 @@ class StartPage(QWidget):
                 "Build a Mixture-of-Experts model from models you already have: pick a base and experts, "
                 "describe with prompts what each expert is for, preview how the router will send text, "
                 "merge, and chat. New here? Try the demo: it needs no Hub access, and building its models "
-                f"takes {DEMO_DURATION} on a CPU. Have an MoE model already? Chat with it: no recipe needed."
+                f"takes {DEMO_DURATION} on a CPU. Have an MoE model already? Chat with it or evaluate it: no recipe "
+                "needed."
             )
         )
         column.addSpacing(12)

@@ -1,0 +1,1 @@
+"""The Evaluate page's widgets: charts, results and the job that runs an evaluation."""
