@@ -249,19 +249,19 @@ def _score_batch(
         span = slice(width - len(ids), width) if padding_side == "left" else slice(0, len(ids))
         input_ids[row, span] = torch.tensor(ids)
         mask[row, span] = 1
-    # Positions count from each record's own first token, so left padding does not shift them.
-    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    # Left padding needs the mask, and positions counted from each record's own first token. Right
+    # padding needs neither: attention is causal, so a real token only ever sees the real tokens
+    # before it; without a mask, attention takes its faster causal-only path.
+    masking: dict[str, Any] = {}
+    if padding_side == "left":
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        masking = {"attention_mask": mask.to(device), "position_ids": positions.to(device)}
     with torch.inference_mode():
         if capture is not None:
             capture.begin_step()
             capture.enabled = True
         try:
-            output = model(
-                input_ids=input_ids.to(device),
-                attention_mask=mask.to(device),
-                position_ids=positions.to(device),
-                use_cache=False,
-            )
+            output = model(input_ids=input_ids.to(device), use_cache=False, **masking)
         finally:
             if capture is not None:
                 capture.enabled = False

@@ -152,6 +152,7 @@ class ModelsPage(QWidget):
         layout.addLayout(buttons)
         layout.addWidget(self.general_problems)
 
+        self._shut_down = False
         self._check_timer = QTimer(self)
         self._check_timer.setSingleShot(True)
         self._check_timer.setInterval(CHECK_DELAY_MS)
@@ -321,7 +322,9 @@ class ModelsPage(QWidget):
     def shutdown(self) -> None:
         """No new checks once the window is closing."""
         self._check_timer.stop()
-        self.document.changed.disconnect(self._recipe_changed)
+        if not self._shut_down:  # a window can be closed twice; the second close has nothing to undo
+            self.document.changed.disconnect(self._recipe_changed)
+            self._shut_down = True
 
     # ------------------------------------------------------------------ edits
 
