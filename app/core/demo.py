@@ -13,7 +13,8 @@ from __future__ import annotations
 import random
 import shutil
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -178,88 +179,67 @@ def train_domain_models(
 
     # The models are tiny: one thread trains them several times faster than a pool whose threads
     # mostly wait for each other (and, on a busy machine, for a core). bench/demo.py measures it.
+    with _one_torch_thread():
+        final_folder = final_folder or workspace
+        total = base_steps + expert_steps * len(domains)
+        yield Progress("demo: tokenizer", 0, total, message="training a tokenizer on the demo texts")
+        rng = random.Random(seed)
+        corpora = {name: [domain.make_text(rng) for _ in range(600)] for name, domain in domains.items()}
+        tokenizer = _train_tokenizer([text for texts in corpora.values() for text in texts])
+        streams = {name: _token_stream(tokenizer, texts) for name, texts in corpora.items()}
+        check_cancel(cancel)
+
+        torch.manual_seed(seed)
+        model = _new_model(tokenizer, hidden_size, num_layers)
+        mixed = torch.cat(list(streams.values()))
+        done = 0
+        for step in _train(model, mixed, base_steps, lambda name: True, cancel, seed):
+            done += 1
+            yield Progress("demo: base model", done, total, message=f"training the base model, step {step}")
+        _save(model, tokenizer, workspace / "base")
+        base_state = {key: value.clone() for key, value in model.state_dict().items()}
+
+        experts = []
+        extras = []
+        for name, stream in streams.items():
+            model.load_state_dict(base_state)
+            torch.manual_seed(seed + len(experts) + 1)
+            for step in _train(model, stream, expert_steps, lambda parameter: ".mlp." in parameter, cancel, seed):
+                done += 1
+                yield Progress(f"demo: {name} expert", done, total, message=f"training the {name} expert, step {step}")
+            _save(model, tokenizer, workspace / f"expert-{name}")
+            domain = domains[name]
+            experts.append(
+                Expert(
+                    source_model=ModelRef(path=str(final_folder / f"expert-{name}")),
+                    positive_prompts=domain.positive_prompts,
+                )
+            )
+            extras.append(ExpertExtras(label=domain.label, color=domain.color, test_prompts=domain.test_prompts))
+
+        recipe = Recipe(
+            base_model=ModelRef(path=str(final_folder / "base")),
+            experts=tuple(experts),
+            gate_mode="hidden",
+            dtype="float32",
+            experts_per_token=2,
+            studio=StudioExtras(experts=tuple(extras), seed=seed),
+        )
+        save_recipe(recipe, workspace / RECIPE_NAME)
+        yield Progress("demo", total, total, message="demo models ready")
+        return recipe
+
+
+@contextmanager
+def _one_torch_thread() -> Iterator[None]:
+    import torch
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return (
-            yield from _train_domain_models(
-                workspace,
-                domains,
-                cancel,
-                base_steps=base_steps,
-                expert_steps=expert_steps,
-                final_folder=final_folder,
-                seed=seed,
-                hidden_size=hidden_size,
-                num_layers=num_layers,
-            )
-        )
+        yield
     finally:
         torch.set_num_threads(threads)
-
-
-def _train_domain_models(
-    workspace: Path,
-    domains: Mapping[str, Domain],
-    cancel: threading.Event | None = None,
-    *,
-    base_steps: int,
-    expert_steps: int,
-    final_folder: Path | None = None,
-    seed: int = SEED,
-    hidden_size: int = 64,
-    num_layers: int = 4,
-) -> Job[Recipe]:
-    import torch
-
-    final_folder = final_folder or workspace
-    total = base_steps + expert_steps * len(domains)
-    yield Progress("demo: tokenizer", 0, total, message="training a tokenizer on the demo texts")
-    rng = random.Random(seed)
-    corpora = {name: [domain.make_text(rng) for _ in range(600)] for name, domain in domains.items()}
-    tokenizer = _train_tokenizer([text for texts in corpora.values() for text in texts])
-    streams = {name: _token_stream(tokenizer, texts) for name, texts in corpora.items()}
-    check_cancel(cancel)
-
-    torch.manual_seed(seed)
-    model = _new_model(tokenizer, hidden_size, num_layers)
-    mixed = torch.cat(list(streams.values()))
-    done = 0
-    for step in _train(model, mixed, base_steps, lambda name: True, cancel, seed):
-        done += 1
-        yield Progress("demo: base model", done, total, message=f"training the base model, step {step}")
-    _save(model, tokenizer, workspace / "base")
-    base_state = {key: value.clone() for key, value in model.state_dict().items()}
-
-    experts = []
-    extras = []
-    for name, stream in streams.items():
-        model.load_state_dict(base_state)
-        torch.manual_seed(seed + len(experts) + 1)
-        for step in _train(model, stream, expert_steps, lambda parameter: ".mlp." in parameter, cancel, seed):
-            done += 1
-            yield Progress(f"demo: {name} expert", done, total, message=f"training the {name} expert, step {step}")
-        _save(model, tokenizer, workspace / f"expert-{name}")
-        domain = domains[name]
-        experts.append(
-            Expert(
-                source_model=ModelRef(path=str(final_folder / f"expert-{name}")),
-                positive_prompts=domain.positive_prompts,
-            )
-        )
-        extras.append(ExpertExtras(label=domain.label, color=domain.color, test_prompts=domain.test_prompts))
-
-    recipe = Recipe(
-        base_model=ModelRef(path=str(final_folder / "base")),
-        experts=tuple(experts),
-        gate_mode="hidden",
-        dtype="float32",
-        experts_per_token=2,
-        studio=StudioExtras(experts=tuple(extras), seed=seed),
-    )
-    save_recipe(recipe, workspace / RECIPE_NAME)
-    yield Progress("demo", total, total, message="demo models ready")
-    return recipe
 
 
 def _train_tokenizer(texts: list[str]) -> Any:
