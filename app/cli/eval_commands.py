@@ -86,11 +86,11 @@ def build_request(args: argparse.Namespace) -> Any:
     """The core request from the arguments; every bad argument is a FrankenMoEError before any model loads."""
     from app.core.eval.controls import RoutingOverride, validate_override
     from app.core.eval.harness import HarnessRequest
-    from app.core.eval.nll import EvalRequest
+    from app.core.eval.nll import EvalModel, EvalRequest, comparison_models, configured_experts
 
     model_dir = _model_folder(args.model)
     config = _read_config(model_dir)
-    experts = int(config.get("num_local_experts") or config.get("num_experts") or 0)
+    experts = configured_experts(config)
     if (args.top_k or args.disable_expert) and not experts:
         raise FrankenMoEError(
             f"{args.model} is a dense model: it has no experts to route",
@@ -119,7 +119,7 @@ def build_request(args: argparse.Namespace) -> Any:
 
     saved_recipe = model_dir / _recipe_filename()
     datasets = _datasets(args, saved_recipe, harness is not None)
-    models = _models(args, model_dir, saved_recipe)
+    models = comparison_models(model_dir) if args.compare_donors else (EvalModel("moe", str(model_dir)),)
     return EvalRequest(
         models=models,
         datasets=tuple(datasets),
@@ -186,40 +186,6 @@ def _datasets(args: argparse.Namespace, saved_recipe: Path, has_tasks: bool) -> 
             "rename one of the files",
         )
     return datasets
-
-
-def _models(args: argparse.Namespace, model_dir: Path, saved_recipe: Path) -> tuple[Any, ...]:
-    from app.core.eval.nll import EvalModel
-    from app.core.recipe import load_recipe
-
-    models = [EvalModel(name="moe", path=str(model_dir))]
-    if not args.compare_donors:
-        return tuple(models)
-    if not saved_recipe.is_file():
-        raise FrankenMoEError(
-            f"{model_dir} has no {saved_recipe.name}, so its donors are unknown",
-            "evaluate a folder that frankenmoe merge wrote, or leave out --compare-donors",
-        )
-    recipe = load_recipe(saved_recipe)
-    seen = {str(model_dir.resolve())}
-    for name, ref in [("base", recipe.base_model), *((str(e.source_model), e.source_model) for e in recipe.experts)]:
-        path = _donor_path(ref, saved_recipe.parent)
-        key = str(Path(path).resolve()) if ref.is_local else path
-        if key in seen:  # an expert used twice, or the base doubling as an expert: scored once
-            continue
-        seen.add(key)
-        models.append(EvalModel(name=name, path=path))
-    return tuple(models)
-
-
-def _donor_path(ref: Any, recipe_dir: Path) -> str:
-    """A donor as the loader takes it: a relative local path is read from the recipe's folder if it is there."""
-    if ref.is_local:
-        path = Path(os.path.expanduser(ref.path))
-        if not path.is_absolute() and not path.exists() and (recipe_dir / path).exists():
-            path = recipe_dir / path
-        return str(path)
-    return str(ref)
 
 
 def check_output(path: Path) -> None:

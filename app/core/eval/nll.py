@@ -11,7 +11,6 @@ tokens over their count; perplexity is exp of that.
 
 from __future__ import annotations
 
-import json
 import math
 import threading
 from collections.abc import Sequence
@@ -28,7 +27,7 @@ from app.core.problems import FrankenMoEError
 from app.core.progress import Job, Progress, check_cancel
 
 if TYPE_CHECKING:
-    from app.core.recipe import Recipe
+    from app.core.recipe import ModelRef, Recipe
 
 T = TypeVar("T")
 
@@ -306,9 +305,9 @@ def evaluate(request: EvalRequest, cancel: threading.Event | None = None) -> Job
     _check_settings(request.batch_size, request.padding_side)
     any_moe = False
     for model in request.models:
-        config = _read_config(model.path, request.cache_dir)
+        config = read_model_config(model.path, request.cache_dir)
         _check_causal_lm(model.path, config)
-        experts = _configured_experts(config)
+        experts = configured_experts(config)
         any_moe = any_moe or bool(experts)
         if experts:
             for override in request.overrides:
@@ -407,14 +406,14 @@ def _relabel(job: Job[T], stage: str) -> Job[T]:
         yield replace(record, stage=stage)
 
 
-def _read_config(path: str, cache_dir: Path | None) -> dict[str, Any]:
+def read_model_config(path: str, cache_dir: Path | None = None) -> dict[str, Any]:
     """A model's config.json, or {} when it cannot be read here (loading then names what is wrong)."""
     from app.core.recipe import ModelRef
-    from app.core.sources import resolve_model_dir
+    from app.core.sources import read_json_file, resolve_model_dir
 
     try:
         folder = resolve_model_dir(ModelRef.parse(path), cache_dir)
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        config = read_json_file(folder / "config.json")
     except (FrankenMoEError, OSError, ValueError):
         return {}
     return config if isinstance(config, dict) else {}
@@ -435,10 +434,16 @@ def _check_causal_lm(path: str, config: dict[str, Any]) -> None:
         )
 
 
-def _configured_experts(config: dict[str, Any]) -> int:
+def configured_experts(config: dict[str, Any]) -> int:
     """The routed experts a model's config declares (0 when dense or unknown)."""
     text = config.get("text_config", config)
     return int(text.get("num_local_experts") or text.get("num_experts") or 0)
+
+
+def configured_top_k(config: dict[str, Any]) -> int | None:
+    """The experts per token a model's config declares, or None (dense or unknown)."""
+    value = config.get("text_config", config).get("num_experts_per_tok")
+    return value if isinstance(value, int) else None
 
 
 def comparison_models(moe_folder: Path, recipe: Recipe | None = None) -> tuple[EvalModel, ...]:
@@ -456,12 +461,27 @@ def comparison_models(moe_folder: Path, recipe: Recipe | None = None) -> tuple[E
         if not path.is_file():
             raise FrankenMoEError(
                 f"{moe_folder} has no {RECIPE_FILENAME}, so its base and donors are not known",
-                "give the recipe the model was merged from (--recipe), or evaluate a folder this app merged",
+                "evaluate a folder this app merged (it saves its recipe there), or compare without the donors",
             )
         recipe = load_recipe(path)
-    models = [EvalModel("moe", str(moe_folder)), EvalModel("base", str(recipe.base_model))]
-    for expert in (*recipe.experts, *recipe.shared_experts):
-        reference = str(expert.source_model)
-        if all(m.path != reference for m in models):
-            models.append(EvalModel(reference, reference))
+    models = [EvalModel("moe", str(moe_folder))]
+    seen = {str(Path(moe_folder).resolve())}
+    donors = [("base", recipe.base_model)]
+    donors += [(str(expert.source_model), expert.source_model) for expert in (*recipe.experts, *recipe.shared_experts)]
+    for name, reference in donors:
+        path = _donor_path(reference, Path(moe_folder))
+        key = str(Path(path).resolve()) if reference.is_local else path
+        if key not in seen:
+            seen.add(key)
+            models.append(EvalModel(name, path))
     return tuple(models)
+
+
+def _donor_path(reference: ModelRef, recipe_dir: Path) -> str:
+    """A donor as the loader takes it: a relative local path is read from the recipe's folder if it is there."""
+    if not reference.is_local:
+        return str(reference)
+    path = Path(reference.path).expanduser()
+    if not path.is_absolute() and not path.exists() and (recipe_dir / path).exists():
+        path = recipe_dir / path
+    return str(path)

@@ -7,7 +7,6 @@ there, never on the GUI thread. What the page chose travels as an :class:`Evalua
 from __future__ import annotations
 
 import importlib.util
-import json
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,7 +88,14 @@ def evaluate_job(choices: EvaluateChoices) -> JobFactory:
     def job(cancel: threading.Event) -> Job[EvaluateOutcome]:
         from app.core.eval.controls import RoutingOverride
         from app.core.eval.harness import HarnessRequest
-        from app.core.eval.nll import EvalModel, EvalRequest, comparison_models, evaluate
+        from app.core.eval.nll import (
+            EvalModel,
+            EvalRequest,
+            comparison_models,
+            configured_top_k,
+            evaluate,
+            read_model_config,
+        )
 
         yield Progress("reading datasets", 0, 1, message="reading the recipe and the data files")
         recipe = _read_recipe(choices.model_dir)
@@ -107,7 +113,8 @@ def evaluate_job(choices: EvaluateChoices) -> JobFactory:
             if choices.compare_donors
             else (EvalModel("moe", str(choices.model_dir)),)
         )
-        if len(choices.top_ks) > 1 and _configured_top_k(choices.model_dir) is None:
+        top_k = configured_top_k(read_model_config(str(choices.model_dir)))
+        if len(choices.top_ks) > 1 and top_k is None:
             raise FrankenMoEError(
                 f"{choices.model_dir} has no experts, so there is no experts-per-token sweep to run",
                 "Clear Experts per token, or choose a mixture-of-experts model.",
@@ -135,18 +142,7 @@ def evaluate_job(choices: EvaluateChoices) -> JobFactory:
         report = yield from evaluate(request, cancel)
         labels = tuple(recipe.expert_label(i) for i in range(len(recipe.experts))) if recipe is not None else ()
         return EvaluateOutcome(
-            report.to_json(), labels, _configured_top_k(choices.model_dir), tuple(report.lm_eval_runs)
+            report.to_json(), labels, top_k, tuple(report.lm_eval_runs)
         )
 
     return job
-
-
-def _configured_top_k(folder: Path) -> int | None:
-    """The experts per token in a model folder's config.json, or None (dense, or not a folder)."""
-    try:
-        config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    text = config.get("text_config", config) if isinstance(config, dict) else {}
-    value = text.get("num_experts_per_tok") if isinstance(text, dict) else None
-    return int(value) if isinstance(value, int) else None
