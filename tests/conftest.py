@@ -67,3 +67,9 @@ def tiny_mixtral(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.chat_models import make_tiny_moe
 
     return make_tiny_moe(tmp_path_factory.mktemp("mixtral") / "moe", "mixtral", seed=5)
+
+
+@pytest.fixture
+def offline_datasets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """lm-eval's `datasets` reads the eval tests' local task files without asking the Hub."""
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")

@@ -5,6 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
+from app.core.eval.harness import lm_eval_installed
+
+needs_lm_eval = pytest.mark.skipif(
+    not lm_eval_installed(), reason="lm-eval is not installed (pip install 'frankenmoe-studio[eval]')"
+)
+
 ROLLING_TEXTS = (
     "The storm rolled in over the sea.",
     "What is 12 plus 30? It is 42.",

@@ -17,13 +17,14 @@ from app.core.recipe import parse_recipe, save_recipe
 REPO = Path(__file__).resolve().parents[2]
 
 
-def frankenmoe(*args: str) -> subprocess.CompletedProcess[str]:
+def frankenmoe(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """The CLI in a process of its own, with this process's environment (monkeypatched variables included)."""
     return subprocess.run(
         [sys.executable, "-m", "app", *args],
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=timeout,
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )
 

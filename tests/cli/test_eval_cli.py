@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,22 +11,15 @@ from pathlib import Path
 import pytest
 
 from app.cli.main import run_cli
-from app.core.eval.harness import lm_eval_installed
 from app.core.merge.pipeline import MergeOptions, merge_moe
 from app.core.progress import run_job
 from app.core.recipe import parse_recipe
-from tests.eval_tasks import write_eval_tasks
+from tests.cli.test_cli import frankenmoe as run_frankenmoe
+from tests.eval_tasks import needs_lm_eval, write_eval_tasks
 
 REPO = Path(__file__).resolve().parents[2]
 TEXTS = ["The storm rolled in over the sea.", "What is 12 plus 30? It is 42.", "def add(a, b): return a + b"]
-needs_lm_eval = pytest.mark.skipif(
-    not lm_eval_installed(), reason="lm-eval is not installed (pip install 'frankenmoe-studio[eval]')"
-)
-
-
-@pytest.fixture(autouse=True)
-def offline_datasets(monkeypatch):
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+pytestmark = pytest.mark.usefixtures("offline_datasets")
 
 
 @pytest.fixture(scope="module")
@@ -61,14 +53,7 @@ def data_file(tmp_path) -> Path:
 
 
 def frankenmoe(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "app", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "PYTHONPATH": str(REPO), "HF_DATASETS_OFFLINE": "1"},
-    )
+    return run_frankenmoe(*args, timeout=600)  # HF_DATASETS_OFFLINE comes from the autouse fixture
 
 
 def transformers_nll(folder: Path, texts: list[str]) -> float:

@@ -9,19 +9,12 @@ import threading
 
 import pytest
 
-from app.core.eval.harness import HarnessRequest, lm_eval_installed, run_harness, write_results_json
+from app.core.eval.harness import HarnessRequest, run_harness, write_results_json
 from app.core.problems import FrankenMoEError
 from app.core.progress import Cancelled, run_job
-from tests.eval_tasks import ROLLING_TEXTS, write_eval_tasks
+from tests.eval_tasks import ROLLING_TEXTS, needs_lm_eval, write_eval_tasks
 
-needs_lm_eval = pytest.mark.skipif(
-    not lm_eval_installed(), reason="lm-eval is not installed (pip install 'frankenmoe-studio[eval]')"
-)
-
-
-@pytest.fixture(autouse=True)
-def offline_datasets(monkeypatch):
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+pytestmark = pytest.mark.usefixtures("offline_datasets")
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,6 @@ import json
 import os
 import shutil
 import struct
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -30,6 +28,7 @@ from app.core.sources import (
     ModelSource,
     ModelSourceError,
 )
+from tests.cli.test_cli import frankenmoe
 from tests.core.test_merge import leftovers, recipe_for
 from tests.hostile import billion_laughs
 
@@ -58,17 +57,6 @@ def rewrite_header(file: Path, edit) -> None:
 
 def weight_names(header: dict) -> list[str]:
     return sorted(name for name in header if name != "__metadata__")
-
-
-def frankenmoe(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "app", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
 
 
 # --------------------------------------------------------------------------- output through a symlink
