@@ -4,9 +4,11 @@ before the upload, the card, the upload itself, a resumed upload after a fault, 
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import shutil
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,7 @@ from app.core.problems import ProblemsError
 from app.core.progress import Cancelled, Progress, run_job
 from app.core.publish import PublishError, PublishRequest, plan_publish, publish
 from app.core.recipe import parse_recipe
+from app.startup import start_logging
 from tests.publishing import READ_TOKEN, WRITE_TOKEN, hub_merge, local_donor
 
 pytest_plugins = ["tests.hubserver", "tests.publishing"]
@@ -37,8 +40,19 @@ def lfs_oid(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@pytest.fixture
+def app_log() -> Iterator[io.StringIO]:
+    """What the app's log file handler (installed at a desktop start) writes during the test."""
+    log = io.StringIO()
+    start_logging(log)
+    yield log
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if getattr(h, "frankenmoe_log", False)]:
+        root.removeHandler(handler)
+
+
 def test_publish_uploads_the_merge_and_a_download_gives_back_the_same_files(
-    publish_config, hub, llama_donors, tmp_path, caplog
+    publish_config, hub, llama_donors, tmp_path, caplog, app_log
 ):
     model = hub_merge(publish_config, llama_donors, tmp_path)
     caplog.set_level(logging.DEBUG)
@@ -82,6 +96,7 @@ def test_publish_uploads_the_merge_and_a_download_gives_back_the_same_files(
     for file in downloaded.iterdir():
         assert WRITE_TOKEN.encode() not in file.read_bytes(), file.name
     assert caplog.records and WRITE_TOKEN not in caplog.text
+    assert "HTTP Request: POST" in app_log.getvalue() and WRITE_TOKEN not in app_log.getvalue()
 
 
 def test_a_read_only_token_is_refused_by_name_and_nothing_is_uploaded(publish_config, hub, llama_donors, tmp_path):
