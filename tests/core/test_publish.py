@@ -23,7 +23,7 @@ from app.core.recipe import parse_recipe
 from app.startup import start_logging
 from tests.publishing import READ_TOKEN, WRITE_TOKEN, hub_merge, local_donor
 
-pytest_plugins = ["tests.hubserver", "tests.publishing"]
+pytest_plugins = ["tests.hubserver"]
 
 
 def front_matter(card: str) -> dict:
