@@ -270,3 +270,14 @@ def test_publish_to_a_private_repo_on_a_branch_with_a_gguf(publish_config, hub, 
     uploads = len(hub.lfs_uploads())
     run_job(publish(plan_publish(request, config=publish_config), config=publish_config))
     assert len(hub.lfs_uploads()) == uploads
+
+
+def test_without_a_token_or_a_model_folder_each_is_named(publish_config, hub, tmp_path):
+    plan = plan_publish(PublishRequest(tmp_path / "nowhere", "alice/tiny-moe"), config=publish_config)
+    assert [(p.field, p.message) for p in plan.errors] == [
+        ("model", f"the model folder {tmp_path / 'nowhere'} does not exist"),
+        ("token", "no Hugging Face access token is set"),
+    ]
+    assert plan.files == () and plan.total_bytes == 0
+    with pytest.raises(ProblemsError):
+        run_job(publish(plan, config=publish_config))
