@@ -192,6 +192,7 @@ def test_an_unknown_donor_licence_is_not_guessed(publish_config, hub, llama_dono
     )
     model = tmp_path / "moe"
     run_job(merge_moe(recipe, MergeOptions(out_dir=model, device="cpu")))
+    (model / "README.md").unlink()  # a card the user deleted: the repo still gets one
     plan = plan_publish(PublishRequest(model, "alice/tiny-moe", token=WRITE_TOKEN), config=publish_config)
     [error] = plan.errors
     assert error.field == "license" and "no-licence-expert" in error.message and "--license" in error.hint
@@ -200,6 +201,7 @@ def test_an_unknown_donor_licence_is_not_guessed(publish_config, hub, llama_dono
     )
     assert not plan.errors and front_matter(plan.card_text)["license"] == "apache-2.0"
     assert "base_model" not in front_matter(plan.card_text)  # local donors only: no Hub id to name
+    assert "README.md" in plan.files
 
 
 def test_an_upload_that_fails_midway_resumes_with_only_the_missing_files(publish_config, hub, llama_donors, tmp_path):
