@@ -9,12 +9,14 @@ import logging
 import shutil
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import yaml
 from huggingface_hub import ModelCard, snapshot_download
 
+from app.core.hub import HubOfflineError
 from app.core.merge.pipeline import RECIPE_FILENAME, MergeOptions, merge_moe
 from app.core.problems import ProblemsError
 from app.core.progress import Cancelled, Progress, run_job
@@ -283,3 +285,10 @@ def test_without_a_token_or_a_model_folder_each_is_named(publish_config, hub, tm
     assert plan.files == () and plan.total_bytes == 0
     with pytest.raises(ProblemsError):
         run_job(publish(plan, config=publish_config))
+
+
+def test_a_hub_that_does_not_answer_is_said_at_once(publish_config, closed_endpoint, tmp_path):
+    config = replace(publish_config, endpoint=closed_endpoint)
+    with pytest.raises(HubOfflineError) as failure:
+        plan_publish(PublishRequest(tmp_path, "alice/tiny-moe", token=WRITE_TOKEN), config=config)
+    assert closed_endpoint in failure.value.message
