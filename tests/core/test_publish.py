@@ -292,3 +292,16 @@ def test_a_hub_that_does_not_answer_is_said_at_once(publish_config, closed_endpo
     with pytest.raises(HubOfflineError) as failure:
         plan_publish(PublishRequest(tmp_path, "alice/tiny-moe", token=WRITE_TOKEN), config=config)
     assert closed_endpoint in failure.value.message
+
+
+def test_a_connection_lost_once_mid_upload_is_retried_and_the_publish_completes(
+    publish_config, hub, llama_donors, tmp_path
+):
+    model = hub_merge(publish_config, llama_donors, tmp_path)
+    shard = sorted(model.glob("*.safetensors"))[1]
+    hub.drop_upload(lfs_oid(shard))
+    plan = plan_publish(PublishRequest(model, "alice/tiny-moe", token=WRITE_TOKEN), config=publish_config)
+    result = run_job(publish(plan, config=publish_config))
+    puts = [p for m, p, _ in hub.requests if m == "PUT" and p.endswith(lfs_oid(shard))]
+    assert len(puts) == 2  # the lost one and huggingface_hub's own retry
+    assert hub.repos["alice/tiny-moe"].commits[result.commit][shard.name] == shard.read_bytes()
