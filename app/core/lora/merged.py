@@ -66,7 +66,7 @@ class AdaptedModelSource(ModelSource):
             assert delta.replacement is not None
             return self._read(delta.replacement).float()
         assert delta.a is not None and delta.b is not None
-        weight = super().read_tensor(delta.target)
+        weight = self._read(self.tensor_info(delta.target))
         # PEFT computes the delta in float32 on the CPU whatever the adapter's dtype (cast_to_fp32).
         a, b = self._read(delta.a).float(), self._read(delta.b).float()
         change = b @ a
