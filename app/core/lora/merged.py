@@ -71,8 +71,9 @@ class AdaptedModelSource(ModelSource):
         a, b = self._read(delta.a).float(), self._read(delta.b).float()
         change = b @ a
         if delta.kind == "embedding":
-            change = change.T
-        change = change * delta.scale
+            change = change.T.contiguous()
+        # In place, the same multiplication by the same Python float as PEFT's (B @ A) * scaling.
+        change.mul_(delta.scale)
         if delta.magnitude is None:
             # W + ΔW, with ΔW's buffer reused: addition commutes exactly, so this is PEFT's W += ΔW.
             return change.add_(weight)
