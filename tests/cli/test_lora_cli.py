@@ -12,8 +12,6 @@ from tests.cli.test_cli import frankenmoe
 from tests.lora_adapters import MLP_MODULES, make_adapter
 from tests.models import make_tiny_model
 
-pytest.importorskip("peft")
-
 
 @pytest.fixture(scope="module")
 def adapter(llama_donors, tmp_path_factory) -> Path:

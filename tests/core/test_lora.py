@@ -20,8 +20,6 @@ from app.core.recipe import parse_recipe
 from tests.lora_adapters import MLP_MODULES, make_adapter
 from tests.models import make_tiny_model
 
-pytest.importorskip("peft")
-
 SLOTS = (("gate", "w1"), ("down", "w2"), ("up", "w3"))
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 ADAPTERS = {

@@ -12,7 +12,6 @@ from app.core.sources import open_model
 from tests.lora_adapters import make_adapter
 
 pytest_plugins = ["tests.hubserver"]
-pytest.importorskip("peft")
 
 MODEL = "acme/tiny-llama-instruct"
 ADAPTER = "acme/tiny-llama-maths-lora"
