@@ -85,3 +85,11 @@ def test_a_plus_with_an_empty_part_is_one_clear_error(text, says):
 def test_a_model_with_an_adapter_has_no_folder_of_its_own(tmp_path):
     with pytest.raises(ModelSourceError, match="merge the adapter into it first"):
         resolve_model_dir(ModelRef.parse(f"{tmp_path}+{tmp_path}"))
+
+
+def test_a_model_card_names_both_parts_without_local_paths():
+    from app.core.merge.modelcard import public_ref
+
+    ref = ModelRef.parse("/home/me/models/base+/home/me/adapters/maths-lora")
+    assert str(public_ref(ref)) == "base+maths-lora"
+    assert str(public_ref(ModelRef.parse("org/base@v1+/home/me/adapters/maths-lora"))) == "org/base@v1+maths-lora"
