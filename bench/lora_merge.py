@@ -98,16 +98,22 @@ def run(layers: int, rank: int, workdir: Path, repeats: int) -> dict[str, object
     env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
     results: dict[str, object] = {"layers": layers, "rank": rank}
     for mode in ("cheap_embed", "hidden"):
+        commands = {}
         for kind, sources in kinds.items():
             recipe = workdir / f"recipe-{kind}-{mode}.yml"
             write_recipe(recipe, base, sources, mode)
             out = workdir / f"out-{kind}-{mode}"
             command = [sys.executable, "-m", "app", "merge", str(recipe), str(out), "--overwrite", "--quiet"]
-            # Alternating would be fairer still, but each kind's best of `repeats` warm runs is what counts.
-            runs = [measure([*command, "--device", "cpu"], env) for _ in range(repeats)]
+            commands[kind] = ([*command, "--device", "cpu"], out)
+        runs: dict[str, list[tuple[float, int]]] = {kind: [] for kind in kinds}
+        # The kinds alternate, so that a load that comes and goes on the machine weighs on both alike.
+        for _ in range(repeats):
+            for kind, (command, _out) in commands.items():
+                runs[kind].append(measure(command, env))
+        for kind, (_command, out) in commands.items():
             results[f"{kind}_{mode}"] = {
-                "wall_s": min(r[0] for r in runs),
-                "peak_rss_mb": max(r[1] for r in runs) / 2**20,
+                "wall_s": min(r[0] for r in runs[kind]),
+                "peak_rss_mb": max(r[1] for r in runs[kind]) / 2**20,
                 "output_gb": sum(p.stat().st_size for p in out.glob("*.safetensors")) / 1e9,
             }
     return results
