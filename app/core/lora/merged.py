@@ -9,6 +9,7 @@ memory: the merge streams as it does for a full model.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -60,6 +61,16 @@ class AdaptedModelSource(ModelSource):
 
         return self.read_info_into(info, torch.empty(info.shape, dtype=torch.float32))
 
+    def _read_weight(self, info: TensorInfo) -> torch.Tensor:
+        """A weight widened to float32 into this thread's scratch buffer: valid until its next weight."""
+        import torch
+
+        numel = 1
+        for size in info.shape:
+            numel *= size
+        staging = _scratch("staging", info.nbytes, torch.uint8)
+        return self.read_info_into(info, _scratch("weight", numel, torch.float32).view(info.shape), staging)
+
     def _merged(self, delta: ModuleDelta) -> torch.Tensor:
         import torch
 
@@ -75,7 +86,7 @@ class AdaptedModelSource(ModelSource):
         # In place, the same multiplication by the same Python float as PEFT's (B @ A) * scaling.
         change.mul_(delta.scale)
         # Read as float32 straight away: adding a float32 W is faster than adding a bfloat16 one.
-        widened = self._read(delta.replacement or self.tensor_info(delta.target))
+        widened = self._read_weight(delta.replacement or self.tensor_info(delta.target))
         if delta.magnitude is None:
             # W + ΔW, with ΔW's buffer reused: addition commutes exactly, so this is PEFT's W += ΔW.
             return change.add_(widened)
@@ -84,6 +95,22 @@ class AdaptedModelSource(ModelSource):
         norm = torch.linalg.norm(widened + 1 * change, dim=1).to(widened.dtype)
         factor = self._read(delta.magnitude) / norm
         return factor.view(-1, 1) * (widened + change)
+
+
+# Buffers kept from one weight to the next, one set per thread (the merge writes in one, the gates
+# may read in another): allocating them afresh faults in new pages for every weight, which costs
+# three times the arithmetic. Flat, so that the MLP's differently shaped weights share them.
+_SCRATCH = threading.local()
+
+
+def _scratch(kind: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    import torch
+
+    buffers: dict[str, torch.Tensor] = _SCRATCH.__dict__.setdefault("buffers", {})
+    buffer = buffers.get(kind)
+    if buffer is None or buffer.numel() < numel or buffer.dtype != dtype:
+        buffer = buffers[kind] = torch.empty(numel, dtype=dtype)
+    return buffer[:numel]
 
 
 def open_adapted(ref: ModelRef, model_folder: Path, adapter_folder: Path) -> AdaptedModelSource:
