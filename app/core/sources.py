@@ -324,6 +324,12 @@ class ModelSource:
         """
         return self.read_info_into(self.tensor_info(name), target, staging)
 
+    def read_tensor_as(self, name: str, dtype: str) -> torch.Tensor:
+        """One tensor in fresh CPU memory, converted to a torch dtype (by name) as a merge writes it."""
+        import torch
+
+        return self.read_tensor(name).to(getattr(torch, dtype))
+
     def has_delta(self, name: str) -> bool:
         """Whether the tensor is computed (a LoRA adapter merged in) rather than stored as it is read."""
         return False

@@ -46,6 +46,17 @@ class AdaptedModelSource(ModelSource):
             return super().read_tensor(name)
         return self._merged(delta)
 
+    def read_tensor_as(self, name: str, dtype: str) -> torch.Tensor:
+        """A changed weight merged in float32, then cast; the float32 work is done in scratch buffers."""
+        import torch
+
+        delta = self._deltas.get(name)
+        if delta is None:
+            return super().read_tensor_as(name, dtype)
+        merged = self._merged(delta, in_scratch=True)
+        converted = merged.to(getattr(torch, dtype))
+        return converted.clone() if converted is merged else converted
+
     def read_tensor_into(self, name: str, target: torch.Tensor, staging: torch.Tensor | None = None) -> torch.Tensor:
         delta = self._deltas.get(name)
         if delta is None:
@@ -71,7 +82,8 @@ class AdaptedModelSource(ModelSource):
         staging = _scratch("staging", info.nbytes, torch.uint8)
         return self.read_info_into(info, _scratch("weight", numel, torch.float32).view(info.shape), staging)
 
-    def _merged(self, delta: ModuleDelta) -> torch.Tensor:
+    def _merged(self, delta: ModuleDelta, in_scratch: bool = False) -> torch.Tensor:
+        """The merged weight in float32: fresh memory, or (in_scratch) this thread's buffer, valid until its next."""
         import torch
 
         if delta.kind == "replacement":
@@ -80,9 +92,14 @@ class AdaptedModelSource(ModelSource):
         assert delta.a is not None and delta.b is not None
         # PEFT computes the delta in float32 on the CPU whatever the adapter's dtype (cast_to_fp32).
         a, b = self._read(delta.a), self._read(delta.b)
-        change = b @ a
         if delta.kind == "embedding":
-            change = change.T.contiguous()
+            change = (b @ a).T.contiguous()
+        elif in_scratch:
+            # The same matrix product as b @ a, written into the kept buffer instead of fresh pages.
+            buffer = _scratch("change", b.shape[0] * a.shape[1], torch.float32).view(b.shape[0], a.shape[1])
+            change = torch.matmul(b, a, out=buffer)
+        else:
+            change = b @ a
         # In place, the same multiplication by the same Python float as PEFT's (B @ A) * scaling.
         change.mul_(delta.scale)
         # Read as float32 straight away: adding a float32 W is faster than adding a bfloat16 one.

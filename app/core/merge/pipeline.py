@@ -166,7 +166,7 @@ def plan_tensors(
         planned = PlannedTensor(out_name, info.shape, out_dtype)
         if info.torch_dtype_name == out_dtype and not source.has_delta(name):
             return planned, lambda: source.byte_range(name)
-        return planned, lambda: _converted(source.read_tensor(name), out_dtype)
+        return planned, lambda: source.read_tensor_as(name, out_dtype)
 
     def planned_expert(
         source: ModelSource, out_name: str, expert: Expert, seed: int, layer: int, projection: str, scale: float | None
