@@ -186,7 +186,8 @@ def _shape(shape: tuple[int, ...]) -> str:
 
 def _dropped_warning(info: AdapterInfo, model_ref: str, where: str) -> Problem:
     percent = info.dropped_fraction * 100
-    kinds = ", ".join(info.dropped_modules)
+    names = list(info.dropped_modules)
+    kinds = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
     if info.mlp_parameter_count == 0:
         return Problem(
             FIELD,
