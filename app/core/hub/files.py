@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from huggingface_hub import get_cached_repo_tree, hf_hub_download, try_to_load_from_cache
 from huggingface_hub.errors import CachedRepoTreeNotFoundError
@@ -32,6 +33,10 @@ TOKENIZER_FILES = frozenset(
 CHAT_TEMPLATE_FILES = frozenset({"chat_template.jinja", "chat_template.json"})
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_WEIGHTS_FILE = "model.safetensors"
+# A PEFT adapter needs only these two: its settings and its (safetensors) weights.
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
+ADAPTER_FILES = (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,10 +87,21 @@ def _blob_is_cached(config: HubConfig, repo_id: str, etag: str | None) -> bool:
     return etag is not None and (repo_cache_folder(config, repo_id) / "blobs" / etag).is_file()
 
 
-def remote_merge_files(info: ModelInfo, config: HubConfig) -> list[RemoteFile]:
-    """The files a merge needs, sized by the Hub's file metadata (``model_info(files_metadata=True)``)."""
+def is_adapter_repo(paths: Iterable[str]) -> bool:
+    """A PEFT adapter repository: an adapter_config.json and no model config.json at the top level."""
+    top_level = set(paths)
+    return ADAPTER_CONFIG_FILE in top_level and "config.json" not in top_level
+
+
+def remote_merge_files(info: ModelInfo, config: HubConfig, adapter: bool = False) -> list[RemoteFile]:
+    """The files a merge needs, sized by the Hub's file metadata (``model_info(files_metadata=True)``).
+
+    Of an adapter, only its config and safetensors weights.
+    """
     siblings = {s.rfilename: s for s in info.siblings or []}
     shards: set[str] | None = None
+    if adapter:
+        return [_remote_file(info, config, siblings[path]) for path in ADAPTER_FILES if path in siblings]
     if INDEX_FILE in siblings:
         with hub_errors(info.id, info.sha, config):
             index_path = hf_hub_download(
@@ -98,13 +114,13 @@ def remote_merge_files(info: ModelInfo, config: HubConfig) -> list[RemoteFile]:
                 etag_timeout=config.request_timeout_s,
             )
         shards = shard_names(Path(index_path))
-    files = []
-    for path in select_merge_files(siblings, shards):
-        sibling = siblings[path]
-        etag = sibling.lfs.sha256 if sibling.lfs is not None else sibling.blob_id
-        size = sibling.lfs.size if sibling.lfs is not None else (sibling.size or 0)
-        files.append(RemoteFile(path, size, etag, _blob_is_cached(config, info.id, etag)))
-    return files
+    return [_remote_file(info, config, siblings[path]) for path in select_merge_files(siblings, shards)]
+
+
+def _remote_file(info: ModelInfo, config: HubConfig, sibling: Any) -> RemoteFile:
+    etag = sibling.lfs.sha256 if sibling.lfs is not None else sibling.blob_id
+    size = sibling.lfs.size if sibling.lfs is not None else (sibling.size or 0)
+    return RemoteFile(sibling.rfilename, size, etag, _blob_is_cached(config, info.id, etag))
 
 
 def refresh_cached(files: Iterable[RemoteFile], repo_id: str, config: HubConfig) -> list[RemoteFile]:
@@ -132,3 +148,13 @@ def cached_snapshot(ref: ModelRef, config: HubConfig) -> Path | None:
     if not has_weights(needed) or not all((snapshot / path).is_file() for path in needed):
         return None
     return snapshot
+
+
+def cached_adapter_snapshot(ref: ModelRef, config: HubConfig) -> Path | None:
+    """The snapshot folder of a Hub adapter if the cache holds its config and safetensors weights; no network."""
+    revision = ref.revision or "main"
+    config_path = try_to_load_from_cache(ref.path, ADAPTER_CONFIG_FILE, cache_dir=config.cache_dir, revision=revision)
+    if not isinstance(config_path, str):
+        return None
+    snapshot = Path(config_path).parent
+    return snapshot if (snapshot / ADAPTER_WEIGHTS_FILE).is_file() else None
