@@ -33,7 +33,14 @@ from app.core.hub.errors import (
     is_transient,
     translate_error,
 )
-from app.core.hub.files import RemoteFile, cached_snapshot, has_weights, refresh_cached, remote_merge_files
+from app.core.hub.files import (
+    RemoteFile,
+    cached_snapshot,
+    has_weights,
+    is_adapter_repo,
+    refresh_cached,
+    remote_merge_files,
+)
 from app.core.hub.network import call_cancellable, require_hub
 from app.core.progress import Cancelled, Job, Progress, check_cancel, format_bytes
 from app.core.recipe import ModelRef, Recipe
@@ -122,12 +129,20 @@ def _check_disk_space(needed: int, config: HubConfig, repo_id: str) -> None:
 
 
 def plan_download(ref: ModelRef, config: HubConfig) -> tuple[str, list[RemoteFile]]:
-    """The commit a download will fetch and the files it needs; raises if the model has no safetensors."""
+    """The commit a download will fetch and the files it needs (only an adapter's own files for a PEFT
+    adapter repo); raises if the model or adapter has no safetensors weights."""
     with hub_errors(ref.path, ref.revision, config):
         info = config.api().model_info(
             ref.path, revision=ref.revision, files_metadata=True, timeout=config.request_timeout_s
         )
-    files = remote_merge_files(info, config)
+    adapter = is_adapter_repo(s.rfilename for s in info.siblings or [])
+    files = remote_merge_files(info, config, adapter=adapter)
+    if adapter and not has_weights(f.path for f in files):
+        raise NoSafetensorsError(
+            f"{ref} is a LoRA adapter without adapter_model.safetensors (only a pickle adapter_model.bin, "
+            "which is not loaded, as it can run code)",
+            "pick a version of the adapter saved as safetensors (peft's save_pretrained writes it by default)",
+        )
     if not has_weights(f.path for f in files):
         raise NoSafetensorsError(
             f"{ref} has no safetensors weights, which merging needs (pickle checkpoints are not loaded, "

@@ -32,6 +32,12 @@ TOKENIZER_FILES = frozenset(
 CHAT_TEMPLATE_FILES = frozenset({"chat_template.jinja", "chat_template.json"})
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_WEIGHTS_FILE = "model.safetensors"
+# A PEFT adapter: its settings and its weights (the pickle twin ``adapter_model.bin`` is never fetched).
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
+ADAPTER_EXTRA_FILES = frozenset({"README.md"})
+# Names of a full model's weights, which an adapter repo does not carry.
+MODEL_WEIGHT_PREFIXES = ("model", "pytorch_model", "consolidated")
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,13 +55,39 @@ def shard_names(index_file: Path) -> set[str]:
     return set(weight_map.values())
 
 
-def select_merge_files(paths: Iterable[str], shards: Collection[str] | None) -> list[str]:
+def is_adapter_repo(paths: Iterable[str]) -> bool:
+    """A PEFT adapter repo: an ``adapter_config.json`` at the top and no full model's weights beside it."""
+    top_level = {p for p in paths if "/" not in p}
+    full_weights = any(
+        p.startswith(MODEL_WEIGHT_PREFIXES) and p.endswith((".safetensors", ".bin")) for p in top_level
+    )
+    return ADAPTER_CONFIG_FILE in top_level and not full_weights
+
+
+def select_adapter_files(paths: Iterable[str]) -> list[str]:
+    """An adapter's files: its config, its safetensors weights, tokenizer files if any, and its card.
+
+    Training leftovers (``optimizer.pt``, ``training_args.bin``), checkpoints in subfolders and the
+    pickle ``adapter_model.bin`` stay on the Hub.
+    """
+    top_level = sorted(p for p in paths if "/" not in p)
+    wanted = {ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE} | TOKENIZER_FILES | ADAPTER_EXTRA_FILES
+    return [p for p in top_level if p in wanted or p.endswith(".tiktoken")]
+
+
+def select_merge_files(
+    paths: Iterable[str], shards: Collection[str] | None, *, adapter: bool | None = None
+) -> list[str]:
     """The repo files to fetch: configs, tokenizer and chat template, and one copy of the weights.
 
     Only top-level files: subfolders hold other formats (``original/``, ``onnx/``). Many repos carry
     the weights twice (sharded ``model-*.safetensors`` plus a ``consolidated.safetensors``), so when
-    an index names the shards only those are taken.
+    an index names the shards only those are taken. An adapter repo (``adapter``, or None to tell by
+    its files) gets :func:`select_adapter_files` instead.
     """
+    paths = list(paths)
+    if adapter if adapter is not None else is_adapter_repo(paths):
+        return select_adapter_files(paths)
     top_level = sorted(p for p in paths if "/" not in p)
     chosen = [p for p in top_level if p in CONFIG_FILES or p in TOKENIZER_FILES or p.endswith(".tiktoken")]
     if shards is not None:
@@ -82,11 +114,14 @@ def _blob_is_cached(config: HubConfig, repo_id: str, etag: str | None) -> bool:
     return etag is not None and (repo_cache_folder(config, repo_id) / "blobs" / etag).is_file()
 
 
-def remote_merge_files(info: ModelInfo, config: HubConfig) -> list[RemoteFile]:
-    """The files a merge needs, sized by the Hub's file metadata (``model_info(files_metadata=True)``)."""
+def remote_merge_files(info: ModelInfo, config: HubConfig, *, adapter: bool | None = None) -> list[RemoteFile]:
+    """The files a merge needs, sized by the Hub's file metadata (``model_info(files_metadata=True)``);
+    an adapter's own files for an adapter repo (``adapter``, or None to tell by its files)."""
     siblings = {s.rfilename: s for s in info.siblings or []}
+    if adapter is None:
+        adapter = is_adapter_repo(siblings)
     shards: set[str] | None = None
-    if INDEX_FILE in siblings:
+    if INDEX_FILE in siblings and not adapter:
         with hub_errors(info.id, info.sha, config):
             index_path = hf_hub_download(
                 info.id,
@@ -99,7 +134,7 @@ def remote_merge_files(info: ModelInfo, config: HubConfig) -> list[RemoteFile]:
             )
         shards = shard_names(Path(index_path))
     files = []
-    for path in select_merge_files(siblings, shards):
+    for path in select_merge_files(siblings, shards, adapter=adapter):
         sibling = siblings[path]
         etag = sibling.lfs.sha256 if sibling.lfs is not None else sibling.blob_id
         size = sibling.lfs.size if sibling.lfs is not None else (sibling.size or 0)
@@ -113,9 +148,14 @@ def refresh_cached(files: Iterable[RemoteFile], repo_id: str, config: HubConfig)
 
 
 def cached_snapshot(ref: ModelRef, config: HubConfig) -> Path | None:
-    """The snapshot folder of a Hub model if the cache already holds every file a merge needs; no network."""
+    """The snapshot folder of a Hub model, or of a PEFT adapter, if the cache already holds every file a
+    merge needs; no network."""
     revision = ref.revision or "main"
-    config_path = try_to_load_from_cache(ref.path, "config.json", cache_dir=config.cache_dir, revision=revision)
+    config_path = None
+    for settings_file in ("config.json", ADAPTER_CONFIG_FILE):
+        config_path = try_to_load_from_cache(ref.path, settings_file, cache_dir=config.cache_dir, revision=revision)
+        if isinstance(config_path, str):
+            break
     if not isinstance(config_path, str):
         return None
     snapshot = Path(config_path).parent
@@ -124,11 +164,12 @@ def cached_snapshot(ref: ModelRef, config: HubConfig) -> Path | None:
     except CachedRepoTreeNotFoundError:
         # Downloaded by another tool that kept no file listing: judge by what the folder holds.
         listed = [p.name for p in snapshot.iterdir()]
+    adapter = is_adapter_repo(listed)
     index = snapshot / INDEX_FILE
-    shards = shard_names(index) if index.is_file() else None
-    if INDEX_FILE in listed and shards is None:
+    shards = shard_names(index) if index.is_file() and not adapter else None
+    if INDEX_FILE in listed and shards is None and not adapter:
         return None
-    needed = select_merge_files(listed, shards)
+    needed = select_merge_files(listed, shards, adapter=adapter)
     if not has_weights(needed) or not all((snapshot / path).is_file() for path in needed):
         return None
     return snapshot
