@@ -60,17 +60,55 @@ MAX_EXPERTS = 256
 MAX_SEED = 2**63 - 1
 
 
+class ModelRefError(ValueError):
+    """A model reference that cannot be read, with the fix (pydantic shows it as the value's error)."""
+
+    def __init__(self, message: str, hint: str) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+
+ADAPTER_SEPARATOR = "+"
+_ADAPTER_SYNTAX_HINT = "write MODEL+ADAPTER, each a Hub id (org/name, optionally @revision) or a local folder"
+
+
 class ModelRef(BaseModel):
-    """A Hub repository (``org/name`` with optional ``@revision``) or a local folder."""
+    """A Hub repository (``org/name`` with optional ``@revision``) or a local folder.
+
+    ``lora`` is a PEFT LoRA adapter applied to it (mergekit's ``MODEL+ADAPTER``); the adapter's own
+    reference never carries one.
+    """
 
     model_config = ConfigDict(frozen=True)
 
     path: str
     revision: str | None = None
+    lora: ModelRef | None = None
 
     @classmethod
     def parse(cls, text: str) -> ModelRef:
+        """``org/name``, ``org/name@rev``, a folder, or any two of these joined by ``+`` (model, adapter).
+
+        Raises :class:`ModelRefError` for ``+`` with an empty part or more than two parts. A local
+        folder whose name holds a ``+`` is taken whole when it exists.
+        """
         text = text.strip()
+        if ADAPTER_SEPARATOR not in text or os.path.exists(os.path.expanduser(text)):
+            return cls._parse_one(text)
+        parts = [part.strip() for part in text.split(ADAPTER_SEPARATOR)]
+        if len(parts) > 2:
+            raise ModelRefError(
+                f"{text!r} has {len(parts) - 1} '+' signs, but a model takes one adapter", _ADAPTER_SYNTAX_HINT
+            )
+        model, adapter = parts
+        if not model or not adapter:
+            missing = "model" if not model else "adapter"
+            raise ModelRefError(f"{text!r} has an empty {missing} part around its '+'", _ADAPTER_SYNTAX_HINT)
+        return cls._parse_one(model).model_copy(update={"lora": cls._parse_one(adapter)})
+
+    @classmethod
+    def _parse_one(cls, text: str) -> ModelRef:
         if looks_local(text) or "@" not in text:
             return cls(path=text)
         path, _, revision = text.rpartition("@")
@@ -80,8 +118,14 @@ class ModelRef(BaseModel):
     def is_local(self) -> bool:
         return looks_local(self.path)
 
+    @property
+    def model(self) -> ModelRef:
+        """The model part alone, without its adapter."""
+        return self if self.lora is None else self.model_copy(update={"lora": None})
+
     def __str__(self) -> str:
-        return f"{self.path}@{self.revision}" if self.revision else self.path
+        own = f"{self.path}@{self.revision}" if self.revision else self.path
+        return own if self.lora is None else f"{own}{ADAPTER_SEPARATOR}{self.lora}"
 
 
 def looks_local(text: str) -> bool:
@@ -91,16 +135,33 @@ def looks_local(text: str) -> bool:
     return text.startswith(("/", "./", "../", "~", "\\")) or (len(text) > 1 and text[1] == ":")
 
 
+def _plain_ref(value: Any) -> ModelRef | None:
+    """mergekit's ModelPath: ``{path, revision}`` or its text."""
+    if isinstance(value, str):
+        return ModelRef._parse_one(value.strip())
+    if isinstance(value, Mapping) and "path" in value:
+        revision = value.get("revision")
+        return ModelRef(path=str(value["path"]), revision=None if revision is None else str(revision))
+    return None
+
+
 def _coerce_model_ref(value: Any) -> Any:
     if isinstance(value, ModelRef):
         return value
     if isinstance(value, str):
         return ModelRef.parse(value)
     if isinstance(value, Mapping):
-        # mergekit's structured form: {model: {path, revision}} or {path, revision}
-        inner = value.get("model", value)
-        if isinstance(inner, Mapping) and "path" in inner:
-            return ModelRef(path=str(inner["path"]), revision=inner.get("revision"))
+        # mergekit's structured form: {model: {path, revision}, lora: {path, revision}} or {path, revision}
+        model = _plain_ref(value.get("model", value))
+        if model is None:
+            return value
+        lora = value.get("lora")
+        if lora is None:
+            return model
+        adapter = _plain_ref(lora)
+        if adapter is None or not adapter.path.strip():
+            raise ModelRefError(f"the adapter part {lora!r} names no adapter", "give `lora:` a `path:`")
+        return model.model_copy(update={"lora": adapter})
     return value
 
 
@@ -310,6 +371,9 @@ def _message_for(error: Mapping[str, Any]) -> str:
         return f"the key {key}{owner} is missing"
     if kind == "extra_forbidden":
         return f"unknown key {key}{owner}"
+    cause = (error.get("ctx") or {}).get("error")
+    if isinstance(cause, ModelRefError):
+        return f"the value of {key}{owner} is wrong: {cause.message}"
     detail = str(error.get("msg", "")).rstrip(".")
     return f"the value of {key}{owner} is wrong: {detail[:1].lower()}{detail[1:]}"
 
@@ -320,6 +384,9 @@ def _hint_for(error: Mapping[str, Any]) -> str:
         return "add this key to the recipe"
     if kind == "finite_number":
         return "write a finite number here"
+    cause = (error.get("ctx") or {}).get("error")
+    if isinstance(cause, ModelRefError):
+        return cause.hint
     if kind in ("greater_than_equal", "less_than_equal"):
         return "use a value inside that range"
     if kind == "extra_forbidden":

@@ -312,9 +312,19 @@ class ModelSource:
         Reusing target (and, when the dtypes differ, a staging buffer of at least the stored size)
         layer after layer saves allocating and faulting in fresh pages for every layer's weights.
         """
+        return self.read_info_into(self.tensor_info(name), target, staging)
+
+    def has_delta(self, name: str) -> bool:
+        """Whether the tensor is computed (a LoRA adapter merged in) rather than stored as it is read."""
+        return False
+
+    def read_info_into(
+        self, info: TensorInfo, target: torch.Tensor, staging: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Read the tensor ``info`` describes (in this model's files or another's) into target; see read_tensor_into."""
         import torch
 
-        info = self.tensor_info(name)
+        name = info.name
         if tuple(target.shape) != info.shape:
             raise ValueError(f"{name} is shaped {info.shape}, not {tuple(target.shape)}")
         stored = getattr(torch, info.torch_dtype_name)
@@ -354,7 +364,48 @@ class ModelSource:
 
 
 def open_model(ref: ModelRef, cache_dir: Path | None = None) -> ModelSource:
-    return ModelSource(resolve_model_dir(ref, cache_dir), ref)
+    """The model a reference names; with an adapter (``MODEL+ADAPTER``), the model with it merged in.
+
+    Raises a FrankenMoEError naming the first error of the adapter's checks (adapter_problems).
+    """
+    if ref.lora is None:
+        return ModelSource(resolve_model_dir(ref, cache_dir), ref)
+    from app.core.lora.merged import open_adapted
+
+    return open_adapted(ref, resolve_model_dir(ref.model, cache_dir), resolve_adapter_dir(ref.lora, cache_dir))
+
+
+def resolve_adapter_dir(ref: ModelRef, cache_dir: Path | None = None) -> Path:
+    """The folder holding an adapter: the local folder itself, or its Hub snapshot in the cache."""
+    if ref.is_local:
+        folder = Path(os.path.expanduser(ref.path))
+        if not folder.is_dir():
+            raise ModelSourceError(
+                f"the adapter folder {folder} does not exist",
+                "check the path after the '+', or give a Hub id such as org/adapter",
+            )
+        return folder
+    from dataclasses import replace
+
+    from app.core.hub.config import HubConfig
+    from app.core.hub.files import cached_adapter_snapshot
+
+    config = HubConfig.current()
+    if cache_dir is not None:
+        config = replace(config, cache_dir=Path(cache_dir))
+    try:
+        snapshot = cached_adapter_snapshot(ref, config)
+    except ValueError as exc:  # malformed repo id
+        raise ModelSourceError(
+            f"{ref.path!r} is neither a local adapter folder nor a Hub id ({exc})",
+            "give an existing folder, or a Hub id written as org/name",
+        ) from exc
+    if snapshot is None:
+        raise ModelNotDownloaded(
+            f"the Hub adapter {ref} is not downloaded yet",
+            f"download it first: frankenmoe hub download {ref}",
+        )
+    return snapshot
 
 
 def _read_config(folder: Path) -> dict[str, Any]:

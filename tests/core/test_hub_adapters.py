@@ -141,3 +141,15 @@ def test_a_partly_downloaded_adapter_is_not_taken_as_cached(adapter_hub, hub_con
     folder = run_job(download_model("acme/tiny-adapter-plain", config=hub_config))
     (folder / "adapter_model.safetensors").unlink()
     assert cached_snapshot(ModelRef.parse("acme/tiny-adapter-plain"), hub_config) is None
+
+
+def test_a_model_plus_adapter_reference_fetches_the_model_and_only_the_adapters_files(adapter_hub, hub_config):
+    from app.core.hub import ensure_models
+
+    ref = ModelRef.parse(f"{ADAPTER_BASE}+{ADAPTER}")
+    folders = run_job(ensure_models([ref], config=hub_config))
+    assert (folders[ref] / "model.safetensors").is_file()
+    adapter_folder = folders[ref.lora]
+    assert (adapter_folder / "adapter_model.safetensors").is_file()
+    assert not adapter_hub.file_requests("adapter_model.bin")
+    assert not adapter_hub.file_requests("optimizer.pt")

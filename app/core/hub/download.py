@@ -34,7 +34,9 @@ from app.core.hub.errors import (
     translate_error,
 )
 from app.core.hub.files import (
+    ADAPTER_WEIGHTS_FILE,
     RemoteFile,
+    cached_adapter_snapshot,
     cached_snapshot,
     has_weights,
     is_adapter_repo,
@@ -128,19 +130,23 @@ def _check_disk_space(needed: int, config: HubConfig, repo_id: str) -> None:
         )
 
 
-def plan_download(ref: ModelRef, config: HubConfig) -> tuple[str, list[RemoteFile]]:
-    """The commit a download will fetch and the files it needs (only an adapter's own files for a PEFT
-    adapter repo); raises if the model or adapter has no safetensors weights."""
+def plan_download(ref: ModelRef, config: HubConfig, adapter: bool = False) -> tuple[str, list[RemoteFile]]:
+    """The commit a download will fetch and the files it needs; raises if the model or adapter has no
+    safetensors weights.
+
+    An adapter (``adapter``, or a repository that holds only one) needs just its own files: its config,
+    its safetensors weights, tokenizer files if any and its card (see ``select_adapter_files``).
+    """
     with hub_errors(ref.path, ref.revision, config):
         info = config.api().model_info(
             ref.path, revision=ref.revision, files_metadata=True, timeout=config.request_timeout_s
         )
-    adapter = is_adapter_repo(s.rfilename for s in info.siblings or [])
-    files = remote_merge_files(info, config, adapter=adapter)
-    if adapter and not has_weights(f.path for f in files):
+    adapter = adapter or is_adapter_repo(s.rfilename for s in info.siblings or [])
+    files = remote_merge_files(info, config, adapter)
+    if adapter and ADAPTER_WEIGHTS_FILE not in {f.path for f in files}:
         raise NoSafetensorsError(
-            f"{ref} is a LoRA adapter without adapter_model.safetensors (only a pickle adapter_model.bin, "
-            "which is not loaded, as it can run code)",
+            f"{ref} is a LoRA adapter without {ADAPTER_WEIGHTS_FILE}, which merging needs (a pickle "
+            "adapter_model.bin is not loaded, as it can run code)",
             "pick a version of the adapter saved as safetensors (peft's save_pretrained writes it by default)",
         )
     if not has_weights(f.path for f in files):
@@ -156,8 +162,12 @@ def download_model(
     ref: ModelRef | str,
     cancel: threading.Event | None = None,
     config: HubConfig | None = None,
+    adapter: bool = False,
 ) -> Job[Path]:
     """Fetch what a merge and a chat need of a Hub model into the cache; returns its snapshot folder.
+
+    For ``MODEL+ADAPTER``, the model (unless local) and then the adapter, returning the model's
+    folder; of an adapter (``adapter``, or a repository that is one) only its own files.
 
     Files already in the cache are not fetched again. When no connection to the Hub opens at the
     start, that is reported at once (:class:`HubOfflineError`); a connection lost later is retried
@@ -167,6 +177,9 @@ def download_model(
     """
     ref = ModelRef.parse(ref) if isinstance(ref, str) else ref
     config = resolve_config(config)
+    if ref.lora is not None:
+        folders = yield from ensure_models([ref], cancel, config)
+        return folders[ref]
     plan: tuple[str, list[RemoteFile]] | None = None
     cached_before: set[str] = set()
     attempt = 0
@@ -177,7 +190,7 @@ def download_model(
                 yield DownloadProgress(STAGE, 0, 0, message=f"looking up {ref}", repo_id=ref.path, retry=attempt)
                 if attempt == 0:
                     require_hub(config)  # offline from the start: no point in retrying
-                plan = call_cancellable(lambda: plan_download(ref, config), cancel)
+                plan = call_cancellable(lambda: plan_download(ref, config, adapter), cancel)
                 cached_before = {f.path for f in plan[1] if f.cached}
                 _check_disk_space(sum(f.size for f in plan[1] if not f.cached), config, ref.path)
             files = plan[1]
@@ -319,15 +332,28 @@ def ensure_models(
     cancel: threading.Event | None = None,
     config: HubConfig | None = None,
 ) -> Job[dict[ModelRef, Path]]:
-    """The folder of every model, downloading the Hub models the cache lacks; local refs pass through."""
+    """The folder of every model, downloading the Hub models the cache lacks; local refs pass through.
+
+    A ``MODEL+ADAPTER`` reference maps to the model's folder, its adapter part to the adapter's.
+    """
     config = resolve_config(config)
     folders: dict[ModelRef, Path] = {}
     for ref in refs:
         check_cancel(cancel)
-        if ref.is_local:
-            folders[ref] = Path(ref.path).expanduser()
+        model = ref.model
+        if model.is_local:
+            folders[ref] = Path(model.path).expanduser()
+        else:
+            folders[ref] = cached_snapshot(model, config) or (yield from download_model(model, cancel, config))
+        if ref.lora is None:
             continue
-        folders[ref] = cached_snapshot(ref, config) or (yield from download_model(ref, cancel, config))
+        # The adapter part: also under its own reference, for callers that want its folder.
+        if ref.lora.is_local:
+            folders[ref.lora] = Path(ref.lora.path).expanduser()
+        else:
+            folders[ref.lora] = cached_adapter_snapshot(ref.lora, config) or (
+                yield from download_model(ref.lora, cancel, config, adapter=True)
+            )
     return folders
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from huggingface_hub import get_cached_repo_tree, hf_hub_download, try_to_load_from_cache
 from huggingface_hub.errors import CachedRepoTreeNotFoundError
@@ -32,7 +33,8 @@ TOKENIZER_FILES = frozenset(
 CHAT_TEMPLATE_FILES = frozenset({"chat_template.jinja", "chat_template.json"})
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_WEIGHTS_FILE = "model.safetensors"
-# A PEFT adapter: its settings and its weights (the pickle twin ``adapter_model.bin`` is never fetched).
+# A PEFT adapter: its settings and its weights (the pickle twin ``adapter_model.bin`` is never fetched),
+# plus its card; tokenizer files too when it carries them.
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 ADAPTER_EXTRA_FILES = frozenset({"README.md"})
@@ -75,19 +77,13 @@ def select_adapter_files(paths: Iterable[str]) -> list[str]:
     return [p for p in top_level if p in wanted or p.endswith(".tiktoken")]
 
 
-def select_merge_files(
-    paths: Iterable[str], shards: Collection[str] | None, *, adapter: bool | None = None
-) -> list[str]:
+def select_merge_files(paths: Iterable[str], shards: Collection[str] | None) -> list[str]:
     """The repo files to fetch: configs, tokenizer and chat template, and one copy of the weights.
 
     Only top-level files: subfolders hold other formats (``original/``, ``onnx/``). Many repos carry
     the weights twice (sharded ``model-*.safetensors`` plus a ``consolidated.safetensors``), so when
-    an index names the shards only those are taken. An adapter repo (``adapter``, or None to tell by
-    its files) gets :func:`select_adapter_files` instead.
+    an index names the shards only those are taken. An adapter's files: :func:`select_adapter_files`.
     """
-    paths = list(paths)
-    if adapter if adapter is not None else is_adapter_repo(paths):
-        return select_adapter_files(paths)
     top_level = sorted(p for p in paths if "/" not in p)
     chosen = [p for p in top_level if p in CONFIG_FILES or p in TOKENIZER_FILES or p.endswith(".tiktoken")]
     if shards is not None:
@@ -114,14 +110,16 @@ def _blob_is_cached(config: HubConfig, repo_id: str, etag: str | None) -> bool:
     return etag is not None and (repo_cache_folder(config, repo_id) / "blobs" / etag).is_file()
 
 
-def remote_merge_files(info: ModelInfo, config: HubConfig, *, adapter: bool | None = None) -> list[RemoteFile]:
+def remote_merge_files(info: ModelInfo, config: HubConfig, adapter: bool | None = None) -> list[RemoteFile]:
     """The files a merge needs, sized by the Hub's file metadata (``model_info(files_metadata=True)``);
-    an adapter's own files for an adapter repo (``adapter``, or None to tell by its files)."""
+    of an adapter (``adapter``, or None to tell by the repo's files), only its own files."""
     siblings = {s.rfilename: s for s in info.siblings or []}
     if adapter is None:
         adapter = is_adapter_repo(siblings)
+    if adapter:
+        return [_remote_file(info, config, siblings[path]) for path in select_adapter_files(siblings)]
     shards: set[str] | None = None
-    if INDEX_FILE in siblings and not adapter:
+    if INDEX_FILE in siblings:
         with hub_errors(info.id, info.sha, config):
             index_path = hf_hub_download(
                 info.id,
@@ -133,13 +131,14 @@ def remote_merge_files(info: ModelInfo, config: HubConfig, *, adapter: bool | No
                 etag_timeout=config.request_timeout_s,
             )
         shards = shard_names(Path(index_path))
-    files = []
-    for path in select_merge_files(siblings, shards, adapter=adapter):
-        sibling = siblings[path]
-        etag = sibling.lfs.sha256 if sibling.lfs is not None else sibling.blob_id
-        size = sibling.lfs.size if sibling.lfs is not None else (sibling.size or 0)
-        files.append(RemoteFile(path, size, etag, _blob_is_cached(config, info.id, etag)))
-    return files
+    chosen = select_merge_files(siblings, shards)
+    return [_remote_file(info, config, siblings[path]) for path in chosen]
+
+
+def _remote_file(info: ModelInfo, config: HubConfig, sibling: Any) -> RemoteFile:
+    etag = sibling.lfs.sha256 if sibling.lfs is not None else sibling.blob_id
+    size = sibling.lfs.size if sibling.lfs is not None else (sibling.size or 0)
+    return RemoteFile(sibling.rfilename, size, etag, _blob_is_cached(config, info.id, etag))
 
 
 def refresh_cached(files: Iterable[RemoteFile], repo_id: str, config: HubConfig) -> list[RemoteFile]:
@@ -147,29 +146,42 @@ def refresh_cached(files: Iterable[RemoteFile], repo_id: str, config: HubConfig)
     return [RemoteFile(f.path, f.size, f.etag, _blob_is_cached(config, repo_id, f.etag)) for f in files]
 
 
+def _cached_listing(ref: ModelRef, revision: str, config: HubConfig, snapshot: Path) -> list[str]:
+    try:
+        return [f.path for f in get_cached_repo_tree(ref.path, revision=revision, cache_dir=config.cache_dir)]
+    except CachedRepoTreeNotFoundError:
+        # Downloaded by another tool that kept no file listing: judge by what the folder holds.
+        return [p.name for p in snapshot.iterdir()]
+
+
 def cached_snapshot(ref: ModelRef, config: HubConfig) -> Path | None:
-    """The snapshot folder of a Hub model, or of a PEFT adapter, if the cache already holds every file a
-    merge needs; no network."""
+    """The snapshot folder of a Hub model, or of a repo that holds a PEFT adapter, if the cache already
+    holds every file a merge needs; no network."""
     revision = ref.revision or "main"
-    config_path = None
-    for settings_file in ("config.json", ADAPTER_CONFIG_FILE):
-        config_path = try_to_load_from_cache(ref.path, settings_file, cache_dir=config.cache_dir, revision=revision)
-        if isinstance(config_path, str):
-            break
+    config_path = try_to_load_from_cache(ref.path, "config.json", cache_dir=config.cache_dir, revision=revision)
+    if not isinstance(config_path, str):
+        return cached_adapter_snapshot(ref, config)
+    snapshot = Path(config_path).parent
+    listed = _cached_listing(ref, revision, config, snapshot)
+    index = snapshot / INDEX_FILE
+    shards = shard_names(index) if index.is_file() else None
+    if INDEX_FILE in listed and shards is None:
+        return None
+    needed = select_merge_files(listed, shards)
+    if not has_weights(needed) or not all((snapshot / path).is_file() for path in needed):
+        return None
+    return snapshot
+
+
+def cached_adapter_snapshot(ref: ModelRef, config: HubConfig) -> Path | None:
+    """The snapshot folder of a Hub adapter if the cache holds its safetensors weights and every other
+    file an adapter download fetches; no network."""
+    revision = ref.revision or "main"
+    config_path = try_to_load_from_cache(ref.path, ADAPTER_CONFIG_FILE, cache_dir=config.cache_dir, revision=revision)
     if not isinstance(config_path, str):
         return None
     snapshot = Path(config_path).parent
-    try:
-        listed = [f.path for f in get_cached_repo_tree(ref.path, revision=revision, cache_dir=config.cache_dir)]
-    except CachedRepoTreeNotFoundError:
-        # Downloaded by another tool that kept no file listing: judge by what the folder holds.
-        listed = [p.name for p in snapshot.iterdir()]
-    adapter = is_adapter_repo(listed)
-    index = snapshot / INDEX_FILE
-    shards = shard_names(index) if index.is_file() and not adapter else None
-    if INDEX_FILE in listed and shards is None and not adapter:
-        return None
-    needed = select_merge_files(listed, shards, adapter=adapter)
-    if not has_weights(needed) or not all((snapshot / path).is_file() for path in needed):
+    needed = select_adapter_files(_cached_listing(ref, revision, config, snapshot))
+    if ADAPTER_WEIGHTS_FILE not in needed or not all((snapshot / path).is_file() for path in needed):
         return None
     return snapshot

@@ -1,0 +1,93 @@
+"""A model with a LoRA adapter merged in, one tensor at a time, exactly as PEFT's merge_and_unload does it.
+
+Each changed weight is computed when it is read, in float32: ``W + (B @ A) * scale`` for a linear
+layer, ``W + (B @ A).T * scale`` for an embedding, DoRA's ``m / ||W + ΔW||_row * (W + ΔW)``, or the
+adapter's own copy for a module it saves whole. The operations are PEFT's, in PEFT's order, so a
+float32 result equals merge_and_unload() of a float32 model bit for bit. Nothing else is held in
+memory: the merge streams as it does for a full model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from app.core.lora.adapter import AdapterInfo, ModuleDelta, read_adapter
+from app.core.lora.checks import adapter_problems
+from app.core.problems import FrankenMoEError
+from app.core.recipe import ModelRef
+from app.core.sources import ByteRange, ModelSource, TensorInfo
+
+if TYPE_CHECKING:
+    import torch
+
+
+class AdaptedModelSource(ModelSource):
+    """A ModelSource whose weights the adapter changes are read merged (float32 before any cast)."""
+
+    def __init__(self, folder: Path, adapter: AdapterInfo, ref: ModelRef | None = None) -> None:
+        super().__init__(folder, ref)
+        self.adapter = adapter
+        self._deltas = {delta.target: delta for delta in adapter.deltas}
+
+    def has_delta(self, name: str) -> bool:
+        return name in self._deltas
+
+    def byte_range(self, name: str) -> ByteRange:
+        if name in self._deltas:
+            raise ValueError(f"{name} is merged with the adapter {self.adapter.folder}; read it, do not copy it")
+        return super().byte_range(name)
+
+    def read_tensor(self, name: str) -> torch.Tensor:
+        """A changed weight in float32 (the merge's own precision); any other in its stored dtype."""
+        delta = self._deltas.get(name)
+        if delta is None:
+            return super().read_tensor(name)
+        return self._merged(delta)
+
+    def read_tensor_into(self, name: str, target: torch.Tensor, staging: torch.Tensor | None = None) -> torch.Tensor:
+        delta = self._deltas.get(name)
+        if delta is None:
+            return super().read_tensor_into(name, target, staging)
+        merged = self._merged(delta)
+        if tuple(target.shape) != tuple(merged.shape):
+            raise ValueError(f"{name} is shaped {tuple(merged.shape)}, not {tuple(target.shape)}")
+        return target.copy_(merged)
+
+    def _read(self, info: TensorInfo) -> torch.Tensor:
+        import torch
+
+        return self.read_info_into(info, torch.empty(info.shape, dtype=getattr(torch, info.torch_dtype_name)))
+
+    def _merged(self, delta: ModuleDelta) -> torch.Tensor:
+        import torch
+
+        if delta.kind == "replacement":
+            assert delta.replacement is not None
+            return self._read(delta.replacement).float()
+        assert delta.a is not None and delta.b is not None
+        weight = super().read_tensor(delta.target)
+        # PEFT computes the delta in float32 on the CPU whatever the adapter's dtype (cast_to_fp32).
+        a, b = self._read(delta.a).float(), self._read(delta.b).float()
+        change = b @ a
+        if delta.kind == "embedding":
+            change = change.T
+        change = change * delta.scale
+        if delta.magnitude is None:
+            # W + ΔW, with ΔW's buffer reused: addition commutes exactly, so this is PEFT's W += ΔW.
+            return change.add_(weight)
+        widened = weight.float()
+        # DoRA, as PEFT merges it: the row norms of W + ΔW (get_weight_norm with scaling 1), then
+        # magnitude / norm times (W + ΔW).
+        norm = torch.linalg.norm(widened + 1 * change, dim=1).to(widened.dtype)
+        factor = self._read(delta.magnitude).float() / norm
+        return factor.view(-1, 1) * (widened + change)
+
+
+def open_adapted(ref: ModelRef, model_folder: Path, adapter_folder: Path) -> AdaptedModelSource:
+    """The model with its adapter merged in; raises a FrankenMoEError for an adapter that cannot be applied."""
+    info = read_adapter(adapter_folder)
+    errors = [p for p in adapter_problems(info, model_folder, str(ref.model)) if p.is_error]
+    if errors:
+        raise FrankenMoEError(f"{ref}: {errors[0].message}", errors[0].hint)
+    return AdaptedModelSource(model_folder, info, ref)
