@@ -315,7 +315,8 @@ def _make_handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
             parameters: dict[str, int] = {}
             index = files.get("model.safetensors.index.json")
             # Like the Hub, count the weights once: the indexed shards when there is an index.
-            counted = set(json.loads(index)["weight_map"].values()) if index else set(files)
+            # Top-level files only: checkpoints in subfolders are not the model's weights.
+            counted = set(json.loads(index)["weight_map"].values()) if index else {n for n in files if "/" not in n}
             for name, content in files.items():
                 if name.endswith(".safetensors") and name in counted:
                     for dtype, count in safetensors_parameters(content).items():

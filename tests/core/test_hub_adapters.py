@@ -101,7 +101,11 @@ def test_the_fit_hint_counts_the_adapter_not_a_full_model(adapter_hub, hub_confi
     report = inspect_model(ADAPTER, config=hub_config)
     card = report.adapter
     assert card is not None and card.base_parameters
-    adapter_size = len(tiny_hub_adapters["lora"]["adapter_model.safetensors"])
+    # The adapter's own files (config, weights, tokenizer, card), none of the repo's training leftovers.
+    adapter_files = ("adapter_config.json", "adapter_model.safetensors", "README.md")
+    adapter_size = sum(len(content) for name, content in hub_files_of(adapter_hub, ADAPTER).items()
+                       if name in adapter_files or ("token" in name and "/" not in name))
+    assert card.weights_bytes == len(tiny_hub_adapters["lora"]["adapter_model.safetensors"])
     base_size = card.base_bytes
     assert base_size is not None and base_size > adapter_size
     # What using it downloads: the adapter, plus its base while the cache lacks it.

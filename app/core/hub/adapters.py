@@ -33,6 +33,7 @@ class AdapterCard:
     ranks_vary: bool  # rank_pattern or alpha_pattern give some modules their own rank or alpha
     modules_to_save: tuple[str, ...]
     weights_bytes: int
+    files_bytes: int  # every file an adapter download fetches (weights, config, tokenizer, card)
     base_parameters: int | None = None
     base_bytes: int | None = None
     base_cached: bool = False
@@ -59,11 +60,11 @@ class AdapterCard:
     def fetch_bytes(self) -> int:
         """What using it downloads: the adapter, plus its base unless the cache holds it (or it is unknown)."""
         base = 0 if self.base_cached or self.base_bytes is None else self.base_bytes
-        return self.weights_bytes + base
+        return self.files_bytes + base
 
     def fetch_text(self) -> str:
         """For example "13.2 kB for the adapter + 1.2 GB for its base org/name (not in the cache)"."""
-        text = f"{format_bytes(self.weights_bytes)} for the adapter"
+        text = f"{format_bytes(self.files_bytes)} for the adapter"
         if self.base_model is None or self.base_is_local:
             return text
         if self.base_cached:
@@ -81,8 +82,9 @@ def _strings(value: Any) -> tuple[str, ...]:
     return ()
 
 
-def read_adapter_card(settings: Mapping[str, Any], weights_bytes: int) -> AdapterCard:
-    """The facts of an ``adapter_config.json`` that a person choosing an adapter wants to see."""
+def read_adapter_card(settings: Mapping[str, Any], weights_bytes: int, files_bytes: int) -> AdapterCard:
+    """The facts of an ``adapter_config.json`` that a person choosing an adapter wants to see, with the
+    size of its weights and of all the files a download of it fetches."""
     r = settings.get("r")
     alpha = settings.get("lora_alpha")
     base = settings.get("base_model_name_or_path")
@@ -97,6 +99,7 @@ def read_adapter_card(settings: Mapping[str, Any], weights_bytes: int) -> Adapte
         ranks_vary=bool(settings.get("rank_pattern")) or bool(settings.get("alpha_pattern")),
         modules_to_save=_strings(settings.get("modules_to_save")),
         weights_bytes=weights_bytes,
+        files_bytes=files_bytes,
     )
 
 

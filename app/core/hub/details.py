@@ -279,7 +279,7 @@ def _inspect_adapter(
     files = remote_merge_files(info, config, adapter=True)
     settings = _download_json(ref.path, ADAPTER_CONFIG_FILE, commit, config) or {}
     weights = next((f for f in files if f.path == ADAPTER_WEIGHTS_FILE), None)
-    card = read_adapter_card(settings, weights.size if weights is not None else 0)
+    card = read_adapter_card(settings, weights.size if weights is not None else 0, sum(f.size for f in files))
     problems = card_problems(card, str(ref), weights is not None)
     card, base_config, base_problems = _describe_base(card, config)
     problems += base_problems
