@@ -86,8 +86,17 @@ def run_merge(args: argparse.Namespace) -> int:
         device=args.device,
         gate_dtype=args.gate_dtype,
     )
+    if any(ref.lora is not None for ref in recipe.model_refs()):
+        from app.core.compat import check_recipe
+
+        # What an adapter loses in a MoE (its attention, embeddings...) and why one cannot be applied
+        # are said before any download or heavy work.
+        problems = check_recipe(recipe, download_later=True)
+        _print_problems(problems)
+        if any(p.is_error for p in problems):
+            return 1
     with ProgressBars(enabled=not args.quiet) as bars:
-        if not all(ref.is_local for ref in recipe.model_refs()):
+        if not all(ref.is_local and (ref.lora is None or ref.lora.is_local) for ref in recipe.model_refs()):
             from app.core.hub import ensure_recipe_models  # huggingface_hub's imports, only when needed
 
             # Hub models the cache lacks are downloaded first, with their own progress.

@@ -6,8 +6,9 @@ import functools
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from app.core.families import (
     FAMILIES,
@@ -26,8 +27,16 @@ from app.core.merge.architectures import (
     default_architecture,
 )
 from app.core.problems import FrankenMoEError, Problem, Severity
-from app.core.recipe import MAX_EXPERTS, Recipe, validate_recipe
-from app.core.sources import MAX_TOKENIZER_JSON_BYTES, ModelNotDownloaded, ModelSource, open_model, read_json_file
+from app.core.recipe import MAX_EXPERTS, ModelRef, Recipe, validate_recipe
+from app.core.sources import (
+    MAX_TOKENIZER_JSON_BYTES,
+    ModelNotDownloaded,
+    ModelSource,
+    open_model,
+    read_json_file,
+    resolve_adapter_dir,
+    resolve_model_dir,
+)
 
 # (config key, what to call it, why it matters)
 SHAPE_KEYS = (
@@ -370,6 +379,11 @@ def check_recipe(recipe: Recipe, cache_dir: Path | None = None, download_later: 
             *((f"shared_experts.{i}.source_model", e.source_model) for i, e in enumerate(recipe.shared_experts)),
         ]:
             key = str(ref)
+            if ref.lora is not None and key not in opened:
+                adapter_issues = _adapter_problems(ref, field, names.get(field), cache_dir)
+                problems.extend(adapter_issues)
+                if any(p.is_error for p in adapter_issues):
+                    continue
             try:
                 if key not in opened:
                     opened[key] = open_model(ref, cache_dir)
@@ -411,3 +425,26 @@ def check_recipe(recipe: Recipe, cache_dir: Path | None = None, download_later: 
         for source in opened.values():
             source.close()
     return _dedupe(problems)
+
+
+def _adapter_problems(ref: ModelRef, field: str, name: str | None, cache_dir: Path | None) -> list[Problem]:
+    """The checks of a ``MODEL+ADAPTER`` reference's adapter against its model, filed under the field."""
+    from app.core.lora import adapter_problems, read_adapter
+
+    role: Literal["expert", "base"] = "base" if field == "base_model" else "expert"
+    who = f"{name}: " if name else ""
+    try:
+        model_folder = resolve_model_dir(ref.model, cache_dir)
+        adapter_folder = resolve_adapter_dir(ref.lora or ref, cache_dir)
+    except ModelNotDownloaded:
+        return []  # reported by the model's own check, as an error or (download_later) a warning
+    except FrankenMoEError as exc:
+        return [Problem(field, f"{who}{exc.message}", exc.hint)]
+    try:
+        info = read_adapter(adapter_folder)
+    except FrankenMoEError as exc:
+        return [Problem(field, f"{who}{exc.message}", exc.hint)]
+    return [
+        replace(problem, field=field, message=f"{who}{problem.message}")
+        for problem in adapter_problems(info, model_folder, str(ref.model), role=role)
+    ]

@@ -210,7 +210,17 @@ def _is_count(value: object) -> bool:
 
 
 def resolve_model_dir(ref: ModelRef, cache_dir: Path | None = None) -> Path:
-    """The folder holding a model: the local folder itself, or the Hub snapshot in the cache."""
+    """The folder holding a model: the local folder itself, or the Hub snapshot in the cache.
+
+    A ``MODEL+ADAPTER`` reference is refused: its folder alone is not the model it names (open_model
+    merges the adapter in).
+    """
+    if ref.lora is not None:
+        raise ModelSourceError(
+            f"{ref} is a model with a LoRA adapter, which FrankenMoE Studio merges only into a MoE's experts",
+            f"use {ref.model} alone here, or merge the adapter into it first (PEFT's merge_and_unload) and use "
+            "the merged folder",
+        )
     if ref.is_local:
         folder = Path(os.path.expanduser(ref.path))
         if not folder.is_dir():

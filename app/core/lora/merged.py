@@ -66,13 +66,14 @@ class AdaptedModelSource(ModelSource):
             assert delta.replacement is not None
             return self._read(delta.replacement).float()
         assert delta.a is not None and delta.b is not None
-        weight = super().read_tensor(delta.target)
+        weight = self._read(self.tensor_info(delta.target))
         # PEFT computes the delta in float32 on the CPU whatever the adapter's dtype (cast_to_fp32).
         a, b = self._read(delta.a).float(), self._read(delta.b).float()
         change = b @ a
         if delta.kind == "embedding":
-            change = change.T
-        change = change * delta.scale
+            change = change.T.contiguous()
+        # In place, the same multiplication by the same Python float as PEFT's (B @ A) * scaling.
+        change.mul_(delta.scale)
         if delta.magnitude is None:
             # W + ΔW, with ΔW's buffer reused: addition commutes exactly, so this is PEFT's W += ΔW.
             return change.add_(weight)

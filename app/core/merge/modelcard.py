@@ -52,6 +52,8 @@ def hub_id_of(ref: ModelRef) -> str | None:
 
 def public_ref(ref: ModelRef) -> ModelRef:
     """How a published card names a donor: its Hub id, else only its folder's name, never a local path."""
+    if ref.lora is not None:  # MODEL+ADAPTER: each part named so
+        return public_ref(ref.model).model_copy(update={"lora": public_ref(ref.lora)})
     if not ref.is_local:
         return ref
     hub_id = hub_id_of(ref)

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from app.core.compat import check_recipe
 from app.core.devices import return_freed_tensors_to_the_os
 from app.core.families import QKV_BIAS, config_value, model_parts
+from app.core.lora.merged import AdaptedModelSource
 from app.core.merge.architectures import MLP_PROJECTIONS, MoEShape, OutputArchitecture, choose_architecture
 from app.core.merge.gates import GateResult, compute_gates, prompted_shared_experts
 from app.core.merge.leftovers import (
@@ -163,7 +164,7 @@ def plan_tensors(
     def planned_copy(source: ModelSource, name: str, out_name: str) -> tuple[PlannedTensor, Producer]:
         info = source.tensor_info(name)
         planned = PlannedTensor(out_name, info.shape, out_dtype)
-        if info.torch_dtype_name == out_dtype:
+        if info.torch_dtype_name == out_dtype and not source.has_delta(name):
             return planned, lambda: source.byte_range(name)
         return planned, lambda: _converted(source.read_tensor(name), out_dtype)
 
@@ -320,7 +321,8 @@ def merge_moe(
         experts = [sources[str(e.source_model)] for e in recipe.experts]
         architecture = choose_architecture(recipe, base.config)
         shared_expert = sources[str(recipe.shared_experts[0].source_model)] if recipe.shared_experts else None
-        check_target(out_dir, options.overwrite, [s.path for s in sources.values()])
+        adapter_folders = [s.adapter.folder for s in sources.values() if isinstance(s, AdaptedModelSource)]
+        check_target(out_dir, options.overwrite, [*(s.path for s in sources.values()), *adapter_folders])
         out_dtype = output_dtype(recipe, options, base.config)
 
         expected = (int(base.config["num_hidden_layers"]), len(recipe.experts), int(base.config["hidden_size"]))

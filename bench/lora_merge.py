@@ -1,0 +1,143 @@
+"""LoRA merge benchmark: 3 LoRA experts against 3 full fine-tunes of the same size, side by side.
+
+Builds a base and three full "fine-tunes" (bfloat16 Llama donors of bench/merge.py's shape) and three
+PEFT-format LoRA adapters on the base (rank 16, alpha 32, on gate/up/down, saved as safetensors with
+an adapter_config.json as PEFT writes them). Merges `base+adapterN` experts and the full experts with
+the same recipe otherwise, each in its own `frankenmoe merge` process, and reports wall time and peak
+RSS of both and their ratio (issue 16's target: the LoRA merge within 1.2x of the full one).
+
+Run from the repository root: python bench/lora_merge.py [--layers 8] [--rank 16] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from merge import HIDDEN, INTERMEDIATE, PROMPTS, build_donor, measure  # noqa: E402  (bench/merge.py)
+
+PROJECTIONS = {
+    "gate_proj": (INTERMEDIATE, HIDDEN),
+    "up_proj": (INTERMEDIATE, HIDDEN),
+    "down_proj": (HIDDEN, INTERMEDIATE),
+}
+
+
+def build_adapter(folder: Path, base: Path, layers: int, rank: int, seed: int) -> None:
+    """A LoRA adapter on the base's MLP, in PEFT's file layout, with random non-zero A and B."""
+    import torch
+    from safetensors.torch import save_file
+
+    if (folder / "adapter_model.safetensors").exists():
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(layers):
+        for projection, (out_features, in_features) in PROJECTIONS.items():
+            key = f"base_model.model.model.layers.{layer}.mlp.{projection}"
+            tensors[f"{key}.lora_A.weight"] = (torch.randn(rank, in_features, generator=generator) * 0.01).to(
+                torch.bfloat16
+            )
+            tensors[f"{key}.lora_B.weight"] = (torch.randn(out_features, rank, generator=generator) * 0.01).to(
+                torch.bfloat16
+            )
+    save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+    config = {
+        "peft_type": "LORA",
+        "base_model_name_or_path": str(base),
+        "r": rank,
+        "lora_alpha": 2 * rank,
+        "target_modules": list(PROJECTIONS),
+        "use_rslora": False,
+        "use_dora": False,
+        "fan_in_fan_out": False,
+        "bias": "none",
+        "modules_to_save": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
+
+
+def write_recipe(path: Path, base: Path, sources: list[str], gate_mode: str) -> None:
+    import yaml
+
+    recipe = {
+        "base_model": str(base),
+        "gate_mode": gate_mode,
+        "dtype": "bfloat16",
+        "experts_per_token": 2,
+        "experts": [
+            {"source_model": source, "positive_prompts": prompts}
+            for source, prompts in zip(sources, PROMPTS.values(), strict=True)
+        ],
+    }
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+
+
+def run(layers: int, rank: int, workdir: Path, repeats: int) -> dict[str, object]:
+    donors = workdir / f"donors-{layers}"
+    for index, name in enumerate(["base", "expert0", "expert1", "expert2"]):
+        build_donor(donors / name, layers, seed=index)
+    base = donors / "base"
+    adapters = [donors / f"adapter{index}-r{rank}" for index in range(3)]
+    for index, folder in enumerate(adapters):
+        build_adapter(folder, base, layers, rank, seed=100 + index)
+    kinds = {
+        "full": [str(donors / f"expert{index}") for index in range(3)],
+        "lora": [f"{base}+{folder}" for folder in adapters],
+    }
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
+    results: dict[str, object] = {"layers": layers, "rank": rank}
+    for mode in ("cheap_embed", "hidden"):
+        for kind, sources in kinds.items():
+            recipe = workdir / f"recipe-{kind}-{mode}.yml"
+            write_recipe(recipe, base, sources, mode)
+            out = workdir / f"out-{kind}-{mode}"
+            command = [sys.executable, "-m", "app", "merge", str(recipe), str(out), "--overwrite", "--quiet"]
+            # Alternating would be fairer still, but each kind's best of `repeats` warm runs is what counts.
+            runs = [measure([*command, "--device", "cpu"], env) for _ in range(repeats)]
+            results[f"{kind}_{mode}"] = {
+                "wall_s": min(r[0] for r in runs),
+                "peak_rss_mb": max(r[1] for r in runs) / 2**20,
+                "output_gb": sum(p.stat().st_size for p in out.glob("*.safetensors")) / 1e9,
+            }
+    return results
+
+
+def report(results: dict[str, object]) -> list[str]:
+    lines = [f"donors with {results['layers']} layers, adapters of rank {results['rank']}"]
+    for mode in ("cheap_embed", "hidden"):
+        full, lora = results[f"full_{mode}"], results[f"lora_{mode}"]
+        lines.append(
+            f"  {mode:11s} full fine-tunes: {full['wall_s']:.2f} s, peak RSS {full['peak_rss_mb']:.0f} MB | "
+            f"LoRA experts: {lora['wall_s']:.2f} s, peak RSS {lora['peak_rss_mb']:.0f} MB | "
+            f"time {lora['wall_s'] / full['wall_s']:.2f}x, RSS {lora['peak_rss_mb'] / full['peak_rss_mb']:.2f}x "
+            f"(output {lora['output_gb']:.2f} GB)"
+        )
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=8, help="layers per donor (8: ~125M parameters)")
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--workdir", type=Path, default=REPO / "bench" / "out" / "lora_merge")
+    args = parser.parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    results = run(args.layers, args.rank, args.workdir, args.repeats)
+    print("\n".join(report(results)))
+    (args.workdir / "results.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
