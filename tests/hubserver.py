@@ -579,15 +579,20 @@ def tiny_hub_adapters(
     tmp_path_factory: pytest.TempPathFactory, tiny_hub_files: dict[str, dict[str, bytes]]
 ) -> dict[str, dict[str, bytes]]:
     """The files of LoRA adapters of the Hub's ``acme/tiny-llama-instruct``, made once with peft."""
-    from tests.peft_adapters import make_tiny_adapter
+    from tests.lora_adapters import make_adapter
 
     root = tmp_path_factory.mktemp("hub-adapters")
     base = root / "base"
     base.mkdir()
     for name, content in tiny_hub_files["llama-a"].items():
         (base / name).write_bytes(content)
-    adapter = make_tiny_adapter(base, root / "lora", r=8, lora_alpha=16, base_model_name=ADAPTER_BASE)
-    return {"lora": _folder_files(adapter)}
+    target_modules = ["gate_proj", "up_proj", "down_proj", "q_proj"]
+    adapter = make_adapter(root / "lora", base, r=8, lora_alpha=16, target_modules=target_modules).folder
+    files = _folder_files(adapter)
+    # As published: the adapter names its base by Hub id, not by the folder it was trained from.
+    settings = json.loads(files["adapter_config.json"])
+    files["adapter_config.json"] = json.dumps(settings | {"base_model_name_or_path": ADAPTER_BASE}).encode()
+    return {"lora": files}
 
 
 @pytest.fixture
