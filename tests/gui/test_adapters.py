@@ -13,7 +13,7 @@ import yaml
 from app.core.recipe import load_recipe
 from app.gui import recipe_edits
 from app.gui.hub_search import BASE_COLUMN, Purpose
-from app.gui.pages.models import COMPATIBILITY, MODEL
+from app.gui.pages.models import COMPATIBILITY, DOWNLOAD, MODEL, DownloadCell
 from tests.gui.conftest import screenshot
 from tests.lora_adapters import make_adapter
 from tests.models import make_tiny_model
@@ -155,3 +155,37 @@ def test_the_hub_dialog_finds_adapters_and_puts_one_on_the_selected_expert(
     assert str(source) == f"{adapter_files['base']}+acme/tiny-adapter-chat"
     # Not downloaded yet: the row says so until its Download button fetches the adapter.
     qtbot.waitUntil(lambda: "adapter not read yet" in cell(window, 1, MODEL), timeout=TIMEOUT_MS)
+    qtbot.waitUntil(lambda: isinstance(page.table.cellWidget(1, DOWNLOAD), DownloadCell), timeout=TIMEOUT_MS)
+    download_cell = page.table.cellWidget(1, DOWNLOAD)
+    download_cell.button.click()
+    qtbot.waitUntil(lambda: "(r=8, alpha=16, MLP part" in cell(window, 1, MODEL), timeout=TIMEOUT_MS)
+    assert not adapter_hub.file_requests("optimizer.pt") and not adapter_hub.file_requests("adapter_model.bin")
+    qtbot.waitUntil(lambda: cell(window, 1, DOWNLOAD) == "downloaded", timeout=TIMEOUT_MS)
+    # Checked again once downloaded; its problems name it by its Hub id, not by its folder in the cache.
+    qtbot.waitUntil(lambda: "not downloaded" not in cell(window, 1, COMPATIBILITY), timeout=TIMEOUT_MS)
+    assert "acme/tiny-adapter-chat also changes the attention" in cell(window, 1, COMPATIBILITY)
+    assert "snapshots" not in page.adapter_panel.details.text()
+    page.grab().save(str(SHOTS / "lora-gui-models-hub-adapter.png"))
+
+
+def test_an_adapter_chosen_as_a_new_expert_joins_the_recipes_base(
+    window, qtbot, adapter_files, adapter_hub, hub_home, monkeypatch
+) -> None:
+    monkeypatch.setenv("HF_ENDPOINT", adapter_hub.url)
+    recipe_on(window, adapter_files)
+    window.search_hub(Purpose.EXPERT)
+    dialog = window.hub_dialog
+    assert dialog is not None and not dialog.adapters_only.isChecked()
+    assert dialog.table.isColumnHidden(BASE_COLUMN) and not dialog.adapter_button.isVisible()
+    dialog.adapters_only.setChecked(True)
+    dialog.query.setText("plain")
+    dialog.search_button.click()
+    qtbot.waitUntil(lambda: dialog.proxy.rowCount() == 1, timeout=TIMEOUT_MS)
+    dialog.table.selectRow(0)
+    assert dialog.add_button.isEnabled() and not dialog.base_button.isEnabled()
+    dialog.add_button.click()
+    qtbot.waitUntil(lambda: window.hub_dialog is None, timeout=TIMEOUT_MS)
+    experts = window.document.recipe.experts
+    assert len(experts) == 3
+    assert str(experts[2].source_model) == f"{adapter_files['base']}+acme/tiny-adapter-plain"
+    assert window.document.recipe.expert_label(2) == "tiny-adapter-plain"

@@ -9,7 +9,7 @@ never on the GUI thread.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,6 +20,7 @@ from PySide6.QtWidgets import (
     QLabel,
     QMessageBox,
     QPushButton,
+    QSizePolicy,
     QTableWidget,
     QVBoxLayout,
     QWidget,
@@ -45,6 +46,10 @@ class AdapterReport:
     reference: ModelRef
     summary: str = ""  # AdapterInfo.summary(), once the adapter could be read
     problems: tuple[Problem, ...] = ()
+    # The problems' messages as the core words them, naming the adapter's folder (for a Hub adapter,
+    # its snapshot deep in the cache, which ``problems`` replace by its Hub id): what the recipe
+    # check's copies of them end with.
+    core_messages: tuple[str, ...] = ()
     # Why the adapter cannot be read (then no summary), or what is still to come (a download).
     error: str = ""
     waiting: str = ""
@@ -84,7 +89,7 @@ def row_problems(compatibility: list[Problem], report: AdapterReport | None) -> 
     adapter_problems = list(report.problems)
     if report.error:
         adapter_problems.insert(0, Problem("lora", report.error))
-    messages = [p.message for p in adapter_problems]
+    messages = [*report.core_messages, *(p.message for p in adapter_problems)]
     others = [p for p in compatibility if not any(p.message.endswith(m) for m in messages)]
     return [*adapter_problems, *others]
 
@@ -122,10 +127,18 @@ def read_expert_adapters(references: list[ModelRef], cache_dir: Path | None = No
                 found[reference] = AdapterReport(reference, info.summary(), error=describe_error(error))
                 continue
             problems = adapter_problems(info, model_folder, str(reference.model))
-            found[reference] = AdapterReport(reference, info.summary(), tuple(problems))
+            shown = tuple(_named_by_reference(p, info.folder, reference.lora) for p in problems)
+            found[reference] = AdapterReport(reference, info.summary(), shown, tuple(p.message for p in problems))
         return found
 
     return job
+
+
+def _named_by_reference(problem: Problem, folder: Path, adapter: ModelRef) -> Problem:
+    """The problem naming a Hub adapter by its id rather than by its snapshot folder in the cache."""
+    if adapter.is_local:
+        return problem
+    return replace(problem, message=problem.message.replace(str(folder), str(adapter)))
 
 
 def read_adapter_folder(folder: Path) -> JobFactory:
@@ -166,6 +179,8 @@ class AdapterPanel(QWidget):
 
         self.title = QLabel()
         self.details = MessageLabel()
+        # Every line of it stays readable, however tall the expert table grows.
+        self.details.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Minimum)
         self.folder_button = QPushButton("Adapter from folder…")
         self.folder_button.setToolTip("Apply a PEFT LoRA adapter saved in a folder to the selected expert")
         self.hub_button = QPushButton("Adapter from Hub…")

@@ -305,7 +305,9 @@ class ModelsPage(QWidget):
     def _fill_download_cell(self, row: int, info: ModelInfo | None) -> None:
         if info is None or not info.downloadable:
             self.table.removeCellWidget(row, DOWNLOAD)
-            where = "" if info is None or info.error else "local" if info.reference.is_local else "downloaded"
+            parts = [] if info is None else [info.reference.model, info.reference.lora]
+            local = all(part.is_local for part in parts if part is not None)
+            where = "" if info is None or info.error else "local" if local else "downloaded"
             self.table.setItem(row, DOWNLOAD, QTableWidgetItem(where))
             return
         current = self.table.cellWidget(row, DOWNLOAD)
