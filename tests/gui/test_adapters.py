@@ -189,3 +189,15 @@ def test_an_adapter_chosen_as_a_new_expert_joins_the_recipes_base(
     assert len(experts) == 3
     assert str(experts[2].source_model) == f"{adapter_files['base']}+acme/tiny-adapter-plain"
     assert window.document.recipe.expert_label(2) == "tiny-adapter-plain"
+
+
+def test_a_base_with_an_empty_adapter_part_is_refused_with_the_fix(window, qtbot, adapter_files, answer) -> None:
+    page = window.models_page
+    recipe_on(window, adapter_files)
+    before = window.document.recipe
+    page.base_edit.setText(f"{adapter_files['base']}+")
+    page.base_edit.editingFinished.emit()
+    title, text = answer["warnings"][0]
+    assert title == "Not a model" and "empty adapter part" in text and "Fix:" in text
+    assert window.document.recipe == before
+    assert page.base_edit.text() == str(adapter_files["base"])

@@ -27,7 +27,7 @@ from PySide6.QtWidgets import (
 
 from app.core.problems import Problem, explain
 from app.core.progress import Progress
-from app.core.recipe import ModelRef, Recipe, validate_recipe
+from app.core.recipe import ModelRef, ModelRefError, Recipe, validate_recipe
 from app.gui import recipe_edits
 from app.gui.context import AppContext, describe_error, describe_problems
 from app.gui.document import RecipeDocument
@@ -345,8 +345,15 @@ class ModelsPage(QWidget):
 
     def _base_edited(self) -> None:
         text = self.base_edit.text().strip()
-        if text != str(self.document.recipe.base_model):
-            self._edit(recipe_edits.set_base(self.document.recipe, text), "Change base model")
+        if text == str(self.document.recipe.base_model):
+            return
+        try:
+            recipe = recipe_edits.set_base(self.document.recipe, text)
+        except ModelRefError as error:  # MODEL+ADAPTER with an empty part, or more than one '+'
+            QMessageBox.warning(self, "Not a model", explain(error.message, error.hint))
+            self.base_edit.setText(str(self.document.recipe.base_model))
+            return
+        self._edit(recipe, "Change base model")
 
     def _choose_base_folder(self) -> None:
         folder = QFileDialog.getExistingDirectory(self, "Choose the base model's folder")
