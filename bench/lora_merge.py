@@ -14,14 +14,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from merge import HIDDEN, INTERMEDIATE, PROMPTS, build_donor, measure  # noqa: E402  (bench/merge.py)
+from merge import HIDDEN, INTERMEDIATE, PROMPTS, build_donor  # noqa: E402  (bench/merge.py)
 
 PROJECTIONS = {
     "gate_proj": (INTERMEDIATE, HIDDEN),
@@ -67,6 +69,21 @@ def build_adapter(folder: Path, base: Path, layers: int, rank: int, seed: int) -
     (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
 
 
+def measure(command: list[str], env: dict[str, str]) -> tuple[float, float, int]:
+    """Wall seconds, CPU seconds (user + system) and peak RSS (bytes) of one child process.
+
+    CPU time is given too because on a shared machine the wall time mostly measures the others' load.
+    """
+    started = time.perf_counter()
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _pid, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - started
+    if status != 0:
+        raise RuntimeError(f"{command[:4]} failed: {process.stderr.read().decode()[-2000:]}")
+    peak = usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    return wall, usage.ru_utime + usage.ru_stime, peak
+
+
 def write_recipe(path: Path, base: Path, sources: list[str], gate_mode: str) -> None:
     import yaml
 
@@ -98,16 +115,23 @@ def run(layers: int, rank: int, workdir: Path, repeats: int) -> dict[str, object
     env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
     results: dict[str, object] = {"layers": layers, "rank": rank}
     for mode in ("cheap_embed", "hidden"):
+        commands = {}
         for kind, sources in kinds.items():
             recipe = workdir / f"recipe-{kind}-{mode}.yml"
             write_recipe(recipe, base, sources, mode)
             out = workdir / f"out-{kind}-{mode}"
             command = [sys.executable, "-m", "app", "merge", str(recipe), str(out), "--overwrite", "--quiet"]
-            # Alternating would be fairer still, but each kind's best of `repeats` warm runs is what counts.
-            runs = [measure([*command, "--device", "cpu"], env) for _ in range(repeats)]
+            commands[kind] = ([*command, "--device", "cpu"], out)
+        runs: dict[str, list[tuple[float, float, int]]] = {kind: [] for kind in kinds}
+        # The kinds alternate, so that a load that comes and goes on the machine weighs on both alike.
+        for _ in range(repeats):
+            for kind, (command, _out) in commands.items():
+                runs[kind].append(measure(command, env))
+        for kind, (_command, out) in commands.items():
             results[f"{kind}_{mode}"] = {
-                "wall_s": min(r[0] for r in runs),
-                "peak_rss_mb": max(r[1] for r in runs) / 2**20,
+                "wall_s": min(r[0] for r in runs[kind]),
+                "cpu_s": min(r[1] for r in runs[kind]),
+                "peak_rss_mb": max(r[2] for r in runs[kind]) / 2**20,
                 "output_gb": sum(p.stat().st_size for p in out.glob("*.safetensors")) / 1e9,
             }
     return results
@@ -118,10 +142,11 @@ def report(results: dict[str, object]) -> list[str]:
     for mode in ("cheap_embed", "hidden"):
         full, lora = results[f"full_{mode}"], results[f"lora_{mode}"]
         lines.append(
-            f"  {mode:11s} full fine-tunes: {full['wall_s']:.2f} s, peak RSS {full['peak_rss_mb']:.0f} MB | "
-            f"LoRA experts: {lora['wall_s']:.2f} s, peak RSS {lora['peak_rss_mb']:.0f} MB | "
-            f"time {lora['wall_s'] / full['wall_s']:.2f}x, RSS {lora['peak_rss_mb'] / full['peak_rss_mb']:.2f}x "
-            f"(output {lora['output_gb']:.2f} GB)"
+            f"  {mode:11s} full fine-tunes: {full['wall_s']:.2f} s wall, {full['cpu_s']:.2f} s CPU, "
+            f"peak RSS {full['peak_rss_mb']:.0f} MB | LoRA experts: {lora['wall_s']:.2f} s wall, "
+            f"{lora['cpu_s']:.2f} s CPU, peak RSS {lora['peak_rss_mb']:.0f} MB | "
+            f"wall {lora['wall_s'] / full['wall_s']:.2f}x, CPU {lora['cpu_s'] / full['cpu_s']:.2f}x, "
+            f"RSS {lora['peak_rss_mb'] / full['peak_rss_mb']:.2f}x (output {lora['output_gb']:.2f} GB)"
         )
     return lines
 

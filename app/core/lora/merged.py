@@ -55,33 +55,34 @@ class AdaptedModelSource(ModelSource):
         return target.copy_(merged)
 
     def _read(self, info: TensorInfo) -> torch.Tensor:
+        """A tensor widened to float32 as it is read (exactly, from any float dtype)."""
         import torch
 
-        return self.read_info_into(info, torch.empty(info.shape, dtype=getattr(torch, info.torch_dtype_name)))
+        return self.read_info_into(info, torch.empty(info.shape, dtype=torch.float32))
 
     def _merged(self, delta: ModuleDelta) -> torch.Tensor:
         import torch
 
         if delta.kind == "replacement":
             assert delta.replacement is not None
-            return self._read(delta.replacement).float()
+            return self._read(delta.replacement)
         assert delta.a is not None and delta.b is not None
-        weight = self._read(self.tensor_info(delta.target))
         # PEFT computes the delta in float32 on the CPU whatever the adapter's dtype (cast_to_fp32).
-        a, b = self._read(delta.a).float(), self._read(delta.b).float()
+        a, b = self._read(delta.a), self._read(delta.b)
         change = b @ a
         if delta.kind == "embedding":
             change = change.T.contiguous()
         # In place, the same multiplication by the same Python float as PEFT's (B @ A) * scaling.
         change.mul_(delta.scale)
+        # Read as float32 straight away: adding a float32 W is faster than adding a bfloat16 one.
+        widened = self._read(self.tensor_info(delta.target))
         if delta.magnitude is None:
             # W + ΔW, with ΔW's buffer reused: addition commutes exactly, so this is PEFT's W += ΔW.
-            return change.add_(weight)
-        widened = weight.float()
+            return change.add_(widened)
         # DoRA, as PEFT merges it: the row norms of W + ΔW (get_weight_norm with scaling 1), then
         # magnitude / norm times (W + ΔW).
         norm = torch.linalg.norm(widened + 1 * change, dim=1).to(widened.dtype)
-        factor = self._read(delta.magnitude).float() / norm
+        factor = self._read(delta.magnitude) / norm
         return factor.view(-1, 1) * (widened + change)
 
 
