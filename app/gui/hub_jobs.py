@@ -77,9 +77,10 @@ class HubDetails:
     access_url: str = ""
 
 
-def inspect(repo_id: str, recipe: Recipe, as_base: bool) -> JobFactory:
+def inspect(repo_id: str, recipe: Recipe, as_base: bool, new_expert: bool = True) -> JobFactory:
     """Describe a Hub model from its small files, checked against the recipe's base when it joins
-    as an expert, with the memory the resulting MoE would need on this machine."""
+    as an expert, with the memory the resulting MoE would need on this machine. An adapter for an
+    expert already in the recipe (``new_expert`` False) adds no expert to that MoE."""
 
     def job(cancel: threading.Event) -> Job[HubDetails]:
         from app.core.hub import (
@@ -119,7 +120,7 @@ def inspect(repo_id: str, recipe: Recipe, as_base: bool) -> JobFactory:
         dense_parameters = report.summary.parameters if adapter is None else adapter.base_parameters
         adapter_parameters = (report.summary.parameters or 0) if adapter is not None else 0
         if dense_parameters and report.config:
-            experts = len(recipe.experts) + (0 if as_base else 1)
+            experts = len(recipe.experts) + (1 if new_expert and not as_base else 0)
             fit = estimate_fit(
                 report.config,
                 dense_parameters=dense_parameters,

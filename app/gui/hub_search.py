@@ -439,7 +439,10 @@ class HubSearchDialog(QDialog):
         if self._inspect_job is not None and self._inspect_job.is_running:
             self._inspect_job.cancel()
         as_base = self.purpose is Purpose.BASE
-        job = self.context.run(f"Inspect {repo}", hub_jobs.inspect(repo, self.recipe, as_base), quiet=True)
+        new_expert = self.purpose is not Purpose.ADAPTER
+        job = self.context.run(
+            f"Inspect {repo}", hub_jobs.inspect(repo, self.recipe, as_base, new_expert), quiet=True
+        )
         self._inspect_job = job
         job.succeeded.connect(self._inspected)
         job.failed.connect(self._inspect_failed)

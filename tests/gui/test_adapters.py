@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from app.core.hub.fit import moe_parameter_count
 from app.core.recipe import load_recipe
 from app.gui import recipe_edits
 from app.gui.hub_search import BASE_COLUMN, Purpose
@@ -148,6 +149,11 @@ def test_the_hub_dialog_finds_adapters_and_puts_one_on_the_selected_expert(
     pane = dialog.detail_pane.toPlainText()
     assert "LoRA adapter" in pane and "r=8, alpha=16" in pane and "for its base acme/tiny-llama-instruct" in pane
     assert not dialog.base_button.isEnabled()  # an adapter alone is no base model
+    # Memory: the MoE of the base's size, with the recipe's two experts (the adapter adds none).
+    details = dialog.details["acme/tiny-adapter-chat"]
+    assert details.fit is not None and details.report is not None and details.report.adapter is not None
+    base_parameters = details.report.adapter.base_parameters
+    assert details.fit.moe_parameters == moe_parameter_count(details.report.config, base_parameters, 2)
     dialog.grab().save(str(SHOTS / "lora-gui-hub-adapters.png"))
     dialog.adapter_button.click()
     qtbot.waitUntil(lambda: window.hub_dialog is None, timeout=TIMEOUT_MS)
