@@ -100,7 +100,7 @@ def write_recipe(path: Path, base: Path, sources: list[str], gate_mode: str) -> 
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
 
 
-def run(layers: int, rank: int, workdir: Path, repeats: int) -> dict[str, object]:
+def run(layers: int, rank: int, workdir: Path, repeats: int, threads: int | None) -> dict[str, object]:
     donors = workdir / f"donors-{layers}"
     for index, name in enumerate(["base", "expert0", "expert1", "expert2"]):
         build_donor(donors / name, layers, seed=index)
@@ -113,7 +113,9 @@ def run(layers: int, rank: int, workdir: Path, repeats: int) -> dict[str, object
         "lora": [f"{base}+{folder}" for folder in adapters],
     }
     env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
-    results: dict[str, object] = {"layers": layers, "rank": rank}
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)  # torch's intra-op threads, for both kinds alike
+    results: dict[str, object] = {"layers": layers, "rank": rank, "threads": threads or "default"}
     for mode in ("cheap_embed", "hidden"):
         commands = {}
         for kind, sources in kinds.items():
@@ -138,7 +140,10 @@ def run(layers: int, rank: int, workdir: Path, repeats: int) -> dict[str, object
 
 
 def report(results: dict[str, object]) -> list[str]:
-    lines = [f"donors with {results['layers']} layers, adapters of rank {results['rank']}"]
+    lines = [
+        f"donors with {results['layers']} layers, adapters of rank {results['rank']}, "
+        f"torch threads: {results['threads']}"
+    ]
     for mode in ("cheap_embed", "hidden"):
         full, lora = results[f"full_{mode}"], results[f"lora_{mode}"]
         lines.append(
@@ -157,9 +162,15 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workdir", type=Path, default=REPO / "bench" / "out" / "lora_merge")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch intra-op threads for both kinds (OMP_NUM_THREADS); on a small machine busy with other work, "
+        "1 keeps threads from spinning against that load",
+    )
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
-    results = run(args.layers, args.rank, args.workdir, args.repeats)
+    results = run(args.layers, args.rank, args.workdir, args.repeats, args.threads)
     print("\n".join(report(results)))
     (args.workdir / "results.json").write_text(json.dumps(results, indent=2))
 

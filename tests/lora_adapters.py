@@ -1,7 +1,8 @@
 """Tiny PEFT LoRA adapters for tests and benchmarks, made with peft itself on the tiny donors.
 
 Adapters are initialised at random (init_lora_weights=False), so that every delta is non-zero, and
-DoRA magnitudes are perturbed away from the weight norms PEFT starts them at. Each comes with
+DoRA magnitudes are perturbed away from the weight norms PEFT starts them at, and modules saved whole
+(modules_to_save) away from the model's. Each comes with
 PEFT's own merge_and_unload() of it, the reference the merge is held to.
 """
 
@@ -44,6 +45,8 @@ def make_adapter(
         for name, parameter in wrapped.named_parameters():
             if "lora_magnitude_vector" in name:
                 parameter.mul_(1 + 0.2 * torch.rand_like(parameter))
+            elif "modules_to_save" in name:  # a trained copy differs from the model's module
+                parameter.add_(0.01 * torch.randn_like(parameter))
     wrapped.save_pretrained(folder)
     merged_model = wrapped.merge_and_unload()
     merged = {name: tensor.detach().clone() for name, tensor in merged_model.state_dict().items()}

@@ -44,6 +44,10 @@ def adapters(llama_donors, tmp_path_factory):
         root / "attention_only", llama_donors["base"], seed=9, save_merged=True, r=4, lora_alpha=8,
         target_modules=ATTENTION,
     )
+    made["on_base"] = make_adapter(
+        root / "on_base", llama_donors["base"], seed=10, r=4, lora_alpha=8,
+        target_modules=["embed_tokens", "q_proj", "v_proj", "up_proj"], modules_to_save=["lm_head"],
+    )
     made["on_expert"] = make_adapter(root / "on_expert", llama_donors["expert1"], seed=11, save_merged=True, r=4)
     return made
 
@@ -202,6 +206,27 @@ def test_an_adapter_on_the_base_model_changes_the_attention_as_peft_does(adapter
         for projection in "qkvo":
             name = f"model.layers.{layer}.self_attn.{projection}_proj.weight"
             assert torch.equal(written[name], adapter.merged[name])
+
+
+def test_an_adapter_on_the_base_applies_every_part_embeddings_and_saved_modules_included(
+    adapters, llama_donors, tmp_path
+):
+    adapter = adapters["on_base"]
+    info = read_adapter(adapter.folder)
+    # PEFT saves the targeted embedding's own weight beside its A and B, and lm_head whole.
+    assert {d.module: d.kind for d in info.deltas if d.replacement is not None} == {
+        "model.embed_tokens": "embedding",
+        "lm_head": "replacement",
+    }
+    assert not [p for p in adapter_problems(info, llama_donors["base"], "base", role="base")]
+    written = merge(
+        recipe_text(f"{llama_donors['base']}+{adapter.folder}", [str(llama_donors[f"expert{i}"]) for i in (0, 1)]),
+        tmp_path / "moe",
+    )
+    base = load_file(llama_donors["base"] / "model.safetensors")
+    for name in ("model.embed_tokens.weight", "lm_head.weight", "model.layers.1.self_attn.v_proj.weight"):
+        assert not torch.equal(adapter.merged[name], base[name])
+        assert torch.equal(written[name], adapter.merged[name]), name
 
 
 # --------------------------------------------------------------------------- the gates see the adapted model

@@ -56,6 +56,8 @@ class ModuleDelta:
     a: TensorInfo | None = None
     b: TensorInfo | None = None
     magnitude: TensorInfo | None = None  # DoRA
+    # The weight itself, saved whole: it replaces the model's (modules_to_save), or is what the A and
+    # B are added to (the base_layer copy PEFT saves of a targeted embedding).
     replacement: TensorInfo | None = None
 
     @property
@@ -211,9 +213,10 @@ def _describe(folder: Path, config: dict[str, Any], tensors: Mapping[str, Tensor
         parts.setdefault(match["module"], {})[match["part"]] = info
     deltas: list[ModuleDelta] = []
     for module, found in sorted(parts.items()):
-        if "base_layer.weight" in found:
-            replacements[module] = found.pop("base_layer.weight")
+        saved_weight = found.pop("base_layer.weight", None)
         if not found:
+            if saved_weight is not None:
+                replacements[module] = saved_weight
             continue
         rank, alpha = module_rank_and_alpha(config, module)
         scale = lora_scale(alpha, rank, use_rslora) if rank > 0 else 0.0
@@ -224,6 +227,7 @@ def _describe(folder: Path, config: dict[str, Any], tensors: Mapping[str, Tensor
                 ModuleDelta(
                     module, "linear", rank, alpha, scale, found["lora_A.weight"], found["lora_B.weight"],
                     magnitude=found.get("lora_magnitude_vector"),
+                    replacement=saved_weight,
                 )
             )
         elif "lora_embedding_A" in found and "lora_embedding_B" in found:
@@ -231,7 +235,8 @@ def _describe(folder: Path, config: dict[str, Any], tensors: Mapping[str, Tensor
                 unsupported.append(f"{module} is a DoRA embedding, which FrankenMoE Studio does not apply")
             deltas.append(
                 ModuleDelta(
-                    module, "embedding", rank, alpha, scale, found["lora_embedding_A"], found["lora_embedding_B"]
+                    module, "embedding", rank, alpha, scale, found["lora_embedding_A"], found["lora_embedding_B"],
+                    replacement=saved_weight,
                 )
             )
         else:

@@ -154,11 +154,10 @@ def _shape_problems(info: AdapterInfo, model: ModelSource, model_ref: str, where
 
 
 def _delta_shape_errors(delta: ModuleDelta, weight: tuple[int, ...]) -> list[str]:
+    if delta.replacement is not None and delta.replacement.shape != weight:
+        adapter_shape = _shape(delta.replacement.shape)
+        return [f"{delta.target} is {adapter_shape} in the adapter, {_shape(weight)} in the model"]
     if delta.kind == "replacement":
-        assert delta.replacement is not None
-        if delta.replacement.shape != weight:
-            adapter_shape = _shape(delta.replacement.shape)
-            return [f"{delta.target} is {adapter_shape} in the adapter, {_shape(weight)} in the model"]
         return []
     assert delta.a is not None and delta.b is not None
     a, b = delta.a.shape, delta.b.shape

@@ -75,7 +75,7 @@ class AdaptedModelSource(ModelSource):
         # In place, the same multiplication by the same Python float as PEFT's (B @ A) * scaling.
         change.mul_(delta.scale)
         # Read as float32 straight away: adding a float32 W is faster than adding a bfloat16 one.
-        widened = self._read(self.tensor_info(delta.target))
+        widened = self._read(delta.replacement or self.tensor_info(delta.target))
         if delta.magnitude is None:
             # W + ΔW, with ΔW's buffer reused: addition commutes exactly, so this is PEFT's W += ΔW.
             return change.add_(widened)
