@@ -74,6 +74,9 @@ class HubRepo:
     trending: int = 0
     license: str | None = "apache-2.0"
     pipeline_tag: str | None = "text-generation"
+    # "peft" for LoRA adapters; the Hub lists the library among the tags, so `filter=peft` finds it.
+    library_name: str = "transformers"
+    extra_tags: tuple[str, ...] = ()
     last_modified: datetime = field(default_factory=lambda: datetime(2024, 1, 1, tzinfo=UTC))
 
     def resolve(self, revision: str) -> str | None:
@@ -83,7 +86,7 @@ class HubRepo:
 
     @property
     def tags(self) -> list[str]:
-        tags = ["transformers", "safetensors"]
+        tags = [self.library_name, "safetensors", *self.extra_tags]
         if self.pipeline_tag:
             tags.append(self.pipeline_tag)
         if self.license:
@@ -536,7 +539,8 @@ def _make_handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
             parameters: dict[str, int] = {}
             index = files.get("model.safetensors.index.json")
             # Like the Hub, count the weights once: the indexed shards when there is an index.
-            counted = set(json.loads(index)["weight_map"].values()) if index else set(files)
+            # Top-level files only: checkpoints in subfolders are not the model's weights.
+            counted = set(json.loads(index)["weight_map"].values()) if index else {n for n in files if "/" not in n}
             for name, content in files.items():
                 if name.endswith(".safetensors") and name in counted:
                     for dtype, count in safetensors_parameters(content).items():
@@ -568,7 +572,7 @@ def _make_handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
                 "trendingScore": repo.trending,
                 "tags": repo.tags,
                 "pipeline_tag": repo.pipeline_tag,
-                "library_name": "transformers",
+                "library_name": repo.library_name,
                 "cardData": {"license": repo.license} if repo.license else {},
                 "siblings": siblings,
                 "safetensors": {"parameters": parameters, "total": sum(parameters.values())} if parameters else None,
@@ -599,12 +603,14 @@ def _make_handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
         def _list(self, query: dict[str, list[str]]) -> tuple[list[dict[str, Any]], dict[str, str]]:
             words = " ".join(query.get("search", [])).lower().split()
             filters = query.get("filter", [])
+            libraries = query.get("library", [])
             found = [
                 repo
                 for repo in hub.repos.values()
                 if not repo.private
                 and all(w in repo.repo_id.lower() for w in words)
                 and all(f in repo.tags or f == repo.pipeline_tag for f in filters)
+                and all(library == repo.library_name for library in libraries)
             ]
             sort = query.get("sort", [None])[0]
             keys = {"downloads": "downloads", "likes": "likes", "trendingScore": "trending"}
@@ -781,6 +787,67 @@ def hub(tiny_hub_files: dict[str, dict[str, bytes]]) -> Iterator[HubServer]:
     server.start()
     yield server
     server.stop()
+
+
+ADAPTER_BASE = "acme/tiny-llama-instruct"
+# What else adapter repos often carry: a pickle copy of the weights, training state and checkpoints.
+ADAPTER_EXTRAS = {
+    "adapter_model.bin": b"\x80\x04pickle",
+    "training_args.bin": b"\x80\x04pickle",
+    "optimizer.pt": b"\x80\x04pickle",
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_hub_adapters(
+    tmp_path_factory: pytest.TempPathFactory, tiny_hub_files: dict[str, dict[str, bytes]]
+) -> dict[str, dict[str, bytes]]:
+    """The files of LoRA adapters of the Hub's ``acme/tiny-llama-instruct``, made once with peft."""
+    from tests.lora_adapters import make_adapter
+
+    root = tmp_path_factory.mktemp("hub-adapters")
+    base = root / "base"
+    base.mkdir()
+    for name, content in tiny_hub_files["llama-a"].items():
+        (base / name).write_bytes(content)
+    target_modules = ["gate_proj", "up_proj", "down_proj", "q_proj"]
+    adapter = make_adapter(root / "lora", base, r=8, lora_alpha=16, target_modules=target_modules).folder
+    files = _folder_files(adapter)
+    # As published: the adapter names its base by Hub id, not by the folder it was trained from.
+    settings = json.loads(files["adapter_config.json"])
+    files["adapter_config.json"] = json.dumps(settings | {"base_model_name_or_path": ADAPTER_BASE}).encode()
+    return {"lora": files}
+
+
+@pytest.fixture
+def adapter_hub(hub: HubServer, tiny_hub_adapters: dict[str, dict[str, bytes]]) -> HubServer:
+    """The local Hub with PEFT adapter repos added (library ``peft``, tagged with their base as the Hub does)."""
+    lora = tiny_hub_adapters["lora"]
+    peft_settings: dict[str, Any] = {
+        "library_name": "peft",
+        "extra_tags": ("lora", f"base_model:adapter:{ADAPTER_BASE}", f"base_model:{ADAPTER_BASE}"),
+    }
+    tokenizer = {name: content for name, content in hub_files_of(hub, ADAPTER_BASE).items() if "token" in name}
+    checkpoint = {"checkpoint-10/adapter_model.safetensors": lora["adapter_model.safetensors"]}
+    hub.add_model(
+        "acme/tiny-adapter-chat",
+        lora | tokenizer | ADAPTER_EXTRAS | checkpoint,
+        downloads=70,
+        **peft_settings,
+    )
+    hub.add_model("acme/tiny-adapter-plain", lora, downloads=60, **peft_settings)
+    hub.add_model(
+        "acme/tiny-adapter-pickle",
+        {"adapter_config.json": lora["adapter_config.json"], "adapter_model.bin": b"\x80\x04pickle"},
+        downloads=40,
+        **peft_settings,
+    )
+    return hub
+
+
+def hub_files_of(hub: HubServer, repo_id: str) -> dict[str, bytes]:
+    repo = hub.repos[repo_id]
+    return repo.commits[repo.refs["main"]]
 
 
 @pytest.fixture

@@ -16,7 +16,9 @@ from app.core.progress import Job, Progress, format_bytes
 from app.core.recipe import ModelRef, load_recipe
 
 if TYPE_CHECKING:
-    from app.core.hub import ModelReport
+    from collections.abc import Sequence
+
+    from app.core.hub import ModelReport, ModelSummary
 
 
 def register(subparsers: Any) -> None:
@@ -27,6 +29,11 @@ def register(subparsers: Any) -> None:
     search.add_argument("query", nargs="+", help="free text, e.g. mistral 7b instruct")
     search.add_argument("--sort", choices=SORT_KEYS, default="downloads")
     search.add_argument("--limit", type=int, default=20)
+    search.add_argument(
+        "--adapters",
+        action="store_true",
+        help="find PEFT LoRA adapters (library peft) instead of full models; each is listed with its base",
+    )
     search.set_defaults(handler=run_search)
 
     info = commands.add_parser("info", help="show a model's architecture, sizes and recipe fit")
@@ -65,9 +72,14 @@ def _count(value: int | None) -> str:
 def run_search(args: argparse.Namespace) -> int:
     from app.core.hub import search_models
 
-    page = search_models(" ".join(args.query), sort=args.sort, limit=args.limit)
+    page = search_models(" ".join(args.query), sort=args.sort, limit=args.limit, adapters=args.adapters)
     if not page.models:
-        print("no text-generation models match")
+        print("no PEFT adapters match" if args.adapters else "no text-generation models match")
+        return 0
+    if args.adapters:
+        _print_adapters(page.models)
+        if page.has_more:
+            print(f"(more results: raise --limit above {args.limit})")
         return 0
     header = f"{'model':<48} {'params':>7} {'size':>9} {'dtype':>6} {'licence':<14} {'gated':<5} "
     header += f"{'downloads':>9} {'likes':>6}  updated"
@@ -85,9 +97,25 @@ def run_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_adapters(models: Sequence[ModelSummary]) -> None:
+    print(f"{'adapter':<44} {'base model':<40} {'size':>9} {'licence':<14} {'downloads':>9} {'likes':>6}  updated")
+    for model in models:
+        size = format_bytes(model.size_bytes) if model.size_bytes is not None else "-"
+        updated = model.last_modified.date().isoformat() if model.last_modified else "-"
+        print(
+            f"{model.repo_id:<44} {model.base_model or '-':<40} {size:>9} {(model.license or '-')[:14]:<14} "
+            f"{_count(model.downloads):>9} {_count(model.likes):>6}  {updated}"
+        )
+
+
 def _print_report(report: ModelReport) -> None:
     arch = report.architecture
     print(f"{report.ref}  (commit {report.commit[:12]})  {report.url}")
+    adapter = report.adapter
+    if adapter is not None:
+        print(f"  LoRA adapter  {adapter.rank_text()}, on {', '.join(adapter.target_modules) or '-'}")
+        print(f"  base model    {adapter.base_model or 'not named'} (what follows describes it)")
+        print(f"  download      {adapter.fetch_text()}")
     print(f"  family        {arch.family or '-'} ({', '.join(arch.architectures) or '-'})")
     print(f"  parameters    {_count(report.summary.parameters)} {report.summary.dtype or ''}".rstrip())
     print(f"  layers        {arch.layers}")

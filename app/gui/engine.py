@@ -78,8 +78,10 @@ def _hub_model_info(reference: ModelRef) -> ModelInfo:
     """What the Hub says about a model the cache lacks, so that its row is filled before a download."""
     from app.core.hub import HubError, inspect_model
 
+    # Of MODEL+ADAPTER, the model's figures, or the adapter's when the model is a local folder.
+    on_hub = reference.lora if reference.model.is_local and reference.lora is not None else reference.model
     try:
-        report = inspect_model(reference)
+        report = inspect_model(on_hub)
     except HubError as exc:
         return ModelInfo(reference, error=exc.message, hint=exc.hint, downloadable=True)
     summary = report.summary

@@ -42,15 +42,21 @@ class SearchAnswer:
     query: str
     sort: SortKey
     page: SearchPage
+    adapters: bool = False
 
 
-def search(query: str, sort: SortKey, limit: int, offset: int = 0) -> JobFactory:
+def search(query: str, sort: SortKey, limit: int, offset: int = 0, adapters: bool = False) -> JobFactory:
+    """A page of Hub models matching ``query``; of PEFT adapters instead with ``adapters``."""
+
     def job(cancel: threading.Event) -> Job[SearchAnswer]:
         from app.core.hub import call_cancellable, search_models
 
-        yield Progress("searching", 0, 1, message=f"searching the Hub for {query!r}")
-        page = call_cancellable(lambda: search_models(query, sort=sort, limit=limit, offset=offset), cancel)
-        return SearchAnswer(query, sort, page)
+        what = "adapters" if adapters else "models"
+        yield Progress("searching", 0, 1, message=f"searching the Hub's {what} for {query!r}")
+        page = call_cancellable(
+            lambda: search_models(query, sort=sort, limit=limit, offset=offset, adapters=adapters), cancel
+        )
+        return SearchAnswer(query, sort, page, adapters)
 
     return job
 
@@ -71,9 +77,10 @@ class HubDetails:
     access_url: str = ""
 
 
-def inspect(repo_id: str, recipe: Recipe, as_base: bool) -> JobFactory:
+def inspect(repo_id: str, recipe: Recipe, as_base: bool, new_expert: bool = True) -> JobFactory:
     """Describe a Hub model from its small files, checked against the recipe's base when it joins
-    as an expert, with the memory the resulting MoE would need on this machine."""
+    as an expert, with the memory the resulting MoE would need on this machine. An adapter for an
+    expert already in the recipe (``new_expert`` False) adds no expert to that MoE."""
 
     def job(cancel: threading.Event) -> Job[HubDetails]:
         from app.core.hub import (
@@ -108,13 +115,18 @@ def inspect(repo_id: str, recipe: Recipe, as_base: bool) -> JobFactory:
         check_cancel(cancel)
         yield Progress("inspecting", 1, 2, message="estimating memory")
         fit = None
-        if report.summary.parameters and report.config:
-            experts = len(recipe.experts) + (0 if as_base else 1)
+        # An adapter becomes an MLP of its base's size: the memory is its base's, plus the adapter itself.
+        adapter = report.adapter
+        dense_parameters = report.summary.parameters if adapter is None else adapter.base_parameters
+        adapter_parameters = (report.summary.parameters or 0) if adapter is not None else 0
+        if dense_parameters and report.config:
+            experts = len(recipe.experts) + (1 if new_expert and not as_base else 0)
             fit = estimate_fit(
                 report.config,
-                dense_parameters=report.summary.parameters,
+                dense_parameters=dense_parameters,
                 n_experts=max(2, experts),
                 dtype=recipe.dtype if recipe.dtype in FIT_DTYPES else "bfloat16",
+                adapter_parameters=adapter_parameters,
             )
         return HubDetails(repo_id, report, fit, base_note)
 

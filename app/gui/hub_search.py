@@ -14,6 +14,7 @@ from PySide6.QtCore import QEvent, QModelIndex, QSortFilterProxyModel, Qt
 from PySide6.QtGui import QStandardItem, QStandardItemModel
 from PySide6.QtWidgets import (
     QAbstractItemView,
+    QCheckBox,
     QComboBox,
     QDialog,
     QDialogButtonBox,
@@ -40,7 +41,20 @@ if TYPE_CHECKING:
     from app.core.hub import ModelSummary, SearchPage, SortKey
     from app.core.problems import Problem
 
-HUB_COLUMNS = ("Model", "Parameters", "Size", "dtype", "Licence", "Gated", "Downloads", "Likes", "Updated")
+HUB_COLUMNS = (
+    "Model",
+    "Parameters",
+    "Size",
+    "dtype",
+    "Licence",
+    "Gated",
+    "Downloads",
+    "Likes",
+    "Updated",
+    "Base model",
+)
+# An adapter's row names the model it was trained on in this column; a full model's leaves it empty.
+BASE_COLUMN = HUB_COLUMNS.index("Base model")
 PAGE_SIZE = 50
 # Sorting on the number, not on the text "7.2B".
 SORT_ROLE = Qt.ItemDataRole.UserRole + 1
@@ -51,10 +65,12 @@ WARNING_COLOR = "#e37400"
 
 class Purpose(Enum):
     """What the dialog was opened for: what a double-click chooses, and whether the model is
-    checked against the recipe's base (as an expert) or not (as the new base)."""
+    checked against the recipe's base (as an expert) or not (as the new base). ``ADAPTER`` looks for
+    a LoRA adapter to apply to an expert of the recipe."""
 
     EXPERT = "expert"
     BASE = "base"
+    ADAPTER = "adapter"
 
 
 def _item(text: str, sort_value: object, tooltip: str = "") -> QStandardItem:
@@ -95,6 +111,9 @@ def summary_html(model: ModelSummary) -> str:
         f"Licence: {_e(model.license or 'not stated')}<br>",
         f"{model.downloads or 0:,} downloads · {model.likes or 0:,} likes · updated {_e(updated)}</p>",
     ]
+    if model.is_adapter:
+        base = _e(model.base_model) if model.base_model else "a base model its tags do not name"
+        parts.insert(1, f"<p><b>LoRA adapter</b> (PEFT) of {base}: the sizes are the adapter's own.</p>")
     if model.gated:
         parts.append("<p><b>Gated:</b> its authors ask you to accept their terms on the Hub before downloading.</p>")
     return "".join(parts)
@@ -114,6 +133,23 @@ def details_html(details: HubDetails) -> str:
         return f'<p><span style="color:{ERROR_COLOR}">✗</span> {_e(details.error)}{fix}</p>'
     report = details.report
     arch = report.architecture
+    adapter_part = ""
+    if report.adapter is not None:
+        card = report.adapter
+        adapter_rows = [
+            ("Rank", card.rank_text()),
+            ("Base model", card.base_model or "not named"),
+            ("Changes", ", ".join(card.target_modules) or "?"),
+            ("Files", f"{len(report.files)}: {report.size_text()}"),
+            ("Download", card.fetch_text()),
+        ]
+        adapter_table = "".join(
+            f"<tr><td><b>{_e(name)}</b>&nbsp;&nbsp;</td><td>{_e(value)}</td></tr>" for name, value in adapter_rows
+        )
+        adapter_part = (
+            f"<h4>LoRA adapter</h4><table>{adapter_table}</table>"
+            "<p>As an expert it joins as its model + the adapter; only its MLP part is used.</p>"
+        )
     rows = [
         ("Family", f"{arch.family or '?'} ({', '.join(arch.architectures) or '?'})"),
         ("Layers", arch.layers),
@@ -122,10 +158,12 @@ def details_html(details: HubDetails) -> str:
         ("Vocabulary", arch.vocab_size),
         ("Context", arch.max_positions),
         ("Chat template", "yes" if arch.has_chat_template else "no"),
-        ("Files", f"{len(report.files)}: {report.size_text()}"),
     ]
+    if report.adapter is None:  # an adapter's files are listed with the adapter
+        rows.append(("Files", f"{len(report.files)}: {report.size_text()}"))
     table = "".join(f"<tr><td><b>{_e(name)}</b>&nbsp;&nbsp;</td><td>{_e(value)}</td></tr>" for name, value in rows)
-    parts = [f"<h4>Architecture and size</h4><table>{table}</table>", "<h4>This recipe</h4>"]
+    heading_text = "Its base model's architecture" if report.adapter is not None else "Architecture and size"
+    parts = [adapter_part, f"<h4>{heading_text}</h4><table>{table}</table>", "<h4>This recipe</h4>"]
     if report.can_join and not details.base_note:
         parts.append(f'<p><span style="color:{OK_COLOR}">✓</span> Can join this recipe: it matches the base model.</p>')
     elif not report.can_join:
@@ -156,9 +194,12 @@ class HubSearchDialog(QDialog):
         parent: QWidget | None = None,
     ) -> None:
         super().__init__(parent)
-        self.setWindowTitle(
-            "Choose a base model from the Hub" if purpose is Purpose.BASE else "Add a model from the Hub"
-        )
+        titles = {
+            Purpose.BASE: "Choose a base model from the Hub",
+            Purpose.EXPERT: "Add a model from the Hub",
+            Purpose.ADAPTER: "Add a LoRA adapter from the Hub to the expert",
+        }
+        self.setWindowTitle(titles[purpose])
         self.resize(1240, 640)
         self.recipe = recipe
         self.context = context
@@ -171,6 +212,7 @@ class HubSearchDialog(QDialog):
         self._inspect_job: JobHandle | None = None
         self._query = ""
         self._sort: SortKey = "downloads"
+        self._adapters = purpose is Purpose.ADAPTER
 
         self.query = QLineEdit()
         self.query.setPlaceholderText("Search models, e.g. mistral 7b instruct")
@@ -187,6 +229,11 @@ class HubSearchDialog(QDialog):
         self.stop_button.setToolTip("Stop asking the Hub")
         self.stop_button.clicked.connect(self.stop)
         self.sort.currentIndexChanged.connect(self._sort_changed)
+        # PEFT adapters (library peft) instead of full models: an adapter joins as model + adapter.
+        self.adapters_only = QCheckBox("LoRA adapters")
+        self.adapters_only.setToolTip("Search PEFT LoRA adapters (library peft) instead of full models")
+        self.adapters_only.setChecked(self._adapters)
+        self.adapters_only.toggled.connect(self._sort_changed)
 
         self.model = QStandardItemModel(0, len(HUB_COLUMNS), self)
         self.model.setHorizontalHeaderLabels(HUB_COLUMNS)
@@ -206,6 +253,10 @@ class HubSearchDialog(QDialog):
         self.table.setTextElideMode(Qt.TextElideMode.ElideMiddle)
         self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
         self.table.horizontalHeader().setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
+        # Base model names are as long as model names: a fixed share of the width, elided in the middle.
+        self.table.horizontalHeader().setSectionResizeMode(BASE_COLUMN, QHeaderView.ResizeMode.Interactive)
+        self.table.setColumnWidth(BASE_COLUMN, 190)
+        self._show_adapter_columns()
         self.table.selectionModel().currentRowChanged.connect(self._selected)
         self.table.doubleClicked.connect(lambda _index: self._choose(self.purpose))
         self.more_button = QPushButton("More results")
@@ -221,12 +272,18 @@ class HubSearchDialog(QDialog):
         self.buttons = QDialogButtonBox()
         self.base_button = self.buttons.addButton("Use as base model", QDialogButtonBox.ButtonRole.AcceptRole)
         self.add_button = self.buttons.addButton("Add as expert", QDialogButtonBox.ButtonRole.AcceptRole)
+        self.adapter_button = self.buttons.addButton(
+            "Add to the selected expert", QDialogButtonBox.ButtonRole.AcceptRole
+        )
+        self.adapter_button.setToolTip("Apply this LoRA adapter to the expert the Models page has selected")
+        self.adapter_button.setVisible(purpose is Purpose.ADAPTER)
         self.buttons.addButton(QDialogButtonBox.StandardButton.Cancel)
         self.base_button.clicked.connect(lambda: self._choose(Purpose.BASE))
         self.add_button.clicked.connect(lambda: self._choose(Purpose.EXPERT))
+        self.adapter_button.clicked.connect(lambda: self._choose(Purpose.ADAPTER))
         self.buttons.rejected.connect(self.reject)
         self.purpose = purpose
-        for button in (self.base_button, self.add_button):
+        for button in (self.base_button, self.add_button, self.adapter_button):
             button.setEnabled(False)
             button.setAutoDefault(False)
 
@@ -234,6 +291,7 @@ class HubSearchDialog(QDialog):
         search_row.addWidget(self.query, 1)
         search_row.addWidget(QLabel("Sort by"))
         search_row.addWidget(self.sort)
+        search_row.addWidget(self.adapters_only)
         search_row.addWidget(self.search_button)
         search_row.addWidget(self.stop_button)
         results = QWidget()
@@ -262,6 +320,11 @@ class HubSearchDialog(QDialog):
             return None
         return self.proxy.index(index.row(), 0).data()
 
+    @property
+    def chosen_summary(self) -> ModelSummary | None:
+        repo = self.chosen_repo
+        return self.models.get(repo) if repo is not None else None
+
     # ------------------------------------------------------------------ searching
 
     def search(self) -> None:
@@ -281,8 +344,12 @@ class HubSearchDialog(QDialog):
             self._search_job.cancel()
         self.status.setText("Searching…")
         self._sort = hub_jobs.SORTS[self.sort.currentText()]
+        self._adapters = self.adapters_only.isChecked()
+        self._show_adapter_columns()
         job = self.context.run(
-            "Hub search", hub_jobs.search(self._query, self._sort, self.page_size, offset), quiet=True
+            "Hub search",
+            hub_jobs.search(self._query, self._sort, self.page_size, offset, self._adapters),
+            quiet=True,
         )
         self._search_job = job
         job.succeeded.connect(self.show_answer)
@@ -290,6 +357,12 @@ class HubSearchDialog(QDialog):
         job.cancelled.connect(lambda: self._search_stopped(job))
         job.finished.connect(self._update_stop_button)
         self._update_stop_button()
+
+    def _show_adapter_columns(self) -> None:
+        """Adapters show their base model; their parameters and dtype (the size says as much) make room."""
+        self.table.setColumnHidden(BASE_COLUMN, not self._adapters)
+        for name in ("Parameters", "dtype"):
+            self.table.setColumnHidden(HUB_COLUMNS.index(name), self._adapters)
 
     def stop(self) -> None:
         """Cancel the search and the model reading under way; their workers end at once."""
@@ -318,7 +391,8 @@ class HubSearchDialog(QDialog):
 
     def show_answer(self, answer: SearchAnswer) -> None:
         page = answer.page
-        if (answer.query, answer.sort, page.offset) != (self._query, self._sort, len(self.models)):
+        asked = (answer.query, answer.sort, answer.adapters, page.offset)
+        if asked != (self._query, self._sort, self._adapters, len(self.models)):
             return  # the answer to a search that has since been replaced
         self.last_page = page
         for model in page.models:
@@ -327,9 +401,9 @@ class HubSearchDialog(QDialog):
         self.more_button.setEnabled(page.has_more)
         found = len(self.models)
         more = ", more on the Hub" if page.has_more else ""
-        self.status.setText(
-            f"{found} model{'s' * (found != 1)}{more}." if found else "No text-generation models match."
-        )
+        kind = "adapter" if self._adapters else "model"
+        nothing = "No LoRA adapters match." if self._adapters else "No text-generation models match."
+        self.status.setText(f"{found} {kind}{'s' * (found != 1)}{more}." if found else nothing)
 
     @staticmethod
     def _row(model: ModelSummary) -> list[QStandardItem]:
@@ -344,14 +418,19 @@ class HubSearchDialog(QDialog):
             _item(format_count(model.downloads or 0), model.downloads or 0),
             _item(format_count(model.likes or 0), model.likes or 0),
             _item(updated, updated),
+            _item(model.base_model or "", (model.base_model or "").lower(), model.base_model or ""),
         ]
 
     # ------------------------------------------------------------------ details
 
     def _selected(self, _current: QModelIndex, _previous: QModelIndex) -> None:
         repo = self.chosen_repo
-        for button in (self.base_button, self.add_button):
-            button.setEnabled(repo is not None)
+        summary = self.chosen_summary
+        is_adapter = summary is not None and summary.is_adapter
+        # An adapter is no model on its own: it cannot be the base, and only an adapter goes onto an expert.
+        self.base_button.setEnabled(repo is not None and not is_adapter)
+        self.add_button.setEnabled(repo is not None)
+        self.adapter_button.setEnabled(is_adapter)
         if repo is None:
             return
         self._show_details(repo)
@@ -360,7 +439,10 @@ class HubSearchDialog(QDialog):
         if self._inspect_job is not None and self._inspect_job.is_running:
             self._inspect_job.cancel()
         as_base = self.purpose is Purpose.BASE
-        job = self.context.run(f"Inspect {repo}", hub_jobs.inspect(repo, self.recipe, as_base), quiet=True)
+        new_expert = self.purpose is not Purpose.ADAPTER
+        job = self.context.run(
+            f"Inspect {repo}", hub_jobs.inspect(repo, self.recipe, as_base, new_expert), quiet=True
+        )
         self._inspect_job = job
         job.succeeded.connect(self._inspected)
         job.failed.connect(self._inspect_failed)

@@ -130,6 +130,7 @@ class MainWindow(QMainWindow):
         self.start_page.set_recent_files(self.settings.recent_files)
         self.models_page.add_from_hub_requested.connect(lambda: self.search_hub(Purpose.EXPERT))
         self.models_page.base_from_hub_requested.connect(lambda: self.search_hub(Purpose.BASE))
+        self.models_page.adapter_from_hub_requested.connect(lambda: self.search_hub(Purpose.ADAPTER))
         self.preview_page.computed.connect(self.merge_page.use_preview)
         self.models_page.checked.connect(self.merge_page.use_check)
         self.merge_page.open_in_chat.connect(self.open_in_chat)
@@ -353,8 +354,13 @@ class MainWindow(QMainWindow):
         self.hub_dialog = None
         repo = dialog.chosen_repo
         if result and repo:
+            summary = dialog.chosen_summary
             if dialog.chosen_purpose is Purpose.BASE:
                 self.models_page.set_base(repo)
+            elif dialog.chosen_purpose is Purpose.ADAPTER:
+                self.models_page.adapter_panel.set_adapter(self.models_page.table.currentRow(), repo)
+            elif summary is not None and summary.is_adapter:
+                self.models_page.adapter_panel.add_adapter_expert(repo, summary.base_model)
             else:
                 self.models_page.add_expert(repo, repo.rsplit("/", 1)[-1])
         dialog.deleteLater()

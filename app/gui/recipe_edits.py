@@ -68,3 +68,16 @@ def update_extras(recipe: Recipe, index: int, **changes: Any) -> Recipe:
 
 def update_settings(recipe: Recipe, **changes: Any) -> Recipe:
     return recipe.model_copy(update=changes)
+
+
+def set_adapter(recipe: Recipe, index: int, adapter: str | None) -> Recipe:
+    """The expert's source as its model + ``adapter`` (a folder or a Hub id), or its model alone for None."""
+    model = recipe.experts[index].source_model.model
+    source = model if adapter is None else model.model_copy(update={"lora": ModelRef.parse(adapter).model})
+    return update_expert(recipe, index, source_model=source)
+
+
+def add_adapter_expert(recipe: Recipe, model: str, adapter: str, label: str | None = None) -> Recipe:
+    """A new expert made of ``model`` + ``adapter``."""
+    with_expert = add_expert(recipe, model, label)
+    return set_adapter(with_expert, len(with_expert.experts) - 1, adapter)

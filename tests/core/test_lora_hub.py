@@ -32,17 +32,19 @@ def adapter_files(tmp_path, hub, tiny_hub_files):
     return files
 
 
-def test_model_plus_adapter_downloads_both_and_only_the_adapters_two_files(hub, hub_config, adapter_files):
+def test_model_plus_adapter_downloads_both_and_only_the_adapters_own_files(hub, hub_config, adapter_files):
     recipe = parse_recipe(f"base_model: {MODEL}\ngate_mode: random\nexperts:\n- source_model: {MODEL}+{ADAPTER}\n")
     folders = run_job(ensure_recipe_models(recipe, config=hub_config))
     adapter_folder = folders[ModelRef.parse(ADAPTER)]
-    assert sorted(p.name for p in adapter_folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    # Its config, weights and card (tokenizer files too when it has them; tests/core/test_hub_adapters.py).
+    own_files = ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in adapter_folder.iterdir()) == own_files
     assert not hub.file_requests("adapter_model.bin") and not hub.file_requests("training_args.json")
     assert read_adapter(adapter_folder).r == 4
     # Offline from now on: the engine finds both parts in the cache.
     with open_model(ModelRef.parse(f"{MODEL}+{ADAPTER}"), hub_config.cache_dir) as source:
         assert source.has_delta("model.layers.0.mlp.up_proj.weight")
-    # A plain `hub download` of an adapter repo fetches the same two files.
+    # A plain `hub download` of an adapter repo fetches the same files.
     assert run_job(download_model(ADAPTER, config=hub_config)) == adapter_folder
 
 

@@ -12,6 +12,7 @@ from typing import Any
 # Each name loads its module on first use: huggingface_hub's imports take a fifth of a second, which
 # commands and pages that never reach the Hub (a local merge, the chat) should not pay.
 _MODULE_OF = {
+    "AdapterCard": "adapters",
     "HubUser": "auth",
     "check_token": "auth",
     "has_token": "auth",
@@ -41,6 +42,7 @@ _MODULE_OF = {
     "unreachable_reason": "network",
     "RemoteFile": "files",
     "cached_snapshot": "files",
+    "is_adapter_repo": "files",
     "FitEstimate": "fit",
     "MachineMemory": "fit",
     "estimate_fit": "fit",

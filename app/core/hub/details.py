@@ -3,19 +3,29 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from huggingface_hub import hf_hub_download, try_to_load_from_cache
 from huggingface_hub.errors import EntryNotFoundError
+from huggingface_hub.hf_api import ModelInfo
 
+from app.core.hub.adapters import AdapterCard, card_problems, read_adapter_card
 from app.core.hub.config import HubConfig, resolve_config
 from app.core.hub.errors import HubError, ModelNotFoundError, hub_errors, unreachable_error
-from app.core.hub.files import CHAT_TEMPLATE_FILES, RemoteFile, has_weights, remote_merge_files
+from app.core.hub.files import (
+    ADAPTER_CONFIG_FILE,
+    ADAPTER_WEIGHTS_FILE,
+    CHAT_TEMPLATE_FILES,
+    RemoteFile,
+    has_weights,
+    is_adapter_repo,
+    remote_merge_files,
+)
 from app.core.hub.network import require_hub, unreachable_reason
 from app.core.hub.search import ModelSummary, summarize
-from app.core.problems import Problem
+from app.core.problems import Problem, Severity
 from app.core.progress import format_bytes
 from app.core.recipe import ModelRef
 from app.core.sources import read_json_file
@@ -51,6 +61,9 @@ class ModelReport:
     architecture: Architecture
     files: tuple[RemoteFile, ...]
     problems: tuple[Problem, ...]
+    # For a PEFT adapter: its rank, base and sizes. ``config`` and ``architecture`` are then its base's,
+    # when that base is on the Hub and readable.
+    adapter: AdapterCard | None = None
 
     @property
     def bytes_total(self) -> int:
@@ -178,7 +191,8 @@ def inspect_model(
 ) -> ModelReport:
     """Describe a Hub model and check it against a recipe's ``base`` (a ref or its config.json).
 
-    Downloads nothing but ``config.json``, ``tokenizer_config.json`` and the weights index.
+    Downloads nothing but ``config.json``, ``tokenizer_config.json`` and the weights index. A PEFT
+    adapter is described by its ``adapter_config.json`` and checked through its base model's config.
     Raises :class:`HubOfflineError` within ``config.probe_timeout_s`` when the Hub cannot be reached.
     """
     ref = ModelRef.parse(ref) if isinstance(ref, str) else ref
@@ -189,6 +203,8 @@ def inspect_model(
             ref.path, revision=ref.revision, files_metadata=True, timeout=config.request_timeout_s
         )
     commit = info.sha or ref.revision or "main"
+    if is_adapter_repo(s.rfilename for s in info.siblings or []):
+        return _inspect_adapter(ref, info, commit, base, config)
     model_config = _download_json(ref.path, "config.json", commit, config)
     problems: list[Problem] = []
     if model_config is None:
@@ -222,4 +238,69 @@ def inspect_model(
         ),
         files=tuple(files),
         problems=tuple(problems),
+    )
+
+
+def _describe_base(card: AdapterCard, config: HubConfig) -> tuple[AdapterCard, dict[str, Any], list[Problem]]:
+    """The adapter's base model from the Hub: its size, whether the cache holds it, and its config."""
+    if card.base_model is None or card.base_is_local:
+        return card, {}, []
+    try:
+        with hub_errors(card.base_model, None, config):
+            base_info = config.api().model_info(
+                card.base_model, files_metadata=True, timeout=config.request_timeout_s
+            )
+        base_files = remote_merge_files(base_info, config, adapter=False)
+        base_config = _download_json(card.base_model, "config.json", base_info.sha or "main", config) or {}
+    except HubError as error:
+        note = Problem(
+            "model",
+            f"its base model {card.base_model} cannot be read from the Hub: {error.message}",
+            error.hint,
+            Severity.WARNING,
+        )
+        return card, {}, [note]
+    card = replace(
+        card,
+        base_parameters=summarize(base_info).parameters,
+        base_bytes=sum(f.size for f in base_files),
+        base_cached=bool(base_files) and all(f.cached for f in base_files),
+    )
+    return card, base_config, []
+
+
+def _inspect_adapter(
+    ref: ModelRef,
+    info: ModelInfo,
+    commit: str,
+    base: ModelRef | Mapping[str, Any] | None,
+    config: HubConfig,
+) -> ModelReport:
+    files = remote_merge_files(info, config, adapter=True)
+    settings = _download_json(ref.path, ADAPTER_CONFIG_FILE, commit, config) or {}
+    weights = next((f for f in files if f.path == ADAPTER_WEIGHTS_FILE), None)
+    card = read_adapter_card(settings, weights.size if weights is not None else 0, sum(f.size for f in files))
+    problems = card_problems(card, str(ref), weights is not None)
+    card, base_config, base_problems = _describe_base(card, config)
+    problems += base_problems
+    if base is not None and base_config:
+        from app.core.compat import compare_configs
+
+        recipe_base = fetch_config(base, config) if isinstance(base, ModelRef) else base
+        problems += compare_configs(recipe_base, base_config, f"{ref} (an adapter of {card.base_model})")
+    tokenizer_config = None
+    if any(f.path == "tokenizer_config.json" for f in files):
+        tokenizer_config = _download_json(ref.path, "tokenizer_config.json", commit, config)
+    return ModelReport(
+        ref=ref,
+        commit=commit,
+        url=config.repo_url(ref.path),
+        summary=summarize(info),
+        config=base_config,
+        architecture=describe_architecture(
+            base_config, tokenizer_config, any(f.path in CHAT_TEMPLATE_FILES for f in files)
+        ),
+        files=tuple(files),
+        problems=tuple(problems),
+        adapter=card,
     )

@@ -131,9 +131,11 @@ def _check_disk_space(needed: int, config: HubConfig, repo_id: str) -> None:
 
 
 def plan_download(ref: ModelRef, config: HubConfig, adapter: bool = False) -> tuple[str, list[RemoteFile]]:
-    """The commit a download will fetch and the files it needs; raises if the model has no safetensors.
+    """The commit a download will fetch and the files it needs; raises if the model or adapter has no
+    safetensors weights.
 
-    An adapter (``adapter``, or a repository that holds only one) needs just its config and weights.
+    An adapter (``adapter``, or a repository that holds only one) needs just its own files: its config,
+    its safetensors weights, tokenizer files if any and its card (see ``select_adapter_files``).
     """
     with hub_errors(ref.path, ref.revision, config):
         info = config.api().model_info(
@@ -143,9 +145,9 @@ def plan_download(ref: ModelRef, config: HubConfig, adapter: bool = False) -> tu
     files = remote_merge_files(info, config, adapter)
     if adapter and ADAPTER_WEIGHTS_FILE not in {f.path for f in files}:
         raise NoSafetensorsError(
-            f"the adapter {ref} has no {ADAPTER_WEIGHTS_FILE}, which merging needs (a pickle adapter_model.bin "
-            "is not loaded, as it can run code)",
-            "pick a version of the adapter published as safetensors",
+            f"{ref} is a LoRA adapter without {ADAPTER_WEIGHTS_FILE}, which merging needs (a pickle "
+            "adapter_model.bin is not loaded, as it can run code)",
+            "pick a version of the adapter saved as safetensors (peft's save_pretrained writes it by default)",
         )
     if not has_weights(f.path for f in files):
         raise NoSafetensorsError(
@@ -165,7 +167,7 @@ def download_model(
     """Fetch what a merge and a chat need of a Hub model into the cache; returns its snapshot folder.
 
     For ``MODEL+ADAPTER``, the model (unless local) and then the adapter, returning the model's
-    folder; of an adapter (``adapter``, or a repository that is one) only its config and weights.
+    folder; of an adapter (``adapter``, or a repository that is one) only its own files.
 
     Files already in the cache are not fetched again. When no connection to the Hub opens at the
     start, that is reported at once (:class:`HubOfflineError`); a connection lost later is retried

@@ -78,18 +78,23 @@ def estimate_fit(
     n_experts: int,
     dtype: str = "bfloat16",
     machine: MachineMemory | None = None,
+    adapter_parameters: int = 0,
 ) -> FitEstimate:
     """Memory to compute gates (one donor model at a time) and to chat with the merged MoE.
 
     Gate computation (hidden modes) runs each donor in turn, so it needs one dense model; chatting
     needs the whole MoE plus a KV cache for :data:`CHAT_CONTEXT_TOKENS` tokens.
+
+    For a LoRA adapter joining as an expert, ``config`` and ``dense_parameters`` are its base
+    model's and ``adapter_parameters`` its own: the donor run for the gates is the base with the
+    adapter beside it, while in the MoE the adapter is merged into an MLP of the base's size.
     """
     if dtype not in BYTES_PER_PARAMETER:
         raise ValueError(f"dtype must be one of {', '.join(BYTES_PER_PARAMETER)}")
     machine = machine if machine is not None else machine_memory()
     per_parameter = BYTES_PER_PARAMETER[dtype]
     moe_parameters = moe_parameter_count(config, dense_parameters, n_experts)
-    gate_bytes = int(dense_parameters * per_parameter * RUNTIME_OVERHEAD)
+    gate_bytes = int((dense_parameters + adapter_parameters) * per_parameter * RUNTIME_OVERHEAD)
     chat_bytes = int(
         moe_parameters * per_parameter * RUNTIME_OVERHEAD + kv_cache_bytes(config, CHAT_CONTEXT_TOKENS, per_parameter)
     )

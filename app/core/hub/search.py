@@ -50,7 +50,13 @@ SEARCH_FIELDS = [
     "cardData",
     "tags",
     "pipeline_tag",
+    "library_name",
 ]
+# The library of PEFT adapters. The Hub lists a repo's library among its tags, so ``filter=peft``
+# finds adapters, as huggingface_hub's ``list_models(filter="peft")`` asks.
+ADAPTER_LIBRARY = "peft"
+# The tag with which the Hub names an adapter's base model.
+ADAPTER_BASE_TAG = "base_model:adapter:"
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +72,13 @@ class ModelSummary:
     downloads: int | None
     likes: int | None
     last_modified: datetime | None
+    library: str | None = None
+    # For an adapter: the model it was trained on, as the Hub's tags name it.
+    base_model: str | None = None
+
+    @property
+    def is_adapter(self) -> bool:
+        return self.library == ADAPTER_LIBRARY
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +105,8 @@ def summarize(info: ModelInfo) -> ModelSummary:
         license_ = next((t.removeprefix("license:") for t in info.tags or [] if t.startswith("license:")), None)
     if isinstance(license_, list):
         license_ = ", ".join(map(str, license_))
+    base_tags = (t.removeprefix(ADAPTER_BASE_TAG) for t in info.tags or [] if t.startswith(ADAPTER_BASE_TAG))
+    base_model = next(base_tags, None)
     return ModelSummary(
         repo_id=info.id,
         parameters=parameters,
@@ -102,6 +117,8 @@ def summarize(info: ModelInfo) -> ModelSummary:
         downloads=info.downloads,
         likes=info.likes,
         last_modified=info.last_modified,
+        library=info.library_name,
+        base_model=base_model,
     )
 
 
@@ -134,9 +151,12 @@ def search_models(
     sort: SortKey = "downloads",
     limit: int = 20,
     offset: int = 0,
+    adapters: bool = False,
     config: HubConfig | None = None,
 ) -> SearchPage:
-    """Text-generation models matching ``query``, ``limit`` at a time, starting after ``offset`` results.
+    """Text-generation models matching ``query``, ``limit`` at a time, starting after ``offset`` results;
+    with ``adapters``, PEFT adapters instead (library ``peft``, whatever their pipeline tag, since
+    many adapters declare none).
 
     The Hub's listing cannot resume at a page, so a later page asks for all results up to its end
     and skips the ones already shown; one result more than needed tells whether more exist.
@@ -147,7 +167,7 @@ def search_models(
     config = resolve_config(config)
     wanted = offset + limit + 1
     params: dict[str, Any] = {
-        "filter": "text-generation",
+        "filter": ADAPTER_LIBRARY if adapters else "text-generation",
         "sort": _HUB_SORT[sort],
         "limit": wanted,
         "expand": SEARCH_FIELDS,

@@ -27,12 +27,13 @@ from PySide6.QtWidgets import (
 
 from app.core.problems import Problem, explain
 from app.core.progress import Progress
-from app.core.recipe import ModelRef, Recipe, validate_recipe
+from app.core.recipe import ModelRef, ModelRefError, Recipe, validate_recipe
 from app.gui import recipe_edits
 from app.gui.context import AppContext, describe_error, describe_problems
 from app.gui.document import RecipeDocument
 from app.gui.engine import ModelInfo, check_compatibility, inspect_models
 from app.gui.hub_jobs import download
+from app.gui.models.adapters import AdapterPanel, model_cell_text, row_problems
 from app.gui.widgets import MessageLabel, color_icon, explanation, format_bytes, format_count, heading
 from app.gui.workers import JobHandle
 
@@ -64,6 +65,7 @@ def compatibility_text(problems: list[Problem]) -> str:
 class ModelsPage(QWidget):
     add_from_hub_requested = Signal()
     base_from_hub_requested = Signal()
+    adapter_from_hub_requested = Signal()
     # (recipe, problems): the compatibility check's answer for that recipe, recipe validation included.
     checked = Signal(object, object)
 
@@ -121,6 +123,9 @@ class ModelsPage(QWidget):
         self.table.itemSelectionChanged.connect(self._update_buttons)
 
         self.general_problems = MessageLabel()
+        self.adapter_panel = AdapterPanel(document, context, self.table)
+        self.adapter_panel.hub_requested.connect(self.adapter_from_hub_requested)
+        self.adapter_panel.reports_changed.connect(lambda: self._refresh(self.document.recipe))
 
         base_row = QHBoxLayout()
         base_row.addWidget(QLabel("Base model"))
@@ -150,6 +155,7 @@ class ModelsPage(QWidget):
         layout.addLayout(base_info_row)
         layout.addWidget(self.table, 1)
         layout.addLayout(buttons)
+        layout.addWidget(self.adapter_panel)
         layout.addWidget(self.general_problems)
 
         self._shut_down = False
@@ -172,6 +178,7 @@ class ModelsPage(QWidget):
             handle = self.context.run("Read models", inspect_models(missing), quiet=True)
             handle.succeeded.connect(self._models_inspected)
             handle.finished.connect(lambda: self._inspecting.difference_update(missing))
+        self.adapter_panel.recipe_changed(recipe)
         self._check_timer.start()
 
     def _document_opened(self) -> None:
@@ -262,7 +269,8 @@ class ModelsPage(QWidget):
         swatch.setIcon(color_icon(color, 16))
         swatch.setData(Qt.ItemDataRole.UserRole, color)
         cell(LABEL, recipe.expert_label(row), "Double-click to rename", editable=True)
-        cell(MODEL, str(reference), str(reference))
+        model_text = model_cell_text(reference, self.adapter_panel.reports.get(reference))
+        cell(MODEL, model_text, model_text)
         info = self.infos.get(reference)
         if info is None:
             cell(FAMILY, "reading…")
@@ -280,7 +288,8 @@ class ModelsPage(QWidget):
             reason = f"{explain(info.error, info.hint)}\n\n" if info.error else ""
             text, tooltip = NOT_DOWNLOADED_BADGE, reason + NOT_DOWNLOADED_TOOLTIP
         elif checked:
-            text = compatibility_text(problems_for_expert(self.problems, row))
+            adapter = self.adapter_panel.reports.get(reference)
+            text = compatibility_text(row_problems(problems_for_expert(self.problems, row), adapter))
             tooltip = text
         else:
             text, tooltip = "… checking", "Checking compatibility with the base model"
@@ -296,7 +305,9 @@ class ModelsPage(QWidget):
     def _fill_download_cell(self, row: int, info: ModelInfo | None) -> None:
         if info is None or not info.downloadable:
             self.table.removeCellWidget(row, DOWNLOAD)
-            where = "" if info is None or info.error else "local" if info.reference.is_local else "downloaded"
+            parts = [] if info is None else [info.reference.model, info.reference.lora]
+            local = all(part.is_local for part in parts if part is not None)
+            where = "" if info is None or info.error else "local" if local else "downloaded"
             self.table.setItem(row, DOWNLOAD, QTableWidgetItem(where))
             return
         current = self.table.cellWidget(row, DOWNLOAD)
@@ -317,6 +328,7 @@ class ModelsPage(QWidget):
 
     def _downloaded(self, reference: ModelRef) -> None:
         self.infos.pop(reference, None)
+        self.adapter_panel.forget(reference)
         self._recipe_changed(self.document.recipe)
 
     def shutdown(self) -> None:
@@ -333,8 +345,15 @@ class ModelsPage(QWidget):
 
     def _base_edited(self) -> None:
         text = self.base_edit.text().strip()
-        if text != str(self.document.recipe.base_model):
-            self._edit(recipe_edits.set_base(self.document.recipe, text), "Change base model")
+        if text == str(self.document.recipe.base_model):
+            return
+        try:
+            recipe = recipe_edits.set_base(self.document.recipe, text)
+        except ModelRefError as error:  # MODEL+ADAPTER with an empty part, or more than one '+'
+            QMessageBox.warning(self, "Not a model", explain(error.message, error.hint))
+            self.base_edit.setText(str(self.document.recipe.base_model))
+            return
+        self._edit(recipe, "Change base model")
 
     def _choose_base_folder(self) -> None:
         folder = QFileDialog.getExistingDirectory(self, "Choose the base model's folder")
@@ -431,6 +450,7 @@ class ModelsPage(QWidget):
         self.color_button.setEnabled(has_row)
         self.up_button.setEnabled(has_row and row > 0)
         self.down_button.setEnabled(has_row and row < self.table.rowCount() - 1)
+        self.adapter_panel.show_selection(self.document.recipe)
 
 
 class DownloadCell(QWidget):

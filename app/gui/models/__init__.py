@@ -1,0 +1,1 @@
+"""Widgets of the Models page that outgrew app/gui/pages/models.py."""
