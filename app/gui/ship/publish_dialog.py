@@ -1,0 +1,382 @@
+"""The Publish dialog: a repo, what goes in it, a check of everything before any upload (the
+account's rights, the folder, licences, the model card), then the upload with byte progress.
+
+Who is logged in, the check and the upload run in workers. A token pasted here is used for this
+publish only: it is handed to the publishing core and never saved, shown or logged by the app.
+Text from the Hub (user names, the card, the repo's address) is shown as plain text, or escaped
+where it becomes a link.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from PySide6.QtCore import Qt
+from PySide6.QtWidgets import (
+    QCheckBox,
+    QDialog,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLineEdit,
+    QListWidget,
+    QPlainTextEdit,
+    QProgressBar,
+    QPushButton,
+    QVBoxLayout,
+    QWidget,
+)
+
+from app.core.progress import Job, Progress
+from app.gui.context import AppContext, describe_error
+from app.gui.ship.common import RateMeter, has_errors, link_html, link_label, plan_messages
+from app.gui.widgets import MessageLabel, explanation, format_bytes, heading
+from app.gui.workers import JobHandle
+
+if TYPE_CHECKING:
+    from app.core.hub import HubUser
+    from app.core.publish import PublishPlan, PublishRequest, PublishResult
+
+# Characters a Hub repo name may hold; others in a folder's name become "-" in the suggested id.
+NOT_IN_REPO_NAMES = re.compile(r"[^A-Za-z0-9._-]+")
+FILES_LISTED = 6
+
+
+def suggested_repo_id(user: str, model_dir: Path) -> str:
+    name = NOT_IN_REPO_NAMES.sub("-", model_dir.name).strip("-.") or "frankenmoe"
+    return f"{user}/{name}"
+
+
+def ggufs_beside(model_dir: Path) -> list[Path]:
+    """GGUF files exported from this model with the export dialog's default names (NAME-TYPE.gguf)."""
+    try:
+        return sorted(model_dir.parent.glob(f"{_glob_escape(model_dir.name)}-*.gguf"))
+    except OSError:
+        return []
+
+
+def _glob_escape(name: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", name)
+
+
+def who_is_logged_in(token: str | None) -> Job[HubUser | None]:
+    """The account of `token`, or of the token huggingface_hub has; None when there is none."""
+    from app.core.hub import check_token, has_token
+
+    yield Progress("hub login", 0, 1, message="asking the Hub who the token belongs to")
+    if token is None and not has_token():
+        return None
+    return check_token(token)
+
+
+class PublishDialog(QDialog):
+    def __init__(self, model_dir: Path, context: AppContext, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.setWindowTitle("Publish to the Hub")
+        self.setMinimumWidth(640)
+        self.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
+        self.model_dir = model_dir
+        self.context = context
+        self.user: HubUser | None = None
+        self.plan: PublishPlan | None = None
+        self.result: PublishResult | None = None
+        self.login_job: JobHandle | None = None
+        self.check_job: JobHandle | None = None
+        self.publish_job: JobHandle | None = None
+        self._suggested_id = ""
+        self._rate = RateMeter()
+
+        self.model_label = MessageLabel(str(model_dir))
+        self.model_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        # User and token names come from the Hub: MessageLabel shows them as plain text.
+        self.account = MessageLabel("Asking the Hub who you are…")
+        self.token = QLineEdit()
+        self.token.setEchoMode(QLineEdit.EchoMode.Password)
+        self.token.setPlaceholderText("Empty: the token saved by huggingface_hub (Settings › Log in) or HF_TOKEN")
+        self.repo_id = QLineEdit()
+        self.repo_id.setPlaceholderText("user-or-organisation/model-name")
+        self.private = QCheckBox("Private")
+        self.revision = QLineEdit()
+        self.revision.setPlaceholderText("main")
+        self.gguf_list = QListWidget()
+        self.gguf_list.setMaximumHeight(80)
+        for path in ggufs_beside(model_dir):
+            self.gguf_list.addItem(str(path))
+        add_gguf = QPushButton("Add…")
+        add_gguf.clicked.connect(self._add_gguf)
+        self.remove_gguf = QPushButton("Remove")
+        self.remove_gguf.clicked.connect(self._remove_gguf)
+        self.message = QLineEdit()
+        self.message.setPlaceholderText("Upload a FrankenMoE merge")
+
+        self.check_button = QPushButton("Check")
+        self.check_button.setToolTip("Checks the account, the folder, the licences and the card; uploads nothing")
+        self.check_button.clicked.connect(self.start_check)
+        self.messages = MessageLabel()
+        self.summary = MessageLabel()
+        self.card_preview = QPlainTextEdit()
+        self.card_preview.setReadOnly(True)
+        self.card_preview.setPlaceholderText("The model card (README.md) appears here after the check.")
+        self.card_preview.setMinimumHeight(140)
+        self.publish_button = QPushButton("Publish")
+        self.publish_button.clicked.connect(self.start_publish)
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.clicked.connect(self.cancel)
+        self.progress = QProgressBar()
+        self.progress.setRange(0, 1000)
+        self.stage = MessageLabel()
+        self.link = link_label()
+        self.close_button = QPushButton("Close")
+        self.close_button.clicked.connect(self.close)
+
+        repo_row = QHBoxLayout()
+        repo_row.addWidget(self.repo_id, 1)
+        repo_row.addWidget(self.private)
+        gguf_buttons = QVBoxLayout()
+        gguf_buttons.addWidget(add_gguf)
+        gguf_buttons.addWidget(self.remove_gguf)
+        gguf_buttons.addStretch(1)
+        gguf_row = QHBoxLayout()
+        gguf_row.addWidget(self.gguf_list, 1)
+        gguf_row.addLayout(gguf_buttons)
+        form = QFormLayout()
+        form.addRow("Model", self.model_label)
+        form.addRow("Account", self.account)
+        form.addRow("Token", self.token)
+        form.addRow("", explanation("A token pasted here is used for this publish only: it is never saved."))
+        form.addRow("Repository", repo_row)
+        form.addRow("Branch", self.revision)
+        form.addRow("GGUF files", gguf_row)
+        form.addRow("Message", self.message)
+        check_row = QHBoxLayout()
+        check_row.addWidget(self.check_button)
+        check_row.addWidget(self.summary, 1)
+        publish_row = QHBoxLayout()
+        publish_row.addWidget(self.publish_button)
+        publish_row.addWidget(self.cancel_button)
+        publish_row.addWidget(self.progress, 1)
+        closing = QHBoxLayout()
+        closing.addStretch(1)
+        closing.addWidget(self.close_button)
+        layout = QVBoxLayout(self)
+        layout.addWidget(heading("Publish to the Hub"))
+        layout.addWidget(
+            explanation(
+                "Uploads the model folder, with a model card naming its donors, and any GGUF files you add. "
+                "Everything is checked before the first byte leaves; an interrupted upload resumes when "
+                "published again."
+            )
+        )
+        layout.addLayout(form)
+        layout.addLayout(check_row)
+        layout.addWidget(self.messages)
+        layout.addWidget(self.card_preview, 1)
+        layout.addLayout(publish_row)
+        layout.addWidget(self.stage)
+        layout.addWidget(self.link)
+        layout.addLayout(closing)
+
+        for field in (self.repo_id, self.revision, self.message):
+            field.textChanged.connect(self._inputs_changed)
+        self.token.textChanged.connect(self._inputs_changed)
+        self.token.editingFinished.connect(self._ask_who)
+        self.private.toggled.connect(self._inputs_changed)
+        self.gguf_list.model().rowsInserted.connect(self._inputs_changed)
+        self.gguf_list.model().rowsRemoved.connect(self._inputs_changed)
+        self.gguf_list.itemSelectionChanged.connect(self._update_buttons)
+        self._ask_who()
+        self._update_buttons()
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def busy(self) -> bool:
+        return any(job is not None and job.is_running for job in (self.check_job, self.publish_job))
+
+    @property
+    def publishing(self) -> bool:
+        return self.publish_job is not None and self.publish_job.is_running
+
+    def _update_buttons(self) -> None:
+        busy = self.busy
+        self.check_button.setEnabled(not busy and bool(self.repo_id.text().strip()))
+        ready = self.plan is not None and not has_errors(self.plan.problems)
+        self.publish_button.setEnabled(ready and not busy)
+        self.cancel_button.setEnabled(busy)
+        for widget in (self.token, self.repo_id, self.private, self.revision, self.gguf_list, self.message):
+            widget.setEnabled(not busy)
+        self.remove_gguf.setEnabled(not busy and bool(self.gguf_list.selectedItems()))
+
+    def _inputs_changed(self) -> None:
+        """What was checked no longer holds: it needs checking again before publishing."""
+        if self.busy:
+            return
+        if self.plan is not None:
+            self.summary.setText("Changed since the check: check again.")
+        self.plan = None
+        self._update_buttons()
+
+    def request(self) -> PublishRequest:
+        from app.core.publish import PublishRequest
+
+        return PublishRequest(
+            model_dir=self.model_dir,
+            repo_id=self.repo_id.text().strip(),
+            private=self.private.isChecked(),
+            revision=self.revision.text().strip() or None,
+            include_gguf=tuple(Path(self.gguf_list.item(row).text()) for row in range(self.gguf_list.count())),
+            message=self.message.text().strip() or None,
+            token=self.token.text().strip() or None,
+        )
+
+    # ------------------------------------------------------------------ inputs
+
+    def _add_gguf(self) -> None:
+        paths, _filter = QFileDialog.getOpenFileNames(
+            self, "GGUF files to upload", str(self.model_dir.parent), "GGUF files (*.gguf)"
+        )
+        self.add_gguf_files([Path(path) for path in paths])
+
+    def add_gguf_files(self, paths: list[Path]) -> None:
+        listed = {self.gguf_list.item(row).text() for row in range(self.gguf_list.count())}
+        for path in paths:
+            if str(path) not in listed:
+                self.gguf_list.addItem(str(path))
+                listed.add(str(path))
+
+    def _remove_gguf(self) -> None:
+        for item in self.gguf_list.selectedItems():
+            self.gguf_list.takeItem(self.gguf_list.row(item))
+
+    def _ask_who(self) -> None:
+        token = self.token.text().strip() or None
+        if self.login_job is not None and self.login_job.is_running:
+            self.login_job.cancel()
+        self.account.setText("Asking the Hub who the token belongs to…")
+        job = self.context.run("Hub account", lambda _cancel: who_is_logged_in(token), quiet=True)
+        self.login_job = job
+        job.succeeded.connect(lambda user: self._show_user(user) if job is self.login_job else None)
+        job.failed.connect(lambda error: self._user_failed(error) if job is self.login_job else None)
+
+    def _show_user(self, user: HubUser | None) -> None:
+        self.user = user
+        if user is None:
+            self.account.setText(
+                "✗ Not logged in. Log in in Settings, or paste a token with the write role below for this publish."
+            )
+            return
+        token_name = f"token “{user.token_name}”" if user.token_name else "token"
+        role = f", role {user.role}" if user.role else ""
+        self.account.setText(f"Logged in as {user.name} ({token_name}{role}).")
+        if not self.repo_id.text().strip() or self.repo_id.text() == self._suggested_id:
+            self._suggested_id = suggested_repo_id(user.name, self.model_dir)
+            self.repo_id.setText(self._suggested_id)
+
+    def _user_failed(self, error: BaseException) -> None:
+        self.user = None
+        self.account.setText(f"✗ {describe_error(error)}")
+
+    # ------------------------------------------------------------------ check
+
+    def start_check(self) -> None:
+        if self.busy:
+            return
+        request = self.request()
+
+        def make_job(cancel: threading.Event) -> Job[PublishPlan]:
+            from app.core.publish import plan_publish
+
+            yield Progress("checking", 0, 1, message=f"checking {request.repo_id} and the model folder")
+            return plan_publish(request, cancel=cancel)
+
+        self.plan = None
+        self.messages.clear()
+        self.summary.setText("Checking…")
+        self.card_preview.clear()
+        self.link.clear()
+        self.check_job = self.context.run("Publish check", make_job, quiet=True)
+        self.check_job.succeeded.connect(self._checked)
+        self.check_job.failed.connect(self._check_failed)
+        self.check_job.cancelled.connect(lambda: self.summary.setText("Check cancelled."))
+        self.check_job.finished.connect(self._update_buttons)
+        self._update_buttons()
+
+    def _checked(self, plan: PublishPlan) -> None:
+        self.plan = plan
+        self.messages.setText(plan_messages(plan.problems, plan.warnings))
+        self.card_preview.setPlainText(plan.card_text)
+        request = plan.request
+        where = "existing repo" if plan.repo_exists else ("new private repo" if request.private else "new repo")
+        branch = f", branch {request.revision}" if request.revision else ""
+        names = ", ".join(plan.files[:FILES_LISTED]) + (" …" if len(plan.files) > FILES_LISTED else "")
+        verdict = "✗ Cannot publish yet." if has_errors(plan.problems) else "✓ Ready."
+        self.summary.setText(
+            f"{verdict} {len(plan.files)} files, {format_bytes(plan.total_bytes)}, to the {where} "
+            f"{request.repo_id}{branch} as {plan.user}: {names}"
+        )
+
+    def _check_failed(self, error: BaseException) -> None:
+        self.summary.setText("✗ The check failed.")
+        self.messages.setText(describe_error(error))
+
+    # ------------------------------------------------------------------ publish
+
+    def start_publish(self) -> None:
+        plan = self.plan
+        if plan is None or has_errors(plan.problems) or self.busy:
+            return
+
+        def make_job(cancel: threading.Event) -> Job[PublishResult]:
+            from app.core.publish import publish
+
+            return publish(plan, cancel=cancel)
+
+        self.result = None
+        self.link.clear()
+        self._rate.reset()
+        self.progress.setValue(0)
+        self.stage.setText("Starting…")
+        self.publish_job = self.context.run(f"Publish to {plan.request.repo_id}", make_job)
+        self.publish_job.progress.connect(self._progress)
+        self.publish_job.succeeded.connect(self._published)
+        self.publish_job.failed.connect(self._publish_failed)
+        self.publish_job.cancelled.connect(self._publish_cancelled)
+        self.publish_job.finished.connect(self._update_buttons)
+        self._update_buttons()
+
+    def cancel(self) -> None:
+        for job in (self.check_job, self.publish_job):
+            if job is not None and job.is_running:
+                job.cancel()
+                self.stage.setText("Cancelling…")
+
+    def _progress(self, record: Progress) -> None:
+        self.progress.setValue(int(record.fraction * 1000))
+        self.stage.setText(self._rate.describe(record))
+
+    def _published(self, result: PublishResult) -> None:
+        self.result = result
+        self.progress.setValue(1000)
+        commit = f" (commit {result.commit[:10]})" if result.commit else ""
+        self.stage.setText(f"Published{commit}.")
+        self.link.setText(link_html(result.url, "✓ On the Hub: "))
+
+    def _publish_failed(self, error: BaseException) -> None:
+        self.progress.setValue(0)
+        self.stage.setText(f"✗ Publishing failed: {describe_error(error)}\nPublishing again resumes the upload.")
+
+    def _publish_cancelled(self) -> None:
+        self.progress.setValue(0)
+        self.stage.setText("Publishing cancelled. Publishing again resumes the upload.")
+
+    def done(self, result: int) -> None:
+        """Closing stops what runs and forgets a pasted token."""
+        for job in (self.login_job, self.check_job, self.publish_job):
+            if job is not None and job.is_running:
+                job.detach()
+                job.cancel()
+        self.token.clear()
+        super().done(result)
