@@ -5,14 +5,20 @@ fields and Link-header paging), model info (with file metadata), file trees, who
 HEAD/GET under ``/{repo}/resolve/{revision}/{path}`` with the headers the client relies on
 (``X-Repo-Commit``, ``ETag``, ``X-Linked-Etag``, ``X-Linked-Size``) and Range requests. Errors carry
 the Hub's ``X-Error-Code`` headers, so the client raises the same exceptions as against the Hub.
+It also speaks the Hub's write API, so that huggingface_hub's uploads work against it unmodified:
+repo creation, branch creation, README metadata validation, preupload, the LFS batch API with its
+upload and verify actions, and NDJSON commits; committed files are served back like any other.
+Tokens carry a role (read, write, or fine-grained scopes) that every write checks.
 It can also misbehave on purpose: drop a connection in the middle of a file, close connections
-before answering, or hold requests without answering. Two more fixtures stand for a Hub that does
+before answering, hold requests without answering, or fail an LFS upload as storage does when the
+client's connection stalls. Two more fixtures stand for a Hub that does
 not answer at all, on loopback only: a port where nothing listens, and one whose queue is full, so
 that a connection to it never opens.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import socket
@@ -31,7 +37,9 @@ import pytest
 
 from app.core.hub import HubConfig
 
-LFS_SUFFIXES = (".safetensors", ".bin", ".model")
+LFS_SUFFIXES = (".safetensors", ".bin", ".model", ".gguf", ".png")
+# Above this size the Hub stores any file in LFS, whatever its name.
+LFS_MIN_SIZE = 10 * 2**20
 
 
 def git_blob_id(content: bytes) -> str:
@@ -98,6 +106,11 @@ class HubServer:
     def __init__(self) -> None:
         self.repos: dict[str, HubRepo] = {}
         self.tokens: dict[str, str] = {}  # token -> user name
+        self.token_roles: dict[str, str] = {}  # token -> "read", "write" or "fineGrained"
+        self.token_scopes: dict[str, list[dict[str, Any]]] = {}  # fine-grained token -> its scoped permissions
+        self.orgs: dict[str, dict[str, str]] = {}  # user -> {organisation: role in it}
+        self.lfs_objects: dict[str, bytes] = {}  # sha256 -> content uploaded through the LFS API
+        self._upload_faults: dict[str, int] = {}  # sha256 -> how many more uploads of it fail
         self.requests: list[tuple[str, str, str | None]] = []  # (method, path, Range header)
         self.lock = threading.Lock()
         self._drops: dict[str, list[int]] = {}  # file path -> [bytes to send before dropping, times]
@@ -137,14 +150,61 @@ class HubServer:
         self.repos[repo_id] = repo
         return sha
 
-    def add_token(self, token: str, user: str) -> None:
+    def add_token(
+        self,
+        token: str,
+        user: str,
+        role: str = "read",
+        *,
+        orgs: dict[str, str] | None = None,
+        scoped: list[dict[str, Any]] | None = None,
+    ) -> None:
+        """A token of ``user`` with a role: "read", "write", or "fineGrained" with ``scoped`` permissions
+        (the Hub's layout: ``[{"entity": {"type": "user", "name": ...}, "permissions": ["repo.write"]}]``);
+        ``orgs`` names the user's organisations and the user's role in each."""
         self.tokens[token] = user
+        self.token_roles[token] = role
+        if scoped is not None:
+            self.token_scopes[token] = scoped
+        if orgs is not None:
+            self.orgs[user] = dict(orgs)
+
+    def can_write(self, token: str | None, namespace: str) -> bool:
+        """Whether ``token`` may create and change repos under ``namespace``, as the Hub decides it."""
+        if token not in self.tokens:
+            return False
+        user = self.tokens[token]
+        member = namespace == user or self.orgs.get(user, {}).get(namespace) in ("write", "admin", "contributor")
+        role = self.token_roles.get(token, "read")
+        if role == "fineGrained":
+            return member and any(
+                scope.get("entity", {}).get("name") == namespace and "repo.write" in scope.get("permissions", [])
+                for scope in self.token_scopes.get(token, [])
+            )
+        return member and role in ("write", "admin")
+
+    def lfs_uploads(self) -> list[str]:
+        """The sha256 of every LFS object whose upload the server took in, in order."""
+        return [p.rsplit("/", 1)[1] for m, p, _ in self.requests if m == "PUT" and p.startswith("/lfs-upload/")]
 
     # ------------------------------------------------------------------ misbehaviour
 
     def drop_connection(self, path: str, after_bytes: int, times: int = 1) -> None:
         """The next ``times`` downloads of ``path`` send ``after_bytes`` bytes and hang up."""
         self._drops[path] = [after_bytes, times]
+
+    def fail_upload(self, sha256: str, times: int = 1) -> None:
+        """The next ``times`` LFS uploads of the object ``sha256`` fail as cloud storage fails them when the
+        client's connection stalls mid-upload: a 400 ``RequestTimeout``, which clients do not retry."""
+        self._upload_faults[sha256] = times
+
+    def take_upload_fault(self, sha256: str) -> bool:
+        with self.lock:
+            left = self._upload_faults.get(sha256, 0)
+            if left <= 0:
+                return False
+            self._upload_faults[sha256] = left - 1
+            return True
 
     def throttle(self, path: str, piece: int, pause_s: float) -> None:
         """Serve ``path`` slowly, ``piece`` bytes at a time, so that a test can act mid-file."""
@@ -213,6 +273,141 @@ def _make_handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
         def do_HEAD(self) -> None:
             self._serve(head=True)
 
+        def do_POST(self) -> None:
+            self._write_request()
+
+        def do_PUT(self) -> None:
+            self._write_request()
+
+        def _write_request(self) -> None:
+            """The write API: every answer is JSON except an LFS upload's, which has no body."""
+            split = urlsplit(self.path)
+            path = unquote(split.path)
+            hub.requests.append((self.command, path, None))
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            try:
+                self._send_json(*self._write(split.path, body))
+            except _HubError as error:
+                self._send_error(error)
+
+        def _write(self, raw_path: str, body: bytes) -> tuple[Any, dict[str, str]]:
+            parts = [unquote(p) for p in raw_path.split("/")[1:]]
+            if self.command == "PUT" and parts[:1] == ["lfs-upload"] and len(parts) == 2:
+                return self._lfs_upload(parts[1], body), {}
+            if self.command != "POST":
+                raise _HubError(405, None, "Method Not Allowed")
+            if parts[:1] == ["lfs-verify"] and len(parts) == 2:
+                if parts[1] not in hub.lfs_objects:
+                    raise _HubError(404, None, f"LFS object {parts[1]} was not uploaded")
+                return {"ok": True}, {}
+            if parts == ["api", "repos", "create"]:
+                return self._create_repo(json.loads(body)), {}
+            if parts == ["api", "validate-yaml"]:
+                return {"errors": [], "warnings": []}, {}
+            if len(parts) == 7 and parts[:2] == ["api", "models"] and parts[5] == "branch":
+                return self._create_branch(f"{parts[2]}/{parts[3]}", parts[6], json.loads(body or b"{}")), {}
+            if len(parts) == 6 and parts[:2] == ["api", "models"] and parts[4] in ("preupload", "commit"):
+                repo = self._writable_repo(f"{parts[2]}/{parts[3]}")
+                if parts[4] == "preupload":
+                    return self._preupload(repo, parts[5], json.loads(body)), {}
+                return self._commit_files(repo, parts[5], body), {}
+            if len(parts) == 6 and parts[1].endswith(".git") and parts[2:] == ["info", "lfs", "objects", "batch"]:
+                repo = self._writable_repo(f"{parts[0]}/{parts[1].removesuffix('.git')}")
+                return self._lfs_batch(repo, json.loads(body)), {}
+            raise _HubError(404, None, "Not Found")
+
+        def _writable_repo(self, repo_id: str) -> HubRepo:
+            repo = self._repo(repo_id)
+            if not hub.can_write(self._token(), repo_id.split("/")[0]):
+                raise _HubError(403, None, f"You don't have the rights to write to {repo_id}")
+            return repo
+
+        def _create_repo(self, payload: dict[str, Any]) -> dict[str, Any]:
+            token = self._token()
+            if token not in hub.tokens:
+                raise _HubError(401, None, "Invalid credentials in Authorization header")
+            namespace = payload.get("organization") or hub.tokens[token]
+            repo_id = f"{namespace}/{payload['name']}"
+            if not hub.can_write(token, namespace):
+                raise _HubError(403, None, f"You don't have the rights to create a model under {namespace}")
+            if repo_id in hub.repos:
+                raise _HubError(409, None, "You already created this model repo", {"X-Request-Id": "conflict"})
+            private = bool(payload.get("private")) or payload.get("visibility") == "private"
+            # As on the Hub, a new repo starts with one commit holding .gitattributes.
+            hub.add_model(repo_id, {".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"})
+            repo = hub.repos[repo_id]
+            repo.private, repo.license, repo.pipeline_tag = private, None, None
+            repo.granted_tokens.add(token)
+            return {"url": f"{hub.url}/{repo_id}", "name": repo_id}
+
+        def _create_branch(self, repo_id: str, branch: str, payload: dict[str, Any]) -> dict[str, Any]:
+            repo = self._writable_repo(repo_id)
+            if branch in repo.refs:
+                raise _HubError(409, None, f"Branch {branch} already exists")
+            repo.refs[branch] = self._commit(repo, payload.get("startingPoint") or "main")
+            return {}
+
+        def _preupload(self, repo: HubRepo, revision: str, payload: dict[str, Any]) -> dict[str, Any]:
+            sha = repo.resolve(revision)
+            existing = repo.commits[sha] if sha is not None else {}
+            files = []
+            for entry in payload["files"]:
+                name = entry["path"]
+                lfs = is_lfs(name) or int(entry["size"]) > LFS_MIN_SIZE
+                found = existing.get(name)
+                oid = None if found is None else (hashlib.sha256(found).hexdigest() if lfs else git_blob_id(found))
+                mode = "lfs" if lfs else "regular"
+                files.append({"path": name, "uploadMode": mode, "shouldIgnore": False, "oid": oid})
+            return {"files": files, "commitOid": sha}
+
+        def _lfs_batch(self, repo: HubRepo, payload: dict[str, Any]) -> dict[str, Any]:
+            objects = []
+            for entry in payload["objects"]:
+                oid, size = entry["oid"], int(entry["size"])
+                answer: dict[str, Any] = {"oid": oid, "size": size, "authenticated": True}
+                if oid not in hub.lfs_objects:  # an object the server has needs no upload: this makes resuming work
+                    answer["actions"] = {
+                        "upload": {"href": f"{hub.url}/lfs-upload/{oid}", "header": {}},
+                        "verify": {"href": f"{hub.url}/lfs-verify/{oid}", "header": {}},
+                    }
+                objects.append(answer)
+            return {"transfer": "basic", "objects": objects}
+
+        def _lfs_upload(self, oid: str, body: bytes) -> dict[str, Any]:
+            if hub.take_upload_fault(oid):
+                raise _HubError(
+                    400,
+                    "RequestTimeout",
+                    "Your socket connection to the server was not read from or written to within the timeout period.",
+                )
+            if hashlib.sha256(body).hexdigest() != oid:
+                raise _HubError(400, None, f"the uploaded content does not hash to {oid}")
+            hub.lfs_objects[oid] = body
+            return {}
+
+        def _commit_files(self, repo: HubRepo, revision: str, body: bytes) -> dict[str, Any]:
+            parent = self._commit(repo, revision)
+            files = dict(repo.commits[parent])
+            summary = ""
+            for line in body.splitlines():
+                item = json.loads(line)
+                value = item["value"]
+                if item["key"] == "header":
+                    summary = value.get("summary", "")
+                elif item["key"] == "file":
+                    files[value["path"]] = base64.b64decode(value["content"])
+                elif item["key"] == "lfsFile":
+                    content = hub.lfs_objects.get(value["oid"])
+                    if content is None:
+                        raise _HubError(400, None, f"LFS object {value['oid']} of {value['path']} was never uploaded")
+                    files[value["path"]] = content
+                elif item["key"] == "deletedFile":
+                    files.pop(value["path"], None)
+            sha = hashlib.sha1(f"{repo.repo_id}:{len(repo.commits)}:{summary}:{sorted(files)}".encode()).hexdigest()
+            repo.commits[sha] = files
+            repo.refs[revision] = sha
+            return {"commitUrl": f"{hub.url}/{repo.repo_id}/commit/{sha}", "commitOid": sha, "pullRequestUrl": None}
+
         def _serve(self, head: bool) -> None:
             if hub.take_refusal():
                 self.close_connection = True
@@ -266,7 +461,10 @@ def _make_handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
 
         def _repo(self, repo_id: str) -> HubRepo:
             repo = hub.repos.get(repo_id)
-            if repo is None or (repo.private and self._token() not in repo.granted_tokens):
+            token = self._token()
+            if repo is None or (
+                repo.private and token not in repo.granted_tokens and not hub.can_write(token, repo_id.split("/")[0])
+            ):
                 raise _HubError(401, "RepoNotFound", "Repository not found")
             return repo
 
@@ -298,13 +496,15 @@ def _make_handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
             token = self._token()
             if token not in hub.tokens:
                 raise _HubError(401, None, "Invalid credentials in Authorization header")
+            user = hub.tokens[token]
+            access: dict[str, Any] = {"displayName": "test token", "role": hub.token_roles.get(token, "read")}
+            if token in hub.token_scopes:
+                access["fineGrained"] = {"global": [], "scoped": hub.token_scopes[token], "canReadGatedRepos": False}
             return {
                 "type": "user",
-                "name": hub.tokens[token],
-                "auth": {
-                    "type": "access_token",
-                    "accessToken": {"displayName": "test token", "role": "read"},
-                },
+                "name": user,
+                "orgs": [{"name": org, "roleInOrg": role} for org, role in hub.orgs.get(user, {}).items()],
+                "auth": {"type": "access_token", "accessToken": access},
             }
 
         def _fields(self, repo: HubRepo, sha: str, blobs: bool) -> dict[str, Any]:
