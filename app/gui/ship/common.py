@@ -9,7 +9,7 @@ from pathlib import Path
 
 from PySide6.QtCore import Qt, QUrl
 from PySide6.QtGui import QDesktopServices
-from PySide6.QtWidgets import QLabel, QWidget
+from PySide6.QtWidgets import QLabel, QLayout, QVBoxLayout, QWidget
 
 from app.core.problems import Problem, Severity
 from app.core.progress import Progress
@@ -53,6 +53,19 @@ class RateMeter:
             left = (record.bytes_total - record.bytes_done) / rate
             text += f" · {format_bytes(rate)}/s · about {format_duration(left)} left"
         return text
+
+
+def with_note(field: QWidget | QLayout, note: QLabel) -> QVBoxLayout:
+    """A form field with its note right below it: as a form row of its own, a wrapped note would be
+    given the height of several lines and float away from its field."""
+    column = QVBoxLayout()
+    column.setSpacing(2)
+    if isinstance(field, QLayout):
+        column.addLayout(field)
+    else:
+        column.addWidget(field)
+    column.addWidget(note)
+    return column
 
 
 def link_label(parent: QWidget | None = None) -> QLabel:

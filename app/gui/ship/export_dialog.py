@@ -29,7 +29,7 @@ from PySide6.QtWidgets import (
 from app.core import export as gguf_export
 from app.core.progress import Job, Progress
 from app.gui.context import AppContext, describe_error
-from app.gui.ship.common import RateMeter, has_errors, plan_messages, show_in_folder
+from app.gui.ship.common import RateMeter, has_errors, plan_messages, show_in_folder, with_note
 from app.gui.widgets import MessageLabel, explanation, format_bytes, heading
 from app.gui.workers import JobHandle, call_in_worker
 
@@ -124,10 +124,8 @@ class ExportDialog(QDialog):
         out_row.addWidget(browse_out)
         form = QFormLayout()
         form.addRow("Model", self.model_label)
-        form.addRow("Type", self.type_box)
-        form.addRow("", self.type_note)
-        form.addRow("llama-quantize", quantizer_row)
-        form.addRow("", self.quantizer_status)
+        form.addRow("Type", with_note(self.type_box, self.type_note))
+        form.addRow("llama-quantize", with_note(quantizer_row, self.quantizer_status))
         form.addRow("File", out_row)
         form.addRow("Size", self.size_label)
         buttons = QHBoxLayout()

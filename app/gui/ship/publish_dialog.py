@@ -32,7 +32,7 @@ from PySide6.QtWidgets import (
 
 from app.core.progress import Job, Progress
 from app.gui.context import AppContext, describe_error
-from app.gui.ship.common import RateMeter, has_errors, link_html, link_label, plan_messages
+from app.gui.ship.common import RateMeter, has_errors, link_html, link_label, plan_messages, with_note
 from app.gui.widgets import MessageLabel, explanation, format_bytes, heading
 from app.gui.workers import JobHandle
 
@@ -145,8 +145,8 @@ class PublishDialog(QDialog):
         form = QFormLayout()
         form.addRow("Model", self.model_label)
         form.addRow("Account", self.account)
-        form.addRow("Token", self.token)
-        form.addRow("", explanation("A token pasted here is used for this publish only: it is never saved."))
+        token_note = explanation("A token pasted here is used for this publish only: it is never saved.")
+        form.addRow("Token", with_note(self.token, token_note))
         form.addRow("Repository", repo_row)
         form.addRow("Branch", self.revision)
         form.addRow("GGUF files", gguf_row)
