@@ -8,6 +8,7 @@ a time, never a whole shard. The index is written last, on a clean exit only.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import struct
@@ -156,13 +157,36 @@ class ShardWriter:
             raise RuntimeError(f"only {self._position} of {len(self._queue)} planned tensors were written")
         if len(self.shards) > 1:
             index = {
-                "metadata": {"total_size": self.total_bytes},
+                "metadata": {
+                    "total_size": self.total_bytes,
+                    SAMPLE_HASHES_KEY: {s.filename: sample_sha256(self.folder / s.filename) for s in self.shards},
+                },
                 "weight_map": {t.name: s.filename for s in self.shards for t in s.tensors},
             }
             try:
                 (self.folder / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
             except OSError as exc:
                 raise write_error(self.folder, exc) from exc
+
+
+# The index records a hash of each shard's first and last mebibyte: reading two mebibytes a shard is
+# cheap even for a 100 GB model, and it tells a shard replaced or damaged since the merge from the one written.
+SAMPLE_HASHES_KEY = "frankenmoe_sample_sha256"
+SAMPLE_BYTES = 2**20
+
+
+def sample_sha256(path: Path) -> str:
+    """The sha256 of a file's first and last SAMPLE_BYTES (of the whole file, when it is smaller)."""
+    digest = hashlib.sha256()
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        if size <= 2 * SAMPLE_BYTES:
+            digest.update(handle.read())
+        else:
+            digest.update(handle.read(SAMPLE_BYTES))
+            handle.seek(size - SAMPLE_BYTES)
+            digest.update(handle.read(SAMPLE_BYTES))
+    return digest.hexdigest()
 
 
 class WriteError(FrankenMoEError):
