@@ -194,6 +194,20 @@ def test_k_quants_need_a_llama_quantize(qtbot, dialog: ExportDialog, settings: A
     second.close()
 
 
+def test_settings_keep_the_llama_quantize_path(qtbot, settings: AppSettings, tmp_path: Path) -> None:
+    from app.gui.settings_dialog import SettingsDialog
+
+    program = tmp_path / "bin" / "llama-quantize"
+    dialog = SettingsDialog(settings, AppContext(settings))
+    qtbot.addWidget(dialog)
+    assert dialog.llama_quantize.text() == ""
+    dialog.llama_quantize.setText(f"  {program}  ")
+    dialog.apply()
+    assert AppSettings.load().llama_quantize == str(program)
+    qtbot.waitUntil(lambda: dialog.login_button.isEnabled(), timeout=TIMEOUT_MS)
+    dialog.close()
+
+
 def test_the_merge_and_chat_pages_open_the_dialogs_for_their_model(qtbot, window, merged: Path):
     from app.gui.ship.publish_dialog import PublishDialog
 

@@ -19,7 +19,8 @@ from app.core.recipe import parse_recipe
 from app.gui.context import AppContext
 from app.gui.main_window import Step
 from app.gui.settings import AppSettings
-from app.gui.ship.publish_dialog import PublishDialog
+from app.gui.ship.common import link_html
+from app.gui.ship.publish_dialog import PublishDialog, suggested_repo_id
 from tests.core.test_chat_capture import MERGED_RECIPE
 from tests.hubserver import HubServer
 
@@ -195,3 +196,15 @@ def test_the_window_stays_usable_while_the_upload_waits(qtbot, window, logged_in
     assert repo is None or not any("config.json" in files for files in repo.commits.values())
     assert dialog.publish_button.isEnabled() and dialog.repo_id.isEnabled()
     dialog.close()
+
+
+def test_hub_text_is_escaped_before_it_becomes_a_link() -> None:
+    hostile = 'https://hub.example/a/b"><img src=x onerror=alert(1)>'
+    shown = link_html(hostile, "<b>On the Hub</b>: ")
+    assert "<img" not in shown and "<b>" not in shown
+    assert "&lt;img" in shown and "&quot;&gt;" in shown
+
+
+def test_the_suggested_repo_name_is_one_the_hub_takes() -> None:
+    assert suggested_repo_id("alice", Path("/models/My MoE (v2)")) == "alice/My-MoE-v2"
+    assert suggested_repo_id("alice", Path("/models/tiny_moe-1.0")) == "alice/tiny_moe-1.0"
