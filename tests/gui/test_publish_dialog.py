@@ -4,7 +4,6 @@ refusal, and a window that stays usable while the upload waits on the Hub."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest

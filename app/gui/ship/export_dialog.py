@@ -14,6 +14,7 @@ from pathlib import Path
 from PySide6.QtCore import Qt, QTimer
 from PySide6.QtGui import QStandardItemModel
 from PySide6.QtWidgets import (
+    QCheckBox,
     QComboBox,
     QDialog,
     QFileDialog,
@@ -48,6 +49,8 @@ TYPE_NOTES = {
     "q6_k": "6-bit K-quant: close to q8_0 at three quarters of its size.",
 }
 NEEDS_QUANTIZER = "Needs llama.cpp's llama-quantize: set where it is below or in Settings."
+# The plan's problem for a file that exists: a warning, since the export may replace it when told to.
+EXISTS_FIELD = "overwrite"
 # Typing in the file field re-plans once the typing pauses, not at every key.
 PLAN_DELAY_MS = 250
 
@@ -97,6 +100,9 @@ class ExportDialog(QDialog):
         self.out_path = QLineEdit()
         browse_out = QPushButton("Browse…")
         browse_out.clicked.connect(self._browse_output)
+        self.replace = QCheckBox()
+        self.replace.setVisible(False)
+        self.replace.toggled.connect(self._update_buttons)
         self.size_label = MessageLabel("Estimating the size…")
         self.messages = MessageLabel()
         self.progress = QProgressBar()
@@ -126,7 +132,7 @@ class ExportDialog(QDialog):
         form.addRow("Model", self.model_label)
         form.addRow("Type", with_note(self.type_box, self.type_note))
         form.addRow("llama-quantize", with_note(quantizer_row, self.quantizer_status))
-        form.addRow("File", out_row)
+        form.addRow("File", with_note(out_row, self.replace))
         form.addRow("Size", self.size_label)
         buttons = QHBoxLayout()
         buttons.addWidget(self.export_button)
@@ -253,6 +259,9 @@ class ExportDialog(QDialog):
     def _inputs_changed(self) -> None:
         """Whatever was planned no longer holds: plan again once the input settles."""
         self.plan = None
+        # Consent to replace a file holds for that file as it was seen, not for the next one.
+        self.replace.setChecked(False)
+        self.replace.setVisible(False)
         self.size_label.setText("Estimating the size…")
         self._update_buttons()
         if not self.running:
@@ -286,8 +295,20 @@ class ExportDialog(QDialog):
             f"About {format_bytes(plan.estimated_bytes)} ({plan.architecture}); "
             f"{format_bytes(plan.free_bytes)} free on that disk."
         )
-        self.messages.setText(plan_messages(plan.problems, plan.warnings))
+        others = [problem for problem in plan.problems if problem.field != EXISTS_FIELD]
+        messages = plan_messages(others, plan.warnings)
+        if self.file_exists:
+            self.replace.setText(f"Replace {plan.out_path.name}, which already exists")
+            self.replace.setVisible(True)
+            exists = f"⚠ {plan.out_path} already exists: tick Replace to write over it, or choose another file."
+            messages = f"{exists}\n{messages}".strip()
+        self.messages.setText(messages)
         self._update_buttons()
+
+    @property
+    def file_exists(self) -> bool:
+        """Whether the plan found a file where the export would write."""
+        return self.plan is not None and any(problem.field == EXISTS_FIELD for problem in self.plan.problems)
 
     def _plan_failed(self, error: BaseException) -> None:
         self.size_label.clear()
@@ -295,24 +316,27 @@ class ExportDialog(QDialog):
 
     def _update_buttons(self) -> None:
         ready = self.plan is not None and not has_errors(self.plan.problems)
-        self.export_button.setEnabled(ready and not self.running)
+        allowed = not self.file_exists or self.replace.isChecked()
+        self.export_button.setEnabled(ready and allowed and not self.running)
         self.cancel_button.setEnabled(self.running)
-        for widget in (self.type_box, self.out_path, self.quantizer_path):
+        for widget in (self.type_box, self.out_path, self.quantizer_path, self.replace):
             widget.setEnabled(not self.running)
 
     # ------------------------------------------------------------------ export
 
     def start_export(self) -> None:
         plan = self.plan
-        if plan is None or has_errors(plan.problems) or self.running:
+        if plan is None or not self.export_button.isEnabled():
             return
-        quantizer = self.quantizer
+        quantizer, overwrite = self.quantizer, self.file_exists and self.replace.isChecked()
 
         def make_job(cancel: threading.Event) -> Job[gguf_export.GgufResult]:
             return gguf_export.export_gguf(
-                plan.model_dir, plan.out_path, plan.out_type, quantizer=quantizer, cancel=cancel
+                plan.model_dir, plan.out_path, plan.out_type, quantizer=quantizer, overwrite=overwrite, cancel=cancel
             )
 
+        # Whatever the export does to the disk, this plan is spent: the end of the export plans again.
+        self.plan = None
         self.result = None
         self.show_button.setVisible(False)
         self.result_label.clear()
