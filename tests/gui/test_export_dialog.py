@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
-from PySide6.QtCore import Qt
+from PySide6.QtCore import QCoreApplication, Qt
 from safetensors.numpy import load_file
 
 from app.core.export import GgufPlan
@@ -61,6 +61,7 @@ def wait_for_plan(qtbot, dialog: ExportDialog) -> None:
 
 def save_shot(dialog: ExportDialog, name: str) -> None:
     SHOTS.mkdir(parents=True, exist_ok=True)
+    QCoreApplication.processEvents()  # the layout catches up with the latest texts first
     dialog.grab().save(str(SHOTS / f"ship-gui-{name}.png"))
 
 
@@ -116,11 +117,12 @@ def test_exports_f16_and_q8_0_files_that_gguf_reads_back(qtbot, dialog: ExportDi
             np.testing.assert_allclose(values, embeddings.reshape(-1), atol=scale / 100)
         experts = [t for t in reader.tensors if t.name.endswith("ffn_gate_exps.weight")]
         assert experts, [t.name for t in reader.tensors]
+        wait_for_plan(qtbot, dialog)
         save_shot(dialog, f"export-{out_type}")
     # The written file is now in the way: the dialog says so, and writes over it only when told to.
     wait_for_plan(qtbot, dialog)
     assert not dialog.export_button.isEnabled()
-    assert "already exists" in dialog.messages.text() and dialog.replace.isVisible()
+    assert dialog.replace.isVisible() and not dialog.replace.isChecked()
 
 
 def test_the_size_and_free_space_are_shown_before_writing(qtbot, dialog: ExportDialog, merged: Path):

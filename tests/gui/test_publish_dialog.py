@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from huggingface_hub import constants
-from PySide6.QtCore import Qt
+from PySide6.QtCore import QCoreApplication, Qt
 
 from app.core.export import export_gguf
 from app.core.merge.modelcard import ModelCardFields
@@ -92,6 +92,7 @@ def check(qtbot, dialog: PublishDialog) -> None:
 
 def save_shot(dialog: PublishDialog, name: str) -> None:
     SHOTS.mkdir(parents=True, exist_ok=True)
+    QCoreApplication.processEvents()  # the layout catches up with the latest texts first
     dialog.grab().save(str(SHOTS / f"ship-gui-{name}.png"))
 
 

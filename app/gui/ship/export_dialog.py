@@ -300,8 +300,10 @@ class ExportDialog(QDialog):
         if self.file_exists:
             self.replace.setText(f"Replace {plan.out_path.name}, which already exists")
             self.replace.setVisible(True)
-            exists = f"⚠ {plan.out_path} already exists: tick Replace to write over it, or choose another file."
-            messages = f"{exists}\n{messages}".strip()
+            just_written = self.result is not None and self.result.out_path == plan.out_path
+            if not just_written:  # the result line already says where it is
+                exists = f"⚠ {plan.out_path} already exists: tick Replace to write over it, or choose another file."
+                messages = f"{exists}\n{messages}".strip()
         self.messages.setText(messages)
         self._update_buttons()
 
