@@ -54,7 +54,6 @@ def run_quantizer(
     """Run llama-quantize, yielding a heartbeat; killed on cancel. Raises FrankenMoEError with its last output."""
     command = quantize_command(quantizer, source, target, out_type, max(1, os.cpu_count() or 1))
     log = target.with_name(target.name + ".log")
-    started = time.monotonic()
     try:
         with log.open("wb") as output:
             try:
@@ -63,6 +62,7 @@ def run_quantizer(
                 raise FrankenMoEError(
                     f"cannot run {quantizer}: {exc}", "point --quantize-with at llama.cpp's llama-quantize executable"
                 ) from exc
+            yield Progress("quantize", 0, 1, message=f"llama-quantize {out_type}")
             try:
                 while process.poll() is None:
                     if cancel is not None and cancel.is_set():
@@ -70,8 +70,8 @@ def run_quantizer(
                         process.wait()
                         raise Cancelled("cancelled")
                     time.sleep(0.1)
-                    elapsed = time.monotonic() - started
-                    yield Progress("quantize", 0, 1, message=f"llama-quantize {out_type}: {elapsed:.0f} s")
+                    # A heartbeat without a message: a GUI's loop gets a turn to cancel, a CLI prints nothing.
+                    yield Progress("quantize", 0, 1)
             finally:
                 if process.poll() is None:
                     process.kill()
