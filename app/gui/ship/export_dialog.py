@@ -292,8 +292,8 @@ class ExportDialog(QDialog):
     def _planned(self, plan: gguf_export.GgufPlan) -> None:
         self.plan = plan
         self.size_label.setText(
-            f"About {format_bytes(plan.estimated_bytes)} ({plan.architecture}); "
-            f"{format_bytes(plan.free_bytes)} free on that disk."
+            f"About {format_bytes(plan.estimated_bytes)}; {format_bytes(plan.free_bytes)} free on that disk. "
+            f"llama.cpp architecture: {plan.architecture or 'none'}."
         )
         others = [problem for problem in plan.problems if problem.field != EXISTS_FIELD]
         messages = plan_messages(others, plan.warnings)
