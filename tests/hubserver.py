@@ -110,6 +110,7 @@ class HubServer:
         self.token_scopes: dict[str, list[dict[str, Any]]] = {}  # fine-grained token -> its scoped permissions
         self.orgs: dict[str, dict[str, str]] = {}  # user -> {organisation: role in it}
         self.lfs_objects: dict[str, bytes] = {}  # sha256 -> content uploaded through the LFS API
+        self.accepted_uploads: list[str] = []  # sha256 of each LFS upload the server took in, in order
         self._upload_faults: dict[str, int] = {}  # sha256 -> how many more uploads of it fail
         self.requests: list[tuple[str, str, str | None]] = []  # (method, path, Range header)
         self.lock = threading.Lock()
@@ -184,8 +185,8 @@ class HubServer:
         return member and role in ("write", "admin")
 
     def lfs_uploads(self) -> list[str]:
-        """The sha256 of every LFS object whose upload the server took in, in order."""
-        return [p.rsplit("/", 1)[1] for m, p, _ in self.requests if m == "PUT" and p.startswith("/lfs-upload/")]
+        """The sha256 of every LFS object whose upload the server took in (failed ones left out), in order."""
+        return list(self.accepted_uploads)
 
     # ------------------------------------------------------------------ misbehaviour
 
@@ -250,8 +251,16 @@ class HubServer:
 
 
 class _HubError(Exception):
-    def __init__(self, status: int, code: str | None, message: str, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        code: str | None,
+        message: str,
+        headers: dict[str, str] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__(message)
+        self.extra = extra or {}
         self.status = status
         self.code = code
         self.message = message
@@ -304,8 +313,8 @@ def _make_handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
                 return self._create_repo(json.loads(body)), {}
             if parts == ["api", "validate-yaml"]:
                 return {"errors": [], "warnings": []}, {}
-            if len(parts) == 7 and parts[:2] == ["api", "models"] and parts[5] == "branch":
-                return self._create_branch(f"{parts[2]}/{parts[3]}", parts[6], json.loads(body or b"{}")), {}
+            if len(parts) == 6 and parts[:2] == ["api", "models"] and parts[4] == "branch":
+                return self._create_branch(f"{parts[2]}/{parts[3]}", parts[5], json.loads(body or b"{}")), {}
             if len(parts) == 6 and parts[:2] == ["api", "models"] and parts[4] in ("preupload", "commit"):
                 repo = self._writable_repo(f"{parts[2]}/{parts[3]}")
                 if parts[4] == "preupload":
@@ -331,7 +340,8 @@ def _make_handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
             if not hub.can_write(token, namespace):
                 raise _HubError(403, None, f"You don't have the rights to create a model under {namespace}")
             if repo_id in hub.repos:
-                raise _HubError(409, None, "You already created this model repo", {"X-Request-Id": "conflict"})
+                # As on the Hub, the conflict names the existing repo's address.
+                raise _HubError(409, None, "You already created this model repo", extra={"url": f"{hub.url}/{repo_id}"})
             private = bool(payload.get("private")) or payload.get("visibility") == "private"
             # As on the Hub, a new repo starts with one commit holding .gitattributes.
             hub.add_model(repo_id, {".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"})
@@ -383,6 +393,7 @@ def _make_handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
             if hashlib.sha256(body).hexdigest() != oid:
                 raise _HubError(400, None, f"the uploaded content does not hash to {oid}")
             hub.lfs_objects[oid] = body
+            hub.accepted_uploads.append(oid)
             return {}
 
         def _commit_files(self, repo: HubRepo, revision: str, body: bytes) -> dict[str, Any]:
@@ -440,7 +451,7 @@ def _make_handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
             self.wfile.write(body)
 
         def _send_error(self, error: _HubError) -> None:
-            body = json.dumps({"error": error.message}).encode()
+            body = json.dumps({"error": error.message, **error.extra}).encode()
             self.send_response(error.status)
             self.send_header("Content-Type", "application/json")
             if error.code:
