@@ -294,6 +294,12 @@ def _make_handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
             path = unquote(split.path)
             hub.requests.append((self.command, path, None))
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            release = hub.take_hold(path)
+            if release is not None:  # held as reads are: no answer, the connection closed when released
+                hub.request_held.set()
+                release.wait()
+                self.close_connection = True
+                return
             try:
                 self._send_json(*self._write(split.path, body))
             except _HubError as error:

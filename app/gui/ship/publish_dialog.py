@@ -30,6 +30,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from app.core.merge.modelcard import base_license
 from app.core.progress import Job, Progress
 from app.gui.context import AppContext, describe_error
 from app.gui.ship.common import RateMeter, has_errors, link_html, link_label, plan_messages, with_note
@@ -111,6 +112,9 @@ class PublishDialog(QDialog):
         self.remove_gguf.clicked.connect(self._remove_gguf)
         self.message = QLineEdit()
         self.message.setPlaceholderText("Upload a FrankenMoE merge")
+        # The licence the merge's card already states, which the user may have chosen on the Merge page.
+        self.license = QLineEdit(base_license(model_dir) or "")
+        self.license.setPlaceholderText("Empty: the most restrictive of the donors' licences")
 
         self.check_button = QPushButton("Check")
         self.check_button.setToolTip("Checks the account, the folder, the licences and the card; uploads nothing")
@@ -151,6 +155,10 @@ class PublishDialog(QDialog):
         form.addRow("Branch", self.revision)
         form.addRow("GGUF files", gguf_row)
         form.addRow("Message", self.message)
+        license_note = explanation(
+            "The licence the card states, e.g. apache-2.0. Check that every donor's terms allow it."
+        )
+        form.addRow("Licence", with_note(self.license, license_note))
         check_row = QHBoxLayout()
         check_row.addWidget(self.check_button)
         check_row.addWidget(self.summary, 1)
@@ -179,7 +187,7 @@ class PublishDialog(QDialog):
         layout.addWidget(self.link)
         layout.addLayout(closing)
 
-        for field in (self.repo_id, self.revision, self.message):
+        for field in (self.repo_id, self.revision, self.message, self.license):
             field.textChanged.connect(self._inputs_changed)
         self.token.textChanged.connect(self._inputs_changed)
         self.token.editingFinished.connect(self._ask_who)
@@ -206,7 +214,8 @@ class PublishDialog(QDialog):
         ready = self.plan is not None and not has_errors(self.plan.problems)
         self.publish_button.setEnabled(ready and not busy)
         self.cancel_button.setEnabled(busy)
-        for widget in (self.token, self.repo_id, self.private, self.revision, self.gguf_list, self.message):
+        inputs = (self.token, self.repo_id, self.private, self.revision, self.gguf_list, self.message, self.license)
+        for widget in inputs:
             widget.setEnabled(not busy)
         self.remove_gguf.setEnabled(not busy and bool(self.gguf_list.selectedItems()))
 
@@ -230,6 +239,7 @@ class PublishDialog(QDialog):
             include_gguf=tuple(Path(self.gguf_list.item(row).text()) for row in range(self.gguf_list.count())),
             message=self.message.text().strip() or None,
             token=self.token.text().strip() or None,
+            license=self.license.text().strip() or None,
         )
 
     # ------------------------------------------------------------------ inputs
@@ -348,10 +358,14 @@ class PublishDialog(QDialog):
         self._update_buttons()
 
     def cancel(self) -> None:
-        for job in (self.check_job, self.publish_job):
-            if job is not None and job.is_running:
-                job.cancel()
-                self.stage.setText("Cancelling…")
+        if self.check_job is not None and self.check_job.is_running:
+            self.check_job.cancel()
+            self.summary.setText("Cancelling the check…")
+        if self.publishing:
+            assert self.publish_job is not None
+            self.publish_job.cancel()
+            # A file or commit on its way to the Hub finishes or fails first: stops come between files.
+            self.stage.setText("Cancelling… the upload stops once the file being sent is through.")
 
     def _progress(self, record: Progress) -> None:
         self.progress.setValue(int(record.fraction * 1000))
@@ -366,11 +380,11 @@ class PublishDialog(QDialog):
 
     def _publish_failed(self, error: BaseException) -> None:
         self.progress.setValue(0)
-        self.stage.setText(f"✗ Publishing failed: {describe_error(error)}\nPublishing again resumes the upload.")
+        self.stage.setText(f"✗ Publishing failed: {describe_error(error)}")
 
     def _publish_cancelled(self) -> None:
         self.progress.setValue(0)
-        self.stage.setText("Publishing cancelled. Publishing again resumes the upload.")
+        self.stage.setText("Publishing cancelled. Publishing again sends only what the Hub has not received.")
 
     def done(self, result: int) -> None:
         """Closing stops what runs and forgets a pasted token."""
