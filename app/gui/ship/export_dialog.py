@@ -71,6 +71,7 @@ class ExportDialog(QDialog):
         super().__init__(parent)
         self.setWindowTitle("Export to GGUF")
         self.setMinimumWidth(620)
+        self.resize(720, 560)
         self.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
         self.model_dir = model_dir
         self.context = context

@@ -78,6 +78,7 @@ class PublishDialog(QDialog):
         super().__init__(parent)
         self.setWindowTitle("Publish to the Hub")
         self.setMinimumWidth(640)
+        self.resize(760, 820)
         self.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
         self.model_dir = model_dir
         self.context = context
@@ -106,10 +107,10 @@ class PublishDialog(QDialog):
         self.gguf_list.setMaximumHeight(80)
         for path in ggufs_beside(model_dir):
             self.gguf_list.addItem(str(path))
-        add_gguf = QPushButton("Add…")
-        add_gguf.clicked.connect(self._add_gguf)
-        self.remove_gguf = QPushButton("Remove")
-        self.remove_gguf.clicked.connect(self._remove_gguf)
+        self.add_gguf_button = QPushButton("Add…")
+        self.add_gguf_button.clicked.connect(self._add_gguf)
+        self.remove_gguf_button = QPushButton("Remove")
+        self.remove_gguf_button.clicked.connect(self._remove_gguf)
         self.message = QLineEdit()
         self.message.setPlaceholderText("Upload a FrankenMoE merge")
         # The licence the merge's card already states, which the user may have chosen on the Merge page.
@@ -140,8 +141,8 @@ class PublishDialog(QDialog):
         repo_row.addWidget(self.repo_id, 1)
         repo_row.addWidget(self.private)
         gguf_buttons = QVBoxLayout()
-        gguf_buttons.addWidget(add_gguf)
-        gguf_buttons.addWidget(self.remove_gguf)
+        gguf_buttons.addWidget(self.add_gguf_button)
+        gguf_buttons.addWidget(self.remove_gguf_button)
         gguf_buttons.addStretch(1)
         gguf_row = QHBoxLayout()
         gguf_row.addWidget(self.gguf_list, 1)
@@ -215,9 +216,9 @@ class PublishDialog(QDialog):
         self.publish_button.setEnabled(ready and not busy)
         self.cancel_button.setEnabled(busy)
         inputs = (self.token, self.repo_id, self.private, self.revision, self.gguf_list, self.message, self.license)
-        for widget in inputs:
+        for widget in (*inputs, self.add_gguf_button):
             widget.setEnabled(not busy)
-        self.remove_gguf.setEnabled(not busy and bool(self.gguf_list.selectedItems()))
+        self.remove_gguf_button.setEnabled(not busy and bool(self.gguf_list.selectedItems()))
 
     def _inputs_changed(self) -> None:
         """What was checked no longer holds: it needs checking again before publishing."""
@@ -280,7 +281,8 @@ class PublishDialog(QDialog):
             return
         token_name = f"token “{user.token_name}”" if user.token_name else "token"
         role = f", role {user.role}" if user.role else ""
-        self.account.setText(f"Logged in as {user.name} ({token_name}{role}).")
+        needs_write = " Publishing needs a token with the write role." if user.role == "read" else ""
+        self.account.setText(f"Logged in as {user.name} ({token_name}{role}).{needs_write}")
         if not self.repo_id.text().strip() or self.repo_id.text() == self._suggested_id:
             self._suggested_id = suggested_repo_id(user.name, self.model_dir)
             self.repo_id.setText(self._suggested_id)
@@ -322,11 +324,12 @@ class PublishDialog(QDialog):
         where = "existing repo" if plan.repo_exists else ("new private repo" if request.private else "new repo")
         branch = f", branch {request.revision}" if request.revision else ""
         names = ", ".join(plan.files[:FILES_LISTED]) + (" …" if len(plan.files) > FILES_LISTED else "")
-        verdict = "✗ Cannot publish yet." if has_errors(plan.problems) else "✓ Ready."
-        self.summary.setText(
-            f"{verdict} {len(plan.files)} files, {format_bytes(plan.total_bytes)}, to the {where} "
-            f"{request.repo_id}{branch} as {plan.user}: {names}"
-        )
+        size = f"{len(plan.files)} files, {format_bytes(plan.total_bytes)}"
+        if has_errors(plan.problems):
+            # Where it would go is not known for sure until the account can write there.
+            self.summary.setText(f"✗ Cannot publish yet: see below. {size}: {names}")
+        else:
+            self.summary.setText(f"✓ Ready. {size}, to the {where} {request.repo_id}{branch} as {plan.user}: {names}")
 
     def _check_failed(self, error: BaseException) -> None:
         self.summary.setText("✗ The check failed.")
