@@ -112,8 +112,8 @@ def choose_license(donor_licenses: Mapping[str, str | None]) -> LicenseDecision:
     """The most restrictive of the donors' known licences, and the donors whose licence is unknown
     (a publisher must settle those: an unknown licence is never guessed).
 
-    Two different licences of the same (custom or non-commercial) rank cannot be ordered: the result is
-    "other", and the warning names both, for the user to read their terms.
+    Two different licences of the same rank above permissive cannot be ordered: the result is "other",
+    and the warning names both, for the user to read their terms.
     """
     unknown = tuple(name for name, value in donor_licenses.items() if not value)
     known = {name: str(value).lower() for name, value in donor_licenses.items() if value}
@@ -123,7 +123,9 @@ def choose_license(donor_licenses: Mapping[str, str | None]) -> LicenseDecision:
     if distinct:
         top_rank = license_rank(distinct[-1])
         strictest = [value for value in distinct if license_rank(value) == top_rank]
-        chosen = strictest[0] if len(strictest) == 1 or top_rank < CUSTOM_RANK else "other"
+        # Permissive licences combine (any of them will do; the first by name keeps the choice stable);
+        # two share-alike or custom ones do not, and "other" sends the reader to the terms.
+        chosen = strictest[0] if len(strictest) == 1 or top_rank == PERMISSIVE_RANK else "other"
         if len(distinct) > 1:
             who = "; ".join(f"{name}: {value}" for name, value in known.items())
             warnings.append(
