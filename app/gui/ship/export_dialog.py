@@ -361,11 +361,15 @@ class ExportDialog(QDialog):
             self.stage.setText("Cancelling…")
 
     def _progress(self, record: Progress) -> None:
+        # llama-quantize says nothing of how far it is: its stage shows as busy rather than stuck.
+        measurable = record.bytes_total > 0 or record.total > 1
+        self.progress.setRange(0, 1000 if measurable else 0)
         self.progress.setValue(int(record.fraction * 1000))
         self.stage.setText(self._rate.describe(record))
 
     def _exported(self, result: gguf_export.GgufResult) -> None:
         self.result = result
+        self.progress.setRange(0, 1000)
         self.progress.setValue(1000)
         self.stage.setText("Exported.")
         lines = [f"✓ {result.out_path} · {format_bytes(result.bytes)} · {result.tensor_count} tensors"]
@@ -378,6 +382,7 @@ class ExportDialog(QDialog):
             show_in_folder(self.result.out_path)
 
     def _stopped(self, message: str) -> None:
+        self.progress.setRange(0, 1000)
         self.progress.setValue(0)
         self.stage.setText(message)
 
