@@ -6,6 +6,7 @@ from __future__ import annotations
 import stat
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from app.core.merge.pipeline import MergeOptions, merge_moe
 from app.core.progress import Progress, run_job
 from app.core.recipe import parse_recipe
 from app.gui.context import AppContext
+from app.gui.main_window import Step
 from app.gui.settings import AppSettings
 from app.gui.ship.export_dialog import ExportDialog
 from app.gui.widgets import format_bytes
@@ -166,6 +168,20 @@ def test_an_existing_file_is_replaced_only_when_ticked(qtbot, dialog: ExportDial
     assert not dialog.replace.isChecked() and not dialog.export_button.isEnabled()
 
 
+def test_a_folder_that_is_no_model_gets_a_message_and_no_export(
+    qtbot, settings: AppSettings, tmp_path: Path, no_quantizer: None
+):
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "todo.txt").write_text("not a model")
+    dialog = ExportDialog(folder, AppContext(settings))
+    qtbot.addWidget(dialog)
+    dialog.show()
+    qtbot.waitUntil(lambda: dialog.messages.text().startswith("✗"), timeout=TIMEOUT_MS)
+    assert not dialog.export_button.isEnabled()
+    assert not list(tmp_path.rglob("*.gguf"))
+
+
 def test_cancel_leaves_no_file(qtbot, dialog: ExportDialog, tmp_path: Path):
     out_folder = tmp_path / "out"
     out_folder.mkdir()
@@ -208,7 +224,6 @@ def test_k_quants_need_a_llama_quantize(qtbot, dialog: ExportDialog, settings: A
     second = ExportDialog(dialog.model_dir, AppContext(settings))
     qtbot.addWidget(second)
     assert second.type_enabled("q5_k_m")
-    second.close()
 
 
 def test_settings_keep_the_llama_quantize_path(qtbot, settings: AppSettings, tmp_path: Path) -> None:
@@ -229,12 +244,19 @@ def test_the_merge_and_chat_pages_open_the_dialogs_for_their_model(qtbot, window
     from app.gui.ship.publish_dialog import PublishDialog
 
     page = window.merge_page
-    page.merged_folder = merged
-    page.export_button.click()
+    window.new_recipe()
+    window.show_step(Step.MERGE)
+    # The page's end-of-merge slot, given what a merge of this folder reports.
+    size = sum(path.stat().st_size for path in merged.iterdir())
+    page._merged(SimpleNamespace(out_dir=merged, bytes_written=size, seconds=1.0))
+    assert page.export_button.isVisible() and page.publish_button.isVisible()
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    window.grab().save(str(SHOTS / "ship-gui-merge-page.png"))
+    qtbot.mouseClick(page.export_button, Qt.MouseButton.LeftButton)
     export_dialog = page.findChild(ExportDialog)
     assert export_dialog is not None and export_dialog.model_dir == merged
     export_dialog.close()
-    page.publish_button.click()
+    qtbot.mouseClick(page.publish_button, Qt.MouseButton.LeftButton)
     publish_dialog = page.findChild(PublishDialog)
     assert publish_dialog is not None and publish_dialog.model_dir == merged
     publish_dialog.close()
@@ -243,7 +265,8 @@ def test_the_merge_and_chat_pages_open_the_dialogs_for_their_model(qtbot, window
     assert not chat.model_box.export_button.isEnabled()
     window.open_in_chat(merged)
     qtbot.waitUntil(lambda: chat.model_box.export_button.isEnabled(), timeout=TIMEOUT_MS)
-    chat.model_box.export_button.click()
+    window.grab().save(str(SHOTS / "ship-gui-chat-page.png"))
+    qtbot.mouseClick(chat.model_box.export_button, Qt.MouseButton.LeftButton)
     export_dialog = chat.findChild(ExportDialog)
     assert export_dialog is not None and export_dialog.model_dir == merged
     export_dialog.close()

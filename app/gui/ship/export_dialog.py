@@ -206,7 +206,7 @@ class ExportDialog(QDialog):
         self._inputs_changed()
 
     def _browse_output(self) -> None:
-        # No "replace?" question: the plan refuses an existing file, and a question it would not honour misleads.
+        # No "replace?" question here: the Replace box asks it, for the file as the plan finds it.
         path, _filter = QFileDialog.getSaveFileName(
             self,
             "GGUF file",
