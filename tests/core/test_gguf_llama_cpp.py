@@ -39,9 +39,9 @@ def moes(llama_donors, qwen2_donors, qwen3_donors, tmp_path_factory):
     }
 
 
-def next_token_logits(folder, gguf_path):
+def next_token_logits(folder, gguf_path, **config_overrides):
     """Per prompt: (transformers' last-position logits, llama.cpp's), on the same token ids."""
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **config_overrides).eval()
     tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
     llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=64, logits_all=True, n_threads=2, verbose=False)
     pairs = []
@@ -86,12 +86,16 @@ def test_llama_cpp_tokenizes_like_the_model(moes, tmp_path):
 
 
 def test_qwen2_moe_without_renormalisation_differs_as_warned(moes, tmp_path):
-    """Top-2 of 3: llama.cpp skips the renormalisation transformers does; the export warned, here is the size."""
+    """Top-2 of 3: llama.cpp computes what transformers computes with norm_topk_prob off, not what the config says."""
     result = run_job(export_gguf(moes["qwen2_moe_top2"], tmp_path / "m.gguf", "f32"))
     assert any(w.startswith("norm_topk_prob") for w in result.warnings)
-    _top1, worst = report("qwen2_moe top-2 of 3 (not renormalised in llama.cpp)", next_token_logits(
-        moes["qwen2_moe_top2"], result.out_path))  # fmt: skip
-    assert worst > 1e-3
+    folder = moes["qwen2_moe_top2"]
+    _top1, as_configured = report("qwen2_moe top-2 of 3, as configured", next_token_logits(folder, result.out_path))
+    _top1, unnormalised = report(
+        "qwen2_moe top-2 of 3, transformers with norm_topk_prob off",
+        next_token_logits(folder, result.out_path, norm_topk_prob=False),
+    )
+    assert unnormalised < 1e-4 < as_configured
 
 
 @pytest.mark.parametrize("out_type", ["q8_0", "q4_0"])
