@@ -8,7 +8,9 @@ dependency and CI skips these tests. Locally, with a side environment that has i
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -18,7 +20,7 @@ from transformers import AutoModelForCausalLM
 
 from app.core.export import export_gguf, find_llama_quantize
 from app.core.progress import run_job
-from tests.core.test_gguf_export import TEXTS, merged
+from tests.core.test_gguf_export import TEXTS, merged, write_sentencepiece_style_tokenizer
 
 llama_cpp = pytest.importorskip(
     "llama_cpp", reason="llama-cpp-python is not installed (it builds llama.cpp from source; not a dependency)"
@@ -73,12 +75,18 @@ def test_llama_cpp_computes_what_transformers_computes(moes, tmp_path, arch):
     assert worst < 1e-3
 
 
-def test_llama_cpp_tokenizes_like_the_model(moes, tmp_path):
-    path = run_job(export_gguf(moes["qwen3_moe"], tmp_path / "m.gguf", "f16")).out_path
+@pytest.mark.parametrize("kind", ["byte-level BPE", "SentencePiece"])
+def test_llama_cpp_tokenizes_like_the_model(moes, tmp_path, kind):
+    folder = moes["mixtral"]
+    if kind == "SentencePiece":
+        folder = tmp_path / "spm"
+        shutil.copytree(moes["mixtral"], folder)
+        write_sentencepiece_style_tokenizer(folder, json.loads((folder / "config.json").read_text())["vocab_size"])
+    path = run_job(export_gguf(folder, tmp_path / "m.gguf", "f16")).out_path
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, vocab_only=True, verbose=False)
-    tokenizer = Tokenizer.from_file(str(moes["qwen3_moe"] / "tokenizer.json"))
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
     try:
-        for text in TEXTS:
+        for text in [*TEXTS, "zebra quokka ünïcödé"]:
             ours = llm.tokenize(text.encode(), add_bos=False, special=True)
             assert ours == tokenizer.encode(text, add_special_tokens=False).ids, text
     finally:
