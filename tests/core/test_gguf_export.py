@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from app.core.export import (
     IN_PROCESS_TYPES,
@@ -27,6 +27,7 @@ from app.core.merge.pipeline import MergeOptions, merge_moe
 from app.core.problems import ProblemsError
 from app.core.progress import Cancelled, run_job
 from app.core.recipe import parse_recipe
+from tests.models import CORPUS
 
 TEXTS = [
     "Hello world, 42 is the answer.",
@@ -337,3 +338,71 @@ def test_not_a_moe_is_refused(llama_donors, tmp_path):
 def test_unknown_type_is_refused(moes, tmp_path):
     (problem,) = plan_gguf_export(moes["qwen3_moe"], tmp_path / "m.gguf", "q3_x").problems
     assert problem.field == "type" and "q8_0" in problem.hint
+
+
+SPACE = "\u2581"
+
+
+def write_sentencepiece_style_tokenizer(folder, size):
+    """A Llama 2 / Mistral style tokenizer.json: BPE with byte fallback on "▁"-escaped text, bytes in the vocab."""
+    specials = ["<unk>", "<s>", "</s>", "<pad>"]
+    byte_tokens = [f"<0x{value:02X}>" for value in range(256)]
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend(SPACE), normalizers.Replace(" ", SPACE)])
+    tokenizer.decoder = decoders.Sequence(
+        [decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    trainer = trainers.BpeTrainer(vocab_size=size, special_tokens=specials + byte_tokens, show_progress=False)
+    tokenizer.train_from_iterator(CORPUS * 4, trainer=trainer)
+    data = json.loads(tokenizer.to_str())
+    # Byte tokens are ordinary vocabulary entries in such files, not added tokens.
+    data["added_tokens"] = [t for t in data["added_tokens"] if t["content"] in specials]
+    (folder / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+    return Tokenizer.from_str(json.dumps(data))
+
+
+@pytest.fixture(scope="module")
+def spm_mixtral(moes, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("spm") / "mixtral"
+    shutil.copytree(moes["mixtral"], folder)
+    rows = json.loads((folder / "config.json").read_text())["vocab_size"]
+    write_sentencepiece_style_tokenizer(folder, rows)
+    return folder
+
+
+def spm_encode(text, tokens, scores, types, add_space_prefix):
+    """llama.cpp's SentencePiece algorithm, from the GGUF alone: merge the best-scored neighbouring pair, leftmost
+    first, while the joined text is a token; what no token covers falls back to byte tokens."""
+    text = (SPACE if add_space_prefix else "") + text.replace(" ", SPACE)
+    index = {t: i for i, t in enumerate(tokens) if types[i] in (gguf.TokenType.NORMAL, gguf.TokenType.USER_DEFINED)}
+    symbols = list(text)
+    while True:
+        candidates = [
+            (-scores[index[symbols[i] + symbols[i + 1]]], i)
+            for i in range(len(symbols) - 1)
+            if symbols[i] + symbols[i + 1] in index
+        ]
+        if not candidates:
+            break
+        _score, i = min(candidates)
+        symbols[i : i + 2] = [symbols[i] + symbols[i + 1]]
+    ids = []
+    for symbol in symbols:
+        ids += [index[symbol]] if symbol in index else [tokens.index(f"<0x{b:02X}>") for b in symbol.encode()]
+    return ids
+
+
+def test_sentencepiece_style_vocabulary_encodes_like_the_models_tokenizer(spm_mixtral, tmp_path):
+    reader = gguf.GGUFReader(export(spm_mixtral, tmp_path / "m.gguf", "f16").out_path)
+    assert field(reader, "tokenizer.ggml.model") == "llama"
+    assert field(reader, "tokenizer.ggml.add_space_prefix") is True
+    tokens = field(reader, "tokenizer.ggml.tokens")
+    scores = field(reader, "tokenizer.ggml.scores")
+    types = field(reader, "tokenizer.ggml.token_type")
+    assert all(types[tokens.index(f"<0x{b:02X}>")] == gguf.TokenType.BYTE for b in range(256))
+    assert types[tokens.index("<s>")] == gguf.TokenType.CONTROL
+    assert field(reader, "tokenizer.ggml.bos_token_id") == tokens.index("<s>")
+    original = Tokenizer.from_file(str(spm_mixtral / "tokenizer.json"))
+    for text in [*TEXTS[:4], "zebra quokka ünïcödé"]:
+        want = original.encode(text, add_special_tokens=False).ids
+        assert spm_encode(text, tokens, scores, types, add_space_prefix=True) == want, text

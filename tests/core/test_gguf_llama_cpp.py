@@ -8,7 +8,9 @@ dependency and CI skips these tests. Locally, with a side environment that has i
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -18,7 +20,7 @@ from transformers import AutoModelForCausalLM
 
 from app.core.export import export_gguf, find_llama_quantize
 from app.core.progress import run_job
-from tests.core.test_gguf_export import TEXTS, merged
+from tests.core.test_gguf_export import TEXTS, merged, write_sentencepiece_style_tokenizer
 
 llama_cpp = pytest.importorskip(
     "llama_cpp", reason="llama-cpp-python is not installed (it builds llama.cpp from source; not a dependency)"
@@ -39,9 +41,9 @@ def moes(llama_donors, qwen2_donors, qwen3_donors, tmp_path_factory):
     }
 
 
-def next_token_logits(folder, gguf_path):
+def next_token_logits(folder, gguf_path, **config_overrides):
     """Per prompt: (transformers' last-position logits, llama.cpp's), on the same token ids."""
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **config_overrides).eval()
     tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
     llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=64, logits_all=True, n_threads=2, verbose=False)
     pairs = []
@@ -73,12 +75,18 @@ def test_llama_cpp_computes_what_transformers_computes(moes, tmp_path, arch):
     assert worst < 1e-3
 
 
-def test_llama_cpp_tokenizes_like_the_model(moes, tmp_path):
-    path = run_job(export_gguf(moes["qwen3_moe"], tmp_path / "m.gguf", "f16")).out_path
+@pytest.mark.parametrize("kind", ["byte-level BPE", "SentencePiece"])
+def test_llama_cpp_tokenizes_like_the_model(moes, tmp_path, kind):
+    folder = moes["mixtral"]
+    if kind == "SentencePiece":
+        folder = tmp_path / "spm"
+        shutil.copytree(moes["mixtral"], folder)
+        write_sentencepiece_style_tokenizer(folder, json.loads((folder / "config.json").read_text())["vocab_size"])
+    path = run_job(export_gguf(folder, tmp_path / "m.gguf", "f16")).out_path
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, vocab_only=True, verbose=False)
-    tokenizer = Tokenizer.from_file(str(moes["qwen3_moe"] / "tokenizer.json"))
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
     try:
-        for text in TEXTS:
+        for text in [*TEXTS, "zebra quokka ünïcödé"]:
             ours = llm.tokenize(text.encode(), add_bos=False, special=True)
             assert ours == tokenizer.encode(text, add_special_tokens=False).ids, text
     finally:
@@ -86,12 +94,16 @@ def test_llama_cpp_tokenizes_like_the_model(moes, tmp_path):
 
 
 def test_qwen2_moe_without_renormalisation_differs_as_warned(moes, tmp_path):
-    """Top-2 of 3: llama.cpp skips the renormalisation transformers does; the export warned, here is the size."""
+    """Top-2 of 3: llama.cpp computes what transformers computes with norm_topk_prob off, not what the config says."""
     result = run_job(export_gguf(moes["qwen2_moe_top2"], tmp_path / "m.gguf", "f32"))
     assert any(w.startswith("norm_topk_prob") for w in result.warnings)
-    _top1, worst = report("qwen2_moe top-2 of 3 (not renormalised in llama.cpp)", next_token_logits(
-        moes["qwen2_moe_top2"], result.out_path))  # fmt: skip
-    assert worst > 1e-3
+    folder = moes["qwen2_moe_top2"]
+    _top1, as_configured = report("qwen2_moe top-2 of 3, as configured", next_token_logits(folder, result.out_path))
+    _top1, unnormalised = report(
+        "qwen2_moe top-2 of 3, transformers with norm_topk_prob off",
+        next_token_logits(folder, result.out_path, norm_topk_prob=False),
+    )
+    assert unnormalised < 1e-4 < as_configured
 
 
 @pytest.mark.parametrize("out_type", ["q8_0", "q4_0"])

@@ -431,6 +431,8 @@ def _add_metadata(writer: Any, config: dict[str, Any], vocab: GgufVocab, name: s
     if vocab.scores is not None:
         writer.add_token_scores(vocab.scores)
     writer.add_token_types(vocab.types)
+    if vocab.add_space_prefix is not None:
+        writer.add_add_space_prefix(vocab.add_space_prefix)
     vocab.special.add_to_gguf(writer, quiet=True)
 
 
