@@ -783,6 +783,27 @@ def hub_config(hub: HubServer, hub_home: Path) -> HubConfig:
 
 
 @pytest.fixture
+def publish_config(hub, hub_home, hub_config, monkeypatch) -> HubConfig:
+    """The local Hub with a write token for alice (also a writer in acme-org) and a read token for bob,
+    as tests/publishing.py names them.
+
+    The client uploads through LFS: the local Hub offers no Xet storage (huggingface_hub reads the
+    setting at import, hence both the environment and ``constants``).
+    """
+    from huggingface_hub import constants
+
+    from tests.publishing import READ_TOKEN, WRITE_TOKEN
+
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    hub.add_token(WRITE_TOKEN, "alice", "write", orgs={"acme-org": "write"})
+    hub.add_token(READ_TOKEN, "bob", "read")
+    hub.repos["acme/gated-llama"].granted_tokens.add(WRITE_TOKEN)
+    return hub_config
+
+
+@pytest.fixture
 def closed_endpoint() -> str:
     """A Hub address on loopback where nothing listens: every connection is refused at once."""
     with socket.socket() as probe:

@@ -1,16 +1,11 @@
-"""Shared by the publish tests: the local Hub with write tokens, and a real tiny merge of Hub and local donors.
-
-Test modules load the fixture with ``pytest_plugins = ["tests.hubserver", "tests.publishing"]``.
-"""
+"""Shared by the publish tests: the tokens the local Hub knows (its ``publish_config`` fixture, in
+tests/hubserver.py, adds them) and a real tiny merge of Hub and local donors."""
 
 from __future__ import annotations
 
 import shutil
 from dataclasses import replace
 from pathlib import Path
-
-import pytest
-from huggingface_hub import constants
 
 from app.core.hub import HubConfig, ensure_recipe_models
 from app.core.merge.pipeline import MergeOptions, merge_moe
@@ -19,22 +14,6 @@ from app.core.recipe import parse_recipe
 
 WRITE_TOKEN = "hf_alice_write_0123456789abcdef"
 READ_TOKEN = "hf_bob_read_0123456789abcdef"
-
-
-@pytest.fixture
-def publish_config(hub, hub_home, hub_config, monkeypatch) -> HubConfig:
-    """The local Hub with a write token for alice (also a writer in acme-org) and a read token for bob.
-
-    The client uploads through LFS: the local Hub offers no Xet storage (huggingface_hub reads the
-    setting at import, hence both the environment and ``constants``).
-    """
-    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-    monkeypatch.setenv("HF_ENDPOINT", hub.url)
-    hub.add_token(WRITE_TOKEN, "alice", "write", orgs={"acme-org": "write"})
-    hub.add_token(READ_TOKEN, "bob", "read")
-    hub.repos["acme/gated-llama"].granted_tokens.add(WRITE_TOKEN)
-    return hub_config
 
 
 def local_donor(source: Path, folder: Path, license_id: str | None) -> Path:

@@ -8,7 +8,7 @@ import hashlib
 from tests.cli.test_cli import frankenmoe
 from tests.publishing import READ_TOKEN, WRITE_TOKEN, hub_merge
 
-pytest_plugins = ["tests.hubserver", "tests.publishing"]
+pytest_plugins = ["tests.hubserver"]
 
 
 def test_publish_prints_the_repo_url_and_the_files_are_on_the_hub(publish_config, hub, llama_donors, tmp_path):

@@ -4,9 +4,11 @@ before the upload, the card, the upload itself, a resumed upload after a fault, 
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import shutil
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,9 +20,10 @@ from app.core.problems import ProblemsError
 from app.core.progress import Cancelled, Progress, run_job
 from app.core.publish import PublishError, PublishRequest, plan_publish, publish
 from app.core.recipe import parse_recipe
+from app.startup import start_logging
 from tests.publishing import READ_TOKEN, WRITE_TOKEN, hub_merge, local_donor
 
-pytest_plugins = ["tests.hubserver", "tests.publishing"]
+pytest_plugins = ["tests.hubserver"]
 
 
 def front_matter(card: str) -> dict:
@@ -37,8 +40,19 @@ def lfs_oid(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@pytest.fixture
+def app_log() -> Iterator[io.StringIO]:
+    """What the app's log file handler (installed at a desktop start) writes during the test."""
+    log = io.StringIO()
+    start_logging(log)
+    yield log
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if getattr(h, "frankenmoe_log", False)]:
+        root.removeHandler(handler)
+
+
 def test_publish_uploads_the_merge_and_a_download_gives_back_the_same_files(
-    publish_config, hub, llama_donors, tmp_path, caplog
+    publish_config, hub, llama_donors, tmp_path, caplog, app_log
 ):
     model = hub_merge(publish_config, llama_donors, tmp_path)
     caplog.set_level(logging.DEBUG)
@@ -82,6 +96,7 @@ def test_publish_uploads_the_merge_and_a_download_gives_back_the_same_files(
     for file in downloaded.iterdir():
         assert WRITE_TOKEN.encode() not in file.read_bytes(), file.name
     assert caplog.records and WRITE_TOKEN not in caplog.text
+    assert "HTTP Request: POST" in app_log.getvalue() and WRITE_TOKEN not in app_log.getvalue()
 
 
 def test_a_read_only_token_is_refused_by_name_and_nothing_is_uploaded(publish_config, hub, llama_donors, tmp_path):
@@ -255,3 +270,14 @@ def test_publish_to_a_private_repo_on_a_branch_with_a_gguf(publish_config, hub, 
     uploads = len(hub.lfs_uploads())
     run_job(publish(plan_publish(request, config=publish_config), config=publish_config))
     assert len(hub.lfs_uploads()) == uploads
+
+
+def test_without_a_token_or_a_model_folder_each_is_named(publish_config, hub, tmp_path):
+    plan = plan_publish(PublishRequest(tmp_path / "nowhere", "alice/tiny-moe"), config=publish_config)
+    assert [(p.field, p.message) for p in plan.errors] == [
+        ("model", f"the model folder {tmp_path / 'nowhere'} does not exist"),
+        ("token", "no Hugging Face access token is set"),
+    ]
+    assert plan.files == () and plan.total_bytes == 0
+    with pytest.raises(ProblemsError):
+        run_job(publish(plan, config=publish_config))

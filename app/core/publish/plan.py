@@ -18,6 +18,7 @@ from app.core.merge.modelcard import (
     donor_folder,
     donor_licenses,
     hub_id_of,
+    hub_models,
     public_recipe,
     render_model_card,
 )
@@ -136,18 +137,13 @@ def _hub_donor_facts(
     recipe: Recipe, token: str | None, config: HubConfig
 ) -> tuple[dict[str, str | None], list[str]]:
     """The licence each Hub donor's page states, and a warning for each gated donor."""
-    from huggingface_hub.errors import HfHubHTTPError
-
     licenses: dict[str, str | None] = {}
     warnings: list[str] = []
     api = config.api()
-    for ref in recipe.model_refs():
-        hub_id = hub_id_of(ref)
-        if hub_id is None:
-            continue
+    for hub_id in hub_models(recipe):
         try:
             info = api.model_info(hub_id, token=token)
-        except (HfHubHTTPError, OSError, ValueError):
+        except Exception:  # a best-effort look: any failure becomes a warning to check by hand
             warnings.append(f"could not check {hub_id} on the Hub (licence, gating); check its page yourself")
             continue
         card = info.card_data.to_dict() if info.card_data is not None else {}
@@ -162,7 +158,7 @@ def _hub_donor_facts(
 
 
 def _license(
-    request: PublishRequest, recipe: Recipe, hub_licenses: Mapping[str, str | None]
+    request: PublishRequest, recipe: Recipe, hub_licenses: Mapping[str, str | None], hub_checked: bool
 ) -> tuple[str | None, list[str], list[Problem]]:
     local = donor_licenses(recipe)
     merged = {name: value or hub_licenses.get(name) for name, value in local.items()}
@@ -175,15 +171,20 @@ def _license(
                 "most restrictive. Check that their terms allow it"
             )
         return request.license, warnings, []
-    if decision.unknown:
-        names = ", ".join(decision.unknown)
+    unknown = [name for name in decision.unknown if hub_checked or not _is_hub_name(name, recipe)]
+    if unknown:
+        names = ", ".join(unknown)
         problem = _error(
             "license",
-            f"the licence of {names} is unknown (no licence in its model card), so the merge's cannot be chosen",
+            f"the licence of {names} is unknown (its model card states none), so the merge's cannot be chosen",
             "read the donors' terms and give the licence yourself (--license ID, e.g. apache-2.0 or other)",
         )
         return None, list(decision.warnings), [problem]
     return decision.license or "other", list(decision.warnings), []
+
+
+def _is_hub_name(name: str, recipe: Recipe) -> bool:
+    return name in {hub_id_of(ref) for ref in recipe.model_refs()}
 
 
 def _gguf_problems(request: PublishRequest, taken: set[str]) -> list[Problem]:
@@ -277,9 +278,11 @@ def plan_publish(
         )
     elif model_dir.is_dir():
         recipe = load_recipe(recipe_path)
-        hub_licenses, donor_warnings = _hub_donor_facts(recipe, token, config) if answer else ({}, [])
+        # Without a working token the Hub is not asked; the check runs again once the token is fixed.
+        hub_checked = isinstance(answer, dict)
+        hub_licenses, donor_warnings = _hub_donor_facts(recipe, token, config) if hub_checked else ({}, [])
         warnings += donor_warnings
-        license_id, license_warnings, license_problems = _license(request, recipe, hub_licenses)
+        license_id, license_warnings, license_problems = _license(request, recipe, hub_licenses, hub_checked)
         warnings += license_warnings
         problems += license_problems
         card_text = _card(request, recipe, model_dir, license_id or "other")

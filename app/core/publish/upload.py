@@ -89,10 +89,15 @@ def publish(
 
 @contextmanager
 def _upload_errors(what: str, config: HubConfig) -> Iterator[None]:
-    """A failed upload or commit as one PublishError; the original error stays out of the chain, since
-    its request's headers hold the token."""
+    """A huggingface_hub call, quiet; a failed upload or commit comes out as one PublishError (the original
+    error stays out of the chain, since its request's headers hold the token)."""
+    from huggingface_hub.utils import disable_progress_bars
+
     try:
-        yield
+        # huggingface_hub's own bars would print from the core; the job reports progress itself. Off only
+        # for this call (never across a yield), so a download running meanwhile elsewhere keeps its bars.
+        with disable_progress_bars():
+            yield
     except (HubError, Cancelled):
         raise
     except Exception as exc:  # huggingface_hub wraps a failed upload in RuntimeError, OSError or ValueError
