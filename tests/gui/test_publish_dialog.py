@@ -22,16 +22,16 @@ from app.gui.settings import AppSettings
 from app.gui.ship.common import link_html
 from app.gui.ship.publish_dialog import PublishDialog, suggested_repo_id
 from tests.core.test_chat_capture import MERGED_RECIPE
+from tests.publishing import READ_TOKEN, WRITE_TOKEN
 
 if TYPE_CHECKING:
+    from app.core.hub import HubConfig
     from tests.hubserver import HubServer
 
 pytest_plugins = ["tests.hubserver"]
 
 TIMEOUT_MS = 60_000
 SHOTS = Path("/work/wt/shots")
-WRITE_TOKEN = "hf_alice_write_token_0123456789"
-READ_TOKEN = "hf_bob_read_token_0123456789"
 
 
 @pytest.fixture(scope="module")
@@ -45,19 +45,13 @@ def merged(llama_donors: dict[str, Path], tmp_path_factory: pytest.TempPathFacto
 
 
 @pytest.fixture
-def gui_hub(hub: HubServer, hub_home: Path, monkeypatch: pytest.MonkeyPatch) -> HubServer:
-    """The local Hub for every Hub call of the app; uploads go through its LFS API, not Xet."""
-    monkeypatch.setenv("HF_ENDPOINT", hub.url)
-    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
-    if hasattr(constants, "HF_HUB_DISABLE_XET"):
-        monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-    hub.add_token(WRITE_TOKEN, "alice", role="write")
-    hub.add_token(READ_TOKEN, "bob", role="read")
+def gui_hub(hub: HubServer, publish_config: HubConfig) -> HubServer:
+    """The local Hub for every Hub call of the app, with alice's write token and bob's read token."""
     return hub
 
 
 @pytest.fixture
-def logged_in(gui_hub: HubServer, hub_home: Path) -> HubServer:
+def logged_in(gui_hub: HubServer) -> HubServer:
     """alice's write token in huggingface_hub's token store, as its login leaves it."""
     token_file = Path(constants.HF_TOKEN_PATH)
     token_file.parent.mkdir(parents=True, exist_ok=True)
