@@ -102,6 +102,9 @@ def test_check_then_publish_to_the_hub(qtbot, logged_in: HubServer, merged: Path
     gguf = merged.parent / "tiny-moe-f16.gguf"
     assert [dialog.gguf_list.item(row).text() for row in range(dialog.gguf_list.count())] == [str(gguf)]
     assert not dialog.publish_button.isEnabled()
+    # The donors' cards name no licence: the user gives it (the merge's card's is shown, not taken).
+    assert dialog.license.text() == "" and "apache-2.0" in dialog.license.placeholderText()
+    dialog.license.setText("apache-2.0")
 
     check(qtbot, dialog)
     plan = dialog.plan
@@ -150,6 +153,7 @@ def test_a_read_only_token_is_refused_and_nothing_is_uploaded(
     check(qtbot, dialog)
     shown = dialog.messages.text()
     assert "✗" in shown and "read" in shown, shown
+    assert "Token field" in shown and "--token" not in shown  # the fix in the dialog's own terms
     assert "✗" in dialog.summary.text()
     assert not dialog.publish_button.isEnabled()
     dialog.start_publish()  # as a click would, were the button not off
@@ -172,6 +176,7 @@ def test_the_window_stays_usable_while_the_upload_waits(qtbot, window, logged_in
     assert dialog is not None
     qtbot.waitUntil(lambda: dialog.repo_id.text() == "alice/tiny-moe", timeout=TIMEOUT_MS)
     dialog.repo_id.setText("alice/held-moe")
+    dialog.license.setText("apache-2.0")
     check(qtbot, dialog)
     assert dialog.publish_button.isEnabled(), dialog.messages.text()
 
@@ -210,3 +215,22 @@ def test_hub_text_is_escaped_before_it_becomes_a_link() -> None:
 def test_the_suggested_repo_name_is_one_the_hub_takes() -> None:
     assert suggested_repo_id("alice", Path("/models/My MoE (v2)")) == "alice/My-MoE-v2"
     assert suggested_repo_id("alice", Path("/models/tiny_moe-1.0")) == "alice/tiny_moe-1.0"
+
+
+def test_an_unknown_licence_is_asked_for_in_the_licence_field(
+    qtbot, logged_in: HubServer, llama_donors: dict[str, Path], context: AppContext, tmp_path: Path
+):
+    recipe = parse_recipe(MERGED_RECIPE.format(**llama_donors))
+    folder = tmp_path / "no-licence-moe"
+    run_job(merge_moe(recipe, MergeOptions(out_dir=folder)))
+    dialog = open_dialog(qtbot, folder, context)
+    assert dialog.license.text() == ""  # never a guess: the donors' cards name no licence
+    qtbot.waitUntil(lambda: dialog.repo_id.text() == "alice/no-licence-moe", timeout=TIMEOUT_MS)
+    check(qtbot, dialog)
+    assert "Licence field" in dialog.messages.text() and not dialog.publish_button.isEnabled()
+    dialog.license.setText("apache-2.0")
+    assert not dialog.publish_button.isEnabled()  # changed since the check
+    check(qtbot, dialog)
+    assert "Licence field" not in dialog.messages.text()
+    assert dialog.publish_button.isEnabled(), dialog.messages.text()
+    assert "license: apache-2.0" in dialog.card_preview.toPlainText()

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import re
 import threading
+from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,6 +33,7 @@ from PySide6.QtWidgets import (
 )
 
 from app.core.merge.modelcard import base_license
+from app.core.problems import Problem
 from app.core.progress import Job, Progress
 from app.gui.context import AppContext, describe_error
 from app.gui.ship.common import RateMeter, has_errors, link_html, link_label, plan_messages, with_note
@@ -44,6 +47,16 @@ if TYPE_CHECKING:
 # Characters a Hub repo name may hold; others in a folder's name become "-" in the suggested id.
 NOT_IN_REPO_NAMES = re.compile(r"[^A-Za-z0-9._-]+")
 FILES_LISTED = 6
+# The core's fixes name the command line's flags; in this dialog the same fixes are its fields.
+DIALOG_HINTS = {
+    "token": "paste a token with the write role in the Token field above (huggingface.co/settings/tokens makes "
+    "them), or log in with one in Settings",
+    "license": "read the donors' terms and type the licence in the Licence field (e.g. apache-2.0, or other)",
+}
+
+
+def in_dialog_terms(problems: Iterable[Problem]) -> list[Problem]:
+    return [replace(p, hint=DIALOG_HINTS[p.field]) if p.field in DIALOG_HINTS else p for p in problems]
 
 
 def suggested_repo_id(user: str, model_dir: Path) -> str:
@@ -113,9 +126,12 @@ class PublishDialog(QDialog):
         self.remove_gguf_button.clicked.connect(self._remove_gguf)
         self.message = QLineEdit()
         self.message.setPlaceholderText("Upload a FrankenMoE merge")
-        # The licence the merge's card already states, which the user may have chosen on the Merge page.
-        self.license = QLineEdit(base_license(model_dir) or "")
-        self.license.setPlaceholderText("Empty: the most restrictive of the donors' licences")
+        # Empty by default: the core then takes the most restrictive of the donors' licences, or refuses to
+        # guess. The merge's own card may state one chosen without every donor's terms: shown, not used.
+        self.license = QLineEdit()
+        card_license = base_license(model_dir)
+        stated = f" (the merge's card says {card_license})" if card_license and card_license != "other" else ""
+        self.license.setPlaceholderText(f"Empty: the most restrictive of the donors' licences{stated}")
 
         self.check_button = QPushButton("Check")
         self.check_button.setToolTip("Checks the account, the folder, the licences and the card; uploads nothing")
@@ -318,7 +334,7 @@ class PublishDialog(QDialog):
 
     def _checked(self, plan: PublishPlan) -> None:
         self.plan = plan
-        self.messages.setText(plan_messages(plan.problems, plan.warnings))
+        self.messages.setText(plan_messages(in_dialog_terms(plan.problems), plan.warnings))
         self.card_preview.setPlainText(plan.card_text)
         request = plan.request
         where = "existing repo" if plan.repo_exists else ("new private repo" if request.private else "new repo")
