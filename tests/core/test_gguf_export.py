@@ -406,3 +406,21 @@ def test_sentencepiece_style_vocabulary_encodes_like_the_models_tokenizer(spm_mi
     for text in [*TEXTS[:4], "zebra quokka ünïcödé"]:
         want = original.encode(text, add_special_tokens=False).ids
         assert spm_encode(text, tokens, scores, types, add_space_prefix=True) == want, text
+
+
+def test_incomplete_or_unreadable_folder_is_a_problem_not_a_crash(moes, tmp_path):
+    folder = tmp_path / "cut"
+    shutil.copytree(moes["qwen3_moe"], folder)
+    for file in folder.glob("*.safetensors"):
+        tensors = load_file(file)
+        tensors.pop("model.layers.1.mlp.experts.2.up_proj.weight", None)
+        save_file(tensors, file, metadata={"format": "pt"})
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        data = json.loads(index.read_text())
+        data["weight_map"].pop("model.layers.1.mlp.experts.2.up_proj.weight", None)
+        index.write_text(json.dumps(data))
+    (problem,) = plan_gguf_export(folder, tmp_path / "m.gguf", "f16").problems
+    assert problem.field == "tensors" and "model.layers.1.mlp.experts.2.up_proj.weight" in problem.message
+    (problem,) = plan_gguf_export(tmp_path / "nowhere", tmp_path / "m.gguf", "f16").problems
+    assert problem.field == "model" and "config.json" in problem.message

@@ -147,6 +147,7 @@ class _Layout:
     config: dict[str, Any]
     tensors: list[OutputTensor]
     unmapped: list[str]
+    missing: list[str]
     shared_gates: list[str]
 
 
@@ -169,8 +170,13 @@ def _layout(source: ModelSource, config: dict[str, Any], out_type: str) -> _Layo
         names.append(("output.weight", ("model.embed_tokens.weight",)))
     used: set[str] = set()
     tensors = []
+    missing = []
     for gguf_name, hf_names in names:
-        if not all(source.has_tensor(n) for n in hf_names):
+        present = [source.has_tensor(n) for n in hf_names]
+        if not all(present):
+            used.update(n for n, here in zip(hf_names, present, strict=True) if here)
+            if any(present) or _required(gguf_name, model_type):
+                missing += [n for n, here in zip(hf_names, present, strict=True) if not here]
             continue
         used.update(hf_names)
         first = tuple(source.tensor_info(hf_names[0]).shape)
@@ -184,7 +190,19 @@ def _layout(source: ModelSource, config: dict[str, Any], out_type: str) -> _Layo
     ignored = ("rotary_emb.inv_freq",)
     unmapped = [n for n in source.tensor_names if n not in used and not n.endswith(ignored)]
     shared_gates = [t.sources[0] for t in tensors if t.name.endswith("ffn_gate_inp_shexp.weight")]
-    return _Layout(GGUF_ARCHITECTURES[model_type], config, tensors, unmapped, shared_gates)
+    return _Layout(GGUF_ARCHITECTURES[model_type], config, tensors, unmapped, missing, shared_gates)
+
+
+def _required(gguf_name: str, model_type: str) -> bool:
+    """Whether llama.cpp's loader needs this tensor: biases are optional, q/k norms Qwen3-MoE's, shared experts
+    Qwen2-MoE's."""
+    if gguf_name.endswith(".bias"):
+        return False
+    if gguf_name.endswith(("attn_q_norm.weight", "attn_k_norm.weight")):
+        return model_type == "qwen3_moe"
+    if "shexp" in gguf_name:
+        return model_type == "qwen2_moe"
+    return True
 
 
 def _nbytes(shape: tuple[int, ...], qtype: str) -> int:
@@ -288,12 +306,51 @@ def _intermediate_type(config: dict[str, Any]) -> str:
     return {"float32": "f32", "bfloat16": "bf16"}.get(dtype, "f16")
 
 
+def _inspect_model(model_dir: Path, out_type: str) -> tuple[str, int, list[str], list[Problem]]:
+    """(llama.cpp architecture, estimated file size, warnings, problems) of the model folder."""
+    from app.core.sources import ModelSource
+
+    config = _read_config(model_dir)
+    model_type = str(config.get("model_type"))
+    if model_type not in GGUF_ARCHITECTURES:
+        problem = Problem(
+            "architecture",
+            f"{model_dir.name} is a {model_type!r} model; the GGUF export takes the MoEs the app builds "
+            "(Mixtral, Qwen2-MoE, Qwen3-MoE)",
+            "choose a folder the merge wrote",
+        )
+        return "", 0, [], [problem]
+    with ModelSource(model_dir) as source:
+        layout = _layout(source, config, out_type if out_type in IN_PROCESS_TYPES else "f16")
+        warnings, problems = _fidelity(config, layout)
+        if layout.missing:
+            shown = ", ".join(layout.missing[:3]) + (" …" if len(layout.missing) > 3 else "")
+            problems.append(
+                Problem(
+                    "tensors",
+                    f"{len(layout.missing)} tensor(s) llama.cpp needs are missing from {model_dir.name} ({shown})",
+                    "export a complete merged folder (merge it again if it was cut short)",
+                )
+            )
+        if layout.shared_gates and _zero_shared_gates(source, layout.shared_gates):
+            warnings.append(_zero_gate_warning())
+    kept = sum(1 for t in layout.tensors if out_type.startswith("q") and t.qtype == "F16")
+    if kept and out_type in IN_PROCESS_TYPES:
+        warnings.append(f"{kept} tensor(s) with rows not a multiple of {_BLOCK} are kept in f16")
+    tokenizer_bytes = sum(p.stat().st_size for p in model_dir.glob("tokenizer*") if p.is_file())
+    if not tokenizer_bytes:
+        problems.append(Problem("tokenizer", f"{model_dir} has no tokenizer", "export a complete merged folder"))
+    return GGUF_ARCHITECTURES[model_type], _estimate(layout, out_type, tokenizer_bytes), warnings, problems
+
+
 def plan_gguf_export(
     model_dir: Path, out_path: Path, out_type: str, *, quantizer: Path | None = None
 ) -> GgufPlan:
-    """Everything checked before writing: architecture, fidelity, type, quantizer, target, disk space."""
-    from app.core.sources import ModelSource
+    """Everything checked before writing: architecture, fidelity, type, quantizer, target, disk space.
 
+    Reads the config, the safetensors headers and the (tiny) shared-expert gates only. An existing out_path is
+    a warning (field "overwrite"): export_gguf refuses it unless overwrite=True.
+    """
     model_dir, out_path = Path(model_dir).expanduser(), Path(out_path).expanduser()
     out_type = out_type.lower()
     problems: list[Problem] = []
@@ -317,33 +374,12 @@ def plan_gguf_export(
                 "or choose an in-process type: " + ", ".join(IN_PROCESS_TYPES),
             )
         )
-    config = _read_config(model_dir)
-    model_type = str(config.get("model_type"))
-    if model_type not in GGUF_ARCHITECTURES:
-        problems.append(
-            Problem(
-                "architecture",
-                f"{model_dir.name} is a {model_type!r} model; the GGUF export takes the MoEs the app builds "
-                "(Mixtral, Qwen2-MoE, Qwen3-MoE)",
-                "choose a folder the merge wrote",
-            )
-        )
-    else:
-        architecture = GGUF_ARCHITECTURES[model_type]
-        with ModelSource(model_dir) as source:
-            layout = _layout(source, config, out_type if out_type in IN_PROCESS_TYPES else "f16")
-            found, refusals = _fidelity(config, layout)
-            warnings += found
-            problems += refusals
-            if layout.shared_gates and _zero_shared_gates(source, layout.shared_gates):
-                warnings.append(_zero_gate_warning())
-        quantised = sum(1 for t in layout.tensors if out_type.startswith("q") and t.qtype == "F16")
-        if quantised and out_type in IN_PROCESS_TYPES:
-            warnings.append(f"{quantised} tensor(s) with rows not a multiple of {_BLOCK} are kept in f16")
-        tokenizer_bytes = sum(p.stat().st_size for p in model_dir.glob("tokenizer*") if p.is_file())
-        if not tokenizer_bytes:
-            problems.append(Problem("tokenizer", f"{model_dir} has no tokenizer", "export a complete merged folder"))
-        estimated = _estimate(layout, out_type, tokenizer_bytes)
+    try:
+        architecture, estimated, found, refusals = _inspect_model(model_dir, out_type)
+    except FrankenMoEError as exc:
+        architecture, estimated, found, refusals = "", 0, [], [Problem("model", exc.message, exc.hint)]
+    warnings += found
+    problems += refusals
     if out_path.exists() and out_path.is_dir():
         problems.append(Problem("out_path", f"{out_path} is a folder", "name a .gguf file"))
     elif out_path.exists():
@@ -359,7 +395,7 @@ def plan_gguf_export(
     target_dir = out_path.parent if out_path.parent.exists() else _existing_parent(out_path)
     free = shutil.disk_usage(target_dir).free
     # A K-quant needs the intermediate file (the model's own precision) beside the result while it runs.
-    needed = estimated + (_estimate_intermediate(model_dir, config) if out_type in QUANTIZER_TYPES else 0)
+    needed = estimated + (_estimate_intermediate(model_dir) if out_type in QUANTIZER_TYPES else 0)
     if needed > free:
         from app.core.progress import format_bytes
 
@@ -373,10 +409,9 @@ def plan_gguf_export(
     return GgufPlan(model_dir, out_path, out_type, architecture, estimated, free, tuple(warnings), tuple(problems))
 
 
-def _estimate_intermediate(model_dir: Path, config: dict[str, Any]) -> int:
-    return sum(p.stat().st_size for p in model_dir.glob("*.safetensors")) * (
-        2 if _intermediate_type(config) == "f32" and str(config.get("dtype")) != "float32" else 1
-    )
+def _estimate_intermediate(model_dir: Path) -> int:
+    """The intermediate file llama-quantize reads is in the model's own precision: about its safetensors' size."""
+    return sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
 
 
 def _existing_parent(path: Path) -> Path:
