@@ -112,6 +112,7 @@ class HubServer:
         self.lfs_objects: dict[str, bytes] = {}  # sha256 -> content uploaded through the LFS API
         self.accepted_uploads: list[str] = []  # sha256 of each LFS upload the server took in, in order
         self._upload_faults: dict[str, int] = {}  # sha256 -> how many more uploads of it fail
+        self._upload_drops: dict[str, int] = {}  # sha256 -> how many more uploads of it lose their connection
         self.requests: list[tuple[str, str, str | None]] = []  # (method, path, Range header)
         self.lock = threading.Lock()
         self._drops: dict[str, list[int]] = {}  # file path -> [bytes to send before dropping, times]
@@ -199,13 +200,22 @@ class HubServer:
         client's connection stalls mid-upload: a 400 ``RequestTimeout``, which clients do not retry."""
         self._upload_faults[sha256] = times
 
-    def take_upload_fault(self, sha256: str) -> bool:
+    def drop_upload(self, sha256: str, times: int = 1) -> None:
+        """The next ``times`` LFS uploads of the object ``sha256`` lose their connection: the server takes
+        the bytes in and hangs up without an answer, as when a network drops mid-upload."""
+        self._upload_drops[sha256] = times
+
+    def take_upload_fault(self, sha256: str, faults: dict[str, int] | None = None) -> bool:
+        faults = self._upload_faults if faults is None else faults
         with self.lock:
-            left = self._upload_faults.get(sha256, 0)
+            left = faults.get(sha256, 0)
             if left <= 0:
                 return False
-            self._upload_faults[sha256] = left - 1
+            faults[sha256] = left - 1
             return True
+
+    def take_upload_drop(self, sha256: str) -> bool:
+        return self.take_upload_fault(sha256, self._upload_drops)
 
     def throttle(self, path: str, piece: int, pause_s: float) -> None:
         """Serve ``path`` slowly, ``piece`` bytes at a time, so that a test can act mid-file."""
@@ -294,6 +304,9 @@ def _make_handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
             path = unquote(split.path)
             hub.requests.append((self.command, path, None))
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            if self.command == "PUT" and hub.take_upload_drop(path.rsplit("/", 1)[-1]):
+                self.close_connection = True
+                return
             release = hub.take_hold(path)
             if release is not None:  # held as reads are: no answer, the connection closed when released
                 hub.request_held.set()

@@ -24,8 +24,8 @@ def register(subparsers: Any) -> None:
             "role. An interrupted upload resumes when the command is run again."
         ),
     )
-    publish.add_argument("model", type=Path, help="the folder a merge wrote")
-    publish.add_argument("repo_id", help="namespace/name on the Hub (a bare name goes under your user)")
+    publish.add_argument("model", type=Path, metavar="MODEL", help="the folder a merge wrote")
+    publish.add_argument("repo_id", metavar="REPO_ID", help="namespace/name on the Hub (a bare name: your user)")
     publish.add_argument("--private", action="store_true", help="create the repo as private")
     publish.add_argument("--revision", metavar="BRANCH", help="upload to this branch (created from main if new)")
     publish.add_argument(

@@ -9,12 +9,14 @@ import logging
 import shutil
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import yaml
 from huggingface_hub import ModelCard, snapshot_download
 
+from app.core.hub import HubOfflineError
 from app.core.merge.pipeline import RECIPE_FILENAME, MergeOptions, merge_moe
 from app.core.problems import ProblemsError
 from app.core.progress import Cancelled, Progress, run_job
@@ -192,6 +194,7 @@ def test_an_unknown_donor_licence_is_not_guessed(publish_config, hub, llama_dono
     )
     model = tmp_path / "moe"
     run_job(merge_moe(recipe, MergeOptions(out_dir=model, device="cpu")))
+    (model / "README.md").unlink()  # a card the user deleted: the repo still gets one
     plan = plan_publish(PublishRequest(model, "alice/tiny-moe", token=WRITE_TOKEN), config=publish_config)
     [error] = plan.errors
     assert error.field == "license" and "no-licence-expert" in error.message and "--license" in error.hint
@@ -200,6 +203,7 @@ def test_an_unknown_donor_licence_is_not_guessed(publish_config, hub, llama_dono
     )
     assert not plan.errors and front_matter(plan.card_text)["license"] == "apache-2.0"
     assert "base_model" not in front_matter(plan.card_text)  # local donors only: no Hub id to name
+    assert "README.md" in plan.files
 
 
 def test_an_upload_that_fails_midway_resumes_with_only_the_missing_files(publish_config, hub, llama_donors, tmp_path):
@@ -281,3 +285,23 @@ def test_without_a_token_or_a_model_folder_each_is_named(publish_config, hub, tm
     assert plan.files == () and plan.total_bytes == 0
     with pytest.raises(ProblemsError):
         run_job(publish(plan, config=publish_config))
+
+
+def test_a_hub_that_does_not_answer_is_said_at_once(publish_config, closed_endpoint, tmp_path):
+    config = replace(publish_config, endpoint=closed_endpoint)
+    with pytest.raises(HubOfflineError) as failure:
+        plan_publish(PublishRequest(tmp_path, "alice/tiny-moe", token=WRITE_TOKEN), config=config)
+    assert closed_endpoint in failure.value.message
+
+
+def test_a_connection_lost_once_mid_upload_is_retried_and_the_publish_completes(
+    publish_config, hub, llama_donors, tmp_path
+):
+    model = hub_merge(publish_config, llama_donors, tmp_path)
+    shard = sorted(model.glob("*.safetensors"))[1]
+    hub.drop_upload(lfs_oid(shard))
+    plan = plan_publish(PublishRequest(model, "alice/tiny-moe", token=WRITE_TOKEN), config=publish_config)
+    result = run_job(publish(plan, config=publish_config))
+    puts = [p for m, p, _ in hub.requests if m == "PUT" and p.endswith(lfs_oid(shard))]
+    assert len(puts) == 2  # the lost one and huggingface_hub's own retry
+    assert hub.repos["alice/tiny-moe"].commits[result.commit][shard.name] == shard.read_bytes()

@@ -287,6 +287,8 @@ def plan_publish(
         problems += license_problems
         card_text = _card(request, recipe, model_dir, license_id or "other")
         files = folder_files(model_dir)
+        if CARD not in files:  # the card is generated: the repo gets one even when the folder has none
+            files.insert(0, CARD)
         problems += _gguf_problems(request, set(files))
         files += [Path(p).name for p in request.include_gguf if Path(p).name not in files]
         donors = [f for f in (donor_folder(ref) for ref in recipe.model_refs() if ref.is_local) if f is not None]

@@ -84,7 +84,7 @@ def publish(
         info = api.create_commit(repo_id, operations, commit_message=message, token=token, revision=revision)
     url = config.repo_url(repo_id) + (f"/tree/{revision}" if revision else "")
     yield Progress("done", total_files, total_files, plan.total_bytes, plan.total_bytes, message=url)
-    return PublishResult(url=url, commit=getattr(info, "oid", None))
+    return PublishResult(url=url, commit=info.oid)
 
 
 @contextmanager
