@@ -105,12 +105,13 @@ def test_check_then_publish_to_the_hub(qtbot, logged_in: HubServer, merged: Path
     # The donors' cards name no licence: the user gives it (the merge's card's is shown, not taken).
     assert dialog.license.text() == "" and "apache-2.0" in dialog.license.placeholderText()
     dialog.license.setText("apache-2.0")
+    dialog.private.setChecked(True)
 
     check(qtbot, dialog)
     plan = dialog.plan
     assert plan is not None and not any(p.is_error for p in plan.problems), dialog.messages.text()
     assert dialog.publish_button.isEnabled()
-    assert "✓" in dialog.summary.text() and "alice/tiny-moe" in dialog.summary.text()
+    assert "✓" in dialog.summary.text() and "new private repo alice/tiny-moe" in dialog.summary.text()
     card = dialog.card_preview.toPlainText()
     assert card == plan.card_text and "frankenmoe" in card
     assert "tiny-moe-f16.gguf" in plan.files and "config.json" in plan.files
@@ -131,6 +132,7 @@ def test_check_then_publish_to_the_hub(qtbot, logged_in: HubServer, merged: Path
     assert any(record.bytes_total for record in records)
     assert dialog.progress.value() == 1000
     repo = logged_in.repos["alice/tiny-moe"]
+    assert repo.private
     files = repo.commits[repo.refs["main"]]
     assert {"README.md", "config.json", "tiny-moe-f16.gguf"} <= set(files)
     assert files["tiny-moe-f16.gguf"] == gguf.read_bytes()
