@@ -20,7 +20,7 @@ from app.gui.context import AppContext
 from app.gui.main_window import Step
 from app.gui.settings import AppSettings
 from app.gui.ship.common import link_html
-from app.gui.ship.publish_dialog import PublishDialog, suggested_repo_id
+from app.gui.ship.publish_dialog import PublishDialog, ggufs_beside, suggested_repo_id
 from tests.core.test_chat_capture import MERGED_RECIPE
 from tests.publishing import READ_TOKEN, WRITE_TOKEN
 
@@ -236,3 +236,11 @@ def test_an_unknown_licence_is_asked_for_in_the_licence_field(
     assert "Licence field" not in dialog.messages.text()
     assert dialog.publish_button.isEnabled(), dialog.messages.text()
     assert "license: apache-2.0" in dialog.card_preview.toPlainText()
+
+
+def test_the_ggufs_offered_are_those_exported_from_this_folder(tmp_path: Path) -> None:
+    model = tmp_path / "moe [v2]"
+    model.mkdir()
+    for name in ("moe [v2]-q8_0.gguf", "moe [v2]-f16.gguf", "other-f16.gguf", "moe v-f16.gguf"):
+        (tmp_path / name).write_bytes(b"GGUF")
+    assert [p.name for p in ggufs_beside(model)] == ["moe [v2]-f16.gguf", "moe [v2]-q8_0.gguf"]

@@ -9,6 +9,7 @@ where it becomes a link.
 
 from __future__ import annotations
 
+import glob
 import re
 import threading
 from collections.abc import Iterable
@@ -67,13 +68,9 @@ def suggested_repo_id(user: str, model_dir: Path) -> str:
 def ggufs_beside(model_dir: Path) -> list[Path]:
     """GGUF files exported from this model with the export dialog's default names (NAME-TYPE.gguf)."""
     try:
-        return sorted(model_dir.parent.glob(f"{_glob_escape(model_dir.name)}-*.gguf"))
+        return sorted(model_dir.parent.glob(f"{glob.escape(model_dir.name)}-*.gguf"))
     except OSError:
         return []
-
-
-def _glob_escape(name: str) -> str:
-    return re.sub(r"([*?\[])", r"[\1]", name)
 
 
 def who_is_logged_in(token: str | None) -> Job[HubUser | None]:
