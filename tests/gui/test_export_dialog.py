@@ -270,3 +270,25 @@ def test_the_merge_and_chat_pages_open_the_dialogs_for_their_model(qtbot, window
     export_dialog = chat.findChild(ExportDialog)
     assert export_dialog is not None and export_dialog.model_dir == merged
     export_dialog.close()
+
+
+def test_what_llama_cpp_computes_differently_is_said_before_writing(
+    qtbot, settings: AppSettings, qwen2_donors: dict[str, Path], tmp_path: Path, no_quantizer: None
+):
+    from tests.core.test_qwen import merge, recipe_for
+
+    folder = tmp_path / "qwen2-moe"
+    shared = [f"- source_model: {qwen2_donors['shared']}"]
+    merge(recipe_for(qwen2_donors, "random", shared=shared), folder)
+    dialog = ExportDialog(folder, AppContext(settings))
+    qtbot.addWidget(dialog)
+    dialog.show()
+    wait_for_plan(qtbot, dialog)
+    plan = dialog.plan
+    assert plan is not None and plan.architecture == "qwen2moe" and plan.warnings
+    shown = dialog.messages.text()
+    assert all(warning[1:60] in shown for warning in plan.warnings), shown
+    assert "⚠ norm_topk_prob" in shown  # a setting's name keeps its case
+    # A warning informs; it does not stop the export.
+    assert dialog.export_button.isEnabled()
+    save_shot(dialog, "export-warnings")

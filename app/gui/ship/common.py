@@ -11,16 +11,28 @@ from PySide6.QtCore import Qt, QUrl
 from PySide6.QtGui import QDesktopServices
 from PySide6.QtWidgets import QLabel, QLayout, QVBoxLayout, QWidget
 
-from app.core.problems import Problem, Severity
+from app.core.problems import Problem, sentence
 from app.core.progress import Progress
-from app.gui.context import describe_problems
 from app.gui.widgets import format_bytes, format_duration
 
 
 def plan_messages(problems: Iterable[Problem], warnings: Iterable[str]) -> str:
-    """A plan's problems and warnings as the app shows problems everywhere: errors first, fixes last."""
-    as_problems = [*problems, *(Problem("", warning, severity=Severity.WARNING) for warning in warnings)]
-    return describe_problems(as_problems)
+    """A plan's problems and warnings as the app shows problems everywhere: errors, then warnings,
+    then each fix once."""
+    problems = list(problems)
+    ordered = [*(p for p in problems if p.is_error), *(p for p in problems if not p.is_error)]
+    lines = [f"{'✗' if p.is_error else '⚠'} {as_sentence(p.message)}" for p in ordered]
+    lines += [f"⚠ {as_sentence(warning)}" for warning in warnings]
+    fixes = dict.fromkeys(sentence(p.hint) for p in ordered if p.hint)
+    return "\n".join([*lines, *(f"Fix: {fix}" for fix in fixes)])
+
+
+def as_sentence(clause: str) -> str:
+    """A clause as a sentence, except that a first word naming a setting (norm_topk_prob) keeps its case."""
+    first = clause.strip().split(" ", 1)[0]
+    if "_" in first:
+        return clause.strip() if clause.strip().endswith((".", "!", "?")) else f"{clause.strip()}."
+    return sentence(clause)
 
 
 def has_errors(problems: Iterable[Problem]) -> bool:
