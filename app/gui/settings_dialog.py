@@ -37,7 +37,7 @@ class SettingsDialog(QDialog):
         self.context = context
         self.token = QLineEdit()
         self.token.setEchoMode(QLineEdit.EchoMode.Password)
-        self.token.setPlaceholderText("hf_… (only needed for gated or private models)")
+        self.token.setPlaceholderText("hf_… (for gated or private models, and for publishing)")
         self.login_button = QPushButton("Log in")
         self.login_button.clicked.connect(self._login)
         self.login_status = QLabel("Checking the saved token…")
@@ -86,7 +86,7 @@ class SettingsDialog(QDialog):
         quantize_row.addWidget(self.llama_quantize, 1)
         quantize_row.addWidget(browse_quantize)
         form.addRow("llama-quantize", quantize_row)
-        form.addRow("", explanation("llama.cpp's quantizer: the GGUF export needs it for K-quants (q4_k_m …)."))
+        form.addRow("", explanation("llama.cpp's quantizer, for K-quant GGUF exports."))
         buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Ok | QDialogButtonBox.StandardButton.Cancel)
         buttons.accepted.connect(self.accept)
         buttons.rejected.connect(self.reject)
