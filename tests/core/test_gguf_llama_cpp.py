@@ -138,21 +138,22 @@ ROPE_SCALINGS = {
         "high_freq_factor": 4.0,
         "original_max_position_embeddings": 64,
     },
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
 }
 
 
-@pytest.mark.parametrize("scaling", ["linear", "llama3"])
-def test_rope_scaling_reaches_llama_cpp(moes, tmp_path, scaling):
-    """The same Mixtral with scaled RoPE (config only): llama.cpp (rope.scaling keys, or the rope_freqs tensor)
+@pytest.mark.parametrize(("arch", "scaling"), [("mixtral", "linear"), ("mixtral", "llama3"), ("qwen3_moe", "yarn")])
+def test_rope_scaling_reaches_llama_cpp(moes, tmp_path, arch, scaling):
+    """The same model with scaled RoPE (config only): llama.cpp (rope.scaling keys, or the rope_freqs tensor)
     computes what transformers computes, and not what it computed without the scaling."""
     folder = tmp_path / scaling
-    shutil.copytree(moes["mixtral"], folder)
+    shutil.copytree(moes[arch], folder)
     config = json.loads((folder / "config.json").read_text())
     config["rope_parameters"] = {**ROPE_SCALINGS[scaling], "rope_theta": config["rope_theta"]}
     config["rope_scaling"] = ROPE_SCALINGS[scaling]
     (folder / "config.json").write_text(json.dumps(config))
     path = run_job(export_gguf(folder, tmp_path / "m.gguf", "f32")).out_path
-    top1, worst = report(f"mixtral f32, {scaling} RoPE scaling", next_token_logits(folder, path))
+    top1, worst = report(f"{arch} f32, {scaling} RoPE scaling", next_token_logits(folder, path))
     assert top1 == len(PROMPTS) and worst < 1e-3
-    unscaled = next_token_logits(moes["mixtral"], path)
+    unscaled = next_token_logits(moes[arch], path)
     assert max(float(np.abs(a - b).max()) for a, b in unscaled) > 10 * worst
