@@ -19,8 +19,8 @@ def register(commands: Any) -> None:
         description=(
             "Writes MODEL (a Mixtral, Qwen2-MoE or Qwen3-MoE folder the merge made) as one GGUF file. "
             f"Types {', '.join(IN_PROCESS_TYPES)} are written here; K-quants and i-quants "
-            f"({', '.join(QUANTIZER_TYPES)}) run llama.cpp's llama-quantize on an intermediate file. What llama.cpp computes differently from "
-            "transformers is printed as a warning before writing."
+            f"({', '.join(QUANTIZER_TYPES)}) run llama.cpp's llama-quantize on an intermediate file. "
+            "What llama.cpp computes differently from transformers is printed as a warning before writing."
         ),
     )
     export.add_argument("model", type=Path, metavar="MODEL", help="merged model folder")
