@@ -18,12 +18,12 @@ def register(commands: Any) -> None:
         help="write a merged MoE as a GGUF file (llama.cpp, LM Studio, Ollama, GPT4All)",
         description=(
             "Writes MODEL (a Mixtral, Qwen2-MoE or Qwen3-MoE folder the merge made) as one GGUF file. "
-            f"Types {', '.join(IN_PROCESS_TYPES)} are written here; K-quants ({', '.join(QUANTIZER_TYPES)}) "
-            "run llama.cpp's llama-quantize on an intermediate file. What llama.cpp computes differently from "
-            "transformers is printed as a warning before writing."
+            f"Types {', '.join(IN_PROCESS_TYPES)} are written here; K-quants and i-quants "
+            f"({', '.join(QUANTIZER_TYPES)}) run llama.cpp's llama-quantize on an intermediate file. "
+            "What llama.cpp computes differently from transformers is printed as a warning before writing."
         ),
     )
-    export.add_argument("model", type=Path, help="merged model folder")
+    export.add_argument("model", type=Path, metavar="MODEL", help="merged model folder")
     export.add_argument("out", type=Path, metavar="OUT.gguf", help="the GGUF file to write")
     export.add_argument(
         "--type", default="f16", choices=[*IN_PROCESS_TYPES, *QUANTIZER_TYPES], type=str.lower,

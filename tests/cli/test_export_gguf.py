@@ -64,3 +64,17 @@ def test_k_quant_needs_llama_quantize(qwen2_moe, tmp_path, monkeypatch):
 def test_unknown_type_is_refused_by_the_parser(qwen2_moe, tmp_path):
     result = frankenmoe("export-gguf", str(qwen2_moe), str(tmp_path / "m.gguf"), "--type", "q3_x")
     assert result.returncode == 2 and "q4_k_m" in result.stderr
+
+
+def test_k_quant_through_a_real_llama_quantize(qwen2_moe, tmp_path):
+    """Runs only where llama.cpp was built (LLAMA_QUANTIZE or PATH): a fake quantizer would prove nothing."""
+    from app.core.export import find_llama_quantize
+
+    quantizer = find_llama_quantize(os.environ.get("LLAMA_QUANTIZE"))
+    if quantizer is None:
+        pytest.skip("no llama-quantize (set LLAMA_QUANTIZE or put one on PATH)")
+    out = tmp_path / "moe.q6_k.gguf"
+    result = frankenmoe("export-gguf", str(qwen2_moe), str(out), "--type", "q6_k", "--quantize-with", str(quantizer))
+    assert result.returncode == 0, result.stderr
+    assert gguf.GGUFReader(out).fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q6_K
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]

@@ -127,3 +127,33 @@ def test_k_quant_with_a_real_llama_quantize(moes, tmp_path):
     pairs = next_token_logits(moes["mixtral"], result.out_path)
     report("mixtral q4_k_m (llama-quantize)", pairs)
     assert all(np.isfinite(b).all() for _a, b in pairs)
+
+
+ROPE_SCALINGS = {
+    "linear": {"rope_type": "linear", "factor": 2.0},
+    "llama3": {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    },
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
+}
+
+
+@pytest.mark.parametrize(("arch", "scaling"), [("mixtral", "linear"), ("mixtral", "llama3"), ("qwen3_moe", "yarn")])
+def test_rope_scaling_reaches_llama_cpp(moes, tmp_path, arch, scaling):
+    """The same model with scaled RoPE (config only): llama.cpp (rope.scaling keys, or the rope_freqs tensor)
+    computes what transformers computes, and not what it computed without the scaling."""
+    folder = tmp_path / scaling
+    shutil.copytree(moes[arch], folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["rope_parameters"] = {**ROPE_SCALINGS[scaling], "rope_theta": config["rope_theta"]}
+    config["rope_scaling"] = ROPE_SCALINGS[scaling]
+    (folder / "config.json").write_text(json.dumps(config))
+    path = run_job(export_gguf(folder, tmp_path / "m.gguf", "f32")).out_path
+    top1, worst = report(f"{arch} f32, {scaling} RoPE scaling", next_token_logits(folder, path))
+    assert top1 == len(PROMPTS) and worst < 1e-3
+    unscaled = next_token_logits(moes[arch], path)
+    assert max(float(np.abs(a - b).max()) for a, b in unscaled) > 10 * worst

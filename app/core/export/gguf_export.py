@@ -249,7 +249,9 @@ def _fidelity(config: dict[str, Any], layout: _Layout | None) -> tuple[list[str]
             f"prompts up to {window} tokens and differ beyond"
         )
     rope = rope_settings(config)
-    if rope.get("rope_type", "default") not in ("default", "linear", "yarn", "llama3"):
+    # Llama 3's scaling is a rope_freqs tensor, which only llama.cpp's "llama" reads.
+    readable = ("default", "linear", "yarn", "llama3") if model_type == "mixtral" else ("default", "linear", "yarn")
+    if rope.get("rope_type", "default") not in readable:
         problems.append(
             Problem(
                 "rope_scaling",

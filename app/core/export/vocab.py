@@ -63,7 +63,21 @@ def read_vocab(model_dir: Path, vocab_size: int) -> GgufVocab:
             "export a model whose tokenizer.json holds a BPE model, or which has a SentencePiece tokenizer.model",
         )
     vocab.special = gguf.SpecialVocab(model_dir, load_merges=vocab.model == "gpt2", n_vocab=len(vocab.tokens))
+    if data is not None:
+        _settle_added_specials(model_dir, vocab.special)
     return vocab
+
+
+def _settle_added_specials(model_dir: Path, special: Any) -> None:
+    """Write add-BOS/EOS always: without them llama.cpp guesses from the tokenizer kind (a SentencePiece vocab,
+    or Llama 3's pre-tokenizer, adds a BOS), which may not be what the model's own tokenizer does."""
+    from tokenizers import Tokenizer
+
+    ids = Tokenizer.from_file(str(model_dir / "tokenizer.json")).encode("a").ids
+    for kind, position in (("bos", 0), ("eos", -1)):
+        if kind not in special.add_special_token:
+            token = special.special_token_ids.get(kind)
+            special.add_special_token[kind] = token is not None and bool(ids) and ids[position] == token
 
 
 def _byte_level_bpe(model_dir: Path, data: dict[str, Any], vocab_size: int) -> GgufVocab:
