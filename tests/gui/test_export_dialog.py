@@ -3,6 +3,7 @@ with gguf's own reader, cancel, K-quants only with a llama-quantize, and the Mer
 
 from __future__ import annotations
 
+import os
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,7 +11,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from gguf import GGMLQuantizationType, GGUFReader
+from gguf import GGMLQuantizationType, GGUFReader, LlamaFileType
 from gguf.quants import dequantize
 from PySide6.QtCore import QCoreApplication, Qt
 from safetensors.numpy import load_file
@@ -292,3 +293,24 @@ def test_what_llama_cpp_computes_differently_is_said_before_writing(
     # A warning informs; it does not stop the export.
     assert dialog.export_button.isEnabled()
     save_shot(dialog, "export-warnings")
+
+
+def test_a_k_quant_through_a_real_llama_quantize(qtbot, settings: AppSettings, merged: Path, tmp_path: Path):
+    """Runs only where llama.cpp was built (LLAMA_QUANTIZE or PATH): a stand-in quantizer would prove nothing."""
+    from app.core.export import find_llama_quantize
+
+    quantizer = find_llama_quantize(os.environ.get("LLAMA_QUANTIZE"))
+    if quantizer is None:
+        pytest.skip("no llama-quantize (set LLAMA_QUANTIZE or put one on PATH)")
+    settings.llama_quantize = str(quantizer)
+    dialog = ExportDialog(merged, AppContext(settings))
+    dialog.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose, False)
+    qtbot.addWidget(dialog)
+    dialog.show()
+    assert dialog.type_enabled("q4_k_m")
+    out = tmp_path / "tiny-q4_k_m.gguf"
+    export(qtbot, dialog, "q4_k_m", out)
+    assert dialog.result is not None
+    assert GGUFReader(out).fields["general.file_type"].contents() == LlamaFileType.MOSTLY_Q4_K_M
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]  # the intermediate file is gone
+    save_shot(dialog, "export-q4_k_m")
