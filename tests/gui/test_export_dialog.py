@@ -313,4 +313,5 @@ def test_a_k_quant_through_a_real_llama_quantize(qtbot, settings: AppSettings, m
     assert dialog.result is not None
     assert GGUFReader(out).fields["general.file_type"].contents() == LlamaFileType.MOSTLY_Q4_K_M
     assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]  # the intermediate file is gone
+    wait_for_plan(qtbot, dialog)
     save_shot(dialog, "export-q4_k_m")
