@@ -310,6 +310,12 @@ def _make_handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
             if self.command == "PUT" and hub.take_upload_drop(path.rsplit("/", 1)[-1]):
                 self.close_connection = True
                 return
+            release = hub.take_hold(path)
+            if release is not None:  # held as reads are: no answer, the connection closed when released
+                hub.request_held.set()
+                release.wait()
+                self.close_connection = True
+                return
             try:
                 self._send_json(*self._write(split.path, body))
             except _HubError as error:

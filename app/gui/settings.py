@@ -1,4 +1,5 @@
-"""Application settings kept in QSettings: cache folder, default device and dtype, theme, recent files.
+"""Application settings kept in QSettings: cache folder, default device and dtype, theme, llama-quantize,
+recent files.
 
 The Hub token is deliberately absent: it is stored only by huggingface_hub's own login.
 """
@@ -26,6 +27,8 @@ class AppSettings:
     device: str = "auto"
     dtype: str = "auto"
     theme: str = "system"
+    # llama.cpp's llama-quantize, for the K-quant GGUF types; empty: looked for on PATH.
+    llama_quantize: str = ""
     recent_files: list[Path] = field(default_factory=list)
 
     @classmethod
@@ -38,6 +41,7 @@ class AppSettings:
             device=_choice(store.value("device", "auto"), DEVICES),
             dtype=_choice(store.value("dtype", "auto"), DTYPES),
             theme=_choice(store.value("theme", "system"), ("system", "light", "dark")),
+            llama_quantize=str(store.value("llama_quantize", "") or ""),
             recent_files=[Path(p) for p in recent if p],
         )
 
@@ -47,6 +51,7 @@ class AppSettings:
         store.setValue("device", self.device)
         store.setValue("dtype", self.dtype)
         store.setValue("theme", self.theme)
+        store.setValue("llama_quantize", self.llama_quantize)
         store.setValue("recent_files", [str(p) for p in self.recent_files])
         store.sync()
 

@@ -1,4 +1,5 @@
-"""Settings: Hub token (stored only by huggingface_hub's own login), cache folder, device, dtype, theme."""
+"""Settings: Hub token (stored only by huggingface_hub's own login), cache folder, device, dtype, theme,
+llama-quantize."""
 
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ class SettingsDialog(QDialog):
         self.context = context
         self.token = QLineEdit()
         self.token.setEchoMode(QLineEdit.EchoMode.Password)
-        self.token.setPlaceholderText("hf_… (only needed for gated or private models)")
+        self.token.setPlaceholderText("hf_… (for gated or private models, and for publishing)")
         self.login_button = QPushButton("Log in")
         self.login_button.clicked.connect(self._login)
         self.login_status = QLabel("Checking the saved token…")
@@ -56,6 +57,10 @@ class SettingsDialog(QDialog):
         self.theme = QComboBox()
         self.theme.addItems(SCHEMES)
         self.theme.setCurrentText(settings.theme)
+        self.llama_quantize = QLineEdit(settings.llama_quantize)
+        self.llama_quantize.setPlaceholderText("Looked for on PATH when empty")
+        browse_quantize = QPushButton("Browse…")
+        browse_quantize.clicked.connect(self._browse_quantize)
 
         token_row = QHBoxLayout()
         token_row.addWidget(self.token, 1)
@@ -77,6 +82,11 @@ class SettingsDialog(QDialog):
         form.addRow("Default dtype", self.dtype)
         form.addRow("", explanation("Precision for computing gates: auto is bfloat16 on GPUs, float32 on CPUs."))
         form.addRow("Theme", self.theme)
+        quantize_row = QHBoxLayout()
+        quantize_row.addWidget(self.llama_quantize, 1)
+        quantize_row.addWidget(browse_quantize)
+        form.addRow("llama-quantize", quantize_row)
+        form.addRow("", explanation("llama.cpp's quantizer, for K-quant GGUF exports."))
         buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Ok | QDialogButtonBox.StandardButton.Cancel)
         buttons.accepted.connect(self.accept)
         buttons.rejected.connect(self.reject)
@@ -87,6 +97,11 @@ class SettingsDialog(QDialog):
         folder = QFileDialog.getExistingDirectory(self, "Cache folder", self.cache_dir.text())
         if folder:
             self.cache_dir.setText(folder)
+
+    def _browse_quantize(self) -> None:
+        path, _filter = QFileDialog.getOpenFileName(self, "llama.cpp's llama-quantize", self.llama_quantize.text())
+        if path:
+            self.llama_quantize.setText(path)
 
     def _login(self) -> None:
         token = self.token.text().strip()
@@ -128,4 +143,5 @@ class SettingsDialog(QDialog):
         self.settings.device = self.device.currentText()
         self.settings.dtype = self.dtype.currentText()
         self.settings.theme = self.theme.currentText()
+        self.settings.llama_quantize = self.llama_quantize.text().strip()
         self.settings.save()

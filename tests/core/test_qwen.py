@@ -168,12 +168,14 @@ def test_shared_expert_gate_is_its_prompts_router_input(qwen2_merged, qwen2_dono
 
 @pytest.mark.parametrize("gate_mode", ["hidden", "random"])
 def test_shared_expert_without_prompts_is_always_on(qwen2_donors, tmp_path, gate_mode):
-    """Zero gate, sigmoid(0) = 1/2, down projection doubled: exactly the donor's MLP for every token."""
+    """As-good-as-zero gate, sigmoid = 1/2, down projection doubled: exactly the donor's MLP for every token."""
     recipe = recipe_for(qwen2_donors, gate_mode, shared=[f"- source_model: {qwen2_donors['shared']}"])
     merge(recipe, tmp_path / "moe")
     written = load_all(tmp_path / "moe")
     shared = load_all(qwen2_donors["shared"])
-    assert torch.equal(written["model.layers.1.mlp.shared_expert_gate.weight"], torch.zeros(1, 32))
+    gate = written["model.layers.1.mlp.shared_expert_gate.weight"]
+    # Never exactly zero: llama.cpp computes this sigmoid as silu(z) / z, NaN for z = 0.
+    assert gate.shape == (1, 32) and gate.count_nonzero() == 1 and 0 < gate.abs().max() < 1e-3
     down = "model.layers.1.mlp.down_proj.weight"
     assert torch.equal(written["model.layers.1.mlp.shared_expert.down_proj.weight"], shared[down] * 2)
     moe = AutoModelForCausalLM.from_pretrained(tmp_path / "moe").model.layers[1].mlp
@@ -432,3 +434,20 @@ def test_qwen_configs_carry_rope_scaling_both_ways():
     assert (config["rope_theta"], config["rope_scaling"]) == (1e6, yarn)  # what transformers 4 reads
     assert Qwen3MoeConfig(**config).rope_parameters == config["rope_parameters"]
     assert (config["head_dim"], config["num_experts"], config["torch_dtype"]) == (16, 4, "bfloat16")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_always_on_gate_leaves_transformers_output_unchanged(qwen2_donors, tmp_path, dtype):
+    """The tiny gate computes, in the model's dtype, bit for bit what the former exactly-zero gate computed."""
+    recipe = recipe_for(qwen2_donors, "random", shared=[f"- source_model: {qwen2_donors['shared']}"])
+    run_job(merge_moe(recipe, MergeOptions(out_dir=tmp_path / "moe", dtype=dtype)))
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "moe", dtype=getattr(torch, dtype)).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    gates = [layer.mlp.shared_expert_gate.weight for layer in model.model.layers]
+    assert all(bool(gate.ne(0).any()) for gate in gates)
+    with torch.no_grad():
+        tiny = model(ids).logits
+        for gate in gates:
+            gate.zero_()
+        zero = model(ids).logits
+    assert torch.equal(tiny, zero)

@@ -85,7 +85,9 @@ def test_stop_all_cancels_and_joins(qtbot) -> None:
     qtbot.waitUntil(lambda: seen == ["cancelled"], timeout=30_000)
 
 
-@pytest.mark.parametrize("module", ["app.gui.main_window", "app.gui.launch"])
+@pytest.mark.parametrize(
+    "module", ["app.gui.main_window", "app.gui.launch", "app.gui.ship.export_dialog", "app.gui.ship.publish_dialog"]
+)
 def test_gui_import_does_not_load_torch(module: str) -> None:
     import subprocess
     import sys

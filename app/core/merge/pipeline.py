@@ -23,6 +23,7 @@ from app.core.compat import check_recipe
 from app.core.devices import return_freed_tensors_to_the_os
 from app.core.families import QKV_BIAS, config_value, model_parts
 from app.core.lora.merged import AdaptedModelSource
+from app.core.merge.always_on import always_on_gate
 from app.core.merge.architectures import MLP_PROJECTIONS, MoEShape, OutputArchitecture, choose_architecture
 from app.core.merge.gates import GateResult, compute_gates, prompted_shared_experts
 from app.core.merge.leftovers import (
@@ -49,8 +50,8 @@ TRANSFORMERS_5_ONLY_TOKENIZERS = frozenset({"TokenizersBackend", "SentencePieceB
 DEFAULT_SHARD_SIZE = 5 * 10**9
 _MLP_TENSOR = re.compile(r"^model\.layers\.(\d+)\.mlp\.")
 _LAYER_TENSOR = re.compile(r"^model\.layers\.(\d+)\.")
-# A shared expert without a gate vector gets a zero gate: sigmoid(0) = 1/2 for every token, which
-# doubling its down projection turns into exactly its donor's MLP output, always on.
+# A shared expert without a gate vector gets an as-good-as-zero gate (always_on.py): sigmoid = 1/2 for
+# every token, which doubling its down projection turns into exactly its donor's MLP output, always on.
 ALWAYS_ON_DOWN_SCALE = 2.0
 
 
@@ -235,7 +236,7 @@ def plan_tensors(
             plan.append(
                 (
                     PlannedTensor(architecture.shared_gate_name(layer), (1, hidden), out_dtype),
-                    lambda layer=layer: _converted(_shared_gate(gates_of(), layer, hidden), out_dtype),
+                    lambda layer=layer: _converted(_shared_gate(gates_of(), layer, base, out_dtype), out_dtype),
                 )
             )
     return plan
@@ -248,13 +249,12 @@ def _shared_down_scale(shared: Expert, always_on: bool) -> float | None:
     return (shared.residual_scale if shared.residual_scale is not None else 1.0) * ALWAYS_ON_DOWN_SCALE
 
 
-def _shared_gate(gates: GateResult, layer: int, hidden: int) -> torch.Tensor:
-    """The gate vector from the shared expert's prompts, or the always-on zero gate."""
-    import torch
-
+def _shared_gate(gates: GateResult, layer: int, base: ModelSource, out_dtype: str) -> torch.Tensor:
+    """The gate vector from the shared expert's prompts, or the always-on gate (as good as zero, see always_on)."""
+    norm_weight = base.read_tensor(f"model.layers.{layer}.post_attention_layernorm.weight")
     if gates.shared_router is None:
-        return torch.zeros(1, hidden)
-    return gates.shared_router[layer].reshape(1, hidden)
+        return always_on_gate(norm_weight, out_dtype)
+    return gates.shared_router[layer].reshape(1, norm_weight.numel())
 
 
 def _zero_attention_biases(architecture: OutputArchitecture, base_config: dict[str, Any]) -> list[tuple[str, int]]:

@@ -48,6 +48,7 @@ from app.gui.chat.style import ExpertStyle
 from app.gui.chat.transcript import TranscriptView, describe_generation
 from app.gui.chat_worker import AnswerKind, AnswerRequest, ChatBackend, LoadedModel
 from app.gui.context import AppContext, describe_error
+from app.gui.ship import open_export_dialog, open_publish_dialog
 from app.gui.widgets import explanation, heading
 
 CONVERSATION_FILTER = "FrankenMoE conversations (*.json);;All files (*)"
@@ -83,6 +84,8 @@ class ChatPage(QWidget):
         self.model_box.cancel_button.clicked.connect(self.backend.cancel.set)
         self.model_box.unload_button.clicked.connect(self.unload_model)
         self.model_box.evaluate_button.clicked.connect(lambda: self.evaluate_requested.emit(self._model_key))
+        self.model_box.export_button.clicked.connect(self._export)
+        self.model_box.publish_button.clicked.connect(self._publish)
 
         worker = self.backend.worker
         worker.load_progress.connect(self.model_box.show_progress)
@@ -170,6 +173,8 @@ class ChatPage(QWidget):
         has_messages = bool(self.conversation.messages)
         self.model_box.set_enabled_for(idle, state is PageState.LOADING, ready)
         self.model_box.evaluate_button.setEnabled(ready)
+        for button in (self.model_box.export_button, self.model_box.publish_button):
+            button.setEnabled(ready and self._model_folder is not None)
         controls = self.controls
         controls.send_button.setEnabled(ready)
         controls.stop_button.setEnabled(state is PageState.ANSWERING)
@@ -188,6 +193,20 @@ class ChatPage(QWidget):
     @property
     def expert_style(self) -> ExpertStyle:
         return ExpertStyle(self.legend, self.model is not None and self.model.has_shared_expert)
+
+    @property
+    def _model_folder(self) -> Path | None:
+        """The loaded model's folder, when it was loaded from one (not from a Hub id)."""
+        folder = Path(self._model_key).expanduser() if self._model_key else None
+        return folder if folder is not None and folder.is_dir() else None
+
+    def _export(self) -> None:
+        if self._model_folder is not None:
+            open_export_dialog(self._model_folder, self.context, self)
+
+    def _publish(self) -> None:
+        if self._model_folder is not None:
+            open_publish_dialog(self._model_folder, self.context, self)
 
     # ------------------------------------------------------------------ loading
 

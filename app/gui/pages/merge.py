@@ -30,6 +30,7 @@ from app.core.recipe import Recipe, validate_recipe
 from app.gui.context import AppContext, describe_error, describe_problems
 from app.gui.document import RecipeDocument
 from app.gui.engine import MergeRequest, PreviewResult, merge
+from app.gui.ship import open_export_dialog, open_publish_dialog
 from app.gui.widgets import MessageLabel, explanation, format_bytes, format_duration, heading
 from app.gui.workers import JobHandle
 
@@ -87,10 +88,16 @@ class MergePage(QWidget):
         self.evaluate_button = QPushButton("Evaluate")
         self.evaluate_button.setToolTip("Is the MoE better than its experts? Measure it on the Evaluate page.")
         self.show_button = QPushButton("Show folder")
+        self.export_button = QPushButton("Export GGUF…")
+        self.export_button.setToolTip("One file for llama.cpp, LM Studio, Ollama and other llama.cpp-based apps")
+        self.publish_button = QPushButton("Publish…")
+        self.publish_button.setToolTip("Upload the model with its card to the Hugging Face Hub")
         self.chat_button.clicked.connect(lambda: self.open_in_chat.emit(self.merged_folder))
         self.evaluate_button.clicked.connect(lambda: self.open_in_evaluate.emit(self.merged_folder))
         self.show_button.clicked.connect(self._show_folder)
-        for button in (self.chat_button, self.evaluate_button, self.show_button):
+        self.export_button.clicked.connect(self._export)
+        self.publish_button.clicked.connect(self._publish)
+        for button in self._result_buttons:
             button.setVisible(False)
 
         output = QGroupBox("Output")
@@ -117,6 +124,8 @@ class MergePage(QWidget):
         done_row.addWidget(self.evaluate_button)
         done_row.addWidget(self.chat_button)
         done_row.addWidget(self.show_button)
+        done_row.addWidget(self.export_button)
+        done_row.addWidget(self.publish_button)
 
         layout = QVBoxLayout(self)
         layout.addWidget(heading("4  Merge"))
@@ -164,7 +173,7 @@ class MergePage(QWidget):
         self.progress.setValue(0)
         for label in (self.stage, self.speed, self.result_label):
             label.clear()
-        for button in (self.chat_button, self.evaluate_button, self.show_button):
+        for button in self._result_buttons:
             button.setVisible(False)
 
     def _suggest_folder(self, path: Path | None) -> None:
@@ -214,7 +223,7 @@ class MergePage(QWidget):
         gates = self.preview.gates if self.preview is not None and self.preview.recipe == recipe else None
         self.merged_folder = None
         self._speed_start = None
-        for button in (self.chat_button, self.evaluate_button, self.show_button):
+        for button in self._result_buttons:
             button.setVisible(False)
         self.result_label.clear()
         self.merge_button.setEnabled(False)
@@ -263,7 +272,7 @@ class MergePage(QWidget):
             f"✓ {self.merged_folder} · {format_bytes(result.bytes_written)} "  # type: ignore[attr-defined]
             f"in {format_duration(result.seconds)}"  # type: ignore[attr-defined]
         )
-        for button in (self.chat_button, self.evaluate_button, self.show_button):
+        for button in self._result_buttons:
             button.setVisible(True)
 
     def _stopped(self, message: str) -> None:
@@ -271,6 +280,19 @@ class MergePage(QWidget):
         self.progress.setValue(0)
         self.speed.clear()
         self.stage.setText(message)
+
+    @property
+    def _result_buttons(self) -> tuple[QPushButton, ...]:
+        """What can be done with a merged model, shown beside it once the merge has finished."""
+        return (self.chat_button, self.evaluate_button, self.show_button, self.export_button, self.publish_button)
+
+    def _export(self) -> None:
+        if self.merged_folder is not None:
+            open_export_dialog(self.merged_folder, self.context, self)
+
+    def _publish(self) -> None:
+        if self.merged_folder is not None:
+            open_publish_dialog(self.merged_folder, self.context, self)
 
     def _show_folder(self) -> None:
         if self.merged_folder is not None:
