@@ -157,3 +157,19 @@ def test_rope_scaling_reaches_llama_cpp(moes, tmp_path, arch, scaling):
     assert top1 == len(PROMPTS) and worst < 1e-3
     unscaled = next_token_logits(moes[arch], path)
     assert max(float(np.abs(a - b).max()) for a, b in unscaled) > 10 * worst
+
+
+def test_cancel_while_llama_quantize_runs_leaves_nothing(moes, tmp_path):
+    quantizer = find_llama_quantize(os.environ.get("LLAMA_QUANTIZE"))
+    if quantizer is None:
+        pytest.skip("no llama-quantize (set LLAMA_QUANTIZE or put one on PATH)")
+    import threading
+
+    from app.core.progress import Cancelled
+
+    cancel = threading.Event()
+    with pytest.raises(Cancelled):
+        for record in export_gguf(moes["qwen3_moe"], tmp_path / "m.gguf", "q5_k_m", quantizer=quantizer, cancel=cancel):
+            if record.stage == "quantize":
+                cancel.set()
+    assert list(tmp_path.iterdir()) == []
