@@ -157,3 +157,44 @@ def test_rope_scaling_reaches_llama_cpp(moes, tmp_path, arch, scaling):
     assert top1 == len(PROMPTS) and worst < 1e-3
     unscaled = next_token_logits(moes[arch], path)
     assert max(float(np.abs(a - b).max()) for a, b in unscaled) > 10 * worst
+
+
+def test_cancel_while_llama_quantize_runs_leaves_nothing(moes, tmp_path):
+    quantizer = find_llama_quantize(os.environ.get("LLAMA_QUANTIZE"))
+    if quantizer is None:
+        pytest.skip("no llama-quantize (set LLAMA_QUANTIZE or put one on PATH)")
+    import threading
+
+    from app.core.progress import Cancelled
+
+    cancel = threading.Event()
+    with pytest.raises(Cancelled):
+        for record in export_gguf(moes["qwen3_moe"], tmp_path / "m.gguf", "q5_k_m", quantizer=quantizer, cancel=cancel):
+            if record.stage == "quantize":
+                cancel.set()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_exactly_zero_shared_gate_is_nan_in_llama_cpp_and_the_tiny_one_is_not(moes, tmp_path):
+    """Why merges write a tiny gate: llama.cpp's sigmoid silu(z)/z is 0/0 for a zero gate."""
+    import gguf
+
+    path = run_job(export_gguf(moes["qwen2_moe"], tmp_path / "m.gguf", "f32")).out_path
+    ids = Tokenizer.from_file(str(moes["qwen2_moe"] / "tokenizer.json")).encode(PROMPTS[0]).ids
+
+    def logits() -> np.ndarray:
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, n_threads=2, verbose=False)
+        try:
+            llm.eval(ids)
+            return np.array(llm.scores[len(ids) - 1])
+        finally:
+            llm.close()
+
+    assert np.isfinite(logits()).all()
+    reader = gguf.GGUFReader(path, "r+")
+    for tensor in reader.tensors:
+        if tensor.name.endswith("ffn_gate_inp_shexp.weight"):
+            tensor.data[:] = 0
+    reader.data.flush()
+    del reader
+    assert np.isnan(logits()).all()
