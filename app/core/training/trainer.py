@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from app.core.imports import TRANSFORMERS_IMPORT_LOCK
-from app.core.problems import FrankenMoEError, Problem, raise_if_errors
+from app.core.problems import FrankenMoEError, Problem, Severity, raise_if_errors
 from app.core.progress import Job, Progress, check_cancel
+from app.core.sources import read_json_file
 from app.core.training.card import card_section, recipe_comment
 from app.core.training.data import PackedData, eos_token_id, pack_data, read_sources
 from app.core.training.losses import load_balancing_loss, router_z_loss
@@ -120,6 +121,20 @@ def _model_problems(model_dir: Path) -> list[Problem]:
                 "model",
                 f"{model_dir.name} is a dense model: none of its layers has a router to train",
                 "give a mixture-of-experts model, e.g. one merged with frankenmoe merge",
+            )
+        ]
+    config = read_json_file(model_dir / "config.json")
+    top_k = int(config.get("num_experts_per_tok") or 0) if isinstance(config, dict) else 0
+    # Mixtral always renormalises the chosen experts' weights; Qwen-MoE models say whether they do.
+    renormalises = isinstance(config, dict) and bool(config.get("norm_topk_prob", True))
+    if top_k == 1 and renormalises:
+        return [
+            Problem(
+                "model",
+                "this model routes each token to one expert and renormalises its weight to 1, so the next-token "
+                "loss gives the routers no gradient: only the load-balancing loss will move them",
+                "raise experts_per_token to 2 or more in the recipe and merge again, to train routing on the text",
+                Severity.WARNING,
             )
         ]
     return []
@@ -225,7 +240,10 @@ def train_routers(
     (empty or too-short data, out of memory with the settings that would fit).
     """
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    raise_if_errors(check_router_training(model_dir, out_dir, settings, data, resume=resume))
+    problems = check_router_training(model_dir, out_dir, settings, data, resume=resume)
+    raise_if_errors(problems)
+    for problem in problems:  # warnings only, once errors are out of the way
+        yield TrainingProgress("data", 0, 1, message=f"warning: {problem.text}")
     planned = settings.planned_steps()
     budget_message = ""
     if planned is None:
