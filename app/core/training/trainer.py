@@ -415,7 +415,10 @@ def _is_out_of_memory(exc: BaseException) -> bool:
     if isinstance(exc, torch.OutOfMemoryError):
         return True
     text = str(exc).lower()
-    return isinstance(exc, RuntimeError) and ("out of memory" in text or "not enough memory" in text)
+    # CUDA and MPS say "out of memory"; the CPU allocator "not enough memory" or "can't allocate memory".
+    return isinstance(exc, RuntimeError) and any(
+        phrase in text for phrase in ("out of memory", "not enough memory", "can't allocate memory")
+    )
 
 
 class _Run:
@@ -471,6 +474,7 @@ class _Run:
         self.last_load: tuple[float, ...] = ()
         self.train_seconds = 0.0
         self.tokens_trained_here = 0  # in this process (a resumed run counts from its restart), for tokens/s
+        self._orders: dict[int, list[int]] = {}  # epoch -> its seeded order of the training sequences
         self._data_record: dict[str, Any] = {}
         self._fingerprint = ""
 
@@ -558,15 +562,15 @@ class _Run:
 
         count = self.packed.train.shape[0]
         size = self.settings.batch_size
-        positions = range(step * size, (step + 1) * size)
         rows = []
-        orders: dict[int, torch.Tensor] = {}
-        for position in positions:
+        for position in range(step * size, (step + 1) * size):
             epoch, index = divmod(position, count)
-            if epoch not in orders:
+            if epoch not in self._orders:
                 generator = torch.Generator().manual_seed(self.settings.seed * 1_000_003 + epoch + 1)
-                orders[epoch] = torch.randperm(count, generator=generator)
-            rows.append(int(orders[epoch][index]))
+                # Only the epochs a batch can span are kept: this one and the one before.
+                self._orders = {e: o for e, o in self._orders.items() if e >= epoch - 1}
+                self._orders[epoch] = torch.randperm(count, generator=generator).tolist()
+            rows.append(self._orders[epoch][index])
         return self.packed.train[rows].to(self.device, non_blocking=True)
 
     # -- steps
@@ -677,7 +681,7 @@ class _Run:
             if self.step == 0:
                 check_cancel(self.cancel)
                 yield TrainingProgress("validate", 0, self.planned, message="validation loss before training")
-                self.initial_val_loss = self.validation_loss()
+                self.initial_val_loss = self._guarded(self.validation_loss)
                 record = TrainingProgress(
                     "validate", 0, self.planned, step=0, val_loss=self.initial_val_loss,
                     message=f"validation loss before training {self.initial_val_loss:.4f}",
