@@ -1,6 +1,7 @@
 """Router training speed and memory: our trainer against a plain PyTorch loop with only the gates trainable.
 
-Builds a random Mixtral (by default 4 layers, hidden 256, 8 experts of 512, top-2) and runs, each in a
+Builds a random Mixtral (by default 4 layers, hidden 256, 8 experts of 512, top-2, an output head of
+32000 tokens as real models have) and runs, each in a
 process of its own so that peak RSS is the run's own, alternately:
 - plain: ``AutoModelForCausalLM`` with every parameter frozen but the routers, AdamW on those, and
   ``model(input_ids, labels=input_ids, output_router_logits=True)`` (the loss with transformers' own
@@ -13,7 +14,8 @@ memory is compared too.
 
 Run from the repository root:
     python bench/router_training_speed.py [--device cpu|cuda] [--dtype float32|bfloat16] [--steps 30]
-        [--warmup 5] [--batch-size 4] [--seq-len 256] [--layers 4] [--hidden 256] [--repeats 3] [--threads N]
+        [--warmup 5] [--batch-size 4] [--seq-len 256] [--layers 4] [--hidden 256] [--vocab 32000] [--repeats 3]
+        [--threads N]
 """
 
 from __future__ import annotations
@@ -40,9 +42,9 @@ def build_model(args: argparse.Namespace, folder: Path) -> Path:
 
     from tests.models import write_tokenizer
 
-    vocab = write_tokenizer(folder)
+    # The tokenizer's few hundred tokens are all the text uses; the head has a real model's size.
     config = MixtralConfig(
-        vocab_size=vocab,
+        vocab_size=max(args.vocab, write_tokenizer(folder)),
         hidden_size=args.hidden,
         intermediate_size=2 * args.hidden,
         num_hidden_layers=args.layers,
@@ -151,6 +153,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--vocab", type=int, default=32000, help="output head size, as a real model's")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--worker", choices=("plain", "ours"), help=argparse.SUPPRESS)
@@ -179,7 +182,7 @@ def main() -> None:
         worker: {key: statistics.median(r[key] for r in runs) for key in runs[0]} for worker, runs in results.items()
     }
     tokens = args.batch_size * args.seq_len
-    print(f"model: Mixtral {args.layers} layers, hidden {args.hidden}, 8 experts top-2; batch {args.batch_size} x "
+    print(f"model: Mixtral {args.layers} layers, hidden {args.hidden}, 8 experts top-2, vocab {args.vocab}; batch {args.batch_size} x "
           f"{args.seq_len} = {tokens} tokens/step; {args.steps - args.warmup} timed steps; device {args.device}")
     for worker in ("plain", "ours"):
         line = f"{worker:>5}: {summary[worker]['tokens_per_s']:,.0f} tokens/s, peak RSS "

@@ -61,3 +61,22 @@ def test_z_loss_is_the_mean_squared_logsumexp_averaged_over_layers():
     ) / len(layers)
     ours = router_z_loss([torch.tensor(layer) for layer in layers])
     assert ours.item() == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("architecture", ["mixtral", "qwen2_moe", "qwen3_moe"])
+def test_chunked_next_token_loss_equals_the_models_own_loss_and_gradient(tmp_path, architecture):
+    """Chunks of 7 positions (vocab 320 x 7 elements) against transformers' labels=input_ids, value and gradient."""
+    from app.core.training.losses import causal_lm_loss, supports_chunked_loss
+
+    model = AutoModelForCausalLM.from_pretrained(make_tiny_moe(tmp_path / architecture, architecture, seed=3))
+    assert supports_chunked_loss(model)
+    model.requires_grad_(False)
+    gate = model.model.layers[0].mlp.gate.weight
+    gate.requires_grad_(True)
+    ids = torch.randint(4, 300, (2, 23), generator=torch.Generator().manual_seed(2))
+    theirs = model(input_ids=ids, labels=ids).loss
+    (expected,) = torch.autograd.grad(theirs, gate)
+    ours = causal_lm_loss(model, ids, chunk_elements=320 * 7)
+    (gradient,) = torch.autograd.grad(ours, gate)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gradient, expected, rtol=1e-4, atol=1e-7)

@@ -29,7 +29,7 @@ from app.core.progress import Job, Progress, check_cancel
 from app.core.sources import read_json_file
 from app.core.training.card import card_section, recipe_comment
 from app.core.training.data import PackedData, eos_token_id, pack_data, read_sources
-from app.core.training.losses import load_balancing_loss, router_z_loss
+from app.core.training.losses import causal_lm_loss, load_balancing_loss, router_z_loss
 from app.core.training.output import RouterKey, stored_router_names, write_trained_model
 from app.core.training.settings import RouterTrainingSettings, TrainingData, default_budget, settings_problems
 
@@ -580,11 +580,11 @@ class _Run:
         import torch
 
         self._logits.clear()
-        output = self.model(input_ids=input_ids, labels=input_ids, use_cache=False)
+        next_token = causal_lm_loss(self.model, input_ids)
         balance_needed = self.settings.balance_coef > 0
         with torch.set_grad_enabled(balance_needed and torch.is_grad_enabled()):
             balance, load = load_balancing_loss(self._logits, self.num_experts, self.top_k)
-        objective = output.loss
+        objective = next_token
         if balance_needed:
             objective = objective + self.settings.balance_coef * balance.to(objective.device)
         z_loss = None
@@ -592,7 +592,7 @@ class _Run:
             z_loss = router_z_loss(self._logits)
             objective = objective + self.settings.z_coef * z_loss.to(objective.device)
         self._logits.clear()
-        return objective, output.loss, balance, z_loss, load
+        return objective, next_token, balance, z_loss, load
 
     def _train_step(self, step: int) -> list[float]:
         import torch
@@ -645,8 +645,7 @@ class _Run:
                 check_cancel(self.cancel)
                 batch = sequences[start : start + size].to(self.device)
                 self._logits.clear()
-                output = self.model(input_ids=batch, labels=batch, use_cache=False)
-                total += output.loss.float().to(self.device) * batch.shape[0]
+                total += causal_lm_loss(self.model, batch).float().to(self.device) * batch.shape[0]
         self._logits.clear()
         return float(total) / sequences.shape[0]
 
