@@ -182,8 +182,9 @@ def main() -> None:
         worker: {key: statistics.median(r[key] for r in runs) for key in runs[0]} for worker, runs in results.items()
     }
     tokens = args.batch_size * args.seq_len
-    print(f"model: Mixtral {args.layers} layers, hidden {args.hidden}, 8 experts top-2, vocab {args.vocab}; batch {args.batch_size} x "
-          f"{args.seq_len} = {tokens} tokens/step; {args.steps - args.warmup} timed steps; device {args.device}")
+    print(f"model: Mixtral {args.layers} layers, hidden {args.hidden}, 8 experts top-2, vocab {args.vocab}; "
+          f"batch {args.batch_size} x {args.seq_len} = {tokens} tokens/step; {args.steps - args.warmup} timed steps; "
+          f"device {args.device}")
     for worker in ("plain", "ours"):
         line = f"{worker:>5}: {summary[worker]['tokens_per_s']:,.0f} tokens/s, peak RSS "
         line += f"{summary[worker]['peak_rss'] / 2**20:,.0f} MiB"
