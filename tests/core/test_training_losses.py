@@ -80,3 +80,21 @@ def test_chunked_next_token_loss_equals_the_models_own_loss_and_gradient(tmp_pat
     (gradient,) = torch.autograd.grad(ours, gate)
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(gradient, expected, rtol=1e-4, atol=1e-7)
+
+
+def test_chunked_next_token_loss_in_bfloat16_matches_the_models_own(tmp_path):
+    """The dtype GPUs train in: logits in bfloat16, loss in float32, as transformers computes them."""
+    from app.core.training.losses import causal_lm_loss
+
+    folder = make_tiny_moe(tmp_path / "m", "mixtral", seed=4)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    model.requires_grad_(False)
+    gate = model.model.layers[1].mlp.gate.weight
+    gate.requires_grad_(True)
+    ids = torch.randint(4, 300, (2, 17), generator=torch.Generator().manual_seed(5))
+    theirs = model(input_ids=ids, labels=ids).loss
+    (expected,) = torch.autograd.grad(theirs, gate)
+    ours = causal_lm_loss(model, ids, chunk_elements=320 * 5)
+    (gradient,) = torch.autograd.grad(ours, gate)
+    torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(gradient.float(), expected.float(), rtol=0.05, atol=1e-3)
