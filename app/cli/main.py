@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
         export_commands,
         hub_commands,
         publish_commands,
+        train_commands,
     )
 
     parser = argparse.ArgumentParser(
@@ -41,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     hub_commands.register(commands)
     chat_commands.register(commands)
     eval_commands.register(commands)
+    train_commands.register(commands)
     export_commands.register(commands)
     publish_commands.register(commands)
     return parser
