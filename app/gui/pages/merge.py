@@ -39,6 +39,7 @@ DEFAULT_SHARD_GB = 5.0
 class MergePage(QWidget):
     open_in_chat = Signal(object)
     open_in_evaluate = Signal(object)
+    open_in_training = Signal(object)
 
     def __init__(self, document: RecipeDocument, context: AppContext, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -86,11 +87,14 @@ class MergePage(QWidget):
         self.chat_button = QPushButton("Open in Chat")
         self.evaluate_button = QPushButton("Evaluate")
         self.evaluate_button.setToolTip("Is the MoE better than its experts? Measure it on the Evaluate page.")
+        self.train_button = QPushButton("Train routers")
+        self.train_button.setToolTip("Train the routers on your text, on the Train routers page.")
+        self.train_button.clicked.connect(lambda: self.open_in_training.emit(self.merged_folder))
         self.show_button = QPushButton("Show folder")
         self.chat_button.clicked.connect(lambda: self.open_in_chat.emit(self.merged_folder))
         self.evaluate_button.clicked.connect(lambda: self.open_in_evaluate.emit(self.merged_folder))
         self.show_button.clicked.connect(self._show_folder)
-        for button in (self.chat_button, self.evaluate_button, self.show_button):
+        for button in (self.chat_button, self.evaluate_button, self.train_button, self.show_button):
             button.setVisible(False)
 
         output = QGroupBox("Output")
@@ -114,6 +118,7 @@ class MergePage(QWidget):
         buttons.addWidget(self.progress, 1)
         done_row = QHBoxLayout()
         done_row.addWidget(self.result_label, 1)
+        done_row.addWidget(self.train_button)
         done_row.addWidget(self.evaluate_button)
         done_row.addWidget(self.chat_button)
         done_row.addWidget(self.show_button)
@@ -164,7 +169,7 @@ class MergePage(QWidget):
         self.progress.setValue(0)
         for label in (self.stage, self.speed, self.result_label):
             label.clear()
-        for button in (self.chat_button, self.evaluate_button, self.show_button):
+        for button in (self.chat_button, self.evaluate_button, self.train_button, self.show_button):
             button.setVisible(False)
 
     def _suggest_folder(self, path: Path | None) -> None:
@@ -214,7 +219,7 @@ class MergePage(QWidget):
         gates = self.preview.gates if self.preview is not None and self.preview.recipe == recipe else None
         self.merged_folder = None
         self._speed_start = None
-        for button in (self.chat_button, self.evaluate_button, self.show_button):
+        for button in (self.chat_button, self.evaluate_button, self.train_button, self.show_button):
             button.setVisible(False)
         self.result_label.clear()
         self.merge_button.setEnabled(False)
@@ -263,7 +268,7 @@ class MergePage(QWidget):
             f"✓ {self.merged_folder} · {format_bytes(result.bytes_written)} "  # type: ignore[attr-defined]
             f"in {format_duration(result.seconds)}"  # type: ignore[attr-defined]
         )
-        for button in (self.chat_button, self.evaluate_button, self.show_button):
+        for button in (self.chat_button, self.evaluate_button, self.train_button, self.show_button):
             button.setVisible(True)
 
     def _stopped(self, message: str) -> None:

@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from app.core.progress import Job, Progress, check_cancel
-from app.gui.workers import JobFactory
+from app.gui.workers import JobFactory, call_in_worker
 
 if TYPE_CHECKING:
+    from app.core.chat.trace import ExpertLegend
     from app.core.eval.data import EvalDataset
     from app.core.routing_eval import ModelRouting
     from app.core.training.settings import RouterTrainingSettings, TrainingData
@@ -35,16 +36,31 @@ class TrainChoices:
     out_dir: Path
     settings: RouterTrainingSettings
     data: TrainingData
+    resume: bool = False  # continue from the checkpoint a stopped run left beside out_dir
 
 
 def train_job(choices: TrainChoices) -> JobFactory:
     def job(cancel: threading.Event) -> Job[RouterTrainingResult]:
         from app.core.training.trainer import train_routers
 
-        training = train_routers(choices.model_dir, choices.out_dir, choices.settings, choices.data, cancel=cancel)
+        training = train_routers(
+            choices.model_dir, choices.out_dir, choices.settings, choices.data, cancel=cancel, resume=choices.resume
+        )
         return (yield from training)
 
     return job
+
+
+def expert_legend(model_dir: Path) -> ExpertLegend:
+    """The experts' names and colours, from the recipe beside the model (``expert i`` without one)."""
+    from app.core.chat.trace import read_legend
+    from app.core.eval.nll import configured_experts, read_model_config
+
+    return read_legend(model_dir, configured_experts(read_model_config(str(model_dir))))
+
+
+def expert_legend_job(model_dir: Path) -> JobFactory:
+    return call_in_worker(lambda: expert_legend(model_dir))
 
 
 @dataclass(frozen=True)
@@ -104,12 +120,10 @@ def compare_job(
     """Score both models on the held-out data and route the test prompts through both."""
 
     def job(cancel: threading.Event) -> Job[Comparison]:
-        from app.core.chat.trace import read_legend
         from app.core.eval.nll import (  # _relabel: one stage name for each model's routing records
             EvalModel,
             EvalRequest,
             _relabel,
-            configured_experts,
             configured_top_k,
             evaluate,
             read_model_config,
@@ -117,8 +131,7 @@ def compare_job(
         from app.core.routing_eval import evaluate_model_routing
 
         yield Progress("reading", 0, 1, message="reading the test prompts and held-out files")
-        config = read_model_config(str(after_dir))
-        legend = read_legend(after_dir, configured_experts(config))
+        legend = expert_legend(after_dir)
         prompts = recipe_test_prompts(after_dir)
         datasets = held_out_datasets(prompts, legend.labels, held_out)
         losses = [LossRow(VALIDATION_ROW, result.initial_val_loss, result.final_val_loss, None)]
@@ -143,7 +156,7 @@ def compare_job(
         return Comparison(
             labels=legend.labels,
             colors=legend.colors,
-            top_k=configured_top_k(config) or 1,
+            top_k=configured_top_k(read_model_config(str(after_dir))) or 1,
             losses=tuple(losses),
             before_routing=routings[0],
             after_routing=routings[1],
