@@ -38,7 +38,7 @@ def test_demo_flow_preview_merge_and_load(window, qtbot, demo_recipe: Path, tmp_
     merge.merge_button.click()
     qtbot.waitUntil(lambda: merge.merged_folder is not None, timeout=WORK_TIMEOUT_MS)
     assert (out / "config.json").is_file()
-    assert merge.chat_button.isVisible() and merge.show_button.isVisible()
+    assert merge.chat_button.isVisible() and merge.show_button.isVisible() and merge.train_button.isVisible()
     screenshot(window, "4-merge")
 
     from transformers import AutoModelForCausalLM

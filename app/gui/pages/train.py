@@ -121,7 +121,7 @@ class TrainPage(QWidget):
         settings_area.setWidget(settings)
         settings_area.setWidgetResizable(True)
         settings_area.setFrameShape(QScrollArea.Shape.NoFrame)
-        settings_area.setMinimumWidth(360)
+        settings_area.setMinimumWidth(340)
         settings_area.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
 
         charts = QSplitter(Qt.Orientation.Vertical)

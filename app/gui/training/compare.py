@@ -3,7 +3,7 @@ recipe's test prompts, and the Preview page's routing heatmap of one test prompt
 
 from __future__ import annotations
 
-from PySide6.QtCore import Qt
+from PySide6.QtCore import QSize, Qt
 from PySide6.QtGui import QBrush, QFont, QPalette
 from PySide6.QtWidgets import (
     QComboBox,
@@ -23,6 +23,7 @@ from app.gui.widgets import MessageLabel, explanation
 
 COLUMNS = ("old routers", "new routers", "change")
 PROMPT_TITLE_LENGTH = 32
+HEATMAP_MINIMUM = QSize(220, 200)
 
 
 def short(text: str, length: int) -> str:
@@ -53,8 +54,9 @@ class BeforeAfterView(QWidget):
         self.quality = MessageLabel()
         self.prompt_choice = QComboBox()
         self.prompt_choice.currentIndexChanged.connect(self._draw_routing)
-        self.before = Heatmap("The old routers' choices for a test prompt appear here after training.")
-        self.after = Heatmap("The new routers' choices for the same prompt appear here.")
+        # Side by side in the page's right column: each may be narrower than a heatmap alone.
+        self.before = Heatmap("The old routers' choices for a test prompt appear here.", minimum=HEATMAP_MINIMUM)
+        self.after = Heatmap("The new routers' choices for the same prompt appear here.", minimum=HEATMAP_MINIMUM)
 
         heatmaps = QSplitter()
         heatmaps.addWidget(self.before)
