@@ -71,7 +71,10 @@ class LossPlot(_Chart):
             return
         self._draw_y_axis(painter, plot, low, high, "loss", text, ticks)
         last_step = max(step for step, _value in (*self.train, *self.validation))
-        x_high = float(nice_ceiling(last_step)) if last_step > 0 else 1.0
+        # Round steps between ticks (1, 2 or 5 times a power of ten), and the axis to the tick after the last step.
+        x_step = nice_ceiling(max(last_step, 1) / X_TICKS)
+        x_ticks = max(1, math.ceil(max(last_step, 1) / x_step))
+        x_high = x_step * x_ticks
 
         def point(step: float, value: float) -> QPointF:
             return QPointF(
@@ -79,8 +82,8 @@ class LossPlot(_Chart):
                 plot.bottom() - plot.height() * (value - low) / (high - low),
             )
 
-        for tick in range(X_TICKS + 1):
-            step = x_high * tick / X_TICKS
+        for tick in range(x_ticks + 1):
+            step = x_step * tick
             tick_rect = QRectF(point(step, low).x() - 30, plot.bottom() + 4, 60, line)
             painter.drawText(tick_rect, Qt.AlignmentFlag.AlignCenter, f"{step:g}")
         painter.drawText(
@@ -156,14 +159,16 @@ class ExpertLoadChart(_Chart):
             height = plot.height() * share / high
             bar = QRectF(plot.left() + expert * slot + slot * 0.2, plot.bottom() - height, slot * 0.6, height)
             painter.fillRect(bar, series_color(0))
-            painter.setPen(text)
-            value_rect = QRectF(bar.left() - slot * 0.2, bar.top() - line - 2, slot, line)
-            painter.drawText(value_rect, Qt.AlignmentFlag.AlignCenter, f"{share:.0%}")
+            label_bottom = bar.top()
             if expert < len(self.start):
                 start_height = plot.height() * self.start[expert] / high
                 painter.setPen(QPen(series_color(1), 2))
                 painter.setBrush(Qt.BrushStyle.NoBrush)
                 painter.drawRect(QRectF(bar.left(), plot.bottom() - start_height, bar.width(), start_height))
+                label_bottom = min(label_bottom, plot.bottom() - start_height)
+            painter.setPen(text)
+            value_rect = QRectF(bar.left() - slot * 0.2, label_bottom - line - 2, slot, line)
+            painter.drawText(value_rect, Qt.AlignmentFlag.AlignCenter, f"{share:.0%}")
             painter.setPen(text)
             name = metrics.elidedText(self.label(expert), Qt.TextElideMode.ElideMiddle, slot - 4)
             painter.drawText(
