@@ -14,7 +14,7 @@ from PySide6.QtWidgets import QWidget
 # The Evaluate page's chart base: title, y axis, legend and empty text drawn the same way on both pages.
 from app.gui.evaluate.charts import TICKS, _Chart, nice_ceiling, series_color
 
-TRAIN_SERIES = "training loss"
+TRAIN_SERIES = "training loss (with the balance and z terms)"
 VALIDATION_SERIES = "validation loss"
 X_TICKS = 6
 
