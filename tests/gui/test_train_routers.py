@@ -165,6 +165,7 @@ def test_the_page_trains_a_merged_moe_and_shows_losses_and_before_after(
     assert page.evaluate_button.isVisible() and page.chat_button.isVisible()
     view.prompt_choice.setCurrentIndex(2)
     screenshot(page, "train-routers-before-after")
+    QCoreApplication.processEvents()  # back in the light theme
     page.grab().save(str(SHOTS / "router-gui-before-after.png"))
     page.tabs.setCurrentIndex(0)
     QCoreApplication.processEvents()

@@ -346,7 +346,9 @@ class TrainPage(QWidget):
     def _fail(self, error: BaseException) -> None:
         """Bad input or a failed run: one message with the reason and the fix; the page stays usable."""
         self.progress.setValue(0)
-        self.message.setText(f"✗ {describe_error(error)}")
+        text = describe_error(error)
+        # A list of problems marks each of its lines already; a single error gets the mark here.
+        self.message.setText(text if text.startswith(("✗", "⚠")) else f"✗ {text}")
         self._update_buttons()
 
     def _stopped(self, text: str) -> None:

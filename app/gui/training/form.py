@@ -188,7 +188,7 @@ class TrainingForm(QWidget):
 
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
-        for box in (data_box, held_box, settings_box):
+        for box in (data_box, settings_box, held_box):
             layout.addWidget(box)
 
     def set_recipe_available(self, available: bool) -> None:
