@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from PySide6.QtCore import QCoreApplication, Qt
+from PySide6.QtWidgets import QMessageBox
 
 from app.core.merge.pipeline import MergeOptions, merge_moe
 from app.core.progress import run_job
@@ -172,16 +173,21 @@ def test_the_page_trains_a_merged_moe_and_shows_losses_and_before_after(
     page.grab().save(str(SHOTS / "router-gui-training.png"))
 
 
-def test_cancel_mid_run_leaves_no_output_and_the_page_usable(
-    qtbot, page: TrainPage, merged: Path, tmp_path: Path
-) -> None:
-    out = tmp_path / "trained"
+def start_a_long_run(page: TrainPage, merged: Path, out: Path, tmp_path: Path) -> None:
     page.set_model(merged)
     page.out_dir.setText(str(out))
     page.form.data_files.add([text_file(tmp_path, "train.txt", TRAINING_TEXT)])
     quick_settings(page, steps=5000)
     page.start_button.click()
     assert page.job is not None
+
+
+def test_cancel_mid_run_leaves_no_output_and_the_window_usable(window, qtbot, merged: Path, tmp_path: Path) -> None:
+    out = tmp_path / "trained"
+    window.show_step(Step.TRAIN)
+    page = window.train_page
+    start_a_long_run(page, merged, out, tmp_path)
+    assert window.context.running and "Train routers" in window.jobs_label.text()
 
     def cancel_once_training(record: object) -> None:
         if isinstance(record, TrainingProgress) and record.stage == "train" and record.step >= 2:
@@ -194,7 +200,27 @@ def test_cancel_mid_run_leaves_no_output_and_the_page_usable(
     assert page.message.text() == "Training cancelled: nothing was written."
     assert not out.exists() and page.result is None and page.compare is None
     assert page.start_button.isEnabled() and not page.cancel_button.isEnabled() and page.form.isEnabled()
-    assert not page.evaluate_button.isVisible()
+    assert not page.evaluate_button.isVisible() and page.loss_plot.train  # what it did before the cancel stays shown
+    # The window goes on: no job left, and the other steps open.
+    assert not window.context.running
+    window.show_step(Step.EVALUATE)
+    assert window.pages.currentWidget() is window.evaluate_page
+
+
+def test_closing_the_window_mid_run_stops_and_joins_the_training(
+    window, qtbot, answer, merged: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "trained"
+    window.show_step(Step.TRAIN)
+    page = window.train_page
+    start_a_long_run(page, merged, out, tmp_path)
+    with qtbot.waitSignal(page.job.progress, timeout=TIMEOUT_MS, check_params_cb=lambda r: r.stage == "train"):
+        pass
+    answer["question"] = QMessageBox.StandardButton.Yes
+    assert window.close()
+    assert "Train routers" in answer["asked"][-1]
+    assert not page.job.is_running and not window.context.running  # joined before the window went
+    assert not out.exists()
 
 
 @pytest.fixture(scope="module")
