@@ -52,7 +52,7 @@ TRAINING_TEXT = "\n\n".join(
         "The old lighthouse keeper watched the storm roll in over the grey sea.",
         "She opened the letter slowly, afraid of what it might say.",
     ]
-    * 12
+    * 4
 )
 HELD_OUT_TEXT = "What is 3 plus 4? The answer is 7.\n\nThe sea was calm when the keeper woke."
 
@@ -83,15 +83,15 @@ def text_file(folder: Path, name: str, text: str) -> Path:
     return path
 
 
-def quick_settings(page: TrainPage, steps: int = 8) -> None:
-    """A run of a few seconds on a CPU: tiny sequences and batches, validation every other step."""
+def quick_settings(page: TrainPage, steps: int = 6) -> None:
+    """A run of a few seconds on a CPU: tiny sequences and batches, validation every third step."""
     form = page.form
     form.budget_kind.setCurrentText("Steps")
     form.budget.setValue(steps)
     form.seq_len.setValue(16)
     form.batch_size.setValue(2)
     form.lr.setValue(0.05)
-    form.eval_every.setValue(2)
+    form.eval_every.setValue(3)
     form.val_fraction.setValue(0.2)
     form.device.setCurrentText("cpu")
 
