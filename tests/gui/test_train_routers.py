@@ -19,6 +19,7 @@ from app.gui.main_window import Step
 from app.gui.pages.train import TrainPage
 from app.gui.settings import AppSettings
 from app.gui.training.charts import ExpertLoadChart, LossPlot
+from app.gui.training.form import TrainingForm
 from app.gui.training.jobs import VALIDATION_ROW
 from tests.gui.conftest import screenshot
 from tests.models import make_tiny_model
@@ -307,3 +308,22 @@ def test_the_charts_draw_training_records(qtbot) -> None:
     loss.clear()
     load.clear()
     assert not loss.train and not load.now
+
+
+def test_the_form_starts_from_the_core_defaults_and_reads_typed_values(qtbot) -> None:
+    from app.core.training.settings import RouterTrainingSettings
+
+    form = TrainingForm(device="cpu", dtype="float32")
+    qtbot.addWidget(form)
+    form.show()
+    defaults = RouterTrainingSettings()
+    assert form.settings() == defaults.model_copy(update={"device": "cpu", "dtype": "float32"})
+    assert form.lr.text() == "0.001"  # written as people write it
+    form.lr.lineEdit().selectAll()
+    qtbot.keyClicks(form.lr.lineEdit(), "2e-05")
+    form.budget_kind.setCurrentText("Tokens")
+    form.budget.setValue(50_000)
+    form.hub_datasets.setText("org/stories:en/train, org/code")
+    settings, data = form.settings(), form.data()
+    assert settings.lr == 2e-05 and settings.tokens == 50_000 and settings.steps is None
+    assert data.hub_datasets == ("org/stories:en/train", "org/code") and not data.recipe_prompts

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from PySide6.QtCore import Qt
+from PySide6.QtGui import QValidator
 from PySide6.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -90,6 +91,36 @@ class FileList(QWidget):
         self.remove.setEnabled(self.files.count() > 0)
 
 
+class RateSpinBox(QDoubleSpinBox):
+    """A learning rate as people write it (0.001, 2e-05): no row of trailing zeros, any precision kept."""
+
+    def __init__(self, value: float) -> None:
+        super().__init__()
+        self.setDecimals(12)  # what the box keeps; the text shows only the digits that matter
+        self.setRange(0.0, 10.0)  # 0 is allowed, so that the core's check says why it cannot work
+        self.setSingleStep(1e-4)
+        self.setValue(value)
+
+    def textFromValue(self, value: float) -> str:
+        return f"{value:g}"
+
+    def valueFromText(self, text: str) -> float:
+        try:
+            return float(text)
+        except ValueError:
+            return self.value()
+
+    def validate(self, text: str, position: int) -> tuple[QValidator.State, str, int]:
+        try:
+            value = float(text)
+        except ValueError:
+            # Half-typed numbers ("1e-", "0.") may still become one.
+            partial = text == "" or text.rstrip("eE-+.") != text
+            return (QValidator.State.Intermediate if partial else QValidator.State.Invalid), text, position
+        state = QValidator.State.Acceptable if 0 <= value <= self.maximum() else QValidator.State.Intermediate
+        return state, text, position
+
+
 def _spin(low: int, high: int, value: int, special: str = "") -> QSpinBox:
     box = QSpinBox()
     box.setRange(low, high)
@@ -135,8 +166,7 @@ class TrainingForm(QWidget):
         self.budget.setToolTip("auto: a budget that trains a tiny model in about a minute on a laptop CPU.")
         self.seq_len = _spin(2, 1_048_576, defaults.seq_len)
         self.batch_size = _spin(1, 4096, defaults.batch_size)
-        # Ten decimals: learning rates like 0.00002 must be writable; 0 is allowed, so that the core says why not.
-        self.lr = _double(0.0, 10.0, defaults.lr, 10, 1e-4)
+        self.lr = RateSpinBox(defaults.lr)
         self.balance_coef = _double(0.0, 100.0, defaults.balance_coef, 4, 0.01)
         self.z_coef = _double(0.0, 100.0, defaults.z_coef, 4, 0.001)
         self.val_fraction = _double(0.0, 0.9, defaults.val_fraction, 2, 0.05)
