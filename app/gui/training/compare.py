@@ -117,7 +117,9 @@ class BeforeAfterView(QWidget):
                 _cell(f"{row.after:.4f}", f"NLL {row.after:.6f} nats per token{tokens}"),
                 _cell(f"{row.change:+.4f}", "the new routers' loss minus the old routers'"),
             )
-            better = cells[1] if row.after < row.before else cells[0] if row.before < row.after else None
+            # Bold only where the shown figures differ: a tie at four decimals has no winner to show.
+            before, after = round(row.before, 4), round(row.after, 4)
+            better = cells[1] if after < before else cells[0] if before < after else None
             if better is not None:
                 font = QFont(better.font())
                 font.setBold(True)
