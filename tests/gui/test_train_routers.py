@@ -198,7 +198,7 @@ def test_cancel_mid_run_leaves_no_output_and_the_window_usable(window, qtbot, me
     with qtbot.waitSignal(page.job.cancelled, timeout=TIMEOUT_MS):
         pass
     wait_until_idle(qtbot, page)
-    assert page.message.text() == "Training cancelled: nothing was written."
+    assert page.message.text() == "Training cancelled: no model was written."
     assert not out.exists() and page.result is None and page.compare is None
     assert page.start_button.isEnabled() and not page.cancel_button.isEnabled() and page.form.isEnabled()
     assert not page.evaluate_button.isVisible() and page.loss_plot.train  # what it did before the cancel stays shown
@@ -222,6 +222,44 @@ def test_closing_the_window_mid_run_stops_and_joins_the_training(
     assert "Train routers" in answer["asked"][-1]
     assert not page.job.is_running and not window.context.running  # joined before the window went
     assert not out.exists()
+
+
+def test_a_stopped_run_continues_from_its_checkpoint(qtbot, page: TrainPage, merged: Path, tmp_path: Path) -> None:
+    from app.core.training.trainer import checkpoint_dir, latest_checkpoint
+
+    out = tmp_path / "trained"
+    page.set_model(merged)
+    page.out_dir.setText(str(out))
+    page.form.data_files.add([text_file(tmp_path, "train.txt", TRAINING_TEXT)])
+    quick_settings(page, steps=6)
+    page.form.checkpoint_every.setValue(2)
+    assert not page.resume.isVisible()
+    page.start_button.click()
+    assert page.job is not None
+    page.job.progress.connect(
+        lambda r: page.cancel_button.click() if isinstance(r, TrainingProgress) and r.step >= 3 else None
+    )
+    with qtbot.waitSignal(page.job.cancelled, timeout=TIMEOUT_MS):
+        pass
+    wait_until_idle(qtbot, page)
+    checkpoint = latest_checkpoint(checkpoint_dir(out))
+    assert checkpoint is not None and not out.exists()
+    assert page.resume.isVisible() and page.resume.isChecked() and "checkpoint is kept" in page.message.text()
+
+    page.start_button.click()
+    steps: list[int] = []
+    page.job.progress.connect(lambda r: steps.append(r.step) if r.stage == "train" else None)
+    with qtbot.waitSignal(page.job.finished, timeout=TIMEOUT_MS):
+        pass
+    assert page.result is not None, page.message.text()
+    with qtbot.waitSignal(page.compare.finished, timeout=TIMEOUT_MS):
+        pass
+    # It went on after the checkpoint's step, to the planned end, and the checkpoint went with the run.
+    # (The first record of a stage always reaches the page; later ones may be thinned out.)
+    assert steps[0] == int(checkpoint.name.removeprefix("step-")) + 1 and page.result.steps == 6
+    assert (out / "config.json").is_file() and not checkpoint_dir(out).exists()
+    wait_until_idle(qtbot, page)
+    assert not page.resume.isVisible()
 
 
 @pytest.fixture(scope="module")

@@ -67,10 +67,11 @@ class TrainPage(QWidget):
         self.model_note = MessageLabel()
         self.out_dir = QLineEdit()
         self.out_dir.setPlaceholderText("A new, empty folder for the model with trained routers")
-        self.out_dir.textChanged.connect(self._out_changed)
+        self.out_dir.textChanged.connect(self._check_resumable)
         browse_out = QPushButton("Browse…")
         browse_out.clicked.connect(self._browse_out)
-        self.resume = QCheckBox("Continue the stopped run that wrote a checkpoint for this folder")
+        self.resume = QCheckBox("Continue the stopped run from its checkpoint (same data and settings)")
+        self.resume.setToolTip("A run writing this folder stopped after saving a checkpoint beside it.")
         self.resume.setVisible(False)
         settings = context.settings
         self.form = TrainingForm(settings.device, settings.dtype)
@@ -198,14 +199,15 @@ class TrainPage(QWidget):
             self.out_dir.setText(self._suggested_out)
         self._update_buttons()
 
-    def _out_changed(self) -> None:
-        from app.core.training.trainer import checkpoint_dir
+    def _check_resumable(self) -> None:
+        """Offer to continue when a stopped run left a checkpoint for this output folder (ticked: the likely wish)."""
+        from app.core.training.trainer import checkpoint_dir, latest_checkpoint
 
         text = self.out_dir.text().strip()
-        resumable = bool(text) and checkpoint_dir(Path(text).expanduser()).is_dir()
+        resumable = bool(text) and latest_checkpoint(checkpoint_dir(Path(text).expanduser())) is not None
+        if resumable != self.resume.isVisible():
+            self.resume.setChecked(resumable)
         self.resume.setVisible(resumable)
-        if not resumable:
-            self.resume.setChecked(False)
         self._update_buttons()
 
     def choices(self) -> TrainChoices:
@@ -262,8 +264,8 @@ class TrainPage(QWidget):
         self.job.progress.connect(self._progress)
         self.job.succeeded.connect(lambda result: self._trained(result, choices))
         self.job.failed.connect(self._fail)
-        self.job.cancelled.connect(lambda: self._stopped("Training cancelled: nothing was written."))
-        self.job.finished.connect(self._update_buttons)
+        self.job.cancelled.connect(self._cancelled)
+        self.job.finished.connect(self._check_resumable)
         self._update_buttons()
 
     def cancel(self) -> None:
@@ -350,6 +352,11 @@ class TrainPage(QWidget):
         # A list of problems marks each of its lines already; a single error gets the mark here.
         self.message.setText(text if text.startswith(("✗", "⚠")) else f"✗ {text}")
         self._update_buttons()
+
+    def _cancelled(self) -> None:
+        self._check_resumable()
+        kept = " Its last checkpoint is kept: start again with Continue ticked to go on from there."
+        self._stopped(f"Training cancelled: no model was written.{kept if self.resume.isVisible() else ''}")
 
     def _stopped(self, text: str) -> None:
         """A run or comparison that ends without its result; what an earlier step achieved stays said."""

@@ -171,6 +171,8 @@ class TrainingForm(QWidget):
         self.z_coef = _double(0.0, 100.0, defaults.z_coef, 4, 0.001)
         self.val_fraction = _double(0.0, 0.9, defaults.val_fraction, 2, 0.05)
         self.eval_every = _spin(1, MAX_COUNT, defaults.eval_every)
+        self.checkpoint_every = _spin(0, MAX_COUNT, defaults.checkpoint_every, "off")
+        self.checkpoint_every.setToolTip("Steps between checkpoints a stopped run can continue from.")
         self.seed = _spin(0, 2**31 - 1, defaults.seed)
         self.device = _combo(DEVICES, device if device in DEVICES else defaults.device)
         self.dtype = _combo(DTYPES, dtype if dtype in DTYPES else defaults.dtype)
@@ -211,6 +213,7 @@ class TrainingForm(QWidget):
         form.addRow("Router z-loss weight", self.z_coef)
         form.addRow("Validation share", self.val_fraction)
         form.addRow("Validate every", self.eval_every)
+        form.addRow("Checkpoint every", self.checkpoint_every)
         form.addRow("Seed", self.seed)
         form.addRow("Device", self.device)
         form.addRow("Precision", self.dtype)
@@ -258,6 +261,7 @@ class TrainingForm(QWidget):
                 z_coef=self.z_coef.value(),
                 val_fraction=self.val_fraction.value(),
                 eval_every=self.eval_every.value(),
+                checkpoint_every=self.checkpoint_every.value(),
                 seed=self.seed.value(),
                 device=self.device.currentText(),
                 dtype=self.dtype.currentText(),
