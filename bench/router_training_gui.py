@@ -18,6 +18,7 @@ import argparse
 import itertools
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -45,6 +46,13 @@ frankenmoe:
     - {{label: code, test_prompts: ["def square(x): return x * x"]}}
     - {{label: stories, test_prompts: ["The keeper climbed the tower at dawn."]}}
 """
+
+
+def build_merged_model(root: Path) -> Path:
+    """Donors and their merge, in a process of their own: building the donors changes this process's torch
+    threading state (the demo trainer's one-thread context), which would slow the direct runs that follow."""
+    subprocess.run([sys.executable, __file__, "--build", str(root)], check=True, capture_output=True)
+    return root / "merged"
 
 
 def merged_model(root: Path) -> Path:
@@ -110,7 +118,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--build", type=Path, help=argparse.SUPPRESS)  # the subprocess that builds the model
     args = parser.parse_args()
+    if args.build is not None:
+        merged_model(args.build)
+        return
 
     from PySide6.QtWidgets import QApplication
 
@@ -120,7 +132,7 @@ def main() -> None:
 
     application = QApplication.instance() or QApplication([])
     root = Path(tempfile.mkdtemp(prefix="router-gui-bench-"))
-    model = merged_model(root)
+    model = build_merged_model(root)
     data = root / "train.txt"
     page = TrainPage(AppContext(AppSettings(cache_dir=root / "cache", device="cpu")))
     page.resize(1180, 760)
