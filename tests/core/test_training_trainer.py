@@ -285,13 +285,15 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
     assert not checkpoint_dir(tmp_path / "resumed").exists()  # a finished run removes its checkpoint
 
 
-def test_cancel_at_the_first_step_leaves_nothing(tmp_path):
+@pytest.mark.parametrize("stage", ["train", "write"])
+def test_cancel_leaves_nothing(tmp_path, stage):
+    """Cancelled at the first step, or while the new folder is being written (after its first file)."""
     model = make_tiny_moe(tmp_path / "moe", "mixtral", seed=2)
     data = TrainingData(files=(write_text(tmp_path / "t.txt"),))
     cancel = threading.Event()
 
     def on_record(record):
-        if record.stage == "train":
+        if record.stage == stage and (stage == "train" or record.done == 1):
             cancel.set()
 
     with pytest.raises(Cancelled):

@@ -12,7 +12,7 @@ Nothing here syncs with the host.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -58,3 +58,52 @@ def router_z_loss(router_logits: Sequence[torch.Tensor]) -> torch.Tensor:
     for logits in router_logits:
         total = total + torch.logsumexp(logits.float().to(device), dim=-1).square().mean()
     return total / len(router_logits)
+
+
+# Logits of this many elements at most exist at once in :func:`causal_lm_loss` (float32: 128 MiB).
+LOSS_CHUNK_ELEMENTS = 2**25
+
+
+def supports_chunked_loss(model: Any) -> bool:
+    """Whether the model's logits are just its output head applied to its body's last hidden state."""
+    config = model.config
+    softcapped = getattr(config, "final_logit_softcapping", None) is not None
+    scaled = getattr(config, "logit_scale", None) is not None
+    return not softcapped and not scaled and hasattr(model, "model") and model.get_output_embeddings() is not None
+
+
+def causal_lm_loss(model: Any, input_ids: torch.Tensor, chunk_elements: int = LOSS_CHUNK_ELEMENTS) -> torch.Tensor:
+    """The mean next-token loss of transformers' ``labels=input_ids`` (no padding), without the full logits.
+
+    The body runs once; the output head and the cross-entropy run over chunks of positions, each chunk's
+    logits recomputed in the backward pass instead of kept (activation checkpointing of the head). With
+    a vocabulary of 150k, batch 4 and 256 tokens, the full float32 logits and their gradient would take
+    1.2 GB; here one chunk's do. Falls back to the model's own loss where the head is not plain.
+    """
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    if not supports_chunked_loss(model):
+        return model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
+    hidden = model.model(input_ids=input_ids, use_cache=False).last_hidden_state
+    head = model.get_output_embeddings()
+    width = hidden.shape[-1]
+    # Position t predicts token t + 1, as transformers shifts the labels.
+    states = hidden[:, :-1].reshape(-1, width)
+    targets = input_ids[:, 1:].reshape(-1).to(states.device)
+    chunk = max(1, chunk_elements // int(head.weight.shape[0]))
+    total = torch.zeros((), dtype=torch.float32, device=states.device)
+    for start in range(0, states.shape[0], chunk):
+        part = (states[start : start + chunk], targets[start : start + chunk])
+        if torch.is_grad_enabled():
+            total = total + checkpoint(_summed_cross_entropy, head, *part, use_reentrant=False)
+        else:
+            total = total + _summed_cross_entropy(head, *part)
+    return total / targets.numel()
+
+
+def _summed_cross_entropy(head: Any, states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    import torch
+
+    # As transformers' loss: the logits in float32.
+    return torch.nn.functional.cross_entropy(head(states).float(), targets, reduction="sum")
