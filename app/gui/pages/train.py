@@ -317,7 +317,7 @@ class TrainPage(QWidget):
         )
         self.message.setText(f"{self._summary}\nComparing the old and the new routers…")
         self.context.log(f"Train routers: wrote {result.out_dir}")
-        settings = self.context.settings
+        # Both models are scored where and how the training ran.
         self.compare = self.context.run(
             "Compare routers",
             compare_job(
@@ -326,7 +326,7 @@ class TrainPage(QWidget):
                 result,
                 tuple(self.form.held_out.paths()),
                 choices.settings.device,
-                settings.dtype,
+                choices.settings.dtype,
             ),
         )
         self.compare.progress.connect(lambda record: self.progress.setValue(round(record.fraction * PROGRESS_STEPS)))
