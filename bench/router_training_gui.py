@@ -2,7 +2,7 @@
 longest GUI-thread stall (a 5 ms timer heartbeat) while the page trains, draws its live charts and then
 compares the old and the new routers.
 
-Merges a tiny Llama MoE (3 experts, top-1) from generated donors, warms torch up with one untimed run,
+Merges a tiny Llama MoE (3 experts, top-2) from generated donors, warms torch up with one untimed run,
 then alternates runs of the same training (same settings, data and seed) driven directly by ``run_job``
 and through the page, so that load from other processes hits both alike. The speed is the trainer's own
 tokens/s of its training loop (its last "train" record). Targets: through the page at least 0.95x the
@@ -34,7 +34,7 @@ RECIPE = """
 base_model: {base}
 gate_mode: hidden
 dtype: float32
-experts_per_token: 1
+experts_per_token: 2
 experts:
   - source_model: {expert0}
     positive_prompts: ["What is 12 plus 30?"]

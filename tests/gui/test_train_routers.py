@@ -31,7 +31,7 @@ RECIPE = """
 base_model: {base}
 gate_mode: hidden
 dtype: float32
-experts_per_token: 1
+experts_per_token: {top_k}
 experts:
   - source_model: {expert0}
     positive_prompts: ["What is 12 plus 30?", "Compute 7 times 8 and subtract 6."]
@@ -61,7 +61,7 @@ HELD_OUT_TEXT = "What is 3 plus 4? The answer is 7.\n\nThe sea was calm when the
 @pytest.fixture(scope="module")
 def merged(llama_donors: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("train-gui") / "merged"
-    run_job(merge_moe(parse_recipe(RECIPE.format(**llama_donors)), MergeOptions(out_dir=out)))
+    run_job(merge_moe(parse_recipe(RECIPE.format(top_k=2, **llama_donors)), MergeOptions(out_dir=out)))
     return out
 
 
@@ -222,6 +222,25 @@ def test_closing_the_window_mid_run_stops_and_joins_the_training(
     assert "Train routers" in answer["asked"][-1]
     assert not page.job.is_running and not window.context.running  # joined before the window went
     assert not out.exists()
+
+
+def test_the_trainers_warnings_stay_in_view_after_the_run(
+    qtbot, page: TrainPage, llama_donors: dict[str, Path], tmp_path: Path
+) -> None:
+    top_1 = tmp_path / "top-1"  # one expert per token, renormalised: the next-token loss moves no router
+    run_job(merge_moe(parse_recipe(RECIPE.format(top_k=1, **llama_donors)), MergeOptions(out_dir=top_1)))
+    page.set_model(top_1)
+    page.form.recipe_prompts.setChecked(True)
+    quick_settings(page, steps=2)
+    page.start_button.click()
+    with qtbot.waitSignal(page.job.finished, timeout=TIMEOUT_MS):
+        pass
+    assert page.result is not None, page.message.text()
+    page.cancel_button.click()  # the comparison is not what this test is about
+    wait_until_idle(qtbot, page)
+    assert page.warnings.isVisible() and page.warnings.text().startswith("⚠ ")
+    assert "one expert" in page.warnings.text() and "Fix:" in page.warnings.text()
+    assert page.message.text().startswith("✓ Trained 2 steps")
 
 
 def test_a_stopped_run_continues_from_its_checkpoint(qtbot, page: TrainPage, merged: Path, tmp_path: Path) -> None:

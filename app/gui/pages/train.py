@@ -41,6 +41,7 @@ from app.gui.widgets import MessageLabel, explanation, format_count, heading
 from app.gui.workers import JobHandle
 
 PROGRESS_STEPS = 1000
+WARNING_PREFIX = "warning: "  # how the trainer words a warning in a progress record's message
 
 
 class TrainPage(QWidget):
@@ -84,6 +85,8 @@ class TrainPage(QWidget):
         self.progress = QProgressBar()
         self.progress.setRange(0, PROGRESS_STEPS)
         self.message = MessageLabel()
+        self.warnings = MessageLabel()  # what the trainer warned about: kept in view for the whole run and after
+        self.warnings.setVisible(False)
         self.loss_plot = LossPlot()
         self.load_chart = ExpertLoadChart()
         self.before_after = BeforeAfterView()
@@ -166,6 +169,7 @@ class TrainPage(QWidget):
         layout.addWidget(splitter, 1)
         layout.addLayout(run_row)
         layout.addWidget(self.message)
+        layout.addWidget(self.warnings)
         return layout
 
     # ------------------------------------------------------------------ choices
@@ -258,6 +262,8 @@ class TrainPage(QWidget):
         self.tabs.setCurrentIndex(0)
         self.progress.setValue(0)
         self.message.setText("Starting…")
+        self.warnings.clear()
+        self.warnings.setVisible(False)
         self.legend_job = self.context.run("Expert names", expert_legend_job(choices.model_dir), quiet=True)
         self.legend_job.succeeded.connect(lambda legend: self.load_chart.set_labels(legend.labels))
         self.job = self.context.run("Train routers", train_job(choices))
@@ -278,6 +284,11 @@ class TrainPage(QWidget):
         from app.core.training.trainer import TrainingProgress
 
         self.progress.setValue(round(record.fraction * PROGRESS_STEPS))
+        if record.message.startswith(WARNING_PREFIX):
+            warning = f"⚠ {record.message.removeprefix(WARNING_PREFIX)}"
+            self.warnings.setText("\n".join(filter(None, (self.warnings.text(), warning))))
+            self.warnings.setVisible(True)
+            return
         if not isinstance(record, TrainingProgress) or record.stage not in ("train", "validate"):
             self.message.setText(f"{record.stage}: {record.message}" if record.message else f"{record.stage}…")
             return
