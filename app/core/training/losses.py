@@ -11,6 +11,7 @@ Nothing here syncs with the host.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -75,35 +76,53 @@ def supports_chunked_loss(model: Any) -> bool:
 def causal_lm_loss(model: Any, input_ids: torch.Tensor, chunk_elements: int = LOSS_CHUNK_ELEMENTS) -> torch.Tensor:
     """The mean next-token loss of transformers' ``labels=input_ids`` (no padding), without the full logits.
 
-    The body runs once; the output head and the cross-entropy run over chunks of positions, each chunk's
-    logits recomputed in the backward pass instead of kept (activation checkpointing of the head). With
-    a vocabulary of 150k, batch 4 and 256 tokens, the full float32 logits and their gradient would take
-    1.2 GB; here one chunk's do. Falls back to the model's own loss where the head is not plain.
+    The body runs as usual; the frozen output head and the cross-entropy run over chunks of positions,
+    and each chunk's gradient with respect to the hidden states is computed right away (softmax minus
+    one-hot, through the head's weight: the same products the backward pass would compute), so only one
+    chunk's logits ever exist. With a vocabulary of 150k, batch 4 and 256 tokens, the float32 logits and
+    their gradient would take 1.2 GB; here one chunk's 128 MiB do, at no extra computation. Falls back to
+    the model's own loss where the logits are not just the head applied to the last hidden state.
     """
-    import torch
-    from torch.utils.checkpoint import checkpoint
-
     if not supports_chunked_loss(model):
         return model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
     hidden = model.model(input_ids=input_ids, use_cache=False).last_hidden_state
     head = model.get_output_embeddings()
-    width = hidden.shape[-1]
     # Position t predicts token t + 1, as transformers shifts the labels.
-    states = hidden[:, :-1].reshape(-1, width)
+    states = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     targets = input_ids[:, 1:].reshape(-1).to(states.device)
     chunk = max(1, chunk_elements // int(head.weight.shape[0]))
-    total = torch.zeros((), dtype=torch.float32, device=states.device)
-    for start in range(0, states.shape[0], chunk):
-        part = (states[start : start + chunk], targets[start : start + chunk])
-        if torch.is_grad_enabled():
-            total = total + checkpoint(_summed_cross_entropy, head, *part, use_reentrant=False)
-        else:
-            total = total + _summed_cross_entropy(head, *part)
-    return total / targets.numel()
+    return _head_cross_entropy().apply(states, head.weight, head.bias, targets, chunk)
 
 
-def _summed_cross_entropy(head: Any, states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+@functools.cache
+def _head_cross_entropy() -> Any:
+    """The autograd function of :func:`causal_lm_loss` (built on first use: torch is imported lazily)."""
     import torch
 
-    # As transformers' loss: the logits in float32.
-    return torch.nn.functional.cross_entropy(head(states).float(), targets, reduction="sum")
+    class HeadCrossEntropy(torch.autograd.Function):
+        @staticmethod
+        def forward(
+            ctx: Any, states: torch.Tensor, weight: torch.Tensor, bias: Any, targets: torch.Tensor, chunk: int
+        ) -> torch.Tensor:
+            count = targets.numel()
+            total = torch.zeros((), dtype=torch.float32, device=states.device)
+            gradient = torch.empty_like(states) if states.requires_grad else None
+            for start in range(0, count, chunk):
+                rows = slice(start, start + chunk)
+                # As transformers: the logits in the model's dtype, the loss in float32.
+                logits = torch.nn.functional.linear(states[rows], weight, bias).float()
+                total += torch.nn.functional.cross_entropy(logits, targets[rows], reduction="sum")
+                if gradient is not None:
+                    # d(mean loss)/d(logits) = (softmax - one-hot) / count, then back through the head.
+                    probabilities = torch.softmax(logits, dim=-1)
+                    probabilities[torch.arange(probabilities.shape[0], device=logits.device), targets[rows]] -= 1
+                    gradient[rows] = (probabilities / count).to(weight.dtype) @ weight
+            ctx.save_for_backward(gradient if gradient is not None else states.new_empty(0))
+            return total / count
+
+        @staticmethod
+        def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[Any, ...]:
+            (gradient,) = ctx.saved_tensors
+            return gradient * grad_output.to(gradient.dtype), None, None, None, None
+
+    return HeadCrossEntropy
