@@ -1,4 +1,4 @@
-"""The main window: the recipe as a document, the six steps, the log, and orderly shutdown."""
+"""The main window: the recipe as a document, the seven steps, the log, and orderly shutdown."""
 
 from __future__ import annotations
 
@@ -35,12 +35,13 @@ from app.gui.pages.models import ModelsPage
 from app.gui.pages.preview import PreviewPage
 from app.gui.pages.prompts import PromptsPage
 from app.gui.pages.start import StartPage
+from app.gui.pages.train import TrainPage
 from app.gui.settings import AppSettings
 from app.gui.settings_dialog import SettingsDialog
 from app.gui.theme import apply_theme
 from app.gui.workers import JobHandle
 
-STEPS = ("1  Models", "2  Prompts", "3  Preview", "4  Merge", "5  Evaluate", "6  Chat")
+STEPS = ("1  Models", "2  Prompts", "3  Preview", "4  Merge", "5  Train routers", "6  Evaluate", "7  Chat")
 RECIPE_FILTER = "mergekit-moe recipes (*.yml *.yaml);;All files (*)"
 STATUS_NOTICE_MS = 15_000
 PROGRESS_STEPS = 1000  # the status bar's progress range, when a job reports its share done
@@ -51,12 +52,13 @@ class Step(int, Enum):
     PROMPTS = 1
     PREVIEW = 2
     MERGE = 3
-    EVALUATE = 4
-    CHAT = 5
+    TRAIN = 4
+    EVALUATE = 5
+    CHAT = 6
 
 
 # Steps that need no recipe: any model folder, straight from the start screen.
-MODEL_STEPS = (Step.EVALUATE, Step.CHAT)
+MODEL_STEPS = (Step.TRAIN, Step.EVALUATE, Step.CHAT)
 
 
 class MainWindow(QMainWindow):
@@ -72,6 +74,7 @@ class MainWindow(QMainWindow):
         self.prompts_page = PromptsPage(self.document)
         self.preview_page = PreviewPage(self.document, self.context)
         self.merge_page = MergePage(self.document, self.context)
+        self.train_page = TrainPage(self.context)
         self.evaluate_page = EvaluatePage(self.context)
         self.chat_page = ChatPage(self.context)
         self.pages = QStackedWidget()
@@ -80,6 +83,7 @@ class MainWindow(QMainWindow):
             self.prompts_page,
             self.preview_page,
             self.merge_page,
+            self.train_page,
             self.evaluate_page,
             self.chat_page,
         )
@@ -135,6 +139,9 @@ class MainWindow(QMainWindow):
         self.models_page.checked.connect(self.merge_page.use_check)
         self.merge_page.open_in_chat.connect(self.open_in_chat)
         self.merge_page.open_in_evaluate.connect(self.open_in_evaluate)
+        self.merge_page.open_in_training.connect(self.open_in_training)
+        self.train_page.open_in_evaluate.connect(self.open_in_evaluate)
+        self.train_page.open_in_chat.connect(self.open_in_chat)
         self.chat_page.evaluate_requested.connect(self.open_in_evaluate)
         self.document.undo_stack.cleanChanged.connect(self._update_title)
         self.document.path_changed.connect(lambda _path: self._update_title())
@@ -202,7 +209,7 @@ class MainWindow(QMainWindow):
 
     def _update_actions(self) -> None:
         is_open = self.document.is_open
-        # Chat and Evaluate need no recipe: any model folder or Hub model, straight from the start screen.
+        # Train routers, Evaluate and Chat need no recipe: any model folder, straight from the start screen.
         recipe_steps = [step for step in Step if step not in MODEL_STEPS]
         for action in (self.save_action, self.save_as_action, *(self.step_actions[step] for step in recipe_steps)):
             action.setEnabled(is_open)
@@ -385,6 +392,10 @@ class MainWindow(QMainWindow):
         self.evaluate_page.set_model(Path(folder))
         self.show_step(Step.EVALUATE)
 
+    def open_in_training(self, folder: Path) -> None:
+        self.train_page.set_model(Path(folder))
+        self.show_step(Step.TRAIN)
+
     def open_in_chat(self, folder: Path) -> None:
         self.chat_page.set_model(folder)
         self.show_step(Step.CHAT)
@@ -424,6 +435,7 @@ class MainWindow(QMainWindow):
         self.models_page.shutdown()
         self.context.shutdown()
         self.preview_page.shutdown()
+        self.train_page.shutdown()
         self.evaluate_page.shutdown()
         self.chat_page.shutdown()
         event.accept()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from PySide6.QtCore import QPointF, QRectF, QSize, Qt
 from PySide6.QtGui import (
@@ -27,6 +28,9 @@ from PySide6.QtGui import (
 from PySide6.QtWidgets import QSizePolicy, QWidget
 
 from app.gui.theme import is_dark
+
+if TYPE_CHECKING:
+    from app.core.routing import PromptRouting
 
 
 @dataclass(frozen=True)
@@ -347,3 +351,27 @@ class Heatmap(QWidget):
                 legend_label,
             )
             painter.restore()
+
+
+def prompt_routing_heatmap(
+    routing: PromptRouting, labels: Sequence[str], colors: Sequence[str], top_k: int, title: str
+) -> HeatmapData:
+    """Each layer's router weights for one test prompt (averaged over its tokens), its top-k experts outlined."""
+    per_layer = routing.weights.mean(axis=1)  # layers x experts
+    top_k = max(1, min(top_k, len(labels)))
+    # Each layer's top-k experts, likeliest first.
+    picked = [[int(column) for column in (-row).argsort(kind="stable")[:top_k]] for row in per_layer]
+    picks = "the expert each layer picks" if top_k == 1 else f"the {top_k} experts each layer picks (top {top_k})"
+    return HeatmapData(
+        values=per_layer.tolist(),
+        row_labels=[f"layer {i}" for i in range(len(per_layer))],
+        column_labels=list(labels),
+        title=title,
+        x_label=f"Expert (this prompt belongs to {labels[routing.intended_expert]})",
+        y_label="Layer",
+        value_range=(0.0, 1.0),
+        legend_label="mean router weight",
+        marked=picked,
+        outline_legend=picks,
+        column_colors=list(colors),
+    )

@@ -240,7 +240,7 @@ def test_without_lm_eval_the_tasks_are_off_with_a_note(qtbot, settings: AppSetti
 
 
 def test_the_evaluate_step_follows_merge_and_needs_no_recipe(window, merged: Path) -> None:
-    assert window.steps.item(Step.EVALUATE).text() == "5  Evaluate"
+    assert window.steps.item(Step.EVALUATE).text() == "6  Evaluate"
     assert window.step_actions[Step.EVALUATE].isEnabled()
     window.start_page.evaluate_button.click()
     assert window.pages.currentWidget() is window.evaluate_page

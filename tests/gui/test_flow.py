@@ -38,7 +38,7 @@ def test_demo_flow_preview_merge_and_load(window, qtbot, demo_recipe: Path, tmp_
     merge.merge_button.click()
     qtbot.waitUntil(lambda: merge.merged_folder is not None, timeout=WORK_TIMEOUT_MS)
     assert (out / "config.json").is_file()
-    assert merge.chat_button.isVisible() and merge.show_button.isVisible()
+    assert merge.chat_button.isVisible() and merge.show_button.isVisible() and merge.train_button.isVisible()
     screenshot(window, "4-merge")
 
     from transformers import AutoModelForCausalLM
@@ -46,6 +46,13 @@ def test_demo_flow_preview_merge_and_load(window, qtbot, demo_recipe: Path, tmp_
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.num_local_experts == 3
 
+    merge.train_button.click()  # step 5 takes the merged model, its recipe's prompts ticked
+    train = window.train_page
+    assert window.pages.currentWidget() is train and train.model_path.text() == str(out)
+    assert train.out_dir.text() == str(out.with_name("merged-routers-trained"))
+    assert train.form.recipe_prompts.isChecked()
+    screenshot(window, "5-train-routers")
+
     merge.chat_button.click()
     assert window.pages.currentWidget() is window.chat_page
-    screenshot(window, "5-chat")
+    screenshot(window, "6-chat")

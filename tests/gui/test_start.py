@@ -22,9 +22,10 @@ def test_chat_from_the_start_screen_needs_no_recipe(window, qtbot) -> None:
     assert window.central.currentWidget() is window.start_page
     chat_action = window.step_actions[Step.CHAT]
     assert chat_action.isEnabled()
-    # Chat and Evaluate take any model folder; the recipe's steps wait for a recipe.
-    assert window.step_actions[Step.EVALUATE].isEnabled()
-    assert not any(window.step_actions[step].isEnabled() for step in Step if step not in (Step.CHAT, Step.EVALUATE))
+    # Train routers, Evaluate and Chat take any model folder; the recipe's steps wait for a recipe.
+    assert window.step_actions[Step.EVALUATE].isEnabled() and window.step_actions[Step.TRAIN].isEnabled()
+    model_steps = (Step.TRAIN, Step.CHAT, Step.EVALUATE)
+    assert not any(window.step_actions[step].isEnabled() for step in Step if step not in model_steps)
 
     qtbot.mouseClick(window.start_page.chat_button, Qt.MouseButton.LeftButton)
     assert window.central.currentWidget() is window.workspace

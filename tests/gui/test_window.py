@@ -21,12 +21,13 @@ LONG_ERROR = (
 def message_labels(window) -> dict[Step, list[QLabel]]:
     """Every label a page writes messages, errors and results into."""
     models, prompts, preview = window.models_page, window.prompts_page, window.preview_page
-    merge, evaluate, chat = window.merge_page, window.evaluate_page, window.chat_page
+    merge, train, evaluate, chat = window.merge_page, window.train_page, window.evaluate_page, window.chat_page
     return {
         Step.MODELS: [models.base_info, models.general_problems],
         Step.PROMPTS: [prompts.expert_problems, prompts.settings_problems],
         Step.PREVIEW: [preview.status, preview.quality, preview.warnings],
         Step.MERGE: [merge.problems, merge.stage, merge.speed, merge.result_label],
+        Step.TRAIN: [train.model_note, train.message, train.before_after.quality],
         Step.EVALUATE: [evaluate.model_note, evaluate.stage, evaluate.result_note, evaluate.results.table_note],
         Step.CHAT: [
             chat.model_box.model_status,
@@ -52,6 +53,8 @@ def test_long_messages_wrap_inside_the_window_on_every_page(window, qtbot) -> No
         page = window.pages.currentWidget()
         if step is Step.PREVIEW:
             window.preview_page.warnings.show()
+        if step is Step.TRAIN:
+            window.train_page.tabs.setCurrentWidget(window.train_page.before_after)
         if step is Step.CHAT:
             window.chat_page.model_box.fit_box.show()
             window.chat_page.panel.setCurrentWidget(window.chat_page.panel.panel_reason)

@@ -139,7 +139,7 @@ class ChatPage(QWidget):
         column_layout.addWidget(self.controls)
 
         layout = QVBoxLayout(self)
-        layout.addWidget(heading("6  Chat"))
+        layout.addWidget(heading("7  Chat"))
         layout.addWidget(
             explanation(
                 "Chat with a merged model, any Mixtral, Qwen2-MoE or Qwen3-MoE model folder, or a downloaded "

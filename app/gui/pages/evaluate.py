@@ -214,7 +214,7 @@ class EvaluatePage(QWidget):
         splitter.setChildrenCollapsible(False)
 
         layout = QVBoxLayout()
-        layout.addWidget(heading("5  Evaluate"))
+        layout.addWidget(heading("6  Evaluate"))
         layout.addWidget(
             explanation(
                 "Is the MoE better than its experts? Measures the perplexity of any causal LM on the recipe's prompts "

@@ -40,6 +40,7 @@ DEFAULT_SHARD_GB = 5.0
 class MergePage(QWidget):
     open_in_chat = Signal(object)
     open_in_evaluate = Signal(object)
+    open_in_training = Signal(object)
 
     def __init__(self, document: RecipeDocument, context: AppContext, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -87,6 +88,9 @@ class MergePage(QWidget):
         self.chat_button = QPushButton("Open in Chat")
         self.evaluate_button = QPushButton("Evaluate")
         self.evaluate_button.setToolTip("Is the MoE better than its experts? Measure it on the Evaluate page.")
+        self.train_button = QPushButton("Train routers")
+        self.train_button.setToolTip("Train the routers on your text, on the Train routers page.")
+        self.train_button.clicked.connect(lambda: self.open_in_training.emit(self.merged_folder))
         self.show_button = QPushButton("Show folder")
         self.export_button = QPushButton("Export GGUF…")
         self.export_button.setToolTip("One file for llama.cpp, LM Studio, Ollama and other llama.cpp-based apps")
@@ -121,6 +125,7 @@ class MergePage(QWidget):
         buttons.addWidget(self.progress, 1)
         done_row = QHBoxLayout()
         done_row.addWidget(self.result_label, 1)
+        done_row.addWidget(self.train_button)
         done_row.addWidget(self.evaluate_button)
         done_row.addWidget(self.chat_button)
         done_row.addWidget(self.show_button)
@@ -284,7 +289,14 @@ class MergePage(QWidget):
     @property
     def _result_buttons(self) -> tuple[QPushButton, ...]:
         """What can be done with a merged model, shown beside it once the merge has finished."""
-        return (self.chat_button, self.evaluate_button, self.show_button, self.export_button, self.publish_button)
+        return (
+            self.chat_button,
+            self.evaluate_button,
+            self.train_button,
+            self.show_button,
+            self.export_button,
+            self.publish_button,
+        )
 
     def _export(self) -> None:
         if self.merged_folder is not None:

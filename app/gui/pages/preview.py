@@ -23,7 +23,7 @@ from app.gui import recipe_edits
 from app.gui.context import AppContext, describe_error
 from app.gui.document import RecipeDocument
 from app.gui.engine import GateSession, PreviewResult, base_parameter_count
-from app.gui.plots import Heatmap, HeatmapData
+from app.gui.plots import Heatmap, HeatmapData, prompt_routing_heatmap
 from app.gui.widgets import MessageLabel, explanation, heading
 from app.gui.workers import JobHandle
 
@@ -263,24 +263,13 @@ class PreviewPage(QWidget):
             return
         routing = self.result.routing.routings[self.prompt_choice.currentIndex()]
         labels, colors = self._labels_and_colors(self.result.recipe)
-        per_layer = routing.weights.mean(axis=1)  # layers x experts, averaged over the prompt's tokens
-        top_k = max(1, min(self.result.recipe.experts_per_token, len(labels)))
-        # Each layer's top-k experts, likeliest first.
-        picked = [[int(column) for column in (-row).argsort(kind="stable")[:top_k]] for row in per_layer]
-        picks = "the expert each layer picks" if top_k == 1 else f"the {top_k} experts each layer picks (top {top_k})"
         self.routing.set_data(
-            HeatmapData(
-                values=per_layer.tolist(),
-                row_labels=[f"layer {i}" for i in range(len(per_layer))],
-                column_labels=labels,
-                title=f"Router weights for “{short(routing.text, 32)}”",
-                x_label=f"Expert (this prompt belongs to {labels[routing.intended_expert]})",
-                y_label="Layer",
-                value_range=(0.0, 1.0),
-                legend_label="mean router weight",
-                marked=picked,
-                outline_legend=picks,
-                column_colors=colors,
+            prompt_routing_heatmap(
+                routing,
+                labels,
+                colors,
+                self.result.recipe.experts_per_token,
+                f"Router weights for “{short(routing.text, 32)}”",
             )
         )
 
