@@ -54,6 +54,9 @@ class LoadRequest:
     context_tokens: int = DEFAULT_CONTEXT_TOKENS  # the KV cache to leave room for
     memory_limit: int | None = None  # use at most this many bytes of each device's free memory
     cache_dir: Path | None = None
+    # Module name suffixes that 8-bit and 4-bit loads leave in the compute dtype (besides the output
+    # head), e.g. the routers that router training has to update.
+    keep_unquantised: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -338,11 +341,14 @@ def _from_pretrained(plan: LoadPlan) -> Any:
         with TRANSFORMERS_IMPORT_LOCK:
             from transformers import BitsAndBytesConfig
 
+        # A skip list replaces bitsandbytes' default one (the output head), so that goes in too.
+        kept = plan.request.keep_unquantised
+        skip = {"llm_int8_skip_modules": ["lm_head", *kept]} if kept else {}
         kwargs["quantization_config"] = (
-            BitsAndBytesConfig(load_in_8bit=True)
+            BitsAndBytesConfig(load_in_8bit=True, **skip)
             if option.mode is LoadMode.INT8
             else BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=kwargs["dtype"]
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=kwargs["dtype"], **skip
             )
         )
         kwargs["device_map"] = {"": option.device}
