@@ -29,6 +29,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -49,6 +50,9 @@ from routing import (  # noqa: E402
 )
 
 from app.core.progress import Progress, run_job  # noqa: E402
+
+if TYPE_CHECKING:
+    from app.core.training.trainer import RouterTrainingResult
 
 TRAINING_SEED = 3  # neither the held-out prompts' (99), nor the models' (2024), nor the extra prompts' (7)
 GAP_TARGET = 0.60
@@ -86,7 +90,9 @@ def write_training_file(records: Sequence[str], path: Path, held_out: Sequence[s
         raise SystemExit(f"held-out prompts leaked into the training text: {leaked[:5]}")
 
 
-def train(model_dir: Path, out_dir: Path, data_file: Path, args: argparse.Namespace) -> tuple[object, float]:
+def train(
+    model_dir: Path, out_dir: Path, data_file: Path, args: argparse.Namespace
+) -> tuple[RouterTrainingResult, float]:
     """Train the routers of ``model_dir`` into ``out_dir`` with the core trainer; print its validations."""
     from app.core.training.settings import RouterTrainingSettings, TrainingData
     from app.core.training.trainer import TrainingProgress, checkpoint_dir, train_routers
@@ -110,10 +116,17 @@ def train(model_dir: Path, out_dir: Path, data_file: Path, args: argparse.Namesp
     shutil.rmtree(checkpoint_dir(out_dir), ignore_errors=True)
     print(f"training the routers: {settings.model_dump(exclude_defaults=True)}")
 
+    last_load: tuple[float, ...] = ()
+
     def report(record: Progress) -> None:
-        if isinstance(record, TrainingProgress) and record.stage == "validate" and record.val_loss is not None:
-            load = " ".join(f"{share:4.0%}" for share in record.expert_load)
-            print(f"  step {record.step:4d}  validation loss {record.val_loss:.4f}  load {load}", flush=True)
+        nonlocal last_load
+        if not isinstance(record, TrainingProgress):
+            return
+        if record.stage == "train":
+            last_load = record.expert_load
+        elif record.stage == "validate" and record.val_loss is not None:
+            load = " ".join(f"{share:4.0%}" for share in last_load)
+            print(f"  step {record.step:4d}  validation loss {record.val_loss:.4f}  training load {load}", flush=True)
 
     started = time.perf_counter()
     result = run_job(
@@ -127,6 +140,9 @@ def main() -> None:
     add_model_arguments(parser)
     parser.set_defaults(held_out=40)  # more held-out tokens than the routing bench: losses to 0.01 nats
     parser.add_argument("--start-mode", default="hidden", choices=MODES, help="the routers training starts from")
+    parser.add_argument(
+        "--modes", nargs="+", default=MODES, choices=MODES, help="gate modes to compare (default: all)"
+    )
     parser.add_argument("--train-records", type=int, default=3000, help="training texts generated per domain")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--seq-len", type=int, default=256)
@@ -163,7 +179,7 @@ def main() -> None:
 
     scores: list[HeldOutScore] = []
     start_dir = None
-    for mode in MODES:
+    for mode in dict.fromkeys([*args.modes, args.start_mode]):
         out, _merged = merge_mode(recipe, mode, args)
         scores.append(score_held_out(out, prompts, name=mode))
         if mode == args.start_mode:
@@ -195,6 +211,13 @@ def main() -> None:
         f"within {ORACLE_MARGIN}]; entropy {trained.entropy:.3f} "
         f"[{'PASS' if trained.entropy > ENTROPY_FLOOR else 'FAIL'} > {ENTROPY_FLOOR}]"
     )
+    best_rest = min(scores, key=lambda score: score.rest_nll)
+    rest_gap = (best_rest.rest_nll - trained.rest_nll) / (best_rest.rest_nll - oracle.rest_nll)
+    print(
+        f"tokens after each prompt's first (where routing can know the domain): gap closed ({best_rest.name} "
+        f"{best_rest.rest_nll:.3f} - trained {trained.rest_nll:.3f}) / ({best_rest.name} {best_rest.rest_nll:.3f} - "
+        f"oracle {oracle.rest_nll:.3f}) = {rest_gap:.1%}; {trained.rest_nll - oracle.rest_nll:+.3f} nats from oracle"
+    )
     if args.json:
         figures = {
             "settings": {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()},
@@ -204,6 +227,8 @@ def main() -> None:
                     "accuracy": s.token_share,
                     "prompt_accuracy": s.prompt_share,
                     "loss": s.nll,
+                    "first_token_loss": s.first_nll,
+                    "later_tokens_loss": s.rest_nll,
                     "entropy": s.entropy,
                     "load": s.load,
                 }
@@ -211,6 +236,7 @@ def main() -> None:
             ],
             "tokens": trained.tokens,
             "gap_closed": gap,
+            "gap_closed_after_first_token": rest_gap,
             "trained_minus_oracle": to_oracle,
             "training": {"steps": result.steps, "tokens": result.tokens, "seconds": seconds},
         }

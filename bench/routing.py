@@ -5,7 +5,10 @@ on clearly different text, and a recipe with a few positive prompts per expert (
 written by hand, plus --extra-prompts drawn from the domain). Separate held-out
 prompts, generated from the same domains with another seed, are then run through each merged
 model with transformers, and the share of tokens and prompts routed to their expert (majority
-over layers) is printed side by side for every gate mode, with the calibrated fit's time.
+over layers) is printed side by side for every gate mode, with the calibrated fit's time. A second
+table gives, for every gate mode and for oracle routing (each held-out token forced to its domain's
+expert alone), the held-out next-token loss, the routing accuracy and the normalised routing entropy
+(bench/router_training.py adds routers trained by the core trainer to that table).
 
 The models (hidden size 128, 6 layers) train in about 15 minutes on 2 busy cores and are cached.
 Run from the repository root: python bench/routing.py [--held-out 12] [--workdir DIR]
@@ -135,6 +138,10 @@ class HeldOutScore:
     prompt_share: float
     nll: float  # held-out next-token loss, nats per predicted token (the Evaluate page's scoring)
     tokens: int  # predicted tokens behind nll
+    # The loss split: each prompt's first token, predicted from the BOS alone (whose routing cannot depend
+    # on the domain, so no causal router can match oracle routing there), and the tokens after it.
+    first_nll: float
+    rest_nll: float
     entropy: float  # routing entropy of the per-expert load, per layer, over log(experts), mean over layers
     load: tuple[float, ...]  # share of the top-k choices each expert received, mean over layers
 
@@ -171,7 +178,15 @@ def score_held_out(
 
         return hook
 
+    first_token_nll: list[float] = []
+
+    def first_token(_module: Any, inputs: Any, kwargs: dict[str, Any], output: Any) -> None:
+        ids = kwargs["input_ids"] if "input_ids" in kwargs else inputs[0]
+        log_probs = torch.log_softmax(output.logits[0, 0].float(), dim=-1)
+        first_token_nll.append(-float(log_probs[ids[0, 1]]))
+
     handles = [router.register_forward_hook(recorder(layer)) for layer, router in enumerate(routers)]
+    handles.append(model.register_forward_hook(first_token, with_kwargs=True))
     skip = 1 if tokenizer.bos_token else 0  # as the routing preview: the BOS token is the same in every prompt
     routings: list[PromptRouting] = []
     nll_sum, tokens = 0.0, 0
@@ -206,20 +221,25 @@ def score_held_out(
         token_share=quality.token_share,
         prompt_share=quality.prompt_share,
         nll=nll_sum / tokens,
+        first_nll=sum(first_token_nll) / len(first_token_nll),
+        rest_nll=(nll_sum - sum(first_token_nll)) / (tokens - len(first_token_nll)),
         tokens=tokens,
         entropy=float(layer_entropy.mean()),
         load=tuple(float(share) for share in shares.mean(axis=0)),
     )
 
 
-TABLE_HEADER = f"{'routing':22s} {'accuracy':>8s} {'prompts':>8s} {'loss':>7s} {'entropy':>8s}  load per expert"
+TABLE_HEADER = (
+    f"{'routing':22s} {'accuracy':>8s} {'prompts':>8s} {'loss':>7s} {'1st tok':>7s} {'rest':>7s} {'entropy':>8s}"
+    "  load per expert"
+)
 
 
 def table_row(score: HeldOutScore) -> str:
     load = " ".join(f"{share:4.0%}" for share in score.load)
     return (
         f"{score.name:22s} {score.token_share:8.1%} {score.prompt_share:8.1%} {score.nll:7.3f} "
-        f"{score.entropy:8.3f}  {load}"
+        f"{score.first_nll:7.3f} {score.rest_nll:7.3f} {score.entropy:8.3f}  {load}"
     )
 
 
