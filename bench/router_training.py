@@ -154,6 +154,12 @@ def main() -> None:
     parser.add_argument("--patience", type=int, default=None, help="early-stop patience in evaluations (default off)")
     parser.add_argument("--warmup-fraction", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0, help="the trainer's seed")
+    parser.add_argument(
+        "--bos-records",
+        action="store_true",
+        help="start every training record with the BOS token, as the domain models were trained and as the "
+        "held-out prompts are scored (the trainer encodes records without special tokens)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
@@ -168,7 +174,12 @@ def main() -> None:
     prompts = held_out_prompts(args.held_out, seed=HELD_OUT_SEED)
     flat_held_out = [text for texts in prompts for text in texts]
     records, dropped = training_records(args.train_records, TRAINING_SEED, flat_held_out)
-    data_file = args.workdir / f"router-training-seed{TRAINING_SEED}.jsonl"
+    if args.bos_records:
+        from transformers import AutoTokenizer
+
+        bos = AutoTokenizer.from_pretrained(recipe.base_model.path).bos_token  # its text encodes as the BOS id
+        records = [bos + text for text in records]
+    data_file = args.workdir / f"router-training-seed{TRAINING_SEED}{'-bos' if args.bos_records else ''}.jsonl"
     write_training_file(records, data_file, flat_held_out)
     print(
         f"{len(DOMAINS)} experts, top-{recipe.experts_per_token}, hidden {args.hidden_size} x {args.layers} layers; "
@@ -188,7 +199,7 @@ def main() -> None:
     oracle = score_held_out(start_dir, prompts, name="oracle", oracle=True)
     best_init = min(scores, key=lambda score: score.nll)
 
-    trained_dir = args.workdir / f"trained-{args.start_mode}-{args.hidden_size}x{args.layers}"
+    trained_dir = args.workdir / f"trained-{args.start_mode}-{args.hidden_size}x{args.layers}-{data_file.stem}"
     result, seconds = train(start_dir, trained_dir, data_file, args)
     trained = score_held_out(trained_dir, prompts, name=f"trained ({args.start_mode})")
     early = ", stopped early" if result.stopped_early else ""
