@@ -18,7 +18,7 @@ Handler = Callable[[argparse.Namespace], int]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from app.cli import chat_commands, engine_commands, eval_commands, hub_commands
+    from app.cli import chat_commands, engine_commands, eval_commands, hub_commands, train_commands
 
     parser = argparse.ArgumentParser(
         prog="frankenmoe",
@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     hub_commands.register(commands)
     chat_commands.register(commands)
     eval_commands.register(commands)
+    train_commands.register(commands)
     return parser
 
 

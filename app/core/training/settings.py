@@ -19,7 +19,7 @@ from app.core.problems import Problem
 # fixed cost of one step of a tiny model (Python, autograd, optimiser): what the default budget uses
 # to aim at about a minute. Measured with bench/router_training_speed.py on the development machine.
 LAPTOP_CPU_FLOPS = 2.0e10
-STEP_OVERHEAD_S = 0.03
+STEP_OVERHEAD_S = 0.15
 DEFAULT_BUDGET_SECONDS = 60.0
 MIN_DEFAULT_STEPS = 20
 MAX_DEFAULT_STEPS = 400

@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from app.core.imports import TRANSFORMERS_IMPORT_LOCK
-from app.core.problems import FrankenMoEError, Problem, raise_if_errors
+from app.core.problems import FrankenMoEError, Problem, Severity, raise_if_errors
 from app.core.progress import Job, Progress, check_cancel
+from app.core.sources import read_json_file
 from app.core.training.card import card_section, recipe_comment
 from app.core.training.data import PackedData, eos_token_id, pack_data, read_sources
 from app.core.training.losses import load_balancing_loss, router_z_loss
@@ -120,6 +121,20 @@ def _model_problems(model_dir: Path) -> list[Problem]:
                 "model",
                 f"{model_dir.name} is a dense model: none of its layers has a router to train",
                 "give a mixture-of-experts model, e.g. one merged with frankenmoe merge",
+            )
+        ]
+    config = read_json_file(model_dir / "config.json")
+    top_k = int(config.get("num_experts_per_tok") or 0) if isinstance(config, dict) else 0
+    # Mixtral always renormalises the chosen experts' weights; Qwen-MoE models say whether they do.
+    renormalises = isinstance(config, dict) and bool(config.get("norm_topk_prob", True))
+    if top_k == 1 and renormalises:
+        return [
+            Problem(
+                "model",
+                "this model routes each token to one expert and renormalises its weight to 1, so the next-token "
+                "loss gives the routers no gradient: only the load-balancing loss will move them",
+                "raise experts_per_token to 2 or more in the recipe and merge again, to train routing on the text",
+                Severity.WARNING,
             )
         ]
     return []
@@ -225,7 +240,10 @@ def train_routers(
     (empty or too-short data, out of memory with the settings that would fit).
     """
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    raise_if_errors(check_router_training(model_dir, out_dir, settings, data, resume=resume))
+    problems = check_router_training(model_dir, out_dir, settings, data, resume=resume)
+    raise_if_errors(problems)
+    for problem in problems:  # warnings only, once errors are out of the way
+        yield TrainingProgress("data", 0, 1, message=f"warning: {problem.text}")
     planned = settings.planned_steps()
     budget_message = ""
     if planned is None:
@@ -397,7 +415,10 @@ def _is_out_of_memory(exc: BaseException) -> bool:
     if isinstance(exc, torch.OutOfMemoryError):
         return True
     text = str(exc).lower()
-    return isinstance(exc, RuntimeError) and ("out of memory" in text or "not enough memory" in text)
+    # CUDA and MPS say "out of memory"; the CPU allocator "not enough memory" or "can't allocate memory".
+    return isinstance(exc, RuntimeError) and any(
+        phrase in text for phrase in ("out of memory", "not enough memory", "can't allocate memory")
+    )
 
 
 class _Run:
@@ -453,6 +474,7 @@ class _Run:
         self.last_load: tuple[float, ...] = ()
         self.train_seconds = 0.0
         self.tokens_trained_here = 0  # in this process (a resumed run counts from its restart), for tokens/s
+        self._orders: dict[int, list[int]] = {}  # epoch -> its seeded order of the training sequences
         self._data_record: dict[str, Any] = {}
         self._fingerprint = ""
 
@@ -540,15 +562,15 @@ class _Run:
 
         count = self.packed.train.shape[0]
         size = self.settings.batch_size
-        positions = range(step * size, (step + 1) * size)
         rows = []
-        orders: dict[int, torch.Tensor] = {}
-        for position in positions:
+        for position in range(step * size, (step + 1) * size):
             epoch, index = divmod(position, count)
-            if epoch not in orders:
+            if epoch not in self._orders:
                 generator = torch.Generator().manual_seed(self.settings.seed * 1_000_003 + epoch + 1)
-                orders[epoch] = torch.randperm(count, generator=generator)
-            rows.append(int(orders[epoch][index]))
+                # Only the epochs a batch can span are kept: this one and the one before.
+                self._orders = {e: o for e, o in self._orders.items() if e >= epoch - 1}
+                self._orders[epoch] = torch.randperm(count, generator=generator).tolist()
+            rows.append(self._orders[epoch][index])
         return self.packed.train[rows].to(self.device, non_blocking=True)
 
     # -- steps
@@ -659,7 +681,7 @@ class _Run:
             if self.step == 0:
                 check_cancel(self.cancel)
                 yield TrainingProgress("validate", 0, self.planned, message="validation loss before training")
-                self.initial_val_loss = self.validation_loss()
+                self.initial_val_loss = self._guarded(self.validation_loss)
                 record = TrainingProgress(
                     "validate", 0, self.planned, step=0, val_loss=self.initial_val_loss,
                     message=f"validation loss before training {self.initial_val_loss:.4f}",
