@@ -10,7 +10,7 @@ table gives, for every gate mode and for oracle routing (each held-out token for
 expert alone), the held-out next-token loss, the routing accuracy and the normalised routing entropy
 (bench/router_training.py adds routers trained by the core trainer to that table).
 
-The models (hidden size 128, 6 layers) train in about 15 minutes on 2 busy cores and are cached.
+The models (hidden size 128, 6 layers) train in 156 s on a free core (up to 15 min on busy cores), cached.
 Run from the repository root: python bench/routing.py [--held-out 12] [--workdir DIR]
 """
 
