@@ -151,8 +151,10 @@ def main() -> None:
     )
     parser.add_argument("--train-records", type=int, default=3000, help="training texts generated per domain")
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=4)
+    # Short sequences, like the held-out prompts (23 tokens on average): 32 x 32 beat 256 x 4 (same tokens a
+    # step) by 0.044 nats held-out, 0.029 after the first token, in 300 steps (bos-records runs).
+    parser.add_argument("--seq-len", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--balance-coef", type=float, default=0.01)
     parser.add_argument("--z-coef", type=float, default=0.0)
