@@ -247,6 +247,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
     args = parser.parse_args()
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()  # the per-model loading bars would drown the tables
 
     recipe = bench_recipe(args)
     prompts = held_out_prompts(args.held_out, seed=HELD_OUT_SEED)
