@@ -168,7 +168,11 @@ def test_the_hub_dialog_finds_adapters_and_puts_one_on_the_selected_expert(
     assert not adapter_hub.file_requests("optimizer.pt") and not adapter_hub.file_requests("adapter_model.bin")
     qtbot.waitUntil(lambda: cell(window, 1, DOWNLOAD) == "downloaded", timeout=TIMEOUT_MS)
     # Checked again once downloaded; its problems name it by its Hub id, not by its folder in the cache.
-    qtbot.waitUntil(lambda: "not downloaded" not in cell(window, 1, COMPATIBILITY), timeout=TIMEOUT_MS)
+    # (the cell says "checking" in between, so wait for the new check's words too)
+    qtbot.waitUntil(
+        lambda: "not downloaded" not in (text := cell(window, 1, COMPATIBILITY)) and "changes the attention" in text,
+        timeout=TIMEOUT_MS,
+    )
     assert "acme/tiny-adapter-chat also changes the attention" in cell(window, 1, COMPATIBILITY)
     assert "snapshots" not in page.adapter_panel.details.text()
     page.grab().save(str(SHOTS / "lora-gui-models-hub-adapter.png"))
