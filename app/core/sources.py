@@ -221,35 +221,7 @@ def resolve_model_dir(ref: ModelRef, cache_dir: Path | None = None) -> Path:
             f"use {ref.model} alone here, or merge the adapter into it first (PEFT's merge_and_unload) and use "
             "the merged folder",
         )
-    if ref.is_local:
-        folder = Path(os.path.expanduser(ref.path))
-        if not folder.is_dir():
-            raise ModelSourceError(
-                f"the model folder {folder} does not exist",
-                "check the path, or give a Hub id such as org/name",
-            )
-        return folder
-    from dataclasses import replace
-
-    from app.core.hub.config import HubConfig
-    from app.core.hub.files import cached_snapshot
-
-    config = HubConfig.current()
-    if cache_dir is not None:
-        config = replace(config, cache_dir=Path(cache_dir))
-    try:
-        snapshot = cached_snapshot(ref, config)
-    except ValueError as exc:  # malformed repo id
-        raise ModelSourceError(
-            f"{ref.path!r} is neither a local folder nor a Hub id ({exc})",
-            "give an existing folder, or a Hub id written as org/name",
-        ) from exc
-    if snapshot is None:
-        raise ModelNotDownloaded(
-            f"the Hub model {ref} is not downloaded yet",
-            f"download it first: frankenmoe hub download {ref}",
-        )
-    return snapshot
+    return _resolved_folder(ref, cache_dir, adapter=False)
 
 
 class ModelSource:
@@ -393,32 +365,39 @@ def open_model(ref: ModelRef, cache_dir: Path | None = None) -> ModelSource:
 
 def resolve_adapter_dir(ref: ModelRef, cache_dir: Path | None = None) -> Path:
     """The folder holding an adapter: the local folder itself, or its Hub snapshot in the cache."""
+    return _resolved_folder(ref, cache_dir, adapter=True)
+
+
+def _resolved_folder(ref: ModelRef, cache_dir: Path | None, *, adapter: bool) -> Path:
+    what = "adapter" if adapter else "model"
     if ref.is_local:
         folder = Path(os.path.expanduser(ref.path))
         if not folder.is_dir():
             raise ModelSourceError(
-                f"the adapter folder {folder} does not exist",
-                "check the path after the '+', or give a Hub id such as org/adapter",
+                f"the {what} folder {folder} does not exist",
+                "check the path after the '+', or give a Hub id such as org/adapter"
+                if adapter
+                else "check the path, or give a Hub id such as org/name",
             )
         return folder
     from dataclasses import replace
 
     from app.core.hub.config import HubConfig
-    from app.core.hub.files import cached_adapter_snapshot
+    from app.core.hub.files import cached_adapter_snapshot, cached_snapshot
 
     config = HubConfig.current()
     if cache_dir is not None:
         config = replace(config, cache_dir=Path(cache_dir))
     try:
-        snapshot = cached_adapter_snapshot(ref, config)
+        snapshot = (cached_adapter_snapshot if adapter else cached_snapshot)(ref, config)
     except ValueError as exc:  # malformed repo id
         raise ModelSourceError(
-            f"{ref.path!r} is neither a local adapter folder nor a Hub id ({exc})",
+            f"{ref.path!r} is neither a local {'adapter ' if adapter else ''}folder nor a Hub id ({exc})",
             "give an existing folder, or a Hub id written as org/name",
         ) from exc
     if snapshot is None:
         raise ModelNotDownloaded(
-            f"the Hub adapter {ref} is not downloaded yet",
+            f"the Hub {what} {ref} is not downloaded yet",
             f"download it first: frankenmoe hub download {ref}",
         )
     return snapshot
