@@ -613,24 +613,17 @@ class _Run:
 
     def _guarded(self, action: Any, *args: Any) -> Any:
         """Run a step; on running out of memory, retry once with activation checkpointing, then explain."""
-        try:
-            return action(*args)
-        except (RuntimeError, MemoryError) as exc:
-            if not _is_out_of_memory(exc) and not isinstance(exc, MemoryError):
-                raise
-            self._logits.clear()
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.checkpointing:
-                raise _out_of_memory_error(self.settings, str(self.device)) from exc
-        self._enable_checkpointing()
-        try:
-            return action(*args)
-        except (RuntimeError, MemoryError) as exc:
-            if not _is_out_of_memory(exc) and not isinstance(exc, MemoryError):
-                raise
-            self._logits.clear()
-            self.optimizer.zero_grad(set_to_none=True)
-            raise _out_of_memory_error(self.settings, str(self.device)) from exc
+        while True:
+            try:
+                return action(*args)
+            except (RuntimeError, MemoryError) as exc:
+                if not _is_out_of_memory(exc) and not isinstance(exc, MemoryError):
+                    raise
+                self._logits.clear()
+                self.optimizer.zero_grad(set_to_none=True)
+                if self.checkpointing:
+                    raise _out_of_memory_error(self.settings, str(self.device)) from exc
+            self._enable_checkpointing()
 
     def validation_loss(self) -> float:
         """Mean next-token loss over the validation sequences (all of one length, so batch means average)."""
