@@ -1,7 +1,9 @@
-"""Training data: every source, packing with EOS between records, the validation split, clear refusals."""
+"""Training data: every source, packing with EOS between records (and the BOS where the model uses one), the
+validation split, clear refusals."""
 
 from __future__ import annotations
 
+import copy as copy_module
 import json
 
 import pytest
@@ -35,7 +37,7 @@ def test_records_are_packed_with_eos_between_them_in_fixed_length_sequences(toke
     packed = pack(tokenizer, [NamedRecords("t", records * 4)], seq_len=6)
     expected = []
     for text in records * 4:
-        expected += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        expected += tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]  # this tokenizer adds no BOS
     count = len(expected) // 6
     rows = torch.cat([packed.train, packed.validation])
     assert rows.shape == (count, 6)
@@ -46,6 +48,43 @@ def test_records_are_packed_with_eos_between_them_in_fixed_length_sequences(toke
     assert torch.equal(again.train, packed.train)  # the split is seeded
     other = pack(tokenizer, [NamedRecords("t", records * 4)], seq_len=6, seed=1)
     assert not torch.equal(other.train, packed.train)
+
+
+def with_post_processor(tokenizer, single):
+    """A copy of the tokenizer that adds special tokens as ``single`` says (e.g. "<s> $A"), as Llama's does."""
+    from tokenizers import processors
+
+    copy = copy_module.deepcopy(tokenizer)
+    specials = [(token, copy.convert_tokens_to_ids(token)) for token in ("<s>", "</s>") if token in single]
+    copy.backend_tokenizer.post_processor = processors.TemplateProcessing(single=single, special_tokens=specials)
+    return copy
+
+
+def test_a_tokenizer_with_a_bos_gets_it_at_the_start_of_every_record(tokenizer):
+    """The model was trained, and the Evaluate page scores, with the BOS the tokenizer adds: training text too."""
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    with_bos = with_post_processor(tokenizer, "<s> $A")
+    assert with_bos("one two")["input_ids"][0] == bos  # the copy adds the BOS by default
+    records = ("one two three", "four five", "six seven eight nine ten")
+    packed = pack(with_bos, [NamedRecords("t", records)], seq_len=1, val_fraction=0.0)
+    stream = torch.cat([packed.train, packed.validation]).view(-1).tolist()
+    expected = []
+    for text in records:
+        expected += [bos, *tokenizer(text, add_special_tokens=False)["input_ids"], eos]
+    assert sorted(stream) == sorted(expected)  # one-token sequences: the multiset of the whole stream
+    assert stream.count(bos) == len(records) and stream.count(eos) == len(records)
+
+
+def test_a_conversation_keeps_its_templates_one_bos_and_a_closing_eos_is_not_doubled(tokenizer):
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    closing = with_post_processor(tokenizer, "<s> $A </s>")  # a tokenizer that closes every text itself
+    closing.chat_template = "{{ bos_token }}{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+    conversation = ({"role": "user", "content": "Hi there"},)
+    packed = pack(closing, [NamedRecords("t", ("one two", conversation))], seq_len=1, val_fraction=0.0)
+    stream = torch.cat([packed.train, packed.validation]).view(-1).tolist()
+    assert stream.count(bos) == 2  # one per record: the template's, not doubled by the tokenizer's
+    assert stream.count(eos) == 2  # the tokenizer's own EOS after the text, the packer's after the conversation
+    assert len(stream) == len(closing("one two")["input_ids"]) + len(tokenizer("<s>Hi there\n")["input_ids"]) + 1
 
 
 def test_every_file_format_and_the_recipe_prompts_are_read(tmp_path, model, tokenizer):
@@ -66,7 +105,7 @@ def test_every_file_format_and_the_recipe_prompts_are_read(tmp_path, model, toke
     texts = ["First paragraph.", "Second paragraph.", "plain", rendered, "from parquet", "maths", "code"]
     stream = []
     for text in texts:  # the conversation through the chat template, as its rendered text
-        stream += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        stream += tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]
     assert packed.records == 7 and packed.tokens == len(stream) // 2 * 2
     rows = sorted(map(tuple, torch.cat([packed.train, packed.validation]).tolist()))
     assert rows == sorted(map(tuple, torch.tensor(stream[: packed.tokens]).view(-1, 2).tolist()))

@@ -3,9 +3,12 @@
 Sources: data files (``.txt`` paragraphs, ``.jsonl`` with ``text`` or ``messages``, ``.parquet`` with a
 ``text`` or ``messages`` column; read as the Evaluate page reads them), the prompts of the recipe saved
 beside the model, and Hub datasets through the optional ``datasets`` library. Conversations are
-rendered with the model's chat template. Records are encoded without special tokens, each followed by
-the EOS token, concatenated in order and cut into sequences of ``seq_len`` tokens (the last, shorter
-piece is dropped). A seeded shuffle of the sequences then sets aside the validation share.
+rendered with the model's chat template. Each record is encoded as the model sees a text on its own: plain
+text as the tokenizer encodes it by default (with the BOS token where the model uses one, as the model
+was trained and as the Evaluate page scores), a conversation as its template writes it (the template
+places its own special tokens); the EOS token follows each record unless it already ends with one. The
+records are concatenated in order and cut into sequences of ``seq_len`` tokens (the last, shorter piece
+is dropped). A seeded shuffle of the sequences then sets aside the validation share.
 """
 
 from __future__ import annotations
@@ -137,17 +140,31 @@ def _recipe_prompts(model_dir: Path) -> tuple[Record, ...]:
     return records
 
 
-def _texts(tokenizer: Any, records: Iterable[Record], source: str) -> Iterator[str]:
+def _texts(tokenizer: Any, records: Iterable[Record], source: str) -> Iterator[tuple[str, bool]]:
+    """Each record's text and whether the tokenizer should add its special tokens (plain text: yes; a rendered
+    conversation: no, its template wrote them, and adding them again would double the BOS)."""
     for record in records:
         if isinstance(record, str):
-            yield record
+            yield record, True
             continue
         if not getattr(tokenizer, "chat_template", None):
             raise FrankenMoEError(
                 f"{source} holds conversations (messages), but this model's tokenizer has no chat template",
                 "give plain text records (a text field) for this model",
             )
-        yield tokenizer.apply_chat_template(list(record), tokenize=False)
+        yield tokenizer.apply_chat_template(list(record), tokenize=False), False
+
+
+def _encode(tokenizer: Any, texts: list[tuple[str, bool]]) -> list[list[int]]:
+    """Token ids of each text, in order; plain texts and rendered conversations are batched apart."""
+    encoded: list[list[int]] = [[] for _ in texts]
+    for special in (True, False):
+        positions = [i for i, (text, add) in enumerate(texts) if add is special and text.strip()]
+        if positions:
+            batch = [texts[i][0] for i in positions]
+            for i, ids in zip(positions, tokenizer(batch, add_special_tokens=special)["input_ids"], strict=True):
+                encoded[i] = list(ids)
+    return encoded
 
 
 def eos_token_id(tokenizer: Any, config: Any) -> int:
@@ -192,12 +209,11 @@ def pack_data(
         texts = list(_texts(tokenizer, source.records, source.name))
         for start in range(0, len(texts), ENCODE_BATCH):
             check_cancel(cancel)
-            batch = [text for text in texts[start : start + ENCODE_BATCH] if text.strip()]
-            encoded = tokenizer(batch, add_special_tokens=False)["input_ids"] if batch else []
-            for record_ids in encoded:
+            for record_ids in _encode(tokenizer, texts[start : start + ENCODE_BATCH]):
                 if record_ids:
                     ids.extend(record_ids)
-                    ids.append(eos_id)
+                    if record_ids[-1] != eos_id:  # a template or a tokenizer that already closes the record
+                        ids.append(eos_id)
             done += min(ENCODE_BATCH, len(texts) - start)
             yield TrainingProgress("data", done, total_records, message=f"tokenising {source.name}")
             if max_tokens is not None and len(ids) >= max_tokens:
