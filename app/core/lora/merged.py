@@ -92,8 +92,8 @@ class AdaptedModelSource(ModelSource):
         PEFT's float32 operations (so its bits), arranged for speed: B @ A is one product, exactly
         PEFT's; the widening of W, the scaling, the addition and the cast then go through it a block
         of rows at a time, while the block is in the cache, rather than in passes over the whole
-        matrix. In fresh memory, or
-        (in_scratch) in this thread's buffers, valid until its next weight.
+        matrix. The result is in fresh memory, or (in_scratch) in this thread's buffers, valid until
+        its next weight.
         """
         import torch
 
@@ -139,8 +139,10 @@ class AdaptedModelSource(ModelSource):
         return self.read_info_into(info, buffer)
 
     def _merged(self, delta: ModuleDelta, in_scratch: bool = False) -> torch.Tensor:
-        """The merged weight in float32: fresh memory, or (in_scratch, a LoRA linear weight) this thread's buffer,
-        valid until its next."""
+        """The merged weight in float32, in fresh memory.
+
+        With in_scratch, a LoRA linear weight comes in this thread's buffer instead, valid until its next.
+        """
         import torch
 
         if delta.kind == "replacement":
