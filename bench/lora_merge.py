@@ -11,6 +11,13 @@ The donors are built in a child process: a child's peak RSS starts from its pare
 ru_maxrss across fork and exec), so this process stays small (no torch) for the figures to be the
 merges' own.
 
+Figures (2026-12-02, 2 shared cores at load 2-6, 8 layers, rank 16, bf16 output; wall ratio LoRA / full,
+best of 4-5 with the median in brackets): torch's default threads, cheap_embed 1.25x (1.27x), hidden 0.97x
+(0.93x), before the one-thread merge 1.97x-2.12x; --threads 1, cheap_embed 1.18x-1.50x, hidden 1.09x-1.30x,
+CPU 1.2x-1.46x: the merge's B @ A and its passes over each weight cost ~0.6-0.9 s of CPU for the 72 weights
+where the full fine-tunes' are copied by the kernel, so on a loaded machine the ratio follows CPU time. Peak
+RSS 1.07x-1.09x.
+
 Run from the repository root: python bench/lora_merge.py [--layers 8] [--rank 16] [--repeats 3]
 [--code OTHER_CHECKOUT]  (--code merges with another checkout's app, e.g. to compare a change with main)
 """
