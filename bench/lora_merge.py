@@ -3,10 +3,23 @@
 Builds a base and three full "fine-tunes" (bfloat16 Llama donors of bench/merge.py's shape) and three
 PEFT-format LoRA adapters on the base (rank 16, alpha 32, on gate/up/down, saved as safetensors with
 an adapter_config.json as PEFT writes them). Merges `base+adapterN` experts and the full experts with
-the same recipe otherwise, each in its own `frankenmoe merge` process, and reports wall time and peak
-RSS of both and their ratio (issue 16's target: the LoRA merge within 1.2x of the full one).
+the same recipe otherwise (gate mode, output dtype, torch threads), each in its own `frankenmoe merge`
+process, the two kinds alternating, and reports the best and median wall time, CPU time and peak RSS of
+both and their ratios (issue 16's target: the LoRA merge within 1.2x of the full one).
+
+The donors are built in a child process: a child's peak RSS starts from its parent's (Linux keeps
+ru_maxrss across fork and exec), so this process stays small (no torch) for the figures to be the
+merges' own.
+
+Figures (2026-12-02, 2 shared cores at load 2-6, 8 layers, rank 16, bf16 output; wall ratio LoRA / full,
+best of 4-5 with the median in brackets): torch's default threads, cheap_embed 1.25x (1.27x), hidden 0.97x
+(0.93x), before the one-thread merge 1.97x-2.12x; --threads 1, cheap_embed 1.18x-1.50x, hidden 1.09x-1.30x,
+CPU 1.2x-1.46x: the merge's B @ A and its passes over each weight cost ~0.6-0.9 s of CPU for the 72 weights
+where the full fine-tunes' are copied by the kernel, so on a loaded machine the ratio follows CPU time. Peak
+RSS 1.07x-1.09x.
 
 Run from the repository root: python bench/lora_merge.py [--layers 8] [--rank 16] [--repeats 3]
+[--code OTHER_CHECKOUT]  (--code merges with another checkout's app, e.g. to compare a change with main)
 """
 
 from __future__ import annotations
@@ -14,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -69,13 +83,13 @@ def build_adapter(folder: Path, base: Path, layers: int, rank: int, seed: int) -
     (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
 
 
-def measure(command: list[str], env: dict[str, str]) -> tuple[float, float, int]:
+def measure(command: list[str], env: dict[str, str], cwd: Path) -> tuple[float, float, int]:
     """Wall seconds, CPU seconds (user + system) and peak RSS (bytes) of one child process.
 
     CPU time is given too because on a shared machine the wall time mostly measures the others' load.
     """
     started = time.perf_counter()
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _pid, status, usage = os.wait4(process.pid, 0)
     wall = time.perf_counter() - started
     if status != 0:
@@ -100,22 +114,35 @@ def write_recipe(path: Path, base: Path, sources: list[str], gate_mode: str) -> 
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
 
 
-def run(layers: int, rank: int, workdir: Path, repeats: int, threads: int | None) -> dict[str, object]:
-    donors = workdir / f"donors-{layers}"
+def build_inputs(donors: Path, layers: int, rank: int) -> None:
     for index, name in enumerate(["base", "expert0", "expert1", "expert2"]):
         build_donor(donors / name, layers, seed=index)
+    for index, folder in enumerate(adapter_folders(donors, rank)):
+        build_adapter(folder, donors / "base", layers, rank, seed=100 + index)
+
+
+def adapter_folders(donors: Path, rank: int) -> list[Path]:
+    return [donors / f"adapter{index}-r{rank}" for index in range(3)]
+
+
+def run(
+    layers: int, rank: int, workdir: Path, repeats: int, threads: int | None, code: Path
+) -> dict[str, object]:
+    donors = workdir / f"donors-{layers}"
+    build = [sys.executable, __file__, "--build-only", "--layers", str(layers), "--rank", str(rank)]
+    subprocess.run([*build, "--workdir", str(workdir)], check=True)
     base = donors / "base"
-    adapters = [donors / f"adapter{index}-r{rank}" for index in range(3)]
-    for index, folder in enumerate(adapters):
-        build_adapter(folder, base, layers, rank, seed=100 + index)
+    adapters = adapter_folders(donors, rank)
     kinds = {
         "full": [str(donors / f"expert{index}") for index in range(3)],
         "lora": [f"{base}+{folder}" for folder in adapters],
     }
-    env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "PYTHONPATH": str(code), "TOKENIZERS_PARALLELISM": "false"}
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)  # torch's intra-op threads, for both kinds alike
-    results: dict[str, object] = {"layers": layers, "rank": rank, "threads": threads or "default"}
+    results: dict[str, object] = {
+        "layers": layers, "rank": rank, "threads": threads or "default", "code": str(code), "repeats": repeats
+    }
     for mode in ("cheap_embed", "hidden"):
         commands = {}
         for kind, sources in kinds.items():
@@ -128,10 +155,11 @@ def run(layers: int, rank: int, workdir: Path, repeats: int, threads: int | None
         # The kinds alternate, so that a load that comes and goes on the machine weighs on both alike.
         for _ in range(repeats):
             for kind, (command, _out) in commands.items():
-                runs[kind].append(measure(command, env))
+                runs[kind].append(measure(command, env, code))
         for kind, (_command, out) in commands.items():
             results[f"{kind}_{mode}"] = {
                 "wall_s": min(r[0] for r in runs[kind]),
+                "median_wall_s": statistics.median(r[0] for r in runs[kind]),
                 "cpu_s": min(r[1] for r in runs[kind]),
                 "peak_rss_mb": max(r[2] for r in runs[kind]) / 2**20,
                 "output_gb": sum(p.stat().st_size for p in out.glob("*.safetensors")) / 1e9,
@@ -142,15 +170,16 @@ def run(layers: int, rank: int, workdir: Path, repeats: int, threads: int | None
 def report(results: dict[str, object]) -> list[str]:
     lines = [
         f"donors with {results['layers']} layers, adapters of rank {results['rank']}, "
-        f"torch threads: {results['threads']}"
+        f"torch threads: {results['threads']}, best of {results['repeats']} (median wall in brackets)"
     ]
     for mode in ("cheap_embed", "hidden"):
         full, lora = results[f"full_{mode}"], results[f"lora_{mode}"]
         lines.append(
-            f"  {mode:11s} full fine-tunes: {full['wall_s']:.2f} s wall, {full['cpu_s']:.2f} s CPU, "
-            f"peak RSS {full['peak_rss_mb']:.0f} MB | LoRA experts: {lora['wall_s']:.2f} s wall, "
-            f"{lora['cpu_s']:.2f} s CPU, peak RSS {lora['peak_rss_mb']:.0f} MB | "
-            f"wall {lora['wall_s'] / full['wall_s']:.2f}x, CPU {lora['cpu_s'] / full['cpu_s']:.2f}x, "
+            f"  {mode:11s} full fine-tunes: {full['wall_s']:.2f} s wall ({full['median_wall_s']:.2f}), "
+            f"{full['cpu_s']:.2f} s CPU, peak RSS {full['peak_rss_mb']:.0f} MB | LoRA experts: "
+            f"{lora['wall_s']:.2f} s wall ({lora['median_wall_s']:.2f}), {lora['cpu_s']:.2f} s CPU, "
+            f"peak RSS {lora['peak_rss_mb']:.0f} MB | wall {lora['wall_s'] / full['wall_s']:.2f}x "
+            f"({lora['median_wall_s'] / full['median_wall_s']:.2f}x), CPU {lora['cpu_s'] / full['cpu_s']:.2f}x, "
             f"RSS {lora['peak_rss_mb'] / full['peak_rss_mb']:.2f}x (output {lora['output_gb']:.2f} GB)"
         )
     return lines
@@ -168,9 +197,16 @@ def main() -> None:
         help="torch intra-op threads for both kinds (OMP_NUM_THREADS); on a small machine busy with other work, "
         "1 keeps threads from spinning against that load",
     )
+    parser.add_argument(
+        "--code", type=Path, default=REPO, help="the checkout whose app merges (default: this one), to compare versions"
+    )
+    parser.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
-    results = run(args.layers, args.rank, args.workdir, args.repeats, args.threads)
+    if args.build_only:
+        build_inputs(args.workdir / f"donors-{args.layers}", args.layers, args.rank)
+        return
+    results = run(args.layers, args.rank, args.workdir, args.repeats, args.threads, args.code.resolve())
     print("\n".join(report(results)))
     (args.workdir / "results.json").write_text(json.dumps(results, indent=2))
 

@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from app.core.compat import check_recipe
 from app.core.lora import adapter_problems, read_adapter
+from app.core.lora import merged as lora_merged
 from app.core.merge.gates import compute_gates
 from app.core.merge.pipeline import MergeOptions, merge_moe
 from app.core.problems import FrankenMoEError, ProblemsError
@@ -103,6 +104,23 @@ def test_float32_experts_equal_peft_merge_and_unload_bit_for_bit(name, adapters,
     # The attention is the base's, whatever the adapter does to the expert's own.
     query = "model.layers.0.self_attn.q_proj.weight"
     assert torch.equal(written[query], base[query])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_weights_merged_a_few_rows_at_a_time_have_peft_merges_bits(
+    dtype, adapters, llama_donors, tmp_path, monkeypatch
+):
+    # The merge scales, adds and casts a block of rows at a time; blocks that do not divide the
+    # weights (5 rows of the 32-wide ones, 2 of the 64-wide) must give the whole-matrix merge's bits,
+    # and the bfloat16 output must be PEFT's float32 merge rounded once.
+    monkeypatch.setattr(lora_merged, "_BLOCK_ELEMENTS", 5 * 32 + 1)
+    adapter = adapters["patterns"]
+    written = merge(with_adapter(llama_donors, adapter.folder, dtype=dtype), tmp_path / "moe")
+    for layer in range(2):
+        for projection, slot in SLOTS:
+            reference = adapter.merged[f"model.layers.{layer}.mlp.{projection}_proj.weight"]
+            ours = expert_tensor(written, layer, 0, slot)
+            assert torch.equal(ours, reference.to(getattr(torch, dtype))), (layer, projection)
 
 
 def test_an_adapter_on_a_fine_tune_equals_its_merge_too(adapters, llama_donors, tmp_path):
