@@ -167,3 +167,27 @@ def test_a_new_rendering_keeps_the_title_router_training_and_evaluation_sections
     assert "# Tiny MoE\n\nKnows sums.\n\nAnd code.\n" in card
     assert "![Routing preview](routing-preview.png)" in card and 'from_pretrained("alice/tiny-moe"' in card
     assert ModelCard(card).data.license == "apache-2.0"
+
+
+def test_a_lora_expert_counts_its_model_and_its_adapter_as_donors(tmp_path: Path) -> None:
+    from app.core.merge.modelcard import donor_licenses
+
+    adapter = tmp_path / "maths-lora"
+    adapter.mkdir()
+    (adapter / "README.md").write_text("---\nlicense: cc-by-nc-4.0\nlibrary_name: peft\n---\n# maths\n")
+    recipe = parse_recipe(
+        f"""
+base_model: org/base
+experts:
+  - source_model: org/chat+org/chat-lora@v2
+    positive_prompts: ["chat"]
+  - source_model: org/base+{adapter}
+    positive_prompts: ["maths"]
+"""
+    )
+    card = render_model_card(recipe, ModelCardFields(), tmp_path, "moe", "mixtral")
+    # Hub adapters are donors the Hub links to; a local adapter is named by its folder in the text only.
+    assert front_matter(card)["base_model"] == ["org/base", "org/chat", "org/chat-lora"]
+    assert str(tmp_path) not in card and "maths-lora" in card
+    # The local adapter's own card states a licence, which the merge's licence choice must see.
+    assert donor_licenses(recipe)["maths-lora"] == "cc-by-nc-4.0"

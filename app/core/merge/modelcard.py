@@ -174,17 +174,34 @@ def public_recipe(recipe: Recipe) -> Recipe:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class DonorPart:
+    """One model or LoRA adapter a recipe reads: ``MODEL+ADAPTER`` is two, each a donor in its own right."""
+
+    ref: ModelRef
+    is_adapter: bool = False
+
+
+def donor_parts(recipe: Recipe) -> list[DonorPart]:
+    """Every model and adapter the recipe reads, base first, each once."""
+    parts: list[DonorPart] = []
+    for ref in recipe.model_refs():
+        pieces = (DonorPart(ref.model), DonorPart(ref.lora, True)) if ref.lora is not None else (DonorPart(ref),)
+        parts += [piece for piece in pieces if piece not in parts]
+    return parts
+
+
 def hub_models(recipe: Recipe) -> list[str]:
-    """The Hub ids of the base and every donor that came from the Hub, base first, each once."""
-    return list(dict.fromkeys(h for h in map(hub_id_of, recipe.model_refs()) if h is not None))
+    """The Hub ids of the base and every donor (model or adapter) that came from the Hub, base first, each once."""
+    return list(dict.fromkeys(h for h in (hub_id_of(part.ref) for part in donor_parts(recipe)) if h is not None))
 
 
-def donor_folder(ref: ModelRef, cache_dir: Path | None = None) -> Path | None:
+def donor_folder(ref: ModelRef, cache_dir: Path | None = None, *, adapter: bool = False) -> Path | None:
     """Where a donor is on this machine (its folder, or its snapshot in the Hugging Face cache), if anywhere."""
-    from app.core.sources import ModelSourceError, resolve_model_dir
+    from app.core.sources import ModelSourceError, resolve_adapter_dir, resolve_model_dir
 
     try:
-        return resolve_model_dir(ref, cache_dir)
+        return (resolve_adapter_dir if adapter else resolve_model_dir)(ref, cache_dir)
     except ModelSourceError:
         return None
 
@@ -194,9 +211,12 @@ def donor_licenses(
 ) -> dict[str, str | None]:
     """Each model of the recipe (named as the card names it) and the licence its own card states."""
     licenses: dict[str, str | None] = {}
-    for ref in recipe.model_refs():
-        folder = base_folder if ref == recipe.base_model and base_folder is not None else donor_folder(ref, cache_dir)
-        licenses[str(public_ref(ref).path)] = base_license(folder) if folder is not None else None
+    for part in donor_parts(recipe):
+        if part.ref == recipe.base_model and base_folder is not None:
+            folder: Path | None = base_folder
+        else:
+            folder = donor_folder(part.ref, cache_dir, adapter=part.is_adapter)
+        licenses[str(public_ref(part.ref).path)] = base_license(folder) if folder is not None else None
     return licenses
 
 

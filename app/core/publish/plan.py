@@ -17,6 +17,7 @@ from app.core.merge.modelcard import (
     choose_license,
     donor_folder,
     donor_licenses,
+    donor_parts,
     hub_id_of,
     hub_models,
     public_recipe,
@@ -291,7 +292,8 @@ def plan_publish(
             files.insert(0, CARD)
         problems += _gguf_problems(request, set(files))
         files += [Path(p).name for p in request.include_gguf if Path(p).name not in files]
-        donors = [f for f in (donor_folder(ref) for ref in recipe.model_refs() if ref.is_local) if f is not None]
+        local_parts = [part for part in donor_parts(recipe) if part.ref.is_local]
+        donors = [f for f in (donor_folder(p.ref, adapter=p.is_adapter) for p in local_parts) if f is not None]
         check_cancel(cancel)
         problems += _leaks(request, files, card_text, local_paths(model_dir, donors, config.cache_dir), token)
     plan = PublishPlan(
