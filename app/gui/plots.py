@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from PySide6.QtCore import QPointF, QRectF, QSize, Qt
@@ -28,6 +29,7 @@ from PySide6.QtGui import (
 from PySide6.QtWidgets import QSizePolicy, QWidget
 
 from app.gui.theme import is_dark
+from app.gui.widgets import short
 
 if TYPE_CHECKING:
     from app.core.routing import PromptRouting
@@ -375,3 +377,31 @@ def prompt_routing_heatmap(
         outline_legend=picks,
         column_colors=list(colors),
     )
+
+
+def routing_overview_heatmap(
+    routings: Sequence[PromptRouting], labels: Sequence[str], colors: Sequence[str]
+) -> HeatmapData:
+    """Every test prompt's mean router weight per expert (over layers and tokens), its intended expert outlined."""
+    return HeatmapData(
+        values=[routing.weights.mean(axis=(0, 1)).tolist() for routing in routings],
+        row_labels=[short(routing.text, 28) for routing in routings],
+        column_labels=list(labels),
+        title="Where the recipe's test prompts go (mean router weight over layers and tokens)",
+        x_label="Expert",
+        y_label="Test prompt",
+        value_range=(0.0, 1.0),
+        legend_label="mean router weight",
+        marked=[[routing.intended_expert] for routing in routings],
+        outline_legend="the expert each prompt was written for",
+        column_colors=list(colors),
+    )
+
+
+def save_heatmap_png(data: HeatmapData, path: Path, width: int = 900) -> None:
+    """Draw a heatmap offscreen at a size that suits its rows and save it as a PNG (for a model card)."""
+    widget = Heatmap("")
+    widget.set_data(data)
+    widget.resize(width, 160 + 34 * len(data.row_labels))
+    if not widget.grab().save(str(path), "PNG"):
+        raise OSError(f"could not write {path}")

@@ -131,3 +131,9 @@ def format_duration(seconds: float) -> str:
         return f"{minutes} min {seconds:02d} s"
     hours, minutes = divmod(minutes, 60)
     return f"{hours} h {minutes:02d} min"
+
+
+def short(text: str, length: int = 40) -> str:
+    """One line of at most `length` characters: line breaks shown as ⏎, the rest cut with an ellipsis."""
+    text = text.replace("\n", " ⏎ ")
+    return text if len(text) <= length else text[: length - 1] + "…"

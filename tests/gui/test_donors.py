@@ -136,6 +136,8 @@ def test_opening_another_recipe_resets_the_merge_page(window, qtbot, donors, tmp
     merge.merge_button.click()
     qtbot.waitUntil(lambda: merge.merged_folder is not None, timeout=TIMEOUT_MS)
     assert merge.progress.value() == merge.progress.maximum() and merge.chat_button.isVisibleTo(merge)
+    # No preview was computed for this recipe, so there is no routing picture to put beside the model.
+    assert not (merge.merged_folder / "routing-preview.png").exists()
 
     second = write_recipe(tmp_path / "second.yml", donors["base"], donors["good"], donors["odd"])
     assert window.open_recipe(second)

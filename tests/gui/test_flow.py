@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
+from PySide6.QtGui import QImage
+
+from app.core.merge.modelcard import ROUTING_PREVIEW_IMAGE
 from app.gui.main_window import Step
-from tests.gui.conftest import screenshot
+from tests.gui.conftest import SCREENSHOTS, screenshot
 
 WORK_TIMEOUT_MS = 60_000
 
@@ -40,6 +44,11 @@ def test_demo_flow_preview_merge_and_load(window, qtbot, demo_recipe: Path, tmp_
     assert (out / "config.json").is_file()
     assert merge.chat_button.isVisible() and merge.show_button.isVisible() and merge.train_button.isVisible()
     screenshot(window, "4-merge")
+    # The preview's routing of the test prompts goes beside the model, for its published card.
+    image = QImage(str(out / ROUTING_PREVIEW_IMAGE))
+    assert not image.isNull() and image.width() == 900 and image.height() >= 160 + 34 * 4
+    assert len({image.pixel(x, image.height() // 2) for x in range(0, 900, 10)}) > 5  # drawn, not blank
+    shutil.copy(out / ROUTING_PREVIEW_IMAGE, SCREENSHOTS / "routing-preview.png")
 
     from transformers import AutoModelForCausalLM
 

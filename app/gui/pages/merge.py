@@ -24,12 +24,15 @@ from PySide6.QtWidgets import (
 )
 
 from app.core.merge.leftovers import LEFTOVERS_STAGE
+from app.core.merge.modelcard import ROUTING_PREVIEW_IMAGE
 from app.core.problems import Problem
 from app.core.progress import Progress
 from app.core.recipe import Recipe, validate_recipe
+from app.gui import recipe_edits
 from app.gui.context import AppContext, describe_error, describe_problems
 from app.gui.document import RecipeDocument
 from app.gui.engine import MergeRequest, PreviewResult, merge
+from app.gui.plots import routing_overview_heatmap, save_heatmap_png
 from app.gui.ship import open_export_dialog, open_publish_dialog
 from app.gui.widgets import MessageLabel, explanation, format_bytes, format_duration, heading
 from app.gui.workers import JobHandle
@@ -47,6 +50,7 @@ class MergePage(QWidget):
         self.document = document
         self.context = context
         self.preview: PreviewResult | None = None
+        self._merged_preview: PreviewResult | None = None
         self.job: JobHandle | None = None
         self.merged_folder: Path | None = None
         # The Models page's compatibility check, for the recipe it checked; Merge waits for it.
@@ -225,7 +229,10 @@ class MergePage(QWidget):
             return
         recipe = self.document.recipe
         # The preview's routers are the merge's routers when nothing has changed since.
-        gates = self.preview.gates if self.preview is not None and self.preview.recipe == recipe else None
+        same_preview = self.preview is not None and self.preview.recipe == recipe
+        gates = self.preview.gates if same_preview else None
+        # The preview's routing of the test prompts describes this merge's routers: it goes into its folder.
+        self._merged_preview = self.preview if same_preview else None
         self.merged_folder = None
         self._speed_start = None
         for button in self._result_buttons:
@@ -279,6 +286,22 @@ class MergePage(QWidget):
         )
         for button in self._result_buttons:
             button.setVisible(True)
+        self._save_routing_preview(self.merged_folder)
+
+    def _save_routing_preview(self, folder: Path) -> None:
+        """The preview's routing of the test prompts as routing-preview.png, which a published card shows."""
+        preview = self._merged_preview
+        if preview is None or preview.routing is None or not preview.routing.routings:
+            return
+        recipe = preview.recipe
+        labels = [recipe.expert_label(i) for i in range(len(recipe.experts))]
+        colors = [recipe_edits.expert_color(recipe, i) for i in range(len(recipe.experts))]
+        try:
+            save_heatmap_png(
+                routing_overview_heatmap(preview.routing.routings, labels, colors), folder / ROUTING_PREVIEW_IMAGE
+            )
+        except OSError as exc:  # the model is complete without it; say so and carry on
+            self.stage.setText(f"Merged. The routing preview image was not saved ({exc}).")
 
     def _stopped(self, message: str) -> None:
         """A merge that ends without a model shows no progress and no time left."""

@@ -24,18 +24,13 @@ from app.gui.context import AppContext, describe_error
 from app.gui.document import RecipeDocument
 from app.gui.engine import GateSession, PreviewResult, base_parameter_count
 from app.gui.plots import Heatmap, HeatmapData, prompt_routing_heatmap
-from app.gui.widgets import MessageLabel, explanation, heading
+from app.gui.widgets import MessageLabel, explanation, heading, short
 from app.gui.workers import JobHandle
 
 # A preview computes by itself on arrival when the base model is at most this big: a few seconds
 # on a CPU. Bigger ones wait for Compute preview, since they take minutes and much memory.
 AUTO_PREVIEW_MAX_PARAMETERS = 150_000_000
 COMPUTE_HINT = "Compute the routers to see how they will send text to the experts."
-
-
-def short(text: str, length: int = 40) -> str:
-    text = text.replace("\n", " ⏎ ")
-    return text if len(text) <= length else text[: length - 1] + "…"
 
 
 class PreviewPage(QWidget):

@@ -21,16 +21,11 @@ from PySide6.QtWidgets import (
 
 from app.gui.plots import Heatmap, prompt_routing_heatmap
 from app.gui.training.jobs import Comparison, LossRow
-from app.gui.widgets import MessageLabel, explanation
+from app.gui.widgets import MessageLabel, explanation, short
 
 COLUMNS = ("old routers", "new routers", "change")
 PROMPT_TITLE_LENGTH = 32
 HEATMAP_MINIMUM = QSize(220, 200)
-
-
-def short(text: str, length: int) -> str:
-    text = text.replace("\n", " ⏎ ")
-    return text if len(text) <= length else text[: length - 1] + "…"
 
 
 def _cell(text: str, tooltip: str) -> QTableWidgetItem:
