@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import threading
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -233,6 +234,7 @@ class ModelSource:
         self.config = _read_config(folder)
         self._tensors = _index_tensors(folder)
         self._handles: dict[Path, BinaryIO] = {}
+        self._reading = threading.Lock()
 
     # -- description
 
@@ -323,9 +325,11 @@ class ModelSource:
             if staging is None or staging.numel() < info.nbytes:
                 staging = torch.empty(info.nbytes, dtype=torch.uint8)
             raw = staging[: info.nbytes]
-        handle = self._handle(info.file)
-        handle.seek(info.start)
-        if handle.readinto(raw.numpy()) != info.nbytes:
+        with self._reading:  # the merge's workers and the gates may read one model at once
+            handle = self._handle(info.file)
+            handle.seek(info.start)
+            complete = handle.readinto(raw.numpy()) == info.nbytes
+        if not complete:
             raise ModelSourceError(f"{info.file} ended early while reading {name}", "download the model again")
         if not direct:
             target.copy_(raw.view(stored).reshape(info.shape))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from app.core.lora import merged as lora_merged
 from app.core.merge.gates import compute_gates
 from app.core.merge.pipeline import MergeOptions, merge_moe
 from app.core.problems import FrankenMoEError, ProblemsError
-from app.core.progress import run_job
+from app.core.progress import Cancelled, run_job
 from app.core.recipe import parse_recipe
 from tests.lora_adapters import MLP_MODULES, make_adapter
 from tests.models import make_tiny_model
@@ -151,6 +152,27 @@ def test_bfloat16_experts_are_within_one_ulp_of_peft_on_a_bfloat16_model(mistral
             assert within_one_bf16_ulp(ours, reference)
 
 
+def test_bfloat16_weights_merged_over_their_own_buffer_are_the_float32_merge_rounded_once(
+    mistral_donors, tmp_path, monkeypatch
+):
+    # A bfloat16 W merged into bfloat16 output takes the result in W's own buffer, a block at a time:
+    # with blocks that do not divide the weights, every value must still be PEFT's float32 merge of
+    # the (exactly widened) W, rounded once, so no block may read values already merged over.
+    monkeypatch.setattr(lora_merged, "_BLOCK_ELEMENTS", 5 * 32 + 1)
+    adapter = make_adapter(tmp_path / "adapter", mistral_donors["base"], seed=4, r=4, lora_alpha=16)
+    text = recipe_text(
+        str(mistral_donors["base"]),
+        [f"{mistral_donors['base']}+{adapter.folder}", str(mistral_donors["expert0"])],
+        dtype="bfloat16",
+    )
+    written = merge(text, tmp_path / "moe")
+    for layer in range(2):
+        for projection, slot in SLOTS:
+            reference = adapter.merged[f"model.layers.{layer}.mlp.{projection}_proj.weight"]
+            assert reference.dtype == torch.float32
+            assert torch.equal(expert_tensor(written, layer, 0, slot), reference.to(torch.bfloat16))
+
+
 def test_bfloat16_output_of_float32_models_is_the_float32_merge_rounded(adapters, llama_donors, tmp_path):
     adapter = adapters["rank_and_alpha"]
     text = with_adapter(llama_donors, adapter.folder, dtype="bfloat16")
@@ -158,6 +180,41 @@ def test_bfloat16_output_of_float32_models_is_the_float32_merge_rounded(adapters
     for projection, slot in SLOTS:
         reference = adapter.merged[f"model.layers.1.mlp.{projection}_proj.weight"]
         assert within_one_bf16_ulp(expert_tensor(written, 1, 0, slot), reference)
+
+
+def compute_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("frankenmoe-compute") and t.is_alive()]
+
+
+def test_an_adapter_that_cannot_be_read_mid_merge_fails_the_merge_with_nothing_written(llama_donors, tmp_path):
+    # The adapter's weights are read by the merge's workers: cut the file short once the merge is
+    # under way, and the error reaches the merge's caller, with no model and no worker left behind.
+    adapter = make_adapter(tmp_path / "adapter", llama_donors["base"], seed=5, r=4)
+    weights = adapter.folder / "adapter_model.safetensors"
+    header_length = 8 + int.from_bytes(weights.read_bytes()[:8], "little")
+    text = with_adapter(llama_donors, adapter.folder)
+    out = tmp_path / "out" / "moe"
+    job = merge_moe(parse_recipe(text), MergeOptions(out_dir=out))
+    with pytest.raises(FrankenMoEError, match="ended early"):
+        for record in job:
+            if record.stage == "writing" and record.done == 1:
+                with weights.open("r+b") as handle:
+                    handle.truncate(header_length)
+    assert not out.exists() and list(out.parent.iterdir()) == []
+    assert not compute_threads()
+
+
+def test_a_cancelled_lora_merge_leaves_no_model_and_no_worker(adapters, llama_donors, tmp_path):
+    cancel = threading.Event()
+    out = tmp_path / "out" / "moe"
+    recipe = parse_recipe(with_adapter(llama_donors, adapters["rslora"].folder))
+    job = merge_moe(recipe, MergeOptions(out_dir=out), cancel)
+    with pytest.raises(Cancelled):
+        for record in job:
+            if record.stage == "writing" and record.done == 4:
+                cancel.set()
+    assert not out.exists() and list(out.parent.iterdir()) == []
+    assert not compute_threads()
 
 
 # --------------------------------------------------------------------------- what an adapter holds

@@ -153,3 +153,12 @@ def test_the_buffered_copy_writes_the_same_bytes_as_the_kernel_copy(llama_donors
     kernel, buffered = snapshot(tmp_path / "kernel" / "moe"), snapshot(tmp_path / "buffered" / "moe")
     assert len([name for name in kernel if name.endswith(".safetensors")]) > 1
     assert buffered == kernel
+
+
+def test_tensors_written_from_memory_in_chunks_have_the_same_bytes(llama_donors, tmp_path, monkeypatch):
+    # Float32 donors into bfloat16 output: every tensor is converted in memory and written in chunks.
+    recipe = recipe_for(llama_donors, dtype="bfloat16")
+    merge(recipe, tmp_path / "whole" / "moe")
+    monkeypatch.setattr(shards, "_WRITE_CHUNK", 4099)  # odd and small: chunk boundaries fall everywhere
+    merge(recipe, tmp_path / "chunked" / "moe")
+    assert snapshot(tmp_path / "chunked" / "moe") == snapshot(tmp_path / "whole" / "moe")

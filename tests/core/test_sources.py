@@ -3,11 +3,12 @@ from __future__ import annotations
 import json
 import pickle
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from app.core.recipe import ModelRef
 from app.core.sources import ModelNotDownloaded, ModelSource, ModelSourceError, open_model
@@ -131,3 +132,30 @@ def test_reading_into_existing_tensors_converts_and_checks_the_shape(mistral_don
     assert torch.equal(same, stored)
     with pytest.raises(ValueError, match="shaped"):
         source.read_tensor_into(name, torch.empty(3, 3))
+
+
+def test_threads_reading_one_model_at_once_each_get_their_own_tensor(llama_donors, tmp_path):
+    # The merge's workers and the gate computation read the same model concurrently; each read is a
+    # seek and a read on one shared file handle, which must not interleave with another thread's.
+    folder = tmp_path / "model"
+    folder.mkdir()
+    shutil.copy(llama_donors["base"] / "config.json", folder / "config.json")
+    expected = {f"tensor{index}": torch.full((256, 1024), float(index)) for index in range(8)}
+    save_file(expected, folder / "model.safetensors")
+    names = sorted(expected)
+    mismatches: list[str] = []
+    with ModelSource(folder) as source:
+
+        def read_all(offset: int) -> None:
+            for round_ in range(30):
+                for index in range(len(names)):
+                    name = names[(index + offset + round_) % len(names)]
+                    if not torch.equal(source.read_tensor(name), expected[name]):
+                        mismatches.append(name)
+
+        threads = [threading.Thread(target=read_all, args=(offset,)) for offset in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert mismatches == []

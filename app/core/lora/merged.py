@@ -10,8 +10,6 @@ memory: the merge streams as it does for a full model.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -52,7 +50,8 @@ class AdaptedModelSource(ModelSource):
         """A changed weight merged in float32, then cast, as the merge writes it.
 
         A LoRA linear weight (the MLP's) comes back in this thread's scratch buffer, valid until its
-        next changed weight is read: the merge writes each tensor before it reads the next.
+        next changed weight is read: each of the merge's workers has its weight written before it
+        computes its next (merge/ahead.py).
         """
         import torch
 
@@ -60,8 +59,7 @@ class AdaptedModelSource(ModelSource):
         if delta is None:
             return super().read_tensor_as(name, dtype)
         if delta.kind == "linear" and delta.magnitude is None:
-            with _one_thread():
-                return self._merged_linear(delta, getattr(torch, dtype), in_scratch=True)
+            return self._merged_linear(delta, getattr(torch, dtype), in_scratch=True)
         return self._merged(delta).to(getattr(torch, dtype))
 
     def read_tensor_into(self, name: str, target: torch.Tensor, staging: torch.Tensor | None = None) -> torch.Tensor:
@@ -112,6 +110,10 @@ class AdaptedModelSource(ModelSource):
         weight = self._read_stored(delta.replacement or self.tensor_info(delta.target))
         if dtype == torch.float32:
             merged = change
+        elif in_scratch and weight.dtype == dtype:
+            # Each block of W is widened before its merged values are cast over it, so W's own buffer
+            # takes the result: one weight's buffer less for each thread that merges.
+            merged = weight
         elif in_scratch:
             merged = _scratch("merged", rows * columns, dtype).view(rows, columns)
         else:
@@ -171,38 +173,14 @@ class AdaptedModelSource(ModelSource):
         return factor.view(-1, 1) * (widened + change)
 
 
-# Buffers kept from one weight to the next, one set per thread (the merge writes in one, the gates
-# may read in another): allocating them afresh faults in new pages for every weight, which costs
+# Buffers kept from one weight to the next, one set per thread (each of the merge's workers has its
+# own, and the gates may read in another): allocating them afresh faults in new pages for every weight, which costs
 # three times the arithmetic. Flat, so that the MLP's differently shaped weights share them.
 _SCRATCH = threading.local()
 # Values of a merged weight handled together: 2 MiB of float32 that stays in the cache from the
 # scaling to the addition to the cast. On a 3072 x 1024 weight (1 or 2 threads) that takes 5-6 ms,
 # against 11 ms for passes over the whole matrix and for 32 Ki-value blocks (per-call overhead).
 _BLOCK_ELEMENTS = 512 * 1024
-
-
-@contextmanager
-def _one_thread() -> Iterator[None]:
-    """Torch's arithmetic on the calling thread alone, for the duration.
-
-    The merge writes as it streams, one tensor after another, while the gates are computed in
-    another thread (with torch's threads). Split over torch's thread pool, a weight's few
-    milliseconds of work cost far more than on one thread wherever the cores are busy: on 2 shared
-    cores, 300 ms against 6 ms a 3072 x 1024 weight, as the pool's threads wait on each other.
-    torch.set_num_threads applies to the calling thread (and to threads that start using torch
-    meanwhile), so the count is put back at once.
-    """
-    import torch
-
-    threads = torch.get_num_threads()
-    if threads == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _scratch(kind: str, numel: int, dtype: torch.dtype) -> torch.Tensor:

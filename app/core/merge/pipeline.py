@@ -23,6 +23,7 @@ from app.core.compat import check_recipe
 from app.core.devices import return_freed_tensors_to_the_os
 from app.core.families import QKV_BIAS, config_value, model_parts
 from app.core.lora.merged import AdaptedModelSource
+from app.core.merge.ahead import ComputedAhead, compute_workers
 from app.core.merge.always_on import always_on_gate
 from app.core.merge.architectures import MLP_PROJECTIONS, MoEShape, OutputArchitecture, choose_architecture
 from app.core.merge.gates import GateResult, compute_gates, prompted_shared_experts
@@ -132,6 +133,17 @@ def _commit(partial: Path, out_dir: Path) -> None:
 Producer = Callable[[], "torch.Tensor | ByteRange"]
 
 
+@dataclass(frozen=True, slots=True)
+class PlanStep:
+    """One output tensor and the function that produces it when its turn comes."""
+
+    planned: PlannedTensor
+    produce: Producer
+    # Torch arithmetic (a LoRA merge, noise, a scale or a cast), which workers do ahead of the writer;
+    # otherwise a byte range to copy, or something the writer's thread produces in no time.
+    computed: bool = False
+
+
 def _layer_of(name: str) -> int:
     match = _LAYER_TENSOR.match(name)
     return int(match.group(1)) if match else -1
@@ -145,7 +157,7 @@ def plan_tensors(
     shared_expert: ModelSource | None,
     gates_of: Callable[[], GateResult],
     out_dtype: str,
-) -> list[tuple[PlannedTensor, Producer]]:
+) -> list[PlanStep]:
     """Every output tensor with a function that produces it when its turn comes.
 
     Tensors stored in the output dtype are copied as bytes, file to file, without torch. The
@@ -162,16 +174,16 @@ def plan_tensors(
         if _layer_of(name) >= 0:
             by_layer.setdefault(_layer_of(name), []).append(name)
 
-    def planned_copy(source: ModelSource, name: str, out_name: str) -> tuple[PlannedTensor, Producer]:
+    def planned_copy(source: ModelSource, name: str, out_name: str) -> PlanStep:
         info = source.tensor_info(name)
         planned = PlannedTensor(out_name, info.shape, out_dtype)
         if info.torch_dtype_name == out_dtype and not source.has_delta(name):
-            return planned, lambda: source.byte_range(name)
-        return planned, lambda: source.read_tensor_as(name, out_dtype)
+            return PlanStep(planned, lambda: source.byte_range(name))
+        return PlanStep(planned, lambda: source.read_tensor_as(name, out_dtype), computed=True)
 
     def planned_expert(
         source: ModelSource, out_name: str, expert: Expert, seed: int, layer: int, projection: str, scale: float | None
-    ) -> tuple[PlannedTensor, Producer]:
+    ) -> PlanStep:
         source_name = f"model.layers.{layer}.mlp.{projection}_proj.weight"
         if not expert.noise_scale and scale is None:
             return planned_copy(source, source_name, out_name)
@@ -188,7 +200,7 @@ def plan_tensors(
                 tensor = tensor.float() * scale
             return _converted(tensor, out_dtype)
 
-        return planned, produce
+        return PlanStep(planned, produce, computed=True)
 
     zero_biases = _zero_attention_biases(architecture, base.config)
     shared = recipe.shared_experts[0] if shared_expert is not None else None
@@ -227,14 +239,14 @@ def plan_tensors(
     plan += [planned_copy(base, name, name) for name in after]
     for layer in range(num_layers):
         plan.append(
-            (
+            PlanStep(
                 PlannedTensor(architecture.router_name(layer), (num_experts, hidden), out_dtype),
                 lambda layer=layer: _converted(gates_of().router[layer], out_dtype),
             )
         )
         if shared is not None:
             plan.append(
-                (
+                PlanStep(
                     PlannedTensor(architecture.shared_gate_name(layer), (1, hidden), out_dtype),
                     lambda layer=layer: _converted(_shared_gate(gates_of(), layer, base, out_dtype), out_dtype),
                 )
@@ -271,13 +283,13 @@ def _zero_attention_biases(architecture: OutputArchitecture, base_config: dict[s
     ]
 
 
-def _zero_bias(name: str, size: int, out_dtype: str) -> tuple[PlannedTensor, Producer]:
+def _zero_bias(name: str, size: int, out_dtype: str) -> PlanStep:
     def produce() -> torch.Tensor:
         import torch
 
         return torch.zeros(size, dtype=getattr(torch, out_dtype))
 
-    return PlannedTensor(name, (size,), out_dtype), produce
+    return PlanStep(PlannedTensor(name, (size,), out_dtype), produce)
 
 
 def _converted(tensor: torch.Tensor, dtype: str) -> torch.Tensor:
@@ -352,16 +364,21 @@ def merge_moe(
 
         try:
             plan = plan_tensors(recipe, architecture, base, experts, shared_expert, gates_of, out_dtype)
-            shards = plan_shards([planned for planned, _ in plan], options.shard_size)
+            shards = plan_shards([step.planned for step in plan], options.shard_size)
             total_bytes = sum(s.nbytes for s in shards)
             _check_free_space(out_dir.parent, total_bytes)
             out_dir.parent.mkdir(parents=True, exist_ok=True)
             record_output_folder(out_dir.parent)  # so that the app's next start cleans up if this run is killed
             partial = work_folder(out_dir, PARTIAL_MARK)
             partial.mkdir()
+            ahead = ComputedAhead(
+                {position: step.produce for position, step in enumerate(plan) if step.computed},
+                workers=compute_workers(),
+            )
             try:
                 with ShardWriter(partial, shards) as writer:
-                    for done, (planned, produce) in enumerate(plan):
+                    for done, step in enumerate(plan):
+                        planned = step.planned
                         if cancel is not None and cancel.is_set():
                             stop.set()
                         check_cancel(cancel)
@@ -383,7 +400,11 @@ def merge_moe(
                                     if cancel is not None and cancel.is_set():
                                         stop.set()
                                 yield from background.drain()
-                        writer.write(planned.name, produce())
+                        if done in ahead:
+                            with ahead.taken(done) as tensor:
+                                writer.write(planned.name, tensor)
+                        else:
+                            writer.write(planned.name, step.produce())
                         yield Progress(
                             "writing", done + 1, len(plan), writer.bytes_written, total_bytes, message=planned.name
                         )
@@ -397,6 +418,8 @@ def merge_moe(
             except BaseException:
                 shutil.rmtree(partial, ignore_errors=True)
                 raise
+            finally:
+                ahead.close()
         finally:
             stop.set()
             if background is not None:

@@ -234,8 +234,16 @@ def _copy_range(source: ByteRange, target: BinaryIO) -> None:
             left -= read
 
 
+# Bytes handed to one write() call. In a LoRA merge, whose weights are computed on other threads as
+# the writer writes, this decided the merge's speed: a 1.6 GB model took 3.4 s in 256 KiB writes and
+# 4.4 s in 1 MiB writes (medians of 10, Linux, ext4, 2 cores); a whole 6 MiB weight in one write
+# took twice as long as in 1 MiB writes even with nothing else running.
+_WRITE_CHUNK = 256 * 2**10
+
+
 def _write_all(target: BinaryIO, data: memoryview) -> None:
-    """Unbuffered writes may take less than they are given."""
+    """Write data in chunks of _WRITE_CHUNK; unbuffered writes may also take less than they are given."""
+    data = data.cast("B")
     while data:
-        written = target.write(data)
+        written = target.write(data[:_WRITE_CHUNK])
         data = data[written:]

@@ -1,0 +1,126 @@
+"""The merge's computed tensors on worker threads: results in plan order, buffers not overwritten
+before they are written, errors and closing."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from app.core.merge.ahead import ComputedAhead
+
+WORKER_PREFIX = "frankenmoe-compute"
+
+
+def compute_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith(WORKER_PREFIX) and t.is_alive()]
+
+
+def test_results_come_in_plan_order_whatever_order_the_workers_finish_in():
+    # Even positions take longer than odd ones, so the two workers finish out of order.
+    def producer(position: int):
+        def produce() -> int:
+            time.sleep(0.02 if position % 4 == 0 else 0.001)
+            return position * 10
+
+        return produce
+
+    positions = [1, 2, 4, 5, 6, 9, 10, 11]
+    ahead = ComputedAhead({p: producer(p) for p in positions}, workers=2)
+    try:
+        taken = []
+        for position in range(12):
+            if position in ahead:
+                with ahead.taken(position) as value:
+                    taken.append(value)
+        assert taken == [p * 10 for p in positions]
+        assert 3 not in ahead and 0 not in ahead
+    finally:
+        ahead.close()
+    assert not compute_threads()
+
+
+def test_a_worker_reusing_its_buffer_computes_its_next_only_after_its_last_is_written():
+    # Each worker writes every result into the same buffer of its own, as the LoRA merge does: the
+    # value must still be the one produced for this position when the writer uses it.
+    buffers = threading.local()
+
+    def producer(position: int):
+        def produce() -> list[int]:
+            buffer = buffers.__dict__.setdefault("buffer", [0])
+            buffer[0] = position
+            return buffer
+
+        return produce
+
+    ahead = ComputedAhead({p: producer(p) for p in range(20)}, workers=2)
+    try:
+        for position in range(20):
+            with ahead.taken(position) as buffer:
+                time.sleep(0.005)  # the writer's write, which a worker racing ahead would overwrite meanwhile
+                assert buffer[0] == position
+    finally:
+        ahead.close()
+
+
+def test_a_producers_error_is_raised_in_the_writers_thread_when_its_turn_comes():
+    def produce_value(position: int):
+        return lambda: position
+
+    def fail() -> int:
+        raise OSError("the disk went away")
+
+    producers = {0: produce_value(0), 1: produce_value(1), 2: fail, 3: produce_value(3), 4: produce_value(4)}
+    ahead = ComputedAhead(producers, workers=2)
+    try:
+        for position in (0, 1):
+            with ahead.taken(position) as value:
+                assert value == position
+        with pytest.raises(OSError, match="disk went away"), ahead.taken(2):
+            pass
+    finally:
+        ahead.close()
+    assert not compute_threads()
+
+
+def test_closing_midway_stops_the_workers_without_computing_the_rest():
+    calls: list[int] = []
+
+    def producer(position: int):
+        def produce() -> int:
+            calls.append(position)
+            return position
+
+        return produce
+
+    ahead = ComputedAhead({p: producer(p) for p in range(50)}, workers=2)
+    with ahead.taken(0):
+        pass
+    ahead.close()
+    assert not compute_threads()
+    # What was taken, plus at most one weight in flight per worker.
+    assert len(calls) <= 1 + 2
+
+
+def test_each_worker_computes_on_one_torch_thread_and_gives_the_count_back():
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(2)  # as on a machine with two cores or more
+    try:
+        ahead = ComputedAhead({p: torch.get_num_threads for p in range(4)}, workers=2)
+        try:
+            for position in range(4):
+                with ahead.taken(position) as threads:
+                    assert threads == 1
+        finally:
+            ahead.close()
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def test_no_producers_start_no_threads():
+    ahead = ComputedAhead({}, workers=2)
+    assert not compute_threads()
+    ahead.close()
