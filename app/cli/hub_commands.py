@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from app.cli.progress import bytes_bar
 from app.core.hub.sorting import SORT_KEYS
-from app.core.progress import Job, Progress, format_bytes
+from app.core.progress import Job, Progress, format_bytes, run_job
 from app.core.recipe import ModelRef, load_recipe
 
 if TYPE_CHECKING:
@@ -147,23 +147,23 @@ def _drive(job: Job[Any], cancel: threading.Event) -> Any:
 
     bar: tqdm | None = None
     current = ""
+
+    def show(record: Progress) -> None:
+        nonlocal bar, current
+        if not isinstance(record, DownloadProgress) or not record.bytes_total:
+            if record.message:
+                tqdm.write(f"{record.repo_id if isinstance(record, DownloadProgress) else ''} {record.message}")
+            return
+        if bar is None or current != record.repo_id:
+            if bar is not None:
+                bar.close()
+            current = record.repo_id
+            bar = bytes_bar(record.bytes_total, record.repo_id)
+        bar.update(record.bytes_done - bar.n)
+        bar.set_postfix_str(f"{record.done}/{record.total} files")
+
     try:
-        while True:
-            try:
-                record: Progress = next(job)
-            except StopIteration as stop:
-                return stop.value
-            if not isinstance(record, DownloadProgress) or not record.bytes_total:
-                if record.message:
-                    tqdm.write(f"{record.repo_id if isinstance(record, DownloadProgress) else ''} {record.message}")
-                continue
-            if bar is None or current != record.repo_id:
-                if bar is not None:
-                    bar.close()
-                current = record.repo_id
-                bar = bytes_bar(record.bytes_total, record.repo_id)
-            bar.update(record.bytes_done - bar.n)
-            bar.set_postfix_str(f"{record.done}/{record.total} files")
+        return run_job(job, show)
     except KeyboardInterrupt:
         cancel.set()
         job.close()

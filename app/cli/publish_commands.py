@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from app.cli.progress import bytes_bar
 from app.core.problems import ProblemsError
+from app.core.progress import Progress, run_job
 
 
 def register(subparsers: Any) -> None:
@@ -60,17 +61,16 @@ def run_publish(args: argparse.Namespace) -> int:
     print(f"{plan.request.repo_id} ({state}): {len(plan.files)} files", file=sys.stderr)
     job = publish(plan, cancel=cancel)
     bar: tqdm | None = None  # type: ignore[type-arg]
+
+    def show(record: Progress) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = bytes_bar(record.bytes_total, "uploading")
+        bar.update(record.bytes_done - bar.n)
+        bar.set_postfix_str(f"{record.done}/{record.total} files")
+
     try:
-        while True:
-            try:
-                record = next(job)
-            except StopIteration as stop:
-                result = stop.value
-                break
-            if bar is None:
-                bar = bytes_bar(record.bytes_total, "uploading")
-            bar.update(record.bytes_done - bar.n)
-            bar.set_postfix_str(f"{record.done}/{record.total} files")
+        result = run_job(job, show)
     except KeyboardInterrupt:
         cancel.set()
         job.close()  # nothing is committed: the repo stays as it was, and a rerun resumes the upload

@@ -11,6 +11,7 @@ from typing import Any
 
 from app.core.devices import DEVICE_CHOICES
 from app.core.problems import FrankenMoEError
+from app.core.progress import run_job
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOADS = ("full", "8bit", "4bit")
@@ -104,13 +105,7 @@ def run_train_router(args: argparse.Namespace) -> int:
     job = train_routers(args.model, args.out, settings, data, resume=args.resume)
     display = TrainingDisplay(enabled=not args.quiet)
     try:
-        while True:
-            try:
-                record = next(job)
-            except StopIteration as stop:
-                result = stop.value
-                break
-            display(record)
+        result = run_job(job, display)
     except KeyboardInterrupt:
         job.close()  # the job removes anything half-written on the way out
         raise

@@ -10,7 +10,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable, Generator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -53,6 +53,16 @@ def run_job(job: Job[T], on_progress: Callable[[Progress], None] | None = None) 
             return stop.value
         if on_progress is not None:
             on_progress(record)
+
+
+def relabelled(job: Job[T], stage: str) -> Job[T]:
+    """The job, its progress records under another stage name (one job's parts shown as one stage)."""
+    while True:
+        try:
+            record = next(job)
+        except StopIteration as stop:
+            return stop.value
+        yield replace(record, stage=stage)
 
 
 def format_bytes(count: float) -> str:

@@ -14,9 +14,9 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from app.core.chat.capture import RouterCapture
 from app.core.eval.controls import RoutingOverride, model_num_experts, routing_override, validate_override
@@ -24,12 +24,11 @@ from app.core.eval.data import EvalDataset
 from app.core.eval.harness import HarnessRequest, check_tasks, known_tasks, run_harness
 from app.core.eval.routing_stats import DatasetRouting, RoutingCounts, confusion, dataset_routing
 from app.core.problems import FrankenMoEError
-from app.core.progress import Job, Progress, check_cancel
+from app.core.progress import Job, Progress, check_cancel, relabelled
 
 if TYPE_CHECKING:
     from app.core.recipe import ModelRef, Recipe
 
-T = TypeVar("T")
 
 SCORING = (
     "mean next-token negative log-likelihood per predicted token (nats), each record scored on its own "
@@ -338,16 +337,9 @@ def evaluate(request: EvalRequest, cancel: threading.Event | None = None) -> Job
             trust_remote_code=request.trust_remote_code,
             cache_dir=request.cache_dir,
         )
-        loader = load_chat_model(load, cancel)
-        while True:
-            try:
-                record = next(loader)
-            except StopIteration as stop:
-                chat = stop.value
-                break
-            yield replace(record, stage=f"loading {model.name}")
+        chat = yield from relabelled(load_chat_model(load, cancel), f"loading {model.name}")
         try:
-            scores = yield from _relabel(
+            scores = yield from relabelled(
                 score_loaded_model(
                     chat.model,
                     chat.tokenizer,
@@ -387,7 +379,7 @@ def _run_harness(
         }
     for override in overrides:
         with routing_override(chat.model, override):
-            result = yield from _relabel(
+            result = yield from relabelled(
                 run_harness(chat.model, chat.tokenizer, request.harness, cancel, task_manager), f"lm-eval {name}"
             )
         for task, metrics in result.summary.items():
@@ -395,15 +387,6 @@ def _run_harness(
                 {"model": name, "override": override.to_json(), "task": task, "metrics": metrics}
             )
         report.lm_eval_runs.append({"model": name, "override": override.to_json(), "results": result.results})
-
-
-def _relabel(job: Job[T], stage: str) -> Job[T]:
-    while True:
-        try:
-            record = next(job)
-        except StopIteration as stop:
-            return stop.value
-        yield replace(record, stage=stage)
 
 
 def read_model_config(path: str, cache_dir: Path | None = None) -> dict[str, Any]:

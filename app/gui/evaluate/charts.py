@@ -54,7 +54,7 @@ class LinePlotData:
     y_label: str
 
 
-class _Chart(QWidget):
+class Chart(QWidget):
     """What both charts share: the empty text, fonts, the title, the y axis and the legend."""
 
     def __init__(self, empty_text: str, parent: QWidget | None = None) -> None:
@@ -165,7 +165,7 @@ class _Chart(QWidget):
         return metrics.height() + 8 + widest + 6
 
 
-class BarChart(_Chart):
+class BarChart(Chart):
     """Grouped bars; the best bar of each group is outlined in the text colour and starred."""
 
     def __init__(self, empty_text: str = "No results yet.", parent: QWidget | None = None) -> None:
@@ -249,7 +249,7 @@ class BarChart(_Chart):
         painter.end()
 
 
-class LinePlot(_Chart):
+class LinePlot(Chart):
     """One line with markers per series over shared x values; gaps where a value is missing."""
 
     def __init__(self, empty_text: str = "No sweep yet.", parent: QWidget | None = None) -> None:

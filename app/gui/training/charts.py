@@ -12,7 +12,7 @@ from PySide6.QtGui import QFontMetricsF, QPaintEvent, QPen
 from PySide6.QtWidgets import QWidget
 
 # The Evaluate page's chart base: title, y axis, legend and empty text drawn the same way on both pages.
-from app.gui.evaluate.charts import TICKS, _Chart, nice_ceiling, series_color
+from app.gui.evaluate.charts import TICKS, Chart, nice_ceiling, series_color
 
 TRAIN_SERIES = "training loss (with the balance and z terms)"
 VALIDATION_SERIES = "validation loss"
@@ -28,7 +28,7 @@ def nice_range(values: Sequence[float]) -> tuple[float, float, int]:
     return low, high, max(1, round((high - low) / step))
 
 
-class LossPlot(_Chart):
+class LossPlot(Chart):
     """The training loss at every step it arrives for, and the validation loss at each evaluation."""
 
     def __init__(self, parent: QWidget | None = None) -> None:
@@ -104,7 +104,7 @@ class LossPlot(_Chart):
         painter.end()
 
 
-class ExpertLoadChart(_Chart):
+class ExpertLoadChart(Chart):
     """Each expert's share of the routed tokens (mean over layers): a bar now, an outline at the start, and
     a dashed line at the even share every expert would get under perfect balance."""
 

@@ -120,14 +120,8 @@ def compare_job(
     """Score both models on the held-out data and route the test prompts through both."""
 
     def job(cancel: threading.Event) -> Job[Comparison]:
-        from app.core.eval.nll import (  # _relabel: one stage name for each model's routing records
-            EvalModel,
-            EvalRequest,
-            _relabel,
-            configured_top_k,
-            evaluate,
-            read_model_config,
-        )
+        from app.core.eval.nll import EvalModel, EvalRequest, configured_top_k, evaluate, read_model_config
+        from app.core.progress import relabelled  # one stage name for each model's routing records
         from app.core.routing_eval import evaluate_model_routing
 
         yield Progress("reading", 0, 1, message="reading the test prompts and held-out files")
@@ -152,7 +146,7 @@ def compare_job(
         if prompts:
             for index, (stage, folder) in enumerate((("routing before", before_dir), ("routing after", after_dir))):
                 routing = evaluate_model_routing(folder, prompts, device=device, cancel=cancel)
-                routings[index] = yield from _relabel(routing, stage)
+                routings[index] = yield from relabelled(routing, stage)
         return Comparison(
             labels=legend.labels,
             colors=legend.colors,
