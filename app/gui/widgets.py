@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 from PySide6.QtCore import Qt
 from PySide6.QtGui import QColor, QContextMenuEvent, QGuiApplication, QIcon, QKeyEvent, QKeySequence, QPalette, QPixmap
-from PySide6.QtWidgets import QLabel, QMenu, QWidget
+from PySide6.QtWidgets import (
+    QFileDialog,
+    QHBoxLayout,
+    QLabel,
+    QListWidget,
+    QListWidgetItem,
+    QMenu,
+    QPushButton,
+    QVBoxLayout,
+    QWidget,
+)
 
 # One way of writing sizes across the app, the CLI and the Hub core's own messages ("265.0 kB").
 from app.core.progress import format_bytes
@@ -137,3 +148,56 @@ def short(text: str, length: int = 40) -> str:
     """One line of at most `length` characters: line breaks shown as ⏎, the rest cut with an ellipsis."""
     text = text.replace("\n", " ⏎ ")
     return text if len(text) <= length else text[: length - 1] + "…"
+
+
+class FileList(QWidget):
+    """Files chosen one by one: a list (each once), Add files… and Remove."""
+
+    def __init__(self, title: str, file_filter: str, height: int = 72, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.title = title
+        self.file_filter = file_filter
+        self.files = QListWidget()
+        self.files.setMaximumHeight(height)
+        add = QPushButton("Add files…")
+        add.clicked.connect(self._add_dialog)
+        self.remove = QPushButton("Remove")
+        self.remove.clicked.connect(self._remove_selected)
+        buttons = QHBoxLayout()
+        buttons.addWidget(add)
+        buttons.addWidget(self.remove)
+        buttons.addStretch(1)
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addWidget(self.files)
+        layout.addLayout(buttons)
+        self._update()
+
+    def add(self, paths: list[Path]) -> None:
+        present = set(self.paths())
+        for path in paths:
+            if path not in present:
+                item = QListWidgetItem(path.name)
+                item.setData(Qt.ItemDataRole.UserRole, path)
+                item.setToolTip(str(path))
+                self.files.addItem(item)
+        self._update()
+
+    def clear(self) -> None:
+        self.files.clear()
+        self._update()
+
+    def paths(self) -> list[Path]:
+        return [self.files.item(row).data(Qt.ItemDataRole.UserRole) for row in range(self.files.count())]
+
+    def _add_dialog(self) -> None:
+        names, _filter = QFileDialog.getOpenFileNames(self, self.title, "", self.file_filter)
+        self.add([Path(name) for name in names])
+
+    def _remove_selected(self) -> None:
+        for item in self.files.selectedItems():
+            self.files.takeItem(self.files.row(item))
+        self._update()
+
+    def _update(self) -> None:
+        self.remove.setEnabled(self.files.count() > 0)

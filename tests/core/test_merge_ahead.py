@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from app.core.merge.ahead import ComputedAhead
+from app.core.merge.ahead import WORKER_BYTES_PER_VALUE, ComputedAhead, compute_workers
 
 WORKER_PREFIX = "frankenmoe-compute"
 
@@ -124,3 +124,15 @@ def test_no_producers_start_no_threads():
     ahead = ComputedAhead({}, workers=2)
     assert not compute_threads()
     ahead.close()
+
+
+def test_two_workers_where_there_are_cores_and_memory_for_them_else_one():
+    bench_weight = 3072 * 1024  # bench/lora_merge.py's MLP weights
+    seven_b_weight = 14336 * 4096  # a 7B Mistral's
+    assert compute_workers(bench_weight, available_bytes=8 * 2**30, cores=2) == 2
+    assert compute_workers(seven_b_weight, available_bytes=32 * 2**30, cores=16) == 2
+    assert compute_workers(bench_weight, available_bytes=8 * 2**30, cores=1) == 1
+    # Two workers' buffers for a 7B weight (about 0.9 GB) would take over a quarter of 3 GB.
+    assert 2 * WORKER_BYTES_PER_VALUE * seven_b_weight > 3 * 2**30 // 4
+    assert compute_workers(seven_b_weight, available_bytes=3 * 2**30, cores=16) == 1
+    assert compute_workers(0, available_bytes=2**30, cores=2) == 2

@@ -75,7 +75,7 @@ def test_compares_the_moe_with_its_base_and_experts(qtbot, page: EvaluatePage, m
     page.set_model(merged)
     assert page.recipe_prompts.isChecked() and page.compare_donors.isEnabled()
     page.compare_donors.setChecked(True)
-    page.add_data_files([data])
+    page.data_files.add([data])
     page.sweep.setText("1, 3")
     run(qtbot, page)
 
@@ -190,7 +190,7 @@ def test_bad_input_gets_a_message_and_keeps_the_page(
 
     for bad, words in ((empty, "no records"), (latin, "UTF-8")):
         page.data_files.clear()
-        page.add_data_files([bad])
+        page.data_files.add([bad])
         run(qtbot, page)
         message = page.stage.text()
         assert message.startswith("✗") and bad.name in message and words in message and "Fix:" in message, message
@@ -205,12 +205,12 @@ def test_bad_input_gets_a_message_and_keeps_the_page(
     page.set_model(dense)
     page.sweep.setText("1-2")
     page.data_files.clear()
-    page.add_data_files([Path(__file__)])  # a .py file: a suffix the app does not read
+    page.data_files.add([Path(__file__)])  # a .py file: a suffix the app does not read
     run(qtbot, page)
     assert page.stage.text().startswith("✗") and ".py" in page.stage.text()
     page.data_files.clear()
     (tmp_path / "ok.txt").write_text("A few words to score here.\n", encoding="utf-8")
-    page.add_data_files([tmp_path / "ok.txt"])
+    page.data_files.add([tmp_path / "ok.txt"])
     run(qtbot, page)
     assert "has no experts" in page.stage.text() and "Fix: Clear Experts per token" in page.stage.text()
 
@@ -219,7 +219,7 @@ def test_bad_input_gets_a_message_and_keeps_the_page(
     good.write_text("Some text to score.\n", encoding="utf-8")
     page.set_model(tmp_path)  # a folder that holds no model at all
     page.data_files.clear()
-    page.add_data_files([good])
+    page.data_files.add([good])
     run(qtbot, page)
     assert page.stage.text().startswith("✗") and page.outcome is None and page.run_button.isEnabled()
 

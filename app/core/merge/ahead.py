@@ -13,7 +13,6 @@ bounds the memory to one weight in flight per worker.
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -91,10 +90,19 @@ class ComputedAhead(Generic[T]):
             thread.join()
 
 
-def compute_workers() -> int:
+# What a worker holds while it merges a LoRA weight, per value of the weight: B @ A in float32, and
+# W as stored (at most 4 bytes) with the result cast over it (lora/merged.py).
+WORKER_BYTES_PER_VALUE = 8
+
+
+def compute_workers(largest_values: int, available_bytes: int, cores: int) -> int:
     """Two workers where there are two cores or more: while one computes, the other's weight is written.
 
-    Not more: each holds a weight's buffers (about 350 MB for a 7B model's MLP weight), and the
-    writer, which also copies the tensors between, is then as fast as they are on two cores.
+    One where two workers' buffers for the largest computed weight would take more than a quarter
+    of the memory available (a big model on a small machine). Not more than two: the writer, which
+    also copies the tensors between, is then the slower part, and each worker holds a weight's
+    buffers (350-470 MB for a 7B model's MLP weight).
     """
-    return 2 if (os.cpu_count() or 1) > 1 else 1
+    if cores < 2 or 2 * WORKER_BYTES_PER_VALUE * largest_values > available_bytes // 4:
+        return 1
+    return 2

@@ -9,6 +9,7 @@ Leftovers of a killed run are removed by the next merge into the same folder or 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from app.core.compat import check_recipe
-from app.core.devices import return_freed_tensors_to_the_os
+from app.core.devices import available_memory, return_freed_tensors_to_the_os
 from app.core.families import QKV_BIAS, config_value, model_parts
 from app.core.lora.merged import AdaptedModelSource
 from app.core.merge.ahead import ComputedAhead, compute_workers
@@ -371,9 +372,10 @@ def merge_moe(
             record_output_folder(out_dir.parent)  # so that the app's next start cleans up if this run is killed
             partial = work_folder(out_dir, PARTIAL_MARK)
             partial.mkdir()
+            producers = {position: step.produce for position, step in enumerate(plan) if step.computed}
+            largest = max((math.prod(plan[position].planned.shape) for position in producers), default=0)
             ahead = ComputedAhead(
-                {position: step.produce for position, step in enumerate(plan) if step.computed},
-                workers=compute_workers(),
+                producers, workers=compute_workers(largest, available_memory("cpu"), os.cpu_count() or 1)
             )
             try:
                 with ShardWriter(partial, shards) as writer:

@@ -12,7 +12,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-from PySide6.QtCore import Qt
 from PySide6.QtWidgets import (
     QCheckBox,
     QFileDialog,
@@ -20,8 +19,6 @@ from PySide6.QtWidgets import (
     QGroupBox,
     QHBoxLayout,
     QLineEdit,
-    QListWidget,
-    QListWidgetItem,
     QProgressBar,
     QPushButton,
     QScrollArea,
@@ -37,7 +34,7 @@ from app.core.progress import Progress
 from app.gui.context import AppContext, describe_error
 from app.gui.evaluate.jobs import EvaluateChoices, EvaluateOutcome, evaluate_job, lm_eval_installed, recipe_beside
 from app.gui.evaluate.results import ResultsView
-from app.gui.widgets import MessageLabel, explanation, heading
+from app.gui.widgets import FileList, MessageLabel, explanation, heading
 from app.gui.workers import JobHandle
 
 DATA_FILTER = "Evaluation data (*.txt *.jsonl *.parquet);;All files (*)"
@@ -88,12 +85,7 @@ class EvaluatePage(QWidget):
 
         self.recipe_prompts = QCheckBox("The recipe's prompts, one dataset per expert")
         self.recipe_prompts.setToolTip("Each expert's positive and test prompts: does its domain get a lower loss?")
-        self.data_files = QListWidget()
-        self.data_files.setMaximumHeight(90)
-        add_file = QPushButton("Add files…")
-        add_file.clicked.connect(self._add_files_dialog)
-        self.remove_file = QPushButton("Remove")
-        self.remove_file.clicked.connect(self._remove_selected_files)
+        self.data_files = FileList("Evaluation data", DATA_FILTER, height=90)
 
         self.compare_donors = QCheckBox("Compare with the base and every expert")
         self.compare_donors.setToolTip(
@@ -138,11 +130,11 @@ class EvaluatePage(QWidget):
         self.card_button.clicked.connect(self.add_to_card)
         self.result_note = MessageLabel()
 
-        self.setLayout(self._build_layout(browse, add_file))
+        self.setLayout(self._build_layout(browse))
         self._model_changed()
         self._update_buttons()
 
-    def _build_layout(self, browse: QPushButton, add_file: QPushButton) -> QVBoxLayout:
+    def _build_layout(self, browse: QPushButton) -> QVBoxLayout:
         model_box = QGroupBox("Model")
         model_layout = QVBoxLayout(model_box)
         row = QHBoxLayout()
@@ -155,11 +147,6 @@ class EvaluatePage(QWidget):
         data_layout = QVBoxLayout(data_box)
         data_layout.addWidget(self.recipe_prompts)
         data_layout.addWidget(self.data_files)
-        file_buttons = QHBoxLayout()
-        file_buttons.addWidget(add_file)
-        file_buttons.addWidget(self.remove_file)
-        file_buttons.addStretch(1)
-        data_layout.addLayout(file_buttons)
         data_layout.addWidget(
             explanation("Text (a record per blank-line-separated block), JSONL (text or messages) or Parquet.")
         )
@@ -254,28 +241,6 @@ class EvaluatePage(QWidget):
             self.model_note.setText("No recipe beside this model: add data files; there is nothing to compare with.")
         self._update_buttons()
 
-    def add_data_files(self, paths: list[Path]) -> None:
-        present = set(self.data_file_paths())
-        for path in paths:
-            if path not in present:
-                item = QListWidgetItem(path.name)
-                item.setData(Qt.ItemDataRole.UserRole, path)
-                item.setToolTip(str(path))
-                self.data_files.addItem(item)
-        self._update_buttons()
-
-    def data_file_paths(self) -> list[Path]:
-        return [self.data_files.item(row).data(Qt.ItemDataRole.UserRole) for row in range(self.data_files.count())]
-
-    def _add_files_dialog(self) -> None:
-        names, _filter = QFileDialog.getOpenFileNames(self, "Evaluation data", "", DATA_FILTER)
-        self.add_data_files([Path(name) for name in names])
-
-    def _remove_selected_files(self) -> None:
-        for item in self.data_files.selectedItems():
-            self.data_files.takeItem(self.data_files.row(item))
-        self._update_buttons()
-
     def choices(self) -> EvaluateChoices:
         """What the controls say; raises FrankenMoEError for what cannot run."""
         text = self.model_path.text().strip()
@@ -292,7 +257,7 @@ class EvaluatePage(QWidget):
         return EvaluateChoices(
             model_dir=Path(text).expanduser(),
             recipe_prompts=self.recipe_prompts.isEnabled() and self.recipe_prompts.isChecked(),
-            data_files=tuple(self.data_file_paths()),
+            data_files=tuple(self.data_files.paths()),
             compare_donors=self.compare_donors.isEnabled() and self.compare_donors.isChecked(),
             top_ks=(None, *parse_sweep(self.sweep.text())),
             tasks=tasks,
@@ -320,7 +285,6 @@ class EvaluatePage(QWidget):
         self.card_button.setEnabled(
             has_results and not running and self.evaluated_folder is not None and self.evaluated_folder.is_dir()
         )
-        self.remove_file.setEnabled(self.data_files.count() > 0)
 
     def start(self) -> None:
         if self.is_running:

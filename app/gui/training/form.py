@@ -7,30 +7,24 @@ say) go through unchanged: the core's checks word the message, the same one the 
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-from PySide6.QtCore import Qt
 from PySide6.QtGui import QValidator
 from PySide6.QtWidgets import (
     QCheckBox,
     QComboBox,
     QDoubleSpinBox,
-    QFileDialog,
     QFormLayout,
     QGroupBox,
     QHBoxLayout,
     QLineEdit,
-    QListWidget,
-    QListWidgetItem,
-    QPushButton,
     QSpinBox,
     QVBoxLayout,
     QWidget,
 )
 
 from app.core.problems import FrankenMoEError
-from app.gui.widgets import explanation
+from app.gui.widgets import FileList, explanation
 
 if TYPE_CHECKING:
     from app.core.training.settings import RouterTrainingSettings, TrainingData
@@ -41,54 +35,6 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOADS = ("full", "8bit", "4bit")
 MAX_COUNT = 2_000_000_000
-
-
-class FileList(QWidget):
-    """Files chosen one by one: a list, Add files… and Remove."""
-
-    def __init__(self, title: str, parent: QWidget | None = None) -> None:
-        super().__init__(parent)
-        self.title = title
-        self.files = QListWidget()
-        self.files.setMaximumHeight(72)
-        add = QPushButton("Add files…")
-        add.clicked.connect(self._add_dialog)
-        self.remove = QPushButton("Remove")
-        self.remove.clicked.connect(self._remove_selected)
-        buttons = QHBoxLayout()
-        buttons.addWidget(add)
-        buttons.addWidget(self.remove)
-        buttons.addStretch(1)
-        layout = QVBoxLayout(self)
-        layout.setContentsMargins(0, 0, 0, 0)
-        layout.addWidget(self.files)
-        layout.addLayout(buttons)
-        self._update()
-
-    def add(self, paths: list[Path]) -> None:
-        present = set(self.paths())
-        for path in paths:
-            if path not in present:
-                item = QListWidgetItem(path.name)
-                item.setData(Qt.ItemDataRole.UserRole, path)
-                item.setToolTip(str(path))
-                self.files.addItem(item)
-        self._update()
-
-    def paths(self) -> list[Path]:
-        return [self.files.item(row).data(Qt.ItemDataRole.UserRole) for row in range(self.files.count())]
-
-    def _add_dialog(self) -> None:
-        names, _filter = QFileDialog.getOpenFileNames(self, self.title, "", DATA_FILTER)
-        self.add([Path(name) for name in names])
-
-    def _remove_selected(self) -> None:
-        for item in self.files.selectedItems():
-            self.files.takeItem(self.files.row(item))
-        self._update()
-
-    def _update(self) -> None:
-        self.remove.setEnabled(self.files.count() > 0)
 
 
 class RateSpinBox(QDoubleSpinBox):
@@ -154,12 +100,12 @@ class TrainingForm(QWidget):
 
         defaults = RouterTrainingSettings()
 
-        self.data_files = FileList("Training text")
+        self.data_files = FileList("Training text", DATA_FILTER)
         self.recipe_prompts = QCheckBox("Use the recipe's prompts")
         self.recipe_prompts.setToolTip("Each expert's positive prompts from the recipe saved beside the model.")
         self.hub_datasets = QLineEdit()
         self.hub_datasets.setPlaceholderText("Hub datasets, e.g. org/name:config/train (comma-separated)")
-        self.held_out = FileList("Held-out text for the before/after loss")
+        self.held_out = FileList("Held-out text for the before/after loss", DATA_FILTER)
 
         self.budget_kind = _combo((BUDGET_STEPS, BUDGET_TOKENS), BUDGET_TOKENS if defaults.tokens else BUDGET_STEPS)
         self.budget = _spin(0, MAX_COUNT, defaults.steps or defaults.tokens or 0, "auto")
