@@ -17,9 +17,16 @@ The donors are built in a child process: a child's peak RSS starts from its pare
 ru_maxrss across fork and exec), so this process stays small (no torch) for the figures to be the
 merges' own.
 
-Figures (2026-12-02, 2 cores, bf16 output, rank 16, median of 8; wall ratio LoRA / full): see the
-issue note; they moved between 1.1x and 1.3x from one series to the next on this shared virtual
-machine, whose page cache allocation time varies run to run.
+Figures (2026-12-02, 2 virtual cores, bf16 output, rank 16; wall ratio LoRA / full as the median
+of each kind's times, then the median of each LoRA merge over the full one before it):
+  8 layers (0.63 GB out), 10 runs: cheap_embed 1.07x (1.10x), hidden 1.09x (1.12x); RSS 1.12x, 1.10x
+  24 layers (1.64 GB out), 10 runs: cheap_embed 1.27x (1.34x), hidden 1.28x (1.28x); RSS 1.12x, 1.11x
+  24 layers, --warm, 6 runs: cheap_embed 1.70x (1.69x), hidden 1.26x (1.27x)
+  before the merge's workers (same method, 24 layers, 5 runs): cheap_embed 2.13x, hidden 1.74x
+Series on this virtual machine moved by up to 0.15 in the ratio from one to the next: its system time
+for the same merge varies 1-3 s. What is left is the arithmetic, about 5 ms a weight on one core
+(B @ A, a third of it, must be the one product PEFT computes, for its bits), where a full fine-tune's
+weight is copied by the kernel: two virtual cores cannot hide it once the output fits in the page cache.
 
 Run from the repository root: python bench/lora_merge.py [--layers 8] [--rank 16] [--repeats 5] [--warm]
 [--code OTHER_CHECKOUT]  (--code merges with another checkout's app, e.g. to compare a change with main)
