@@ -138,11 +138,7 @@ def test_an_adapter_on_a_fine_tune_equals_its_merge_too(adapters, llama_donors, 
 def test_bfloat16_experts_are_within_one_ulp_of_peft_on_a_bfloat16_model(mistral_donors, tmp_path):
     # PEFT merges a bfloat16 model in bfloat16 (the delta rounded, then the sum); we round once.
     adapter = make_adapter(tmp_path / "adapter", mistral_donors["base"], seed=3, dtype="bfloat16", r=4, lora_alpha=32)
-    text = recipe_text(
-        str(mistral_donors["base"]),
-        [f"{mistral_donors['base']}+{adapter.folder}", str(mistral_donors["expert0"])],
-        dtype="bfloat16",
-    )
+    text = with_adapter(mistral_donors, adapter.folder, dtype="bfloat16")
     written = merge(text, tmp_path / "moe")
     for layer in range(2):
         for projection, slot in SLOTS:
@@ -160,11 +156,7 @@ def test_bfloat16_weights_merged_over_their_own_buffer_are_the_float32_merge_rou
     # the (exactly widened) W, rounded once, so no block may read values already merged over.
     monkeypatch.setattr(lora_merged, "_BLOCK_ELEMENTS", 5 * 32 + 1)
     adapter = make_adapter(tmp_path / "adapter", mistral_donors["base"], seed=4, r=4, lora_alpha=16)
-    text = recipe_text(
-        str(mistral_donors["base"]),
-        [f"{mistral_donors['base']}+{adapter.folder}", str(mistral_donors["expert0"])],
-        dtype="bfloat16",
-    )
+    text = with_adapter(mistral_donors, adapter.folder, dtype="bfloat16")
     written = merge(text, tmp_path / "moe")
     for layer in range(2):
         for projection, slot in SLOTS:
