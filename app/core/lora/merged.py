@@ -174,8 +174,9 @@ class AdaptedModelSource(ModelSource):
 
 
 # Buffers kept from one weight to the next, one set per thread (each of the merge's workers has its
-# own, and the gates may read in another): allocating them afresh faults in new pages for every weight, which costs
-# three times the arithmetic. Flat, so that the MLP's differently shaped weights share them.
+# own, and the gates may read in another): allocating them afresh faults in new pages for every
+# weight, which costs three times the arithmetic. Flat, so that the MLP's differently shaped weights
+# share them.
 _SCRATCH = threading.local()
 # Values of a merged weight handled together: 2 MiB of float32 that stays in the cache from the
 # scaling to the addition to the cast. On a 3072 x 1024 weight (1 or 2 threads) that takes 5-6 ms,
