@@ -111,10 +111,11 @@ def test_float32_experts_equal_peft_merge_and_unload_bit_for_bit(name, adapters,
 def test_weights_merged_a_few_rows_at_a_time_have_peft_merges_bits(
     dtype, adapters, llama_donors, tmp_path, monkeypatch
 ):
-    # The merge scales, adds and casts a block of rows at a time; blocks that do not divide the
-    # weights (5 rows of the 32-wide ones, 2 of the 64-wide) must give the whole-matrix merge's bits,
-    # and the bfloat16 output must be PEFT's float32 merge rounded once.
-    monkeypatch.setattr(lora_merged, "_BLOCK_ELEMENTS", 5 * 32 + 1)
+    # The merge multiplies (for bfloat16 output), scales, adds and casts a block of rows at a time;
+    # blocks that do not divide the weights (17, 17 and 30 rows of the 64 x 32 ones, the remainder
+    # joining the last block) must give the whole-matrix merge's bits, and the bfloat16 output must be
+    # PEFT's float32 merge rounded once.
+    monkeypatch.setattr(lora_merged, "_BLOCK_ELEMENTS", 17 * 32 + 1)
     adapter = adapters["patterns"]
     written = merge(with_adapter(llama_donors, adapter.folder, dtype=dtype), tmp_path / "moe")
     for layer in range(2):
@@ -122,6 +123,19 @@ def test_weights_merged_a_few_rows_at_a_time_have_peft_merges_bits(
             reference = adapter.merged[f"model.layers.{layer}.mlp.{projection}_proj.weight"]
             ours = expert_tensor(written, layer, 0, slot)
             assert torch.equal(ours, reference.to(getattr(torch, dtype))), (layer, projection)
+
+
+def test_row_blocks_cover_the_rows_and_none_has_fewer_than_the_least():
+    # Blocks of a few rows of B are multiplied by another route, whose last bits differ.
+    least = lora_merged._MIN_BLOCK_ROWS
+    for rows in (1, least - 1, least, 64, 100, 3072, 11008):
+        for step in (least, least + 1, 40, 512):
+            blocks = lora_merged._row_blocks(rows, step)
+            assert [start for start, _ in blocks] == [0, *(end for _, end in blocks[:-1])]
+            assert blocks[-1][1] == rows
+            assert all(end - start >= min(rows, least) for start, end in blocks), (rows, step, blocks)
+            assert all(end - start <= step + least - 1 for start, end in blocks)
+    assert lora_merged._row_blocks(64, 17) == [(0, 17), (17, 34), (34, 64)]
 
 
 def test_an_adapter_on_a_fine_tune_equals_its_merge_too(adapters, llama_donors, tmp_path):
@@ -148,14 +162,15 @@ def test_bfloat16_experts_are_within_one_ulp_of_peft_on_a_bfloat16_model(mistral
             assert within_one_bf16_ulp(ours, reference)
 
 
+@pytest.mark.parametrize("lora_alpha", [16, 12])  # scales 4 (a power of two: one product-and-add) and 3
 def test_bfloat16_weights_merged_over_their_own_buffer_are_the_float32_merge_rounded_once(
-    mistral_donors, tmp_path, monkeypatch
+    lora_alpha, mistral_donors, tmp_path, monkeypatch
 ):
     # A bfloat16 W merged into bfloat16 output takes the result in W's own buffer, a block at a time:
     # with blocks that do not divide the weights, every value must still be PEFT's float32 merge of
     # the (exactly widened) W, rounded once, so no block may read values already merged over.
-    monkeypatch.setattr(lora_merged, "_BLOCK_ELEMENTS", 5 * 32 + 1)
-    adapter = make_adapter(tmp_path / "adapter", mistral_donors["base"], seed=4, r=4, lora_alpha=16)
+    monkeypatch.setattr(lora_merged, "_BLOCK_ELEMENTS", 17 * 32 + 1)
+    adapter = make_adapter(tmp_path / "adapter", mistral_donors["base"], seed=4, r=4, lora_alpha=lora_alpha)
     text = with_adapter(mistral_donors, adapter.folder, dtype="bfloat16")
     written = merge(text, tmp_path / "moe")
     for layer in range(2):
