@@ -435,13 +435,14 @@ def _adapter_problems(ref: ModelRef, field: str, name: str | None, cache_dir: Pa
     who = f"{name}: " if name else ""
     try:
         model_folder = resolve_model_dir(ref.model, cache_dir)
-        adapter_folder = resolve_adapter_dir(ref.lora or ref, cache_dir)
+        adapter = ref.lora or ref
+        adapter_folder = resolve_adapter_dir(adapter, cache_dir)
     except ModelNotDownloaded:
         return []  # reported by the model's own check, as an error or (download_later) a warning
     except FrankenMoEError as exc:
         return [Problem(field, f"{who}{exc.message}", exc.hint)]
     try:
-        info = read_adapter(adapter_folder)
+        info = read_adapter(adapter_folder, str(adapter))
     except FrankenMoEError as exc:
         return [Problem(field, f"{who}{exc.message}", exc.hint)]
     return [

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -91,6 +91,11 @@ class AdapterInfo:
     unsupported: tuple[str, ...] = ()
     peft_type: str = "LORA"
     target_pattern: str | None = None  # target_modules given as one regular expression
+    name: str | None = None  # as the recipe writes it (a Hub id rather than its folder in the cache)
+
+    @property
+    def shown_name(self) -> str:
+        return self.name or str(self.folder)
 
     @property
     def mlp_fraction(self) -> float:
@@ -140,12 +145,15 @@ _PART = re.compile(
 )
 
 
-def read_adapter(folder: Path) -> AdapterInfo:
+def read_adapter(folder: Path, name: str | None = None) -> AdapterInfo:
     """An adapter folder's settings and tensors; reads the config and the safetensors header only.
 
-    Raises FrankenMoEError for a missing folder or config, a pickle-only adapter, unreadable files.
+    ``name`` is how messages call the adapter (a Hub id, not its snapshot folder in the cache); the
+    folder by default. Raises FrankenMoEError for a missing folder or config, a pickle-only adapter,
+    unreadable files.
     """
     folder = Path(folder).expanduser()
+    shown = name or str(folder)
     if not folder.is_dir():
         raise FrankenMoEError(
             f"the adapter folder {folder} does not exist",
@@ -154,7 +162,7 @@ def read_adapter(folder: Path) -> AdapterInfo:
     config_path = folder / ADAPTER_CONFIG
     if not config_path.is_file():
         raise FrankenMoEError(
-            f"{folder} has no {ADAPTER_CONFIG}, so it is not a PEFT adapter folder",
+            f"{shown} has no {ADAPTER_CONFIG}, so it is not a PEFT adapter folder",
             "point the part after '+' at the folder that holds adapter_config.json and adapter_model.safetensors "
             "(a full model goes before the '+', alone)",
         )
@@ -162,29 +170,31 @@ def read_adapter(folder: Path) -> AdapterInfo:
         config = read_json_file(config_path)
     except (OSError, ValueError) as exc:
         raise FrankenMoEError(
-            f"{config_path} is not valid JSON ({exc})", "repair or download the adapter again"
+            f"the adapter {shown}'s {ADAPTER_CONFIG} is not valid JSON ({exc})", "repair or download the adapter again"
         ) from exc
     if not isinstance(config, Mapping):
-        raise FrankenMoEError(f"{config_path} is not a JSON object", "repair or download the adapter again")
+        raise FrankenMoEError(
+            f"the adapter {shown}'s {ADAPTER_CONFIG} is not a JSON object", "repair or download the adapter again"
+        )
     weights = folder / ADAPTER_WEIGHTS
     if not weights.is_file():
         pickled = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
         if pickled:
             raise FrankenMoEError(
-                f"the adapter {folder} has only pickle weights ({', '.join(pickled[:3])}); loading them could run "
+                f"the adapter {shown} has only pickle weights ({', '.join(pickled[:3])}); loading them could run "
                 "arbitrary code, so FrankenMoE Studio never unpickles files",
                 "use a safetensors version of the adapter, or convert it with a trusted tool: load it with PEFT "
                 "and save it again with save_pretrained(..., safe_serialization=True)",
             )
         raise FrankenMoEError(
-            f"the adapter {folder} has no {ADAPTER_WEIGHTS}",
+            f"the adapter {shown} has no {ADAPTER_WEIGHTS}",
             "download the adapter again, or point at the folder that holds its weights",
         )
     try:
         tensors = read_safetensors_header(weights)
     except FrankenMoEError as exc:
-        raise FrankenMoEError(f"the adapter's weights: {exc.message}", exc.hint) from exc
-    return _describe(folder, dict(config), tensors)
+        raise FrankenMoEError(f"the adapter {shown}'s weights: {exc.message}", exc.hint) from exc
+    return replace(_describe(folder, dict(config), tensors), name=name)
 
 
 def _strings(value: Any) -> tuple[str, ...]:

@@ -61,7 +61,7 @@ def adapter_problems(
     delta is used.
     """
     problems: list[Problem] = []
-    where = f"the adapter {info.folder}"
+    where = f"the adapter {info.shown_name}"
     for reason in info.unsupported:
         problems.append(
             Problem(

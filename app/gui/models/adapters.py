@@ -9,7 +9,7 @@ never on the GUI thread.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -46,10 +46,6 @@ class AdapterReport:
     reference: ModelRef
     summary: str = ""  # AdapterInfo.summary(), once the adapter could be read
     problems: tuple[Problem, ...] = ()
-    # The problems' messages as the core words them, naming the adapter's folder (for a Hub adapter,
-    # its snapshot deep in the cache, which ``problems`` replace by its Hub id): what the recipe
-    # check's copies of them end with.
-    core_messages: tuple[str, ...] = ()
     # Why the adapter cannot be read (then no summary), or what is still to come (a download).
     error: str = ""
     waiting: str = ""
@@ -89,8 +85,7 @@ def row_problems(compatibility: list[Problem], report: AdapterReport | None) -> 
     adapter_problems = list(report.problems)
     if report.error:
         adapter_problems.insert(0, Problem("lora", report.error))
-    messages = [*report.core_messages, *(p.message for p in adapter_problems)]
-    others = [p for p in compatibility if not any(p.message.endswith(m) for m in messages)]
+    others = [p for p in compatibility if not any(p.message.endswith(a.message) for a in adapter_problems)]
     return [*adapter_problems, *others]
 
 
@@ -108,7 +103,7 @@ def read_expert_adapters(references: list[ModelRef], cache_dir: Path | None = No
             assert reference.lora is not None
             yield Progress("reading adapters", done, len(references), message=f"reading {reference.lora}")
             try:
-                info = read_adapter(resolve_adapter_dir(reference.lora, cache_dir))
+                info = read_adapter(resolve_adapter_dir(reference.lora, cache_dir), str(reference.lora))
             except ModelNotDownloaded:
                 found[reference] = AdapterReport(
                     reference, waiting=f"The adapter {reference.lora} is not downloaded yet."
@@ -127,18 +122,10 @@ def read_expert_adapters(references: list[ModelRef], cache_dir: Path | None = No
                 found[reference] = AdapterReport(reference, info.summary(), error=describe_error(error))
                 continue
             problems = adapter_problems(info, model_folder, str(reference.model))
-            shown = tuple(_named_by_reference(p, info.folder, reference.lora) for p in problems)
-            found[reference] = AdapterReport(reference, info.summary(), shown, tuple(p.message for p in problems))
+            found[reference] = AdapterReport(reference, info.summary(), tuple(problems))
         return found
 
     return job
-
-
-def _named_by_reference(problem: Problem, folder: Path, adapter: ModelRef) -> Problem:
-    """The problem naming a Hub adapter by its id rather than by its snapshot folder in the cache."""
-    if adapter.is_local:
-        return problem
-    return replace(problem, message=problem.message.replace(str(folder), str(adapter)))
 
 
 def read_adapter_folder(folder: Path) -> JobFactory:
