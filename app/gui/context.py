@@ -70,7 +70,8 @@ class AppContext(QObject):
             handle.succeeded.connect(lambda _result: self.log(f"{name}: finished"))
             handle.cancelled.connect(lambda: self.log(f"{name}: cancelled"))
         handle.failed.connect(lambda error: self.log(f"{name}: failed: {describe_error(error)}"))
-        handle.finished.connect(lambda: self._forget(handle))
+        # A bound method, not a lambda: Qt drops it with the context, should a job outlive its window.
+        handle.finished.connect(self._forget_sender)
         handle.start()
         self.jobs_changed.emit()
         return handle
@@ -84,7 +85,8 @@ class AppContext(QObject):
             handle.wait()
         self._running.clear()
 
-    def _forget(self, handle: JobHandle) -> None:
+    def _forget_sender(self) -> None:
+        handle = self.sender()
         if handle in self._running:
             self._running.remove(handle)
         self.jobs_changed.emit()

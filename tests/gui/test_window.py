@@ -129,3 +129,28 @@ def test_a_message_copies_as_it_was_written(qtbot) -> None:
     label.setSelection(0, len(QLabel.text(label)))  # what it shows: the text and places to break it
     qtbot.keyClick(label, Qt.Key.Key_C, Qt.KeyboardModifier.ControlModifier)
     assert QGuiApplication.clipboard().text() == LONG_ERROR
+
+
+def test_a_check_that_outlives_its_page_delivers_nothing_to_it(qtbot, settings, llama_donors) -> None:
+    # A page destroyed while its compatibility check runs (a window deleted without closing): the
+    # answer must not reach the destroyed widgets, nor the job's end the destroyed context.
+    from PySide6.QtCore import QEvent
+
+    from app.core.recipe import parse_recipe
+    from app.gui.context import AppContext
+    from app.gui.document import RecipeDocument
+    from app.gui.pages.models import ModelsPage
+
+    document, context = RecipeDocument(), AppContext(settings)
+    page = ModelsPage(document, context)
+    experts = "".join(f"  - source_model: {llama_donors[name]}\n" for name in ("expert0", "expert1"))
+    document.edit(parse_recipe(f"base_model: {llama_donors['base']}\nexperts:\n{experts}"), "Recipe")
+    page._start_check()
+    checks = list(context.running)
+    assert checks
+    page.deleteLater()
+    context.deleteLater()
+    QCoreApplication.sendPostedEvents(None, QEvent.Type.DeferredDelete)
+    for handle in checks:
+        assert handle.wait()
+    QCoreApplication.processEvents()  # pytest-qt fails the test on an exception raised in a slot

@@ -78,6 +78,7 @@ class ModelsPage(QWidget):
         self.checked_recipe: Recipe | None = None
         self._inspecting: set[ModelRef] = set()
         self._check_job: JobHandle | None = None
+        self._checking = document.recipe  # the recipe _check_job checks
         self._folder_job: JobHandle | None = None
         self._refreshing = False
 
@@ -197,8 +198,18 @@ class ModelsPage(QWidget):
         if self._check_job is not None and self._check_job.is_running:
             self._check_job.cancel()
         self._check_job = self.context.run("Check compatibility", check_compatibility(recipe), quiet=True)
-        self._check_job.succeeded.connect(lambda problems: self._checked(recipe, problems))
-        self._check_job.failed.connect(lambda error: self._checked(recipe, [Problem("recipe", str(error))]))
+        self._checking = recipe
+        # Bound methods, not lambdas: Qt drops them with the page, should a check outlive its window.
+        self._check_job.succeeded.connect(self._check_succeeded)
+        self._check_job.failed.connect(self._check_failed)
+
+    def _check_succeeded(self, problems: list[Problem]) -> None:
+        if self.sender() is self._check_job:  # not a cancelled check's late answer
+            self._checked(self._checking, problems)
+
+    def _check_failed(self, error: BaseException) -> None:
+        if self.sender() is self._check_job:
+            self._checked(self._checking, [Problem("recipe", str(error))])
 
     def _checked(self, recipe: Recipe, problems: list[Problem]) -> None:
         if recipe != self.document.recipe:
