@@ -304,6 +304,10 @@ class ModelSource:
 
         return self.read_tensor(name).to(getattr(torch, dtype))
 
+    def read_blocks_as(self, name: str, dtype: str) -> torch.Tensor | Iterator[torch.Tensor]:
+        """The tensor as the merge writes it: whole here; a merged LoRA weight in blocks of rows (lora/merged.py)."""
+        return self.read_tensor_as(name, dtype)
+
     def has_delta(self, name: str) -> bool:
         """Whether the tensor is computed (a LoRA adapter merged in) rather than stored as it is read."""
         return False

@@ -1,5 +1,5 @@
-"""The merge's computed tensors on worker threads: results in plan order, buffers not overwritten
-before they are written, errors and closing."""
+"""The merge's computed tensors on worker threads: results in plan order, whole or in blocks,
+buffers not overwritten before they are written, errors and closing."""
 
 from __future__ import annotations
 
@@ -33,8 +33,7 @@ def test_results_come_in_plan_order_whatever_order_the_workers_finish_in():
         taken = []
         for position in range(12):
             if position in ahead:
-                with ahead.taken(position) as value:
-                    taken.append(value)
+                taken += list(ahead.blocks(position))
         assert taken == [p * 10 for p in positions]
         assert 3 not in ahead and 0 not in ahead
     finally:
@@ -43,8 +42,8 @@ def test_results_come_in_plan_order_whatever_order_the_workers_finish_in():
 
 
 def test_a_worker_reusing_its_buffer_computes_its_next_only_after_its_last_is_written():
-    # Each worker writes every result into the same buffer of its own, as the LoRA merge does: the
-    # value must still be the one produced for this position when the writer uses it.
+    # Each worker writes every whole result into the same buffer of its own: the value must still be
+    # the one produced for this position when the writer uses it.
     buffers = threading.local()
 
     def producer(position: int):
@@ -55,14 +54,62 @@ def test_a_worker_reusing_its_buffer_computes_its_next_only_after_its_last_is_wr
 
         return produce
 
-    ahead = ComputedAhead({p: producer(p) for p in range(20)}, workers=2)
+    ahead = ComputedAhead({p: producer(p) for p in range(20)}, workers=2, buffers=3)
     try:
         for position in range(20):
-            with ahead.taken(position) as buffer:
+            for buffer in ahead.blocks(position):
                 time.sleep(0.005)  # the writer's write, which a worker racing ahead would overwrite meanwhile
                 assert buffer[0] == position
     finally:
         ahead.close()
+
+
+def test_blocks_come_in_order_and_a_worker_reuses_a_ring_of_buffers_only_once_they_are_written():
+    # As the LoRA merge does: each block in the next of a worker's ring of `buffers` buffers, the
+    # ring going on from one weight to the next; each block must still hold its own value when the
+    # writer writes it, however slowly.
+    ring = 3
+    rings = threading.local()
+
+    def producer(position: int):
+        def produce():
+            buffers = rings.__dict__.setdefault("buffers", [[None] for _ in range(ring)])
+            for block in range(position % 4 + 1):
+                rings.turn = (getattr(rings, "turn", -1) + 1) % ring
+                buffer = buffers[rings.turn]
+                buffer[0] = (position, block)
+                yield buffer
+
+        return produce
+
+    ahead = ComputedAhead({p: producer(p) for p in range(16)}, workers=2, buffers=ring)
+    try:
+        for position in range(16):
+            seen = []
+            for buffer in ahead.blocks(position):
+                time.sleep(0.002)
+                seen.append(buffer[0])
+            assert seen == [(position, block) for block in range(position % 4 + 1)]
+    finally:
+        ahead.close()
+    assert not compute_threads()
+
+
+def test_a_block_producers_error_midway_is_raised_after_the_blocks_before_it():
+    def produce():
+        yield 1
+        raise OSError("the adapter ended early")
+
+    ahead = ComputedAhead({0: produce}, workers=1, buffers=2)
+    try:
+        taken = []
+        with pytest.raises(OSError, match="ended early"):
+            for block in ahead.blocks(0):
+                taken.append(block)
+        assert taken == [1]
+    finally:
+        ahead.close()
+    assert not compute_threads()
 
 
 def test_a_producers_error_is_raised_in_the_writers_thread_when_its_turn_comes():
@@ -76,10 +123,9 @@ def test_a_producers_error_is_raised_in_the_writers_thread_when_its_turn_comes()
     ahead = ComputedAhead(producers, workers=2)
     try:
         for position in (0, 1):
-            with ahead.taken(position) as value:
-                assert value == position
-        with pytest.raises(OSError, match="disk went away"), ahead.taken(2):
-            pass
+            assert list(ahead.blocks(position)) == [position]
+        with pytest.raises(OSError, match="disk went away"):
+            list(ahead.blocks(2))
     finally:
         ahead.close()
     assert not compute_threads()
@@ -96,8 +142,7 @@ def test_closing_midway_stops_the_workers_without_computing_the_rest():
         return produce
 
     ahead = ComputedAhead({p: producer(p) for p in range(50)}, workers=2)
-    with ahead.taken(0):
-        pass
+    assert list(ahead.blocks(0)) == [0]
     ahead.close()
     assert not compute_threads()
     # What was taken, plus at most one weight in flight per worker.
@@ -111,8 +156,7 @@ def test_each_worker_computes_on_one_torch_thread_and_gives_the_count_back():
         ahead = ComputedAhead({p: torch.get_num_threads for p in range(4)}, workers=2)
         try:
             for position in range(4):
-                with ahead.taken(position) as threads:
-                    assert threads == 1
+                assert list(ahead.blocks(position)) == [1]
         finally:
             ahead.close()
         assert torch.get_num_threads() == 2

@@ -162,3 +162,26 @@ def test_tensors_written_from_memory_in_chunks_have_the_same_bytes(llama_donors,
     monkeypatch.setattr(shards, "_WRITE_CHUNK", 4099)  # odd and small: chunk boundaries fall everywhere
     merge(recipe, tmp_path / "chunked" / "moe")
     assert snapshot(tmp_path / "chunked" / "moe") == snapshot(tmp_path / "whole" / "moe")
+
+
+def test_a_tensor_written_in_blocks_of_rows_is_the_tensor_and_a_short_one_is_refused(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    whole = torch.arange(40 * 6, dtype=torch.float32).view(40, 6).to(torch.bfloat16)
+    planned = [shards.PlannedTensor("w", (40, 6), "bfloat16")]
+    folder = tmp_path / "blocks"
+    folder.mkdir()
+    with shards.ShardWriter(folder, shards.plan_shards(planned, 2**20)) as writer:
+        writer.write("w", iter([whole[:17], whole[17:34], whole[34:]]))
+    assert torch.equal(load_file(folder / "model.safetensors")["w"], whole)
+
+    short = tmp_path / "short"
+    short.mkdir()
+    one_shard = shards.plan_shards(planned, 2**20)
+    with pytest.raises(RuntimeError, match="came to 408 bytes, 480 were planned"), shards.ShardWriter(
+        short, one_shard
+    ) as writer:
+        writer.write("w", iter([whole[:34]]))
+    with pytest.raises(RuntimeError, match=r"block of \(4, 5\)"), shards.ShardWriter(short, one_shard) as writer:
+        writer.write("w", iter([whole[:4, :5]]))

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -48,20 +50,40 @@ class AdaptedModelSource(ModelSource):
         return self._merged(delta)
 
     def read_tensor_as(self, name: str, dtype: str) -> torch.Tensor:
-        """A changed weight merged in float32, then cast, as the merge writes it.
+        """A changed weight merged in float32, then cast, as the merge writes it, in fresh memory.
 
-        A LoRA linear weight (the MLP's) comes back in this thread's scratch buffer, valid until its
-        next changed weight is read: each of the merge's workers has its weight written before it
-        computes its next (merge/ahead.py).
+        A float32 LoRA linear weight (the MLP's) comes back in this thread's scratch buffer instead,
+        valid until its next changed weight is read.
         """
         import torch
 
         delta = self._deltas.get(name)
         if delta is None:
             return super().read_tensor_as(name, dtype)
-        if delta.kind == "linear" and delta.magnitude is None:
-            return self._merged_linear(delta, getattr(torch, dtype), in_scratch=True)
-        return self._merged(delta).to(getattr(torch, dtype))
+        target = getattr(torch, dtype)
+        if delta.kind != "linear" or delta.magnitude is not None:
+            return self._merged(delta).to(target)
+        if target == torch.float32:
+            return self._merged_linear_float32(delta, in_scratch=True)
+        assert delta.b is not None and delta.a is not None
+        merged = torch.empty(delta.b.shape[0], delta.a.shape[1], dtype=target)
+        row = 0
+        for block in self._merged_linear_blocks(delta, target):
+            merged[row : row + len(block)].copy_(block)
+            row += len(block)
+        return merged
+
+    def read_blocks_as(self, name: str, dtype: str) -> torch.Tensor | Iterator[torch.Tensor]:
+        """As read_tensor_as, but a LoRA linear weight cast to a narrower dtype comes a block of rows
+        at a time, each in one of this thread's RESULT_BLOCKS result buffers: valid until the thread
+        has computed RESULT_BLOCKS more blocks."""
+        import torch
+
+        delta = self._deltas.get(name)
+        target = getattr(torch, dtype)
+        if delta is None or delta.kind != "linear" or delta.magnitude is not None or target == torch.float32:
+            return self.read_tensor_as(name, dtype)
+        return self._merged_linear_blocks(delta, target)
 
     def read_tensor_into(self, name: str, target: torch.Tensor, staging: torch.Tensor | None = None) -> torch.Tensor:
         delta = self._deltas.get(name)
@@ -88,20 +110,12 @@ class AdaptedModelSource(ModelSource):
         staging = _scratch("staging", info.nbytes, torch.uint8)
         return self.read_info_into(info, _scratch("weight", numel, torch.float32).view(info.shape), staging)
 
-    def _merged_linear(self, delta: ModuleDelta, dtype: torch.dtype, in_scratch: bool) -> torch.Tensor:
-        """A LoRA linear weight, W + (B @ A) * scale in float32, cast to dtype.
+    def _merged_linear_float32(self, delta: ModuleDelta, in_scratch: bool) -> torch.Tensor:
+        """A LoRA linear weight, W + (B @ A) * scale in float32: PEFT's result bit for bit.
 
-        PEFT's float32 operations, in its order, arranged for speed: the widening of W, the scaling,
-        the addition and the cast go through the weight a block of rows at a time, while the block is
-        in the cache, rather than in passes over the whole matrix. The result is in fresh memory, or
-        (in_scratch) in this thread's buffers, valid until its next weight.
-
-        A float32 result must be PEFT's bit for bit, so B @ A is one product, exactly PEFT's. A
-        result cast to a narrower dtype takes B @ A a block of B's rows at a time too: half the time
-        and none of the product's float32 matrix. With blocks of at least _MIN_BLOCK_ROWS rows the
-        matrix library computes each value as it does in the whole product (checked on MKL and in
-        the tests); where another library summed the rank's terms in another order, a value would
-        move by float32 rounding, far below the output's step.
+        B @ A is one product, exactly PEFT's; the widening of W, the scaling and the addition then go
+        through it a block of rows at a time, while the block is in the cache. The result is in fresh
+        memory, or (in_scratch) in this thread's buffer, valid until its next weight.
         """
         import torch
 
@@ -109,56 +123,65 @@ class AdaptedModelSource(ModelSource):
         # PEFT computes the delta in float32 on the CPU whatever the adapter's dtype (cast_to_fp32).
         a, b = self._read(delta.a), self._read(delta.b)
         rows, columns = b.shape[0], a.shape[1]
-        weight = self._read_stored(delta.replacement or self.tensor_info(delta.target))
-        step = max(_MIN_BLOCK_ROWS, _BLOCK_ELEMENTS // columns)
-        blocks = _row_blocks(rows, step)
-        # The most rows a block may have: the remainder under _MIN_BLOCK_ROWS joins the last block.
-        most_rows = min(rows, step + _MIN_BLOCK_ROWS - 1)
-        # W's block widened (exactly) into a kept buffer: adding it as it is stored would have torch
-        # allocate a float32 copy for every block, and over 1 MiB each such copy faults in fresh pages
-        # (return_freed_tensors_to_the_os).
-        widened = _scratch("widened", most_rows * columns, torch.float32)
-        if dtype == torch.float32:
-            if in_scratch:
-                # The same matrix product as b @ a, written into the kept buffer instead of fresh pages.
-                merged = torch.matmul(b, a, out=_scratch("change", rows * columns, torch.float32).view(rows, columns))
-            else:
-                merged = b @ a
-            for start, end in blocks:
-                _add_scaled(merged[start:end], weight[start:end], widened, delta.scale)
-            return merged
-        if in_scratch and weight.dtype == dtype:
-            # Each block of W is widened before its merged values are cast over it, so W's own buffer
-            # takes the result: one weight's buffer less for each thread that merges.
-            merged = weight
-        elif in_scratch:
-            merged = _scratch("merged", rows * columns, dtype).view(rows, columns)
+        info = delta.replacement or self.tensor_info(delta.target)
+        if in_scratch:
+            # The same matrix product as b @ a, written into the kept buffer instead of fresh pages.
+            merged = torch.matmul(b, a, out=_scratch("change", rows * columns, torch.float32).view(rows, columns))
         else:
-            merged = torch.empty(rows, columns, dtype=dtype)
-        if _is_power_of_two(delta.scale):
+            merged = b @ a
+        blocks, most_rows = _blocks_of(rows, columns)
+        widened = _scratch("widened", most_rows * columns, torch.float32)
+        for start, end in blocks:
+            _add_scaled(merged[start:end], self._read_rows(info, start, end), widened, delta.scale)
+        return merged
+
+    def _merged_linear_blocks(self, delta: ModuleDelta, dtype: torch.dtype) -> Iterator[torch.Tensor]:
+        """A LoRA linear weight, W + (B @ A) * scale in float32 cast to dtype, a block of rows at a time.
+
+        PEFT's float32 operations, in its order, on a block of rows while it is in the cache: W's
+        rows are read and widened, B's rows times A, scaled and added, and the block is cast into the
+        next of this thread's RESULT_BLOCKS result buffers. Nothing the size of the weight is held.
+        With blocks of at least _MIN_BLOCK_ROWS rows the matrix library computes each value as it
+        does in the whole product (checked on MKL and in the tests); where another library summed
+        the rank's terms in another order, a value would move by float32 rounding, far below the
+        output's step.
+        """
+        import torch
+
+        assert delta.a is not None and delta.b is not None
+        # PEFT computes the delta in float32 on the CPU whatever the adapter's dtype (cast_to_fp32).
+        a, b = self._read(delta.a), self._read(delta.b)
+        rows, columns = b.shape[0], a.shape[1]
+        info = delta.replacement or self.tensor_info(delta.target)
+        blocks, most_rows = _blocks_of(rows, columns)
+        widened = _scratch("widened", most_rows * columns, torch.float32)
+        one_product = _is_power_of_two(delta.scale)
+        if one_product:
             # Scaling by a power of two changes exponents only, so B @ (A * scale) is (B @ A) * scale
             # exactly, and W + B @ (A * scale) in one product-and-add (the library adds its finished
             # sums to W, rounding once) is PEFT's W + (B @ A) * scale: a third less time.
             a.mul_(delta.scale)
-            for start, end in blocks:
-                block = widened[: (end - start) * columns].view(end - start, columns).copy_(weight[start:end])
-                block.addmm_(b[start:end], a)
-                merged[start:end].copy_(block)
-            return merged
-        change = _scratch("change", most_rows * columns, torch.float32)
         for start, end in blocks:
-            block = torch.matmul(b[start:end], a, out=change[: (end - start) * columns].view(end - start, columns))
-            _add_scaled(block, weight[start:end], widened, delta.scale)
-            merged[start:end].copy_(block)
-        return merged
+            shape = (end - start, columns)
+            stored = self._read_rows(info, start, end)
+            if one_product:
+                block = widened[: stored.numel()].view(shape).copy_(stored)
+                block.addmm_(b[start:end], a)
+            else:
+                change = _scratch("change", most_rows * columns, torch.float32)[: stored.numel()].view(shape)
+                block = torch.matmul(b[start:end], a, out=change)
+                _add_scaled(block, stored, widened, delta.scale)
+            yield _next_result_buffer(block.numel(), dtype).view(shape).copy_(block)
 
-    def _read_stored(self, info: TensorInfo) -> torch.Tensor:
-        """A weight in its stored dtype, read into this thread's scratch buffer: valid until its next weight."""
+    def _read_rows(self, info: TensorInfo, start: int, end: int) -> torch.Tensor:
+        """Rows start:end of a weight in its stored dtype, in this thread's scratch buffer (until its next read)."""
         import torch
 
-        stored = getattr(torch, info.torch_dtype_name)
-        buffer = _scratch("stored", info.nbytes, torch.uint8).view(stored).view(info.shape)
-        return self.read_info_into(info, buffer)
+        row_bytes = info.nbytes // info.shape[0]
+        rows = replace(info, shape=(end - start, *info.shape[1:]), start=info.start + start * row_bytes)
+        rows = replace(rows, end=rows.start + (end - start) * row_bytes)
+        buffer = _scratch("stored", rows.nbytes, torch.uint8).view(getattr(torch, info.torch_dtype_name))
+        return self.read_info_into(rows, buffer.view(rows.shape))
 
     def _merged(self, delta: ModuleDelta, in_scratch: bool = False) -> torch.Tensor:
         """The merged weight in float32, in fresh memory.
@@ -171,7 +194,7 @@ class AdaptedModelSource(ModelSource):
             assert delta.replacement is not None
             return self._read(delta.replacement)
         if delta.kind == "linear" and delta.magnitude is None:
-            return self._merged_linear(delta, torch.float32, in_scratch)
+            return self._merged_linear_float32(delta, in_scratch)
         assert delta.a is not None and delta.b is not None
         # PEFT computes the delta in float32 on the CPU whatever the adapter's dtype (cast_to_fp32).
         a, b = self._read(delta.a), self._read(delta.b)
@@ -205,6 +228,24 @@ _BLOCK_ELEMENTS = 512 * 1024
 _MIN_BLOCK_ROWS = 16
 
 
+# Result buffers per thread that take turns (merge/ahead.py lets a worker have as many blocks
+# computed and not yet written): 8 blocks of 512 Ki values are a whole 3072 x 1024 weight, so a
+# worker goes on with its next weight while the writer copies the tensors between.
+RESULT_BLOCKS = 8
+
+
+def _next_result_buffer(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    turn = (getattr(_SCRATCH, "result_turn", -1) + 1) % RESULT_BLOCKS
+    _SCRATCH.result_turn = turn
+    return _scratch(f"result{turn}", numel, dtype)
+
+
+def _blocks_of(rows: int, columns: int) -> tuple[list[tuple[int, int]], int]:
+    """A weight's blocks of rows, and the most rows one has (the remainder under _MIN_BLOCK_ROWS joins the last)."""
+    step = max(_MIN_BLOCK_ROWS, _BLOCK_ELEMENTS // columns)
+    return _row_blocks(rows, step), min(rows, step + _MIN_BLOCK_ROWS - 1)
+
+
 def _row_blocks(rows: int, step: int) -> list[tuple[int, int]]:
     """(start, end) of blocks of step rows; a remainder under _MIN_BLOCK_ROWS joins the last block."""
     blocks = []
@@ -225,7 +266,10 @@ def _add_scaled(change: torch.Tensor, stored: torch.Tensor, widened: torch.Tenso
     """change = change * scale + stored, in float32, in place: PEFT's (B @ A) * scaling, then W += ΔW."""
     import torch
 
-    # The same multiplication by the same Python float as PEFT's; addition commutes exactly.
+    # The same multiplication by the same Python float as PEFT's; addition commutes exactly. W is
+    # widened (exactly) into a kept buffer: adding it as it is stored would have torch allocate a
+    # float32 copy for every block, and over 1 MiB each such copy faults in fresh pages
+    # (return_freed_tensors_to_the_os).
     change.mul_(scale)
     change.add_(stored if stored.dtype == torch.float32 else widened[: stored.numel()].view(stored.shape).copy_(stored))
 

@@ -6,40 +6,54 @@ would take turns with the writing. Here up to ``workers`` threads compute the ne
 the writer writes the ones before and copies the tensors between, and the writer takes the results
 in plan order.
 
-Each worker computes one weight at a time and starts its next only once the writer has written
-its last: a producer may hand back a buffer it reuses for its next weight (lora/merged.py), and it
-bounds the memory to one weight in flight per worker.
+A producer returns a whole tensor, or an iterator of blocks of rows (a LoRA weight, computed a
+block at a time while the block is in the cache). Either may be in buffers its worker reuses, so
+each worker has at most ``buffers`` blocks that the writer has not yet written, and a whole tensor
+counts as all of them: memory stays a few blocks per worker whatever the model's size, and a
+worker goes on computing while the writer catches up.
 """
 
 from __future__ import annotations
 
+import queue
 import threading
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
 
 
-class ComputedAhead(Generic[T]):
-    """Runs producers (by plan position) on worker threads; :meth:`taken` hands their results over in order.
+@dataclass(frozen=True)
+class _Failed:
+    error: BaseException
 
-    The workers stop at their next weight once :meth:`close` is called, which joins them; a
-    producer's error is raised in the writer's thread when its result is taken.
+
+_END = object()  # a position's last block has been handed over
+
+
+class ComputedAhead(Generic[T]):
+    """Runs producers (by plan position) on worker threads; :meth:`blocks` hands their results over in order.
+
+    The workers stop at their next block once :meth:`close` is called, which joins them; a
+    producer's error is raised in the writer's thread when its position's blocks are taken.
     """
 
     def __init__(
-        self, producers: Mapping[int, Callable[[], T]], workers: int, name: str = "frankenmoe-compute"
+        self,
+        producers: Mapping[int, Callable[[], T | Iterator[T]]],
+        workers: int,
+        buffers: int = 1,
+        name: str = "frankenmoe-compute",
     ) -> None:
         positions = sorted(producers)
         workers = min(max(1, workers), len(positions))
         self._producers = producers
-        self._results: dict[int, T] = {}
-        self._errors: dict[int, BaseException] = {}
-        self._ready = {position: threading.Event() for position in positions}
+        self._buffers = max(1, buffers)
+        self._handed: dict[int, queue.SimpleQueue[object]] = {position: queue.SimpleQueue() for position in positions}
         self._worker_of = {position: index % workers for index, position in enumerate(positions)}
-        # Released when the writer has written a worker's last result: the worker may then compute its next.
-        self._written = [threading.Semaphore(1) for _ in range(workers)]
+        # A permit per block a worker may have computed and not yet seen written.
+        self._unwritten = [threading.Semaphore(self._buffers) for _ in range(workers)]
         self._closing = threading.Event()
         self._threads = [
             threading.Thread(
@@ -50,58 +64,90 @@ class ComputedAhead(Generic[T]):
         for thread in self._threads:
             thread.start()
 
+    def _claim(self, worker: int, permits: int) -> bool:
+        """Wait for room for this many more unwritten blocks; False once the merge is closing."""
+        for _ in range(permits):
+            self._unwritten[worker].acquire()
+            if self._closing.is_set():
+                return False
+        return True
+
     def _work(self, positions: list[int], worker: int) -> None:
         from app.core.devices import one_torch_thread
 
         for position in positions:
-            self._written[worker].acquire()
-            if self._closing.is_set():
-                return
+            handed = self._handed[position]
             try:
+                if not self._claim(worker, 1):
+                    return
                 # Each worker on one of torch's threads: the workers are the parallelism, and a few
                 # milliseconds' work split over a pool whose threads wait on each other costs far more.
                 with one_torch_thread():
-                    self._results[position] = self._producers[position]()
-            except BaseException as exc:  # raised in the writer's thread by taken()
-                self._errors[position] = exc
-                self._ready[position].set()
+                    produced = self._producers[position]()
+                if not isinstance(produced, Iterator):
+                    # A whole tensor may be in the worker's reused buffers: nothing more until it is written.
+                    if not self._claim(worker, self._buffers - 1):
+                        return
+                    handed.put((produced, self._buffers))
+                else:
+                    claimed = True  # the permit claimed above, for the first block
+                    while True:
+                        if not claimed and not self._claim(worker, 1):
+                            return
+                        with one_torch_thread():
+                            block = next(produced, _END)
+                        if block is _END:
+                            self._unwritten[worker].release()  # claimed for a block that did not come
+                            break
+                        handed.put((block, 1))
+                        claimed = False
+                handed.put(_END)
+            except BaseException as exc:  # raised in the writer's thread by blocks()
+                handed.put(_Failed(exc))
                 return
-            self._ready[position].set()
 
     def __contains__(self, position: int) -> bool:
-        return position in self._ready
+        return position in self._handed
 
-    @contextmanager
-    def taken(self, position: int) -> Iterator[T]:
-        """The result for this plan position, valid until the block ends (its worker then computes its next)."""
-        self._ready[position].wait()
-        if position in self._errors:
-            raise self._errors.pop(position)
-        try:
-            yield self._results.pop(position)
-        finally:
-            self._written[self._worker_of[position]].release()
+    def blocks(self, position: int) -> Iterator[T]:
+        """The result for this plan position, block by block (a whole tensor as one block).
+
+        Each block is valid until the next is asked for: its buffer is then the worker's again.
+        """
+        handed, worker = self._handed[position], self._worker_of[position]
+        while True:
+            item = handed.get()
+            if item is _END:
+                return
+            if isinstance(item, _Failed):
+                raise item.error
+            block, permits = item  # type: ignore[misc]
+            try:
+                yield block
+            finally:
+                self._unwritten[worker].release(permits)
 
     def close(self) -> None:
         self._closing.set()
-        for written in self._written:
-            written.release()
+        for unwritten in self._unwritten:
+            unwritten.release(self._buffers)
         for thread in self._threads:
             thread.join()
 
 
-# What a worker holds while it merges a LoRA weight, per value of the weight: B @ A in float32, and
-# W as stored (at most 4 bytes) with the result cast over it (lora/merged.py).
+# What a worker holds while it merges a LoRA weight, per value of the weight, where the output is
+# float32 (lora/merged.py): B @ A whole, which PEFT's bits need, and W as stored (at most 4 bytes).
+# Into a narrower dtype it holds a few blocks of rows only.
 WORKER_BYTES_PER_VALUE = 8
 
 
 def compute_workers(largest_values: int, available_bytes: int, cores: int) -> int:
     """Two workers where there are two cores or more: while one computes, the other's weight is written.
 
-    One where two workers' buffers for the largest computed weight would take more than a quarter
-    of the memory available (a big model on a small machine). Not more than two: each worker holds a
-    weight's buffers (350-470 MB for a 7B model's MLP weight), and only two were measured (on two
-    cores, a 24-layer LoRA merge in hidden mode took 1.16x the full merge with two, 1.35x with one).
+    One where two workers' buffers for the largest whole computed weight would take more than a
+    quarter of the memory available (a big float32 model on a small machine). Not more than two:
+    only two were measured (on two cores, a 24-layer LoRA merge in hidden mode took 1.16x the full
+    merge with two, 1.35x with one).
     """
     if cores < 2 or 2 * WORKER_BYTES_PER_VALUE * largest_values > available_bytes // 4:
         return 1

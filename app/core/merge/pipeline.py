@@ -15,7 +15,7 @@ import re
 import shutil
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from app.core.compat import check_recipe
 from app.core.devices import available_memory, return_freed_tensors_to_the_os
 from app.core.families import QKV_BIAS, config_value, model_parts
-from app.core.lora.merged import AdaptedModelSource
+from app.core.lora.merged import RESULT_BLOCKS, AdaptedModelSource
 from app.core.merge.ahead import ComputedAhead, compute_workers
 from app.core.merge.always_on import always_on_gate
 from app.core.merge.architectures import MLP_PROJECTIONS, MoEShape, OutputArchitecture, choose_architecture
@@ -131,7 +131,8 @@ def _commit(partial: Path, out_dir: Path) -> None:
 # --------------------------------------------------------------------------- planning tensors
 
 
-Producer = Callable[[], "torch.Tensor | ByteRange"]
+# A tensor, a byte range to copy, or (a LoRA weight) the tensor in blocks of rows.
+Producer = Callable[[], "torch.Tensor | ByteRange | Iterator[torch.Tensor]"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,7 +181,7 @@ def plan_tensors(
         planned = PlannedTensor(out_name, info.shape, out_dtype)
         if info.torch_dtype_name == out_dtype and not source.has_delta(name):
             return PlanStep(planned, lambda: source.byte_range(name))
-        return PlanStep(planned, lambda: source.read_tensor_as(name, out_dtype), computed=True)
+        return PlanStep(planned, lambda: source.read_blocks_as(name, out_dtype), computed=True)
 
     def planned_expert(
         source: ModelSource, out_name: str, expert: Expert, seed: int, layer: int, projection: str, scale: float | None
@@ -375,7 +376,9 @@ def merge_moe(
             producers = {position: step.produce for position, step in enumerate(plan) if step.computed}
             largest = max((math.prod(plan[position].planned.shape) for position in producers), default=0)
             ahead = ComputedAhead(
-                producers, workers=compute_workers(largest, available_memory("cpu"), os.cpu_count() or 1)
+                producers,
+                workers=compute_workers(largest, available_memory("cpu"), os.cpu_count() or 1),
+                buffers=RESULT_BLOCKS,
             )
             try:
                 with ShardWriter(partial, shards) as writer:
@@ -403,8 +406,7 @@ def merge_moe(
                                         stop.set()
                                 yield from background.drain()
                         if done in ahead:
-                            with ahead.taken(done) as tensor:
-                                writer.write(planned.name, tensor)
+                            writer.write(planned.name, ahead.blocks(done))
                         else:
                             writer.write(planned.name, step.produce())
                         yield Progress(

@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
@@ -100,8 +100,8 @@ class ShardWriter:
     def next_name(self) -> str | None:
         return self._queue[self._position][1].name if self._position < len(self._queue) else None
 
-    def write(self, name: str, data: torch.Tensor | ByteRange) -> None:
-        """Write the next planned tensor: a tensor, or a byte range copied file to file."""
+    def write(self, name: str, data: torch.Tensor | ByteRange | Iterable[torch.Tensor]) -> None:
+        """Write the next planned tensor: a tensor, a byte range copied file to file, or blocks of its rows in order."""
         if self._position >= len(self._queue):
             raise RuntimeError(f"tensor {name} was not planned")
         shard_index, planned = self._queue[self._position]
@@ -115,10 +115,13 @@ class ShardWriter:
             assert self._handle is not None
             if isinstance(data, ByteRange):
                 _copy_range(data, self._handle)
-            else:
+            elif _is_tensor(data):
                 self._write_tensor(planned, data)
         except OSError as exc:
             raise write_error(self.folder, exc) from exc
+        if not isinstance(data, ByteRange) and not _is_tensor(data):
+            # Outside the try: a block's computation may fail reading its model, which is no write error.
+            self._write_blocks(planned, data)
         self.bytes_written += planned.nbytes
         self._position += 1
 
@@ -134,6 +137,26 @@ class ShardWriter:
         assert self._handle is not None
         data = tensor.detach().to("cpu").contiguous().view(torch.uint8).reshape(-1).numpy()
         _write_all(self._handle, memoryview(data))
+
+    def _write_blocks(self, planned: PlannedTensor, blocks: Iterable[torch.Tensor]) -> None:
+        import torch
+
+        name, written = planned.name, 0
+        for block in blocks:
+            if tuple(block.shape[1:]) != planned.shape[1:] or str(block.dtype).removeprefix("torch.") != planned.dtype:
+                raise RuntimeError(
+                    f"tensor {name} came in a block of {tuple(block.shape)} {block.dtype}, "
+                    f"but {planned.shape} {planned.dtype} was planned"
+                )
+            assert self._handle is not None
+            data = block.detach().to("cpu").contiguous().view(torch.uint8).reshape(-1).numpy()
+            try:
+                _write_all(self._handle, memoryview(data))
+            except OSError as exc:
+                raise write_error(self.folder, exc) from exc
+            written += data.nbytes
+        if written != planned.nbytes:
+            raise RuntimeError(f"tensor {name} came to {written} bytes, {planned.nbytes} were planned")
 
     def _start_shard(self, shard_index: int) -> None:
         self._close_handle()
@@ -167,6 +190,12 @@ class ShardWriter:
                 (self.folder / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
             except OSError as exc:
                 raise write_error(self.folder, exc) from exc
+
+
+def _is_tensor(data: object) -> bool:
+    import torch
+
+    return isinstance(data, torch.Tensor)
 
 
 # The index records a hash of each shard's first and last mebibyte: reading two mebibytes a shard is
