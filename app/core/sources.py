@@ -304,9 +304,9 @@ class ModelSource:
 
         return self.read_tensor(name).to(getattr(torch, dtype))
 
-    def read_blocks_as(self, name: str, dtype: str) -> torch.Tensor | Iterator[torch.Tensor]:
-        """The tensor as the merge writes it: whole here; a merged LoRA weight in blocks of rows (lora/merged.py)."""
-        return self.read_tensor_as(name, dtype)
+    def computes_in_blocks(self, name: str, dtype: str) -> bool:
+        """Whether the merge takes the tensor in blocks of rows (a merged LoRA weight: lora/merged.py)."""
+        return False
 
     def has_delta(self, name: str) -> bool:
         """Whether the tensor is computed (a LoRA adapter merged in) rather than stored as it is read."""

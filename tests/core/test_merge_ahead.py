@@ -64,25 +64,32 @@ def test_a_worker_reusing_its_buffer_computes_its_next_only_after_its_last_is_wr
         ahead.close()
 
 
-def test_blocks_come_in_order_and_a_worker_reuses_a_ring_of_buffers_only_once_they_are_written():
-    # As the LoRA merge does: each block in the next of a worker's ring of `buffers` buffers, the
-    # ring going on from one weight to the next; each block must still hold its own value when the
-    # writer writes it, however slowly.
-    ring = 3
+class Rows:
+    """A BlockedTensor whose blocks land in each thread's own ring of `ring` buffers, as MergedRows' do."""
+
     rings = threading.local()
 
-    def producer(position: int):
-        def produce():
-            buffers = rings.__dict__.setdefault("buffers", [[None] for _ in range(ring)])
-            for block in range(position % 4 + 1):
-                rings.turn = (getattr(rings, "turn", -1) + 1) % ring
-                buffer = buffers[rings.turn]
-                buffer[0] = (position, block)
-                yield buffer
+    def __init__(self, position: int, count: int, ring: int, pause: float = 0.0) -> None:
+        self.position, self.count, self.ring, self.pause = position, count, ring, pause
+        self.threads: list[str] = []
 
-        return produce
+    def compute(self, index: int) -> list[tuple[int, int]]:
+        buffers = self.rings.__dict__.setdefault("buffers", [[(0, 0)] for _ in range(self.ring)])
+        self.rings.turn = (getattr(self.rings, "turn", -1) + 1) % self.ring
+        time.sleep(self.pause)
+        self.threads.append(threading.current_thread().name)
+        buffer = buffers[self.rings.turn]
+        buffer[0] = (self.position, index)
+        return buffer
 
-    ahead = ComputedAhead({p: producer(p) for p in range(16)}, workers=2, buffers=ring)
+
+def test_blocks_come_in_order_and_each_workers_ring_is_reused_only_once_written():
+    # Each block must still hold its own value when the writer writes it, however slowly, while the
+    # workers share out the blocks of one weight and go on to the next.
+    ring = 3
+    made = {p: Rows(p, p % 4 + 1, ring) for p in range(16)}
+    producers = {p: (lambda p=p: made[p]) for p in range(16)}
+    ahead = ComputedAhead(producers, workers=2, buffers=ring, blocked=range(16))
     try:
         for position in range(16):
             seen = []
@@ -95,18 +102,49 @@ def test_blocks_come_in_order_and_a_worker_reuses_a_ring_of_buffers_only_once_th
     assert not compute_threads()
 
 
-def test_a_block_producers_error_midway_is_raised_after_the_blocks_before_it():
-    def produce():
-        yield 1
-        raise OSError("the adapter ended early")
+def test_the_workers_compute_the_blocks_of_one_weight_side_by_side():
+    rows = Rows(0, 12, ring=4, pause=0.01)
+    ahead = ComputedAhead({0: lambda: rows, 1: lambda: 1}, workers=2, buffers=4, blocked=[0])
+    try:
+        assert [buffer[0] for buffer in ahead.blocks(0)] == [(0, index) for index in range(12)]
+        assert list(ahead.blocks(1)) == [1]
+    finally:
+        ahead.close()
+    assert len(set(rows.threads)) == 2
 
-    ahead = ComputedAhead({0: produce}, workers=1, buffers=2)
+
+class Failing:
+    count = 3
+
+    def compute(self, index: int) -> int:
+        if index == 1:
+            raise OSError("the adapter ended early")
+        return index
+
+
+def unreadable() -> Failing:
+    raise OSError("no adapter file")
+
+
+def test_a_blocks_error_midway_is_raised_after_the_blocks_before_it():
+    ahead = ComputedAhead({0: Failing}, workers=1, buffers=2, blocked=[0])
     try:
         taken = []
         with pytest.raises(OSError, match="ended early"):
             for block in ahead.blocks(0):
                 taken.append(block)
-        assert taken == [1]
+        assert taken == [0]
+    finally:
+        ahead.close()
+    assert not compute_threads()
+
+
+def test_a_blocked_tensor_that_cannot_be_prepared_fails_in_its_turn():
+    ahead = ComputedAhead({0: lambda: 0, 1: unreadable, 2: lambda: 2}, workers=2, buffers=2, blocked=[1])
+    try:
+        assert list(ahead.blocks(0)) == [0]
+        with pytest.raises(OSError, match="no adapter file"):
+            list(ahead.blocks(1))
     finally:
         ahead.close()
     assert not compute_threads()
@@ -170,13 +208,17 @@ def test_no_producers_start_no_threads():
     ahead.close()
 
 
-def test_two_workers_where_there_are_cores_and_memory_for_them_else_one():
+def test_workers_where_there_are_cores_and_memory_for_them_else_one():
     bench_weight = 3072 * 1024  # bench/lora_merge.py's MLP weights
     seven_b_weight = 14336 * 4096  # a 7B Mistral's
     assert compute_workers(bench_weight, available_bytes=8 * 2**30, cores=2) == 2
-    assert compute_workers(seven_b_weight, available_bytes=32 * 2**30, cores=16) == 2
+    # A worker for each core but the writer's, at most four, as many as memory allows.
+    assert compute_workers(seven_b_weight, available_bytes=32 * 2**30, cores=16) == 4
+    assert compute_workers(bench_weight, available_bytes=8 * 2**30, cores=3) == 2
+    assert compute_workers(seven_b_weight, available_bytes=4 * 2**30, cores=16) == 2
     assert compute_workers(bench_weight, available_bytes=8 * 2**30, cores=1) == 1
     # Two workers' buffers for a 7B weight (about 0.9 GB) would take over a quarter of 3 GB.
     assert 2 * WORKER_BYTES_PER_VALUE * seven_b_weight > 3 * 2**30 // 4
     assert compute_workers(seven_b_weight, available_bytes=3 * 2**30, cores=16) == 1
     assert compute_workers(0, available_bytes=2**30, cores=2) == 2
+

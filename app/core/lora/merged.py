@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -65,25 +64,22 @@ class AdaptedModelSource(ModelSource):
             return self._merged(delta).to(target)
         if target == torch.float32:
             return self._merged_linear_float32(delta, in_scratch=True)
-        assert delta.b is not None and delta.a is not None
-        merged = torch.empty(delta.b.shape[0], delta.a.shape[1], dtype=target)
-        row = 0
-        for block in self._merged_linear_blocks(delta, target):
-            merged[row : row + len(block)].copy_(block)
-            row += len(block)
+        rows = MergedRows(self, delta, target)
+        merged = torch.empty(rows.shape, dtype=target)
+        for index, (start, end) in enumerate(rows.spans):
+            merged[start:end].copy_(rows.compute(index))
         return merged
 
-    def read_blocks_as(self, name: str, dtype: str) -> torch.Tensor | Iterator[torch.Tensor]:
-        """As read_tensor_as, but a LoRA linear weight cast to a narrower dtype comes a block of rows
-        at a time, each in one of this thread's RESULT_BLOCKS result buffers: valid until the thread
-        has computed RESULT_BLOCKS more blocks."""
+    def computes_in_blocks(self, name: str, dtype: str) -> bool:
+        """A LoRA linear weight cast to a narrower dtype: the merge takes it as MergedRows."""
+        delta = self._deltas.get(name)
+        return delta is not None and delta.kind == "linear" and delta.magnitude is None and dtype != "float32"
+
+    def merged_rows(self, name: str, dtype: str) -> MergedRows:
+        """The weight, merged, as blocks of rows that threads compute side by side (see computes_in_blocks)."""
         import torch
 
-        delta = self._deltas.get(name)
-        target = getattr(torch, dtype)
-        if delta is None or delta.kind != "linear" or delta.magnitude is not None or target == torch.float32:
-            return self.read_tensor_as(name, dtype)
-        return self._merged_linear_blocks(delta, target)
+        return MergedRows(self, self._deltas[name], getattr(torch, dtype))
 
     def read_tensor_into(self, name: str, target: torch.Tensor, staging: torch.Tensor | None = None) -> torch.Tensor:
         delta = self._deltas.get(name)
@@ -94,7 +90,7 @@ class AdaptedModelSource(ModelSource):
             raise ValueError(f"{name} is shaped {tuple(merged.shape)}, not {tuple(target.shape)}")
         return target.copy_(merged)
 
-    def _read(self, info: TensorInfo) -> torch.Tensor:
+    def read_widened(self, info: TensorInfo) -> torch.Tensor:
         """A tensor widened to float32 as it is read (exactly, from any float dtype)."""
         import torch
 
@@ -121,7 +117,7 @@ class AdaptedModelSource(ModelSource):
 
         assert delta.a is not None and delta.b is not None
         # PEFT computes the delta in float32 on the CPU whatever the adapter's dtype (cast_to_fp32).
-        a, b = self._read(delta.a), self._read(delta.b)
+        a, b = self.read_widened(delta.a), self.read_widened(delta.b)
         rows, columns = b.shape[0], a.shape[1]
         info = delta.replacement or self.tensor_info(delta.target)
         if in_scratch:
@@ -132,48 +128,10 @@ class AdaptedModelSource(ModelSource):
         blocks, most_rows = _blocks_of(rows, columns)
         widened = _scratch("widened", most_rows * columns, torch.float32)
         for start, end in blocks:
-            _add_scaled(merged[start:end], self._read_rows(info, start, end), widened, delta.scale)
+            _add_scaled(merged[start:end], self.read_rows(info, start, end), widened, delta.scale)
         return merged
 
-    def _merged_linear_blocks(self, delta: ModuleDelta, dtype: torch.dtype) -> Iterator[torch.Tensor]:
-        """A LoRA linear weight, W + (B @ A) * scale in float32 cast to dtype, a block of rows at a time.
-
-        PEFT's float32 operations, in its order, on a block of rows while it is in the cache: W's
-        rows are read and widened, B's rows times A, scaled and added, and the block is cast into the
-        next of this thread's RESULT_BLOCKS result buffers. Nothing the size of the weight is held.
-        With blocks of at least _MIN_BLOCK_ROWS rows the matrix library computes each value as it
-        does in the whole product (checked on MKL and in the tests); where another library summed
-        the rank's terms in another order, a value would move by float32 rounding, far below the
-        output's step.
-        """
-        import torch
-
-        assert delta.a is not None and delta.b is not None
-        # PEFT computes the delta in float32 on the CPU whatever the adapter's dtype (cast_to_fp32).
-        a, b = self._read(delta.a), self._read(delta.b)
-        rows, columns = b.shape[0], a.shape[1]
-        info = delta.replacement or self.tensor_info(delta.target)
-        blocks, most_rows = _blocks_of(rows, columns)
-        widened = _scratch("widened", most_rows * columns, torch.float32)
-        one_product = _is_power_of_two(delta.scale)
-        if one_product:
-            # Scaling by a power of two changes exponents only, so B @ (A * scale) is (B @ A) * scale
-            # exactly, and W + B @ (A * scale) in one product-and-add (the library adds its finished
-            # sums to W, rounding once) is PEFT's W + (B @ A) * scale: a third less time.
-            a.mul_(delta.scale)
-        for start, end in blocks:
-            shape = (end - start, columns)
-            stored = self._read_rows(info, start, end)
-            if one_product:
-                block = widened[: stored.numel()].view(shape).copy_(stored)
-                block.addmm_(b[start:end], a)
-            else:
-                change = _scratch("change", most_rows * columns, torch.float32)[: stored.numel()].view(shape)
-                block = torch.matmul(b[start:end], a, out=change)
-                _add_scaled(block, stored, widened, delta.scale)
-            yield _next_result_buffer(block.numel(), dtype).view(shape).copy_(block)
-
-    def _read_rows(self, info: TensorInfo, start: int, end: int) -> torch.Tensor:
+    def read_rows(self, info: TensorInfo, start: int, end: int) -> torch.Tensor:
         """Rows start:end of a weight in its stored dtype, in this thread's scratch buffer (until its next read)."""
         import torch
 
@@ -192,12 +150,12 @@ class AdaptedModelSource(ModelSource):
 
         if delta.kind == "replacement":
             assert delta.replacement is not None
-            return self._read(delta.replacement)
+            return self.read_widened(delta.replacement)
         if delta.kind == "linear" and delta.magnitude is None:
             return self._merged_linear_float32(delta, in_scratch)
         assert delta.a is not None and delta.b is not None
         # PEFT computes the delta in float32 on the CPU whatever the adapter's dtype (cast_to_fp32).
-        a, b = self._read(delta.a), self._read(delta.b)
+        a, b = self.read_widened(delta.a), self.read_widened(delta.b)
         # An embedding's ΔW is (B @ A) transposed; DoRA's is a linear one.
         change = (b @ a).T.contiguous() if delta.kind == "embedding" else b @ a
         # In place, the same multiplication by the same Python float as PEFT's (B @ A) * scaling.
@@ -209,8 +167,55 @@ class AdaptedModelSource(ModelSource):
         # DoRA, as PEFT merges it: the row norms of W + ΔW (get_weight_norm with scaling 1), then
         # magnitude / norm times (W + ΔW).
         norm = torch.linalg.norm(widened + 1 * change, dim=1).to(widened.dtype)
-        factor = self._read(delta.magnitude) / norm
+        factor = self.read_widened(delta.magnitude) / norm
         return factor.view(-1, 1) * (widened + change)
+
+
+class MergedRows:
+    """A LoRA linear weight, W + (B @ A) * scale in float32 cast to dtype, in blocks of rows.
+
+    Threads may compute different blocks at once (merge/ahead.py): A and B are read when this is
+    made, and each block takes the calling thread's buffers. PEFT's float32 operations, in its order,
+    on a block of rows while it is in the cache: W's rows are read and widened, B's rows times A,
+    scaled and added, and the block is cast into the next of the thread's RESULT_BLOCKS result
+    buffers. Nothing the size of the weight is held. With blocks of at least _MIN_BLOCK_ROWS rows
+    the matrix library computes each value as it does in the whole product (checked on MKL and in
+    the tests); where another library summed the rank's terms in another order, a value would move
+    by float32 rounding, far below the output's step.
+    """
+
+    def __init__(self, source: AdaptedModelSource, delta: ModuleDelta, dtype: torch.dtype) -> None:
+        assert delta.a is not None and delta.b is not None
+        self._source, self._scale, self._dtype = source, delta.scale, dtype
+        # PEFT computes the delta in float32 on the CPU whatever the adapter's dtype (cast_to_fp32).
+        self._a, self._b = source.read_widened(delta.a), source.read_widened(delta.b)
+        self.shape = (self._b.shape[0], self._a.shape[1])
+        self._weight = delta.replacement or source.tensor_info(delta.target)
+        self.spans, self._most_rows = _blocks_of(*self.shape)
+        self.count = len(self.spans)
+        self._one_product = _is_power_of_two(delta.scale)
+        if self._one_product:
+            # Scaling by a power of two changes exponents only, so B @ (A * scale) is (B @ A) * scale
+            # exactly, and W + B @ (A * scale) in one product-and-add (the library adds its finished
+            # sums to W, rounding once) is PEFT's W + (B @ A) * scale: a third less time.
+            self._a.mul_(delta.scale)
+
+    def compute(self, index: int) -> torch.Tensor:
+        """Block ``index``, in one of this thread's result buffers: valid until it has computed RESULT_BLOCKS more."""
+        import torch
+
+        start, end = self.spans[index]
+        shape = (end - start, self.shape[1])
+        stored = self._source.read_rows(self._weight, start, end)
+        widened = _scratch("widened", self._most_rows * self.shape[1], torch.float32)
+        if self._one_product:
+            block = widened[: stored.numel()].view(shape).copy_(stored)
+            block.addmm_(self._b[start:end], self._a)
+        else:
+            change = _scratch("change", self._most_rows * self.shape[1], torch.float32)[: stored.numel()].view(shape)
+            block = torch.matmul(self._b[start:end], self._a, out=change)
+            _add_scaled(block, stored, widened, self._scale)
+        return _next_result_buffer(block.numel(), self._dtype).view(shape).copy_(block)
 
 
 # Buffers kept from one weight to the next, one set per thread (each of the merge's workers has its
@@ -219,9 +224,10 @@ class AdaptedModelSource(ModelSource):
 # share them.
 _SCRATCH = threading.local()
 # Values of a merged weight handled together: 2 MiB of float32 that stays in the cache from the
-# product to the scaling, the addition and the cast. A 3072 x 1024 weight cast to bfloat16 takes
-# 5.5-6 ms on one thread this way, against 12 ms for the whole product and then the blocks, and 11 ms for
-# 32 Ki-value blocks (B @ A's per-call overhead on a few rows).
+# product to the addition and the cast. On one thread, a 3072 x 1024 weight cast to bfloat16 takes
+# 6.6 ms this way, reading included (the arithmetic alone 3.4 ms with a power-of-two scale, 5.7 ms
+# without), against 12 ms for the whole product and then the blocks; 32 Ki-value blocks take twice
+# as long (B @ A's per-call overhead on a few rows).
 _BLOCK_ELEMENTS = 512 * 1024
 # The fewest rows of B multiplied at once: MKL computes blocks of 1 to 3 rows by another route, whose
 # float32 values differ from the whole product's in the last bit; from 4 rows on they are the same.

@@ -2,67 +2,86 @@
 
 A full fine-tune's weights are copied file to file by the kernel, while the writer's thread goes
 on; a LoRA expert's are computed (B @ A, scaled, added to W and cast), which in the writer's thread
-would take turns with the writing. Here up to ``workers`` threads compute the next weights while
-the writer writes the ones before and copies the tensors between, and the writer takes the results
-in plan order.
+would take turns with the writing. Here worker threads compute what comes next while the writer
+writes what came before and copies the tensors between, and the writer takes the results in plan
+order.
 
-A producer returns a whole tensor, or an iterator of blocks of rows (a LoRA weight, computed a
-block at a time while the block is in the cache). Either may be in buffers its worker reuses, so
-each worker has at most ``buffers`` blocks that the writer has not yet written, and a whole tensor
-counts as all of them: memory stays a few blocks per worker whatever the model's size, and a
-worker goes on computing while the writer catches up.
+A producer returns a whole tensor, or (a LoRA weight) a :class:`BlockedTensor`: blocks of rows the
+workers compute side by side, so that every worker is busy even on one big weight. A result may be
+in buffers its worker reuses, so each worker has at most ``buffers`` blocks that the writer has not
+yet written, and a whole tensor counts as all of them: memory stays a few blocks per worker
+whatever the model's size.
 """
 
 from __future__ import annotations
 
-import queue
 import threading
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
-from typing import Generic, TypeVar
+from collections import deque
+from collections.abc import Callable, Collection, Iterator, Mapping
+from typing import Generic, Protocol, TypeVar
 
 T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
 
 
-@dataclass(frozen=True)
-class _Failed:
-    error: BaseException
+class BlockedTensor(Protocol[T_co]):
+    """A tensor in ``count`` blocks of rows, any of which a thread may compute while others compute the rest."""
+
+    count: int
+
+    def compute(self, index: int) -> T_co: ...
 
 
-_END = object()  # a position's last block has been handed over
+class _Task:
+    """One block (or whole tensor) taken by a worker, and what came of it."""
+
+    __slots__ = ("done", "error", "permits", "value", "worker")
+
+    def __init__(self, worker: int, permits: int) -> None:
+        self.worker, self.permits = worker, permits
+        self.value: object = None
+        self.error: BaseException | None = None
+        self.done = False
 
 
 class ComputedAhead(Generic[T]):
     """Runs producers (by plan position) on worker threads; :meth:`blocks` hands their results over in order.
 
-    The workers stop at their next block once :meth:`close` is called, which joins them; a
-    producer's error is raised in the writer's thread when its position's blocks are taken.
+    Positions in ``blocked`` produce a :class:`BlockedTensor` at once (their producer only prepares,
+    under a lock); the others compute their whole tensor. The workers stop at their next block once
+    :meth:`close` is called, which joins them; an error is raised in the writer's thread when its
+    block's turn comes.
     """
 
     def __init__(
         self,
-        producers: Mapping[int, Callable[[], T | Iterator[T]]],
+        producers: Mapping[int, Callable[[], T | BlockedTensor[T]]],
         workers: int,
         buffers: int = 1,
+        blocked: Collection[int] = (),
         name: str = "frankenmoe-compute",
     ) -> None:
-        positions = sorted(producers)
-        workers = min(max(1, workers), len(positions))
         self._producers = producers
+        self._blocked = frozenset(blocked)
         self._buffers = max(1, buffers)
-        self._handed: dict[int, queue.SimpleQueue[object]] = {position: queue.SimpleQueue() for position in positions}
-        self._worker_of = {position: index % workers for index, position in enumerate(positions)}
-        # A permit per block a worker may have computed and not yet seen written.
-        self._unwritten = [threading.Semaphore(self._buffers) for _ in range(workers)]
+        self._pending = deque(sorted(producers))
+        self._current: tuple[int, BlockedTensor[T], int] | None = None  # position, its blocks, the next block
+        self._counts: dict[int, int] = {}  # blocks of each position taken so far
+        self._tasks: dict[tuple[int, int], _Task] = {}
+        self._changed = threading.Condition()
         self._closing = threading.Event()
+        count = min(max(1, workers), len(producers))
+        # A permit per block a worker may have computed and not yet seen written.
+        self._unwritten = [threading.Semaphore(self._buffers) for _ in range(count)]
         self._threads = [
-            threading.Thread(
-                target=self._work, args=(positions[worker::workers], worker), name=f"{name}-{worker}", daemon=True
-            )
-            for worker in range(workers)
+            threading.Thread(target=self._work, args=(worker,), name=f"{name}-{worker}", daemon=True)
+            for worker in range(count)
         ]
         for thread in self._threads:
             thread.start()
+
+    def __contains__(self, position: int) -> bool:
+        return position in self._producers
 
     def _claim(self, worker: int, permits: int) -> bool:
         """Wait for room for this many more unwritten blocks; False once the merge is closing."""
@@ -72,83 +91,115 @@ class ComputedAhead(Generic[T]):
                 return False
         return True
 
-    def _work(self, positions: list[int], worker: int) -> None:
+    def _take(self, worker: int) -> tuple[int, int, BlockedTensor[T] | None, _Task] | None:
+        """The next block in plan order (blocks None: a whole tensor), or None when all are taken."""
+        with self._changed:
+            if self._current is None:
+                if not self._pending:
+                    return None
+                position = self._pending.popleft()
+                if position not in self._blocked:
+                    task = self._tasks[position, 0] = _Task(worker, self._buffers)
+                    self._counts[position] = 1
+                    self._changed.notify_all()
+                    return position, 0, None, task
+                try:
+                    self._current = (position, self._producers[position](), 0)
+                except BaseException as exc:  # raised in the writer's thread by blocks()
+                    task = self._tasks[position, 0] = _Task(worker, 1)
+                    task.error, task.done = exc, True
+                    self._counts[position] = 1
+                    self._changed.notify_all()
+                    return None
+            position, blocked, index = self._current
+            self._current = (position, blocked, index + 1) if index + 1 < blocked.count else None
+            task = self._tasks[position, index] = _Task(worker, 1)
+            self._counts[position] = index + 1
+            self._changed.notify_all()
+            return position, index, blocked, task
+
+    def _work(self, worker: int) -> None:
         from app.core.devices import one_torch_thread
 
-        for position in positions:
-            handed = self._handed[position]
-            try:
-                if not self._claim(worker, 1):
-                    return
-                # Each worker on one of torch's threads: the workers are the parallelism, and a few
-                # milliseconds' work split over a pool whose threads wait on each other costs far more.
-                with one_torch_thread():
-                    produced = self._producers[position]()
-                if not isinstance(produced, Iterator):
-                    # A whole tensor may be in the worker's reused buffers: nothing more until it is written.
-                    if not self._claim(worker, self._buffers - 1):
-                        return
-                    handed.put((produced, self._buffers))
-                else:
-                    claimed = True  # the permit claimed above, for the first block
-                    while True:
-                        if not claimed and not self._claim(worker, 1):
-                            return
-                        with one_torch_thread():
-                            block = next(produced, _END)
-                        if block is _END:
-                            self._unwritten[worker].release()  # claimed for a block that did not come
-                            break
-                        handed.put((block, 1))
-                        claimed = False
-                handed.put(_END)
-            except BaseException as exc:  # raised in the writer's thread by blocks()
-                handed.put(_Failed(exc))
-                return
+        # Each worker on one of torch's threads, for as long as it works: the workers are the
+        # parallelism, and a few milliseconds' work split over a pool whose threads wait on each
+        # other costs far more (measured: 1.7x the CPU time when the count changed at every block).
+        with one_torch_thread():
+            self._work_on(worker)
 
-    def __contains__(self, position: int) -> bool:
-        return position in self._handed
+    def _work_on(self, worker: int) -> None:
+        while self._claim(worker, 1):
+            taken = self._take(worker)
+            if taken is None:
+                return
+            position, index, blocked, task = taken
+            try:
+                if blocked is not None:
+                    task.value = blocked.compute(index)
+                elif self._claim(worker, self._buffers - 1):  # a whole tensor: nothing more until it is written
+                    task.value = self._producers[position]()
+                else:
+                    return
+            except BaseException as exc:  # raised in the writer's thread by blocks()
+                task.error = exc
+            with self._changed:
+                task.done = True
+                self._changed.notify_all()
+            if task.error is not None:
+                return
 
     def blocks(self, position: int) -> Iterator[T]:
         """The result for this plan position, block by block (a whole tensor as one block).
 
-        Each block is valid until the next is asked for: its buffer is then the worker's again.
+        Each block is valid until the next is asked for: its buffer is then its worker's again.
         """
-        handed, worker = self._handed[position], self._worker_of[position]
+        index = 0
         while True:
-            item = handed.get()
-            if item is _END:
-                return
-            if isinstance(item, _Failed):
-                raise item.error
-            block, permits = item  # type: ignore[misc]
+            with self._changed:
+                while True:
+                    task = self._tasks.get((position, index))
+                    if task is not None and task.done:
+                        del self._tasks[position, index]
+                        break
+                    taking = self._current is not None and self._current[0] == position
+                    if task is None and not taking and index >= self._counts.get(position, index + 1):
+                        return  # every block of it taken, and handed over
+                    self._changed.wait()
+            if task.error is not None:
+                raise task.error
             try:
-                yield block
+                yield task.value  # type: ignore[misc]
             finally:
-                self._unwritten[worker].release(permits)
+                self._unwritten[task.worker].release(task.permits)
+            index += 1
 
     def close(self) -> None:
         self._closing.set()
         for unwritten in self._unwritten:
             unwritten.release(self._buffers)
+        with self._changed:
+            self._changed.notify_all()
         for thread in self._threads:
             thread.join()
 
 
-# What a worker holds while it merges a LoRA weight, per value of the weight, where the output is
-# float32 (lora/merged.py): B @ A whole, which PEFT's bits need, and W as stored (at most 4 bytes).
-# Into a narrower dtype it holds a few blocks of rows only.
+# What a worker holds while it computes a whole weight, per value of the weight: for a LoRA weight
+# merged into float32 output (lora/merged.py), B @ A whole, which PEFT's bits need, and W's rows as
+# stored. Merged into a narrower dtype, a LoRA weight takes a few blocks of rows per worker only.
 WORKER_BYTES_PER_VALUE = 8
+# Workers beyond two are not measured (the machine at hand has two cores); each holds its blocks only.
+MOST_WORKERS = 4
 
 
 def compute_workers(largest_values: int, available_bytes: int, cores: int) -> int:
-    """Two workers where there are two cores or more: while one computes, the other's weight is written.
+    """A worker for every core but the writer's, at least two where there are two cores, at most MOST_WORKERS.
 
-    One where two workers' buffers for the largest whole computed weight would take more than a
-    quarter of the memory available (a big float32 model on a small machine). Not more than two:
-    only two were measured (on two cores, a 24-layer LoRA merge in hidden mode took 1.16x the full
-    merge with two, 1.35x with one).
+    One where there is one core, or where two workers' buffers for the largest whole computed weight
+    would take more than a quarter of the memory available (a big float32 model on a small machine).
+    On two cores, a 24-layer LoRA merge in hidden mode took 1.16x the full merge with two workers,
+    1.35x with one: while one computes, the other's weight is written.
     """
     if cores < 2 or 2 * WORKER_BYTES_PER_VALUE * largest_values > available_bytes // 4:
         return 1
-    return 2
+    fitting = available_bytes // 4 // max(1, WORKER_BYTES_PER_VALUE * largest_values)
+    return max(2, min(cores - 1, MOST_WORKERS, fitting))

@@ -15,7 +15,7 @@ import re
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,7 +24,7 @@ from app.core.compat import check_recipe
 from app.core.devices import available_memory, return_freed_tensors_to_the_os
 from app.core.families import QKV_BIAS, config_value, model_parts
 from app.core.lora.merged import RESULT_BLOCKS, AdaptedModelSource
-from app.core.merge.ahead import ComputedAhead, compute_workers
+from app.core.merge.ahead import BlockedTensor, ComputedAhead, compute_workers
 from app.core.merge.always_on import always_on_gate
 from app.core.merge.architectures import MLP_PROJECTIONS, MoEShape, OutputArchitecture, choose_architecture
 from app.core.merge.gates import GateResult, compute_gates, prompted_shared_experts
@@ -131,8 +131,8 @@ def _commit(partial: Path, out_dir: Path) -> None:
 # --------------------------------------------------------------------------- planning tensors
 
 
-# A tensor, a byte range to copy, or (a LoRA weight) the tensor in blocks of rows.
-Producer = Callable[[], "torch.Tensor | ByteRange | Iterator[torch.Tensor]"]
+# A tensor, a byte range to copy, or (a LoRA weight) blocks of rows for the merge's workers to compute.
+Producer = Callable[[], "torch.Tensor | ByteRange | BlockedTensor[torch.Tensor]"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +144,8 @@ class PlanStep:
     # Torch arithmetic (a LoRA merge, noise, a scale or a cast), which workers do ahead of the writer;
     # otherwise a byte range to copy, or something the writer's thread produces in no time.
     computed: bool = False
+    # Computed in blocks of rows that the workers share (produce returns a merge.ahead.BlockedTensor).
+    in_blocks: bool = False
 
 
 def _layer_of(name: str) -> int:
@@ -181,7 +183,10 @@ def plan_tensors(
         planned = PlannedTensor(out_name, info.shape, out_dtype)
         if info.torch_dtype_name == out_dtype and not source.has_delta(name):
             return PlanStep(planned, lambda: source.byte_range(name))
-        return PlanStep(planned, lambda: source.read_blocks_as(name, out_dtype), computed=True)
+        if source.computes_in_blocks(name, out_dtype):
+            assert isinstance(source, AdaptedModelSource)
+            return PlanStep(planned, lambda: source.merged_rows(name, out_dtype), computed=True, in_blocks=True)
+        return PlanStep(planned, lambda: source.read_tensor_as(name, out_dtype), computed=True)
 
     def planned_expert(
         source: ModelSource, out_name: str, expert: Expert, seed: int, layer: int, projection: str, scale: float | None
@@ -379,6 +384,7 @@ def merge_moe(
                 producers,
                 workers=compute_workers(largest, available_memory("cpu"), os.cpu_count() or 1),
                 buffers=RESULT_BLOCKS,
+                blocked=[position for position in producers if plan[position].in_blocks],
             )
             try:
                 with ShardWriter(partial, shards) as writer:

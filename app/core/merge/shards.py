@@ -126,21 +126,15 @@ class ShardWriter:
         self._position += 1
 
     def _write_tensor(self, planned: PlannedTensor, tensor: torch.Tensor) -> None:
-        import torch
-
         name = planned.name
         if tuple(tensor.shape) != planned.shape or str(tensor.dtype).removeprefix("torch.") != planned.dtype:
             raise RuntimeError(
                 f"tensor {name} is {tuple(tensor.shape)} {tensor.dtype}, "
                 f"but {planned.shape} {planned.dtype} was planned"
             )
-        assert self._handle is not None
-        data = tensor.detach().to("cpu").contiguous().view(torch.uint8).reshape(-1).numpy()
-        _write_all(self._handle, memoryview(data))
+        self._write_bytes_of(tensor)
 
     def _write_blocks(self, planned: PlannedTensor, blocks: Iterable[torch.Tensor]) -> None:
-        import torch
-
         name, written = planned.name, 0
         for block in blocks:
             if tuple(block.shape[1:]) != planned.shape[1:] or str(block.dtype).removeprefix("torch.") != planned.dtype:
@@ -148,15 +142,20 @@ class ShardWriter:
                     f"tensor {name} came in a block of {tuple(block.shape)} {block.dtype}, "
                     f"but {planned.shape} {planned.dtype} was planned"
                 )
-            assert self._handle is not None
-            data = block.detach().to("cpu").contiguous().view(torch.uint8).reshape(-1).numpy()
             try:
-                _write_all(self._handle, memoryview(data))
+                written += self._write_bytes_of(block)
             except OSError as exc:
                 raise write_error(self.folder, exc) from exc
-            written += data.nbytes
         if written != planned.nbytes:
             raise RuntimeError(f"tensor {name} came to {written} bytes, {planned.nbytes} were planned")
+
+    def _write_bytes_of(self, tensor: torch.Tensor) -> int:
+        import torch
+
+        assert self._handle is not None
+        data = tensor.detach().to("cpu").contiguous().view(torch.uint8).reshape(-1).numpy()
+        _write_all(self._handle, memoryview(data))
+        return data.nbytes
 
     def _start_shard(self, shard_index: int) -> None:
         self._close_handle()
