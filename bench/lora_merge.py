@@ -17,16 +17,20 @@ The donors are built in a child process: a child's peak RSS starts from its pare
 ru_maxrss across fork and exec), so this process stays small (no torch) for the figures to be the
 merges' own.
 
-Figures (2026-12-02, 2 virtual cores, bf16 output, rank 16; wall ratio LoRA / full as the median
-of each kind's times, then the median of each LoRA merge over the full one before it):
-  8 layers (0.63 GB out), 10 runs: cheap_embed 1.07x (1.10x), hidden 1.09x (1.12x); RSS 1.12x, 1.10x
-  24 layers (1.64 GB out), 10 runs: cheap_embed 1.27x (1.34x), hidden 1.28x (1.28x); RSS 1.12x, 1.11x
-  24 layers, --warm, 6 runs: cheap_embed 1.70x (1.69x), hidden 1.26x (1.27x)
-  before the merge's workers (same method, 24 layers, 5 runs): cheap_embed 2.13x, hidden 1.74x
-Series on this virtual machine moved by up to 0.15 in the ratio from one to the next: its system time
-for the same merge varies 1-3 s. What is left is the arithmetic, about 5 ms a weight on one core
-(B @ A, a third of it, must be the one product PEFT computes, for its bits), where a full fine-tune's
-weight is copied by the kernel: two virtual cores cannot hide it once the output fits in the page cache.
+Figures (2 virtual cores, bf16 output, rank 16; wall ratio LoRA / full as the median of each
+kind's times, then the median of each LoRA merge over the full one before it):
+  2026-12-02, the workers sharing out each weight's blocks of rows (main at 6fc3dfd):
+    8 layers (0.63 GB out), 10 runs: cheap_embed 1.19x (1.13x), hidden 1.15x (1.15x); RSS 1.08x, 1.08x
+    24 layers (1.64 GB out), 8 runs: cheap_embed 1.30x (1.32x), hidden 1.23x (1.24x); RSS 1.09x, 1.09x
+  the same day, each worker streaming its own weights' blocks (4f5d70c):
+    8 layers, 10 runs: cheap_embed 1.09x (1.08x), hidden 1.13x (1.11x); RSS 1.09x, 1.07x
+    24 layers, 8 runs: cheap_embed 1.28x (1.22x), hidden 1.12x (1.15x); RSS 1.09x, 1.08x
+  an earlier session, whole weights per worker and B @ A whole: 24 layers 1.27x-1.34x; before any
+  workers, 2.13x and 1.74x
+Series on this virtual machine move by up to 0.15 in the ratio from one to the next. What is left on
+two cores: a cold process cannot compute a LoRA weight before `import torch` ends (2.5 s here), while
+a full merge copies meanwhile; and the arithmetic (about 6 ms a 3072 x 1024 weight, reading
+included) adds CPU time to the same writing, so that two cores are busy where the full merge keeps one.
 
 Run from the repository root: python bench/lora_merge.py [--layers 8] [--rank 16] [--repeats 5] [--warm]
 [--code OTHER_CHECKOUT]  (--code merges with another checkout's app, e.g. to compare a change with main)

@@ -3,8 +3,10 @@
 Each changed weight is computed when it is read, in float32: ``W + (B @ A) * scale`` for a linear
 layer, ``W + (B @ A).T * scale`` for an embedding, DoRA's ``m / ||W + ΔW||_row * (W + ΔW)``, or the
 adapter's own copy for a module it saves whole. The operations are PEFT's, in PEFT's order, so a
-float32 result equals merge_and_unload() of a float32 model bit for bit. Nothing else is held in
-memory: the merge streams as it does for a full model.
+float32 result equals merge_and_unload() of a float32 model bit for bit. A linear weight cast to a
+narrower dtype is computed a block of rows at a time (MergedRows), blocks the merge's workers
+share out; each value is PEFT's float32 merge rounded once. Nothing else is held in memory: the
+merge streams as it does for a full model.
 """
 
 from __future__ import annotations
