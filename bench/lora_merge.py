@@ -17,23 +17,38 @@ The donors are built in a child process: a child's peak RSS starts from its pare
 ru_maxrss across fork and exec), so this process stays small (no torch) for the figures to be the
 merges' own.
 
+--shape tinyllama builds donors of TinyLlama-1.1B's sizes (2.2 GB each; --layers 22 for the real
+model's 22 layers), whose MoE of three experts is 5.25 GB: a real model's files, which the page
+cache no longer holds alongside the donors, so that both merges wait on the disk.
+
 Figures (2 virtual cores, bf16 output, rank 16; wall ratio LoRA / full as the median of each
 kind's times, then the median of each LoRA merge over the full one before it):
-  2026-12-02, the workers sharing out each weight's blocks of rows (main at 6fc3dfd):
-    8 layers (0.63 GB out), 10 runs: cheap_embed 1.19x (1.13x), hidden 1.15x (1.15x); RSS 1.08x, 1.08x
-    24 layers (1.64 GB out), 8 runs: cheap_embed 1.30x (1.32x), hidden 1.23x (1.24x); RSS 1.09x, 1.09x
+  2026-12-03, main at 4a0abe5:
+    8 layers (0.63 GB out), 8 runs: cheap_embed 1.08x (1.09x), hidden 1.10x (1.03x); RSS 1.09x, 1.08x
+    24 layers (1.64 GB out), 4 runs: cheap_embed 1.26x (1.24x), hidden 1.03x (1.12x); RSS 1.09x, 1.08x
+    TinyLlama's sizes, 22 layers (5.25 GB out), 5 runs: cheap_embed 0.83x (0.82x), hidden 1.01x
+      (0.99x); RSS 1.07x, 1.04x. 3 runs before: 1.16x (1.16x), 1.04x (0.91x)
+  2026-12-02, the workers sharing out each weight's blocks of rows (6fc3dfd):
+    8 layers, 10 runs: cheap_embed 1.19x (1.13x), hidden 1.15x (1.15x); RSS 1.08x, 1.08x
+    24 layers, 8 runs: cheap_embed 1.30x (1.32x), hidden 1.23x (1.24x); RSS 1.09x, 1.09x
   the same day, each worker streaming its own weights' blocks (4f5d70c):
     8 layers, 10 runs: cheap_embed 1.09x (1.08x), hidden 1.13x (1.11x); RSS 1.09x, 1.07x
     24 layers, 8 runs: cheap_embed 1.28x (1.22x), hidden 1.12x (1.15x); RSS 1.09x, 1.08x
   an earlier session, whole weights per worker and B @ A whole: 24 layers 1.27x-1.34x; before any
   workers, 2.13x and 1.74x
-Series on this virtual machine move by up to 0.15 in the ratio from one to the next. What is left on
-two cores: a cold process cannot compute a LoRA weight before `import torch` ends (2.5 s here), while
-a full merge copies meanwhile; and the arithmetic (about 6 ms a 3072 x 1024 weight, reading
-included) adds CPU time to the same writing, so that two cores are busy where the full merge keeps one.
+Series on this virtual machine move by up to 0.15 in the ratio from one to the next (the kernel's
+time for writing the same 1.6 GB varies threefold between runs). Where the 24-layer cheap_embed
+merge loses on two cores: a cold process cannot compute a LoRA weight before `import torch` ends
+(2.4 s here; the writer reaches the first LoRA weight at 0.9 s and waits until 2.8 s), while a full
+merge copies meanwhile; and the arithmetic (about 5 ms a 3072 x 1024 weight on one core, reading
+included) keeps two cores busy where the full merge keeps one. --warm shows the second alone
+(2026-12-03, 24 layers, 3 runs: 2.04x in cheap_embed, where the full merge is nothing but the
+kernel's file copies, 1.35 s; 0.83x (1.23x) in hidden). At a real model's size both merges wait on
+the disk and the arithmetic is hidden behind it.
 
-Run from the repository root: python bench/lora_merge.py [--layers 8] [--rank 16] [--repeats 5] [--warm]
-[--code OTHER_CHECKOUT]  (--code merges with another checkout's app, e.g. to compare a change with main)
+Run from the repository root: python bench/lora_merge.py [--layers 8] [--shape bench|tinyllama] [--rank 16]
+[--repeats 5] [--warm] [--code OTHER_CHECKOUT]  (--code merges with another checkout's app, e.g. to compare
+a change with main)
 """
 
 from __future__ import annotations
@@ -52,16 +67,21 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from merge import HIDDEN, INTERMEDIATE, PROMPTS, build_donor  # noqa: E402  (bench/merge.py)
+from merge import BENCH_SHAPE, PROMPTS, TINYLLAMA_SHAPE, DonorShape, build_donor  # noqa: E402  (bench/merge.py)
 
-PROJECTIONS = {
-    "gate_proj": (INTERMEDIATE, HIDDEN),
-    "up_proj": (INTERMEDIATE, HIDDEN),
-    "down_proj": (HIDDEN, INTERMEDIATE),
-}
+SHAPES = {"bench": BENCH_SHAPE, "tinyllama": TINYLLAMA_SHAPE}
 
 
-def build_adapter(folder: Path, base: Path, layers: int, rank: int, seed: int) -> None:
+def projections(shape: DonorShape) -> dict[str, tuple[int, int]]:
+    """(out_features, in_features) of each MLP projection."""
+    return {
+        "gate_proj": (shape.intermediate, shape.hidden),
+        "up_proj": (shape.intermediate, shape.hidden),
+        "down_proj": (shape.hidden, shape.intermediate),
+    }
+
+
+def build_adapter(folder: Path, base: Path, layers: int, rank: int, seed: int, shape: DonorShape) -> None:
     """A LoRA adapter on the base's MLP, in PEFT's file layout, with random non-zero A and B."""
     import torch
     from safetensors.torch import save_file
@@ -72,7 +92,7 @@ def build_adapter(folder: Path, base: Path, layers: int, rank: int, seed: int) -
     generator = torch.Generator().manual_seed(seed)
     tensors = {}
     for layer in range(layers):
-        for projection, (out_features, in_features) in PROJECTIONS.items():
+        for projection, (out_features, in_features) in projections(shape).items():
             key = f"base_model.model.model.layers.{layer}.mlp.{projection}"
             tensors[f"{key}.lora_A.weight"] = (torch.randn(rank, in_features, generator=generator) * 0.01).to(
                 torch.bfloat16
@@ -86,7 +106,7 @@ def build_adapter(folder: Path, base: Path, layers: int, rank: int, seed: int) -
         "base_model_name_or_path": str(base),
         "r": rank,
         "lora_alpha": 2 * rank,
-        "target_modules": list(PROJECTIONS),
+        "target_modules": list(projections(shape)),
         "use_rslora": False,
         "use_dora": False,
         "fan_in_fan_out": False,
@@ -156,11 +176,15 @@ def write_recipe(path: Path, base: Path, sources: list[str], gate_mode: str) -> 
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
 
 
-def build_inputs(donors: Path, layers: int, rank: int) -> None:
+def build_inputs(donors: Path, layers: int, rank: int, shape: DonorShape) -> None:
     for index, name in enumerate(["base", "expert0", "expert1", "expert2"]):
-        build_donor(donors / name, layers, seed=index)
+        build_donor(donors / name, layers, seed=index, shape=shape)
     for index, folder in enumerate(adapter_folders(donors, rank)):
-        build_adapter(folder, donors / "base", layers, rank, seed=100 + index)
+        build_adapter(folder, donors / "base", layers, rank, seed=100 + index, shape=shape)
+
+
+def donors_folder(workdir: Path, layers: int, shape: str) -> Path:
+    return workdir / (f"donors-{layers}" if shape == "bench" else f"donors-{shape}-{layers}")
 
 
 def adapter_folders(donors: Path, rank: int) -> list[Path]:
@@ -168,10 +192,10 @@ def adapter_folders(donors: Path, rank: int) -> list[Path]:
 
 
 def run(
-    layers: int, rank: int, workdir: Path, repeats: int, threads: int | None, code: Path, warm: bool
+    layers: int, shape: str, rank: int, workdir: Path, repeats: int, threads: int | None, code: Path, warm: bool
 ) -> dict[str, object]:
-    donors = workdir / f"donors-{layers}"
-    build = [sys.executable, __file__, "--build-only", "--layers", str(layers), "--rank", str(rank)]
+    donors = donors_folder(workdir, layers, shape)
+    build = [sys.executable, __file__, "--build-only", "--layers", str(layers), "--rank", str(rank), "--shape", shape]
     subprocess.run([*build, "--workdir", str(workdir)], check=True)
     base = donors / "base"
     adapters = adapter_folders(donors, rank)
@@ -184,6 +208,7 @@ def run(
         env["OMP_NUM_THREADS"] = str(threads)  # torch's intra-op threads, for both kinds alike
     results: dict[str, object] = {
         "layers": layers,
+        "shape": shape,
         "rank": rank,
         "threads": threads or "default",
         "code": str(code),
@@ -224,7 +249,7 @@ def run(
 def report(results: dict[str, object]) -> list[str]:
     process = "merge alone, in a process with torch loaded" if results["warm"] else "frankenmoe merge process"
     lines = [
-        f"donors with {results['layers']} layers, adapters of rank {results['rank']}, "
+        f"{results['shape']} donors with {results['layers']} layers, adapters of rank {results['rank']}, "
         f"torch threads: {results['threads']}, {process}; median of {results['repeats']} (best in brackets)"
     ]
     for mode in ("cheap_embed", "hidden"):
@@ -244,6 +269,12 @@ def report(results: dict[str, object]) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=8, help="layers per donor (8: ~125M parameters)")
+    parser.add_argument(
+        "--shape",
+        choices=sorted(SHAPES),
+        default="bench",
+        help="the donors' sizes: the benches' small model, or TinyLlama-1.1B's (2.2 GB donors; use --layers 22)",
+    )
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument(
@@ -263,9 +294,11 @@ def main() -> None:
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     if args.build_only:
-        build_inputs(args.workdir / f"donors-{args.layers}", args.layers, args.rank)
+        build_inputs(donors_folder(args.workdir, args.layers, args.shape), args.layers, args.rank, SHAPES[args.shape])
         return
-    results = run(args.layers, args.rank, args.workdir, args.repeats, args.threads, args.code.resolve(), args.warm)
+    results = run(
+        args.layers, args.shape, args.rank, args.workdir, args.repeats, args.threads, args.code.resolve(), args.warm
+    )
     print("\n".join(report(results)))
     (args.workdir / "results.json").write_text(json.dumps(results, indent=2))
 

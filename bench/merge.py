@@ -21,12 +21,28 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, VOCAB = 1024, 3072, 16, 8, 32000
+
+@dataclass(frozen=True)
+class DonorShape:
+    """A Llama donor's sizes (its layer count apart)."""
+
+    hidden: int = 1024
+    intermediate: int = 3072
+    heads: int = 16
+    kv_heads: int = 8
+    vocab: int = 32000
+
+
+# The benches' own small donor (about 125M parameters at 8 layers), and TinyLlama-1.1B's sizes, whose
+# 22 layers make a real model's files: 2.2 GB a donor, 5.2 GB for a MoE of three experts.
+BENCH_SHAPE = DonorShape()
+TINYLLAMA_SHAPE = DonorShape(hidden=2048, intermediate=5632, heads=32, kv_heads=4)
 PROMPTS = {
     "maths": ["What is 12 plus 30?", "Compute 7 times 8 and subtract 6."],
     "code": ["def add(a, b):\n    return a + b", "for i in range(10):\n    print(i)"],
@@ -34,7 +50,7 @@ PROMPTS = {
 }
 
 
-def build_donor(folder: Path, layers: int, seed: int) -> None:
+def build_donor(folder: Path, layers: int, seed: int, shape: DonorShape = BENCH_SHAPE) -> None:
     import torch
     from safetensors.torch import save_file
 
@@ -46,33 +62,36 @@ def build_donor(folder: Path, layers: int, seed: int) -> None:
     write_tokenizer(folder)
     generator = torch.Generator().manual_seed(seed)
 
-    def weight(*shape: int) -> torch.Tensor:
-        return (torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16)
+    def weight(*size: int) -> torch.Tensor:
+        return (torch.randn(size, generator=generator) * 0.02).to(torch.bfloat16)
 
-    head_dim = HIDDEN // HEADS
-    tensors = {"model.embed_tokens.weight": weight(VOCAB, HIDDEN), "lm_head.weight": weight(VOCAB, HIDDEN)}
-    tensors["model.norm.weight"] = torch.ones(HIDDEN, dtype=torch.bfloat16)
+    head_dim = shape.hidden // shape.heads
+    tensors = {
+        "model.embed_tokens.weight": weight(shape.vocab, shape.hidden),
+        "lm_head.weight": weight(shape.vocab, shape.hidden),
+    }
+    tensors["model.norm.weight"] = torch.ones(shape.hidden, dtype=torch.bfloat16)
     for layer in range(layers):
         prefix = f"model.layers.{layer}"
-        tensors[f"{prefix}.self_attn.q_proj.weight"] = weight(HEADS * head_dim, HIDDEN)
-        tensors[f"{prefix}.self_attn.k_proj.weight"] = weight(KV_HEADS * head_dim, HIDDEN)
-        tensors[f"{prefix}.self_attn.v_proj.weight"] = weight(KV_HEADS * head_dim, HIDDEN)
-        tensors[f"{prefix}.self_attn.o_proj.weight"] = weight(HIDDEN, HEADS * head_dim)
-        tensors[f"{prefix}.mlp.gate_proj.weight"] = weight(INTERMEDIATE, HIDDEN)
-        tensors[f"{prefix}.mlp.up_proj.weight"] = weight(INTERMEDIATE, HIDDEN)
-        tensors[f"{prefix}.mlp.down_proj.weight"] = weight(HIDDEN, INTERMEDIATE)
-        tensors[f"{prefix}.input_layernorm.weight"] = torch.ones(HIDDEN, dtype=torch.bfloat16)
-        tensors[f"{prefix}.post_attention_layernorm.weight"] = torch.ones(HIDDEN, dtype=torch.bfloat16)
+        tensors[f"{prefix}.self_attn.q_proj.weight"] = weight(shape.heads * head_dim, shape.hidden)
+        tensors[f"{prefix}.self_attn.k_proj.weight"] = weight(shape.kv_heads * head_dim, shape.hidden)
+        tensors[f"{prefix}.self_attn.v_proj.weight"] = weight(shape.kv_heads * head_dim, shape.hidden)
+        tensors[f"{prefix}.self_attn.o_proj.weight"] = weight(shape.hidden, shape.heads * head_dim)
+        tensors[f"{prefix}.mlp.gate_proj.weight"] = weight(shape.intermediate, shape.hidden)
+        tensors[f"{prefix}.mlp.up_proj.weight"] = weight(shape.intermediate, shape.hidden)
+        tensors[f"{prefix}.mlp.down_proj.weight"] = weight(shape.hidden, shape.intermediate)
+        tensors[f"{prefix}.input_layernorm.weight"] = torch.ones(shape.hidden, dtype=torch.bfloat16)
+        tensors[f"{prefix}.post_attention_layernorm.weight"] = torch.ones(shape.hidden, dtype=torch.bfloat16)
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     config = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
-        "hidden_size": HIDDEN,
-        "intermediate_size": INTERMEDIATE,
+        "hidden_size": shape.hidden,
+        "intermediate_size": shape.intermediate,
         "num_hidden_layers": layers,
-        "num_attention_heads": HEADS,
-        "num_key_value_heads": KV_HEADS,
-        "vocab_size": VOCAB,
+        "num_attention_heads": shape.heads,
+        "num_key_value_heads": shape.kv_heads,
+        "vocab_size": shape.vocab,
         "max_position_embeddings": 4096,
         "rms_norm_eps": 1e-5,
         "rope_theta": 10000.0,
