@@ -13,12 +13,12 @@ from __future__ import annotations
 import random
 import shutil
 import threading
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from app.core.devices import one_torch_thread
 from app.core.imports import TRANSFORMERS_IMPORT_LOCK
 from app.core.progress import Job, Progress, check_cancel
 from app.core.recipe import Expert, ExpertExtras, ModelRef, Recipe, StudioExtras, save_recipe
@@ -179,7 +179,7 @@ def train_domain_models(
 
     # The models are tiny: one thread trains them several times faster than a pool whose threads
     # mostly wait for each other (and, on a busy machine, for a core). bench/demo.py measures it.
-    with _one_torch_thread():
+    with one_torch_thread():
         final_folder = final_folder or workspace
         total = base_steps + expert_steps * len(domains)
         yield Progress("demo: tokenizer", 0, total, message="training a tokenizer on the demo texts")
@@ -228,18 +228,6 @@ def train_domain_models(
         save_recipe(recipe, workspace / RECIPE_NAME)
         yield Progress("demo", total, total, message="demo models ready")
         return recipe
-
-
-@contextmanager
-def _one_torch_thread() -> Iterator[None]:
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _train_tokenizer(texts: list[str]) -> Any:
