@@ -27,7 +27,8 @@ kind's times, then the median of each LoRA merge over the full one before it):
     8 layers (0.63 GB out), 8 runs: cheap_embed 1.08x (1.09x), hidden 1.10x (1.03x); RSS 1.09x, 1.08x
     24 layers (1.64 GB out), 4 runs: cheap_embed 1.26x (1.24x), hidden 1.03x (1.12x); RSS 1.09x, 1.08x
     TinyLlama's sizes, 22 layers (5.25 GB out), 5 runs: cheap_embed 0.83x (0.82x), hidden 1.01x
-      (0.99x); RSS 1.07x, 1.04x. 3 runs before: 1.16x (1.16x), 1.04x (0.91x)
+      (0.99x); RSS 1.07x, 1.04x. 3 runs before: 1.16x (1.16x), 1.04x (0.91x). --warm, 3 runs:
+      cheap_embed 1.28x (1.28x; CPU 2.18x), hidden 1.05x (1.03x); RSS 1.06x, 1.04x
   2026-12-02, the workers sharing out each weight's blocks of rows (6fc3dfd):
     8 layers, 10 runs: cheap_embed 1.19x (1.13x), hidden 1.15x (1.15x); RSS 1.08x, 1.08x
     24 layers, 8 runs: cheap_embed 1.30x (1.32x), hidden 1.23x (1.24x); RSS 1.09x, 1.09x
