@@ -74,11 +74,14 @@ class Rows:
         self.threads: list[str] = []
 
     def compute(self, index: int) -> list[tuple[int, int]]:
-        buffers = self.rings.__dict__.setdefault("buffers", [[(0, 0)] for _ in range(self.ring)])
-        self.rings.turn = (getattr(self.rings, "turn", -1) + 1) % self.ring
+        # Per ring size: the writer's thread outlives a test, and computes blocks too.
+        buffers = self.rings.__dict__.setdefault(f"buffers{self.ring}", [[(0, 0)] for _ in range(self.ring)])
+        turn = self.rings.__dict__[f"turn{self.ring}"] = (
+            self.rings.__dict__.get(f"turn{self.ring}", -1) + 1
+        ) % self.ring
         time.sleep(self.pause)
         self.threads.append(threading.current_thread().name)
-        buffer = buffers[self.rings.turn]
+        buffer = buffers[turn]
         buffer[0] = (self.position, index)
         return buffer
 
@@ -102,7 +105,7 @@ def test_blocks_come_in_order_and_each_workers_ring_is_reused_only_once_written(
     assert not compute_threads()
 
 
-def test_the_workers_compute_the_blocks_of_one_weight_side_by_side():
+def test_the_threads_compute_the_blocks_of_one_weight_side_by_side():
     rows = Rows(0, 12, ring=4, pause=0.01)
     ahead = ComputedAhead({0: lambda: rows, 1: lambda: 1}, workers=2, buffers=4, blocked=[0])
     try:
@@ -110,7 +113,36 @@ def test_the_workers_compute_the_blocks_of_one_weight_side_by_side():
         assert list(ahead.blocks(1)) == [1]
     finally:
         ahead.close()
-    assert len(set(rows.threads)) == 2
+    # The workers, and the writer's thread while it waits for theirs.
+    assert len(set(rows.threads)) >= 2
+    assert any(name.startswith(WORKER_PREFIX) for name in rows.threads)
+
+
+def test_the_writers_thread_computes_blocks_ahead_while_it_waits_as_many_as_its_ring_holds():
+    # The one worker is slow; the writer computes blocks further on while it waits for the worker's,
+    # and keeps each block's value until it is written: computing more than its ring holds would
+    # overwrite a block not yet written.
+    ring = 3
+
+    class SlowWorker(Rows):
+        def compute(self, index: int) -> list[tuple[int, int]]:
+            if threading.current_thread().name.startswith(WORKER_PREFIX):
+                time.sleep(0.05)
+            return super().compute(index)
+
+    rows = SlowWorker(0, 10, ring)
+    ahead = ComputedAhead({0: lambda: rows, 1: lambda: 7}, workers=1, buffers=ring, blocked=[0])
+    try:
+        seen = []
+        for buffer in ahead.blocks(0):
+            time.sleep(0.002)  # the writer's write
+            seen.append(buffer[0])
+        assert seen == [(0, index) for index in range(10)]
+        assert list(ahead.blocks(1)) == [7]
+    finally:
+        ahead.close()
+    assert rows.threads.count(threading.current_thread().name) >= 4
+    assert not compute_threads()
 
 
 class Failing:
@@ -211,14 +243,14 @@ def test_no_producers_start_no_threads():
 def test_workers_where_there_are_cores_and_memory_for_them_else_one():
     bench_weight = 3072 * 1024  # bench/lora_merge.py's MLP weights
     seven_b_weight = 14336 * 4096  # a 7B Mistral's
-    assert compute_workers(bench_weight, available_bytes=8 * 2**30, cores=2) == 2
-    # A worker for each core but the writer's, at most four, as many as memory allows.
-    assert compute_workers(seven_b_weight, available_bytes=32 * 2**30, cores=16) == 4
+    # A worker for each core but the writer's (which computes too), at most four, as many as memory allows.
+    assert compute_workers(bench_weight, available_bytes=8 * 2**30, cores=2) == 1
     assert compute_workers(bench_weight, available_bytes=8 * 2**30, cores=3) == 2
-    assert compute_workers(seven_b_weight, available_bytes=4 * 2**30, cores=16) == 2
+    assert compute_workers(seven_b_weight, available_bytes=32 * 2**30, cores=16) == 4
     assert compute_workers(bench_weight, available_bytes=8 * 2**30, cores=1) == 1
-    # Two workers' buffers for a 7B weight (about 0.9 GB) would take over a quarter of 3 GB.
-    assert 2 * WORKER_BYTES_PER_VALUE * seven_b_weight > 3 * 2**30 // 4
+    assert compute_workers(0, available_bytes=2**30, cores=3) == 2
+    # Three threads' buffers for a 7B weight (about 1.4 GB) fit in a quarter of 6 GB, four do not.
+    assert 3 * WORKER_BYTES_PER_VALUE * seven_b_weight <= 6 * 2**30 // 4 < 4 * WORKER_BYTES_PER_VALUE * seven_b_weight
+    assert compute_workers(seven_b_weight, available_bytes=6 * 2**30, cores=16) == 2
+    # Not even the writer and one worker fit: one worker all the same, the least there can be.
     assert compute_workers(seven_b_weight, available_bytes=3 * 2**30, cores=16) == 1
-    assert compute_workers(0, available_bytes=2**30, cores=2) == 2
-
