@@ -18,7 +18,8 @@ from app.core.merge.gates import compute_gates
 from app.core.merge.pipeline import MergeOptions, merge_moe
 from app.core.problems import FrankenMoEError, ProblemsError
 from app.core.progress import Cancelled, run_job
-from app.core.recipe import parse_recipe
+from app.core.recipe import ModelRef, parse_recipe
+from app.core.sources import open_model
 from tests.lora_adapters import MLP_MODULES, make_adapter
 from tests.models import make_tiny_model
 
@@ -187,6 +188,17 @@ def test_bfloat16_output_of_float32_models_is_the_float32_merge_rounded(adapters
     for projection, slot in SLOTS:
         reference = adapter.merged[f"model.layers.1.mlp.{projection}_proj.weight"]
         assert within_one_bf16_ulp(expert_tensor(written, 1, 0, slot), reference)
+
+
+def test_the_merges_thread_keeps_no_buffers_after_it(adapters, llama_donors, tmp_path):
+    # The writer's thread computes blocks as the workers do (merge/ahead.py), and in the app it goes
+    # on after the merge: the buffers it kept for them, for a big model a few tens of MiB, are freed.
+    adapter = adapters["rank_and_alpha"]
+    with open_model(ModelRef.parse(f"{llama_donors['base']}+{adapter.folder}")) as source:
+        source.read_tensor_as("model.layers.0.mlp.up_proj.weight", "bfloat16")
+    assert lora_merged._SCRATCH.buffers
+    merge(with_adapter(llama_donors, adapter.folder, dtype="bfloat16"), tmp_path / "moe")
+    assert not getattr(lora_merged._SCRATCH, "buffers", None)
 
 
 def compute_threads() -> list[str]:

@@ -282,6 +282,11 @@ def _add_scaled(change: torch.Tensor, stored: torch.Tensor, widened: torch.Tenso
     change.add_(stored if stored.dtype == torch.float32 else widened[: stored.numel()].view(stored.shape).copy_(stored))
 
 
+def forget_thread_buffers() -> None:
+    """Free the calling thread's kept buffers: the merge's writer computes blocks too, and its thread goes on."""
+    _SCRATCH.__dict__.clear()
+
+
 def _scratch(kind: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
     import torch
 

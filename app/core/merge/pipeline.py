@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from app.core.compat import check_recipe
 from app.core.devices import available_memory, return_freed_tensors_to_the_os
 from app.core.families import QKV_BIAS, config_value, model_parts
-from app.core.lora.merged import RESULT_BLOCKS, AdaptedModelSource
+from app.core.lora.merged import RESULT_BLOCKS, AdaptedModelSource, forget_thread_buffers
 from app.core.merge.ahead import BlockedTensor, ComputedAhead, compute_workers
 from app.core.merge.always_on import always_on_gate
 from app.core.merge.architectures import MLP_PROJECTIONS, MoEShape, OutputArchitecture, choose_architecture
@@ -430,6 +430,7 @@ def merge_moe(
                 raise
             finally:
                 ahead.close()
+                forget_thread_buffers()  # this thread computed blocks too, and may outlive the merge
         finally:
             stop.set()
             if background is not None:
