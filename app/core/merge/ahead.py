@@ -4,7 +4,8 @@ A full fine-tune's weights are copied file to file by the kernel, while the writ
 on; a LoRA expert's are computed (B @ A, scaled, added to W and cast), which in the writer's thread
 would take turns with the writing. Here worker threads compute what comes next while the writer
 writes what came before and copies the tensors between, and the writer takes the results in plan
-order.
+order. Where it would wait for them, the writer computes too: on two cores one worker and the
+writer keep both busy, where two workers would take turns with the writer on its core.
 
 A producer returns a whole tensor, or (a LoRA weight) a :class:`BlockedTensor`: blocks of rows the
 workers compute side by side, so that every worker is busy even on one big weight. A result may be
@@ -33,7 +34,7 @@ class BlockedTensor(Protocol[T_co]):
 
 
 class _Task:
-    """One block (or whole tensor) taken by a worker, and what came of it."""
+    """One block (or whole tensor) taken by a worker or the writer, and what came of it."""
 
     __slots__ = ("ahead", "done", "error", "permits", "value", "worker")
 
@@ -240,7 +241,7 @@ class ComputedAhead(Generic[T]):
 # merged into float32 output (lora/merged.py), B @ A whole, which PEFT's bits need, and W's rows as
 # stored. Merged into a narrower dtype, a LoRA weight takes a few blocks of rows per thread only.
 WORKER_BYTES_PER_VALUE = 8
-# Workers beyond two are not measured (the machine at hand has two cores); each holds its blocks only.
+# More workers than two are not measured (the machine at hand has two cores); each holds its blocks only.
 MOST_WORKERS = 4
 
 
