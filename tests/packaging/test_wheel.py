@@ -14,9 +14,15 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 # Build outputs and environments that are no part of the source a wheel is built from.
-NOT_SOURCE = shutil.ignore_patterns(
+NOT_SOURCE_NAMES = shutil.ignore_patterns(
     ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", ".ruff_cache", "_resources"
 )
+# Ignored folders of this checkout's own: the benches' models (many GB on a developer's machine) and screenshots.
+NOT_SOURCE_FOLDERS = {REPO / "bench": {"out"}, REPO / "tests": {"screenshots"}}
+
+
+def not_source(folder: str, names: list[str]) -> set[str]:
+    return set(NOT_SOURCE_NAMES(folder, names)) | (NOT_SOURCE_FOLDERS.get(Path(folder), set()) & set(names))
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +30,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The wheel built from a copy of the checkout (the build writes build/ and egg-info beside the sources)."""
     root = tmp_path_factory.mktemp("wheel")
     source = root / "source"
-    shutil.copytree(REPO, source, ignore=NOT_SOURCE)
+    shutil.copytree(REPO, source, ignore=not_source)
     result = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", str(source)],
         cwd=root,
