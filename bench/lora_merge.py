@@ -23,6 +23,17 @@ cache no longer holds alongside the donors, so that both merges wait on the disk
 
 Figures (2 virtual cores, bf16 output, rank 16; wall ratio LoRA / full as the median of each
 kind's times, then the median of each LoRA merge over the full one before it):
+  2026-12-03, the writer computing blocks too, one worker on two cores (dc3100f):
+    8 layers, 6 runs: cheap_embed 1.13x (1.10x), hidden 1.08x (1.08x); RSS 1.08x, 1.08x
+    24 layers, 5 runs: cheap_embed 1.26x (1.24x), hidden 1.15x (1.19x); RSS 1.09x, 1.08x. 4 runs
+      before: 1.27x (1.18x), 1.29x (1.24x). --warm, 6 runs after dropping the page cache: cheap_embed
+      1.40x (1.47x; CPU 2.18x), hidden 1.30x (1.31x); RSS 1.06x, 1.08x. 5 runs right after the
+      TinyLlama runs had filled the page cache: 1.84x (1.65x), 1.18x (1.16x)
+    TinyLlama's sizes, 22 layers, 3 runs: cheap_embed 1.14x (1.14x), hidden 1.14x (1.15x); RSS
+      1.07x, 1.04x. --warm, 3 runs: cheap_embed 0.77x (0.67x), hidden 0.88x (0.80x); RSS 1.03x, 1.04x
+    the LoRA merge alone against 4a0abe5's, alternating (4 runs, 24 layers): --warm cheap_embed
+      1.39 s against 2.23 s, hidden 3.13 s against 3.28 s; in a fresh process 4.76 s against 4.72 s
+      and 5.74 s against 5.67 s
   2026-12-03, main at 4a0abe5:
     8 layers (0.63 GB out), 8 runs: cheap_embed 1.08x (1.09x), hidden 1.10x (1.03x); RSS 1.09x, 1.08x
     24 layers (1.64 GB out), 4 runs: cheap_embed 1.26x (1.24x), hidden 1.03x (1.12x); RSS 1.09x, 1.08x
@@ -41,11 +52,14 @@ Series on this virtual machine move by up to 0.15 in the ratio from one to the n
 time for writing the same 1.6 GB varies threefold between runs). Where the 24-layer cheap_embed
 merge loses on two cores: a cold process cannot compute a LoRA weight before `import torch` ends
 (2.4 s here; the writer reaches the first LoRA weight at 0.9 s and waits until 2.8 s), while a full
-merge copies meanwhile; and the arithmetic (about 5 ms a 3072 x 1024 weight on one core, reading
-included) keeps two cores busy where the full merge keeps one. --warm shows the second alone
-(2026-12-03, 24 layers, 3 runs: 2.04x in cheap_embed, where the full merge is nothing but the
-kernel's file copies, 1.35 s; 0.83x (1.23x) in hidden). At a real model's size both merges wait on
-the disk and the arithmetic is hidden behind it.
+merge copies meanwhile; and the arithmetic (about 3 ms a 3072 x 1024 weight on one core, reading
+included, and more beside the writer's copies) keeps two cores busy where the full merge keeps one.
+--warm shows the second alone: in cheap_embed mode the full merge is nothing but the kernel's file
+copies (1.1 s), and the LoRA merge's CPU time is twice that. Two workers left the writer a share of
+a core (before dc3100f: 2.04x, 3 runs); with the writer computing whenever it would wait, the two
+cores are busy to the end: merging five times over in one process, the LoRA merge took 1.19x the
+full one's time (medians, 0.97 s against 0.81 s). At a real model's size both merges wait on the
+disk and the arithmetic is hidden behind it.
 
 Run from the repository root: python bench/lora_merge.py [--layers 8] [--shape bench|tinyllama] [--rank 16]
 [--repeats 5] [--warm] [--code OTHER_CHECKOUT]  (--code merges with another checkout's app, e.g. to compare
