@@ -127,3 +127,13 @@ def one_torch_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def torch_is_loading() -> bool:
+    """Whether a thread is importing torch at this moment; never imports it, never waits for it.
+
+    importlib marks a module's spec _initializing while the module's code runs, and reads that
+    mark itself to tell a module being imported from one already imported (_find_and_load).
+    """
+    module = sys.modules.get("torch")
+    return module is not None and bool(getattr(getattr(module, "__spec__", None), "_initializing", False))

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
+import textwrap
 import threading
 from pathlib import Path
 
@@ -23,6 +26,7 @@ from app.core.sources import open_model
 from tests.lora_adapters import MLP_MODULES, make_adapter
 from tests.models import make_tiny_model
 
+REPO = Path(__file__).resolve().parents[2]
 SLOTS = (("gate", "w1"), ("down", "w2"), ("up", "w3"))
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 ADAPTERS = {
@@ -199,6 +203,81 @@ def test_the_merges_thread_keeps_no_buffers_after_it(adapters, llama_donors, tmp
     assert lora_merged._SCRATCH.buffers
     merge(with_adapter(llama_donors, adapter.folder, dtype="bfloat16"), tmp_path / "moe")
     assert not getattr(lora_merged._SCRATCH, "buffers", None)
+
+
+# Run in a fresh process, where `import torch` is held until the merge has reported the last
+# tensor it could copy without torch (lm_head.weight): prints the progress messages in order, and
+# whether torch was reported loading before, during and after.
+HELD_TORCH_MERGE = textwrap.dedent(
+    """
+    import importlib.abc, importlib.util, json, sys, threading
+    from app.core.devices import torch_is_loading
+
+    release = threading.Event()
+
+    class HoldTorch(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name != "torch":
+                return None
+            sys.meta_path.remove(self)
+            spec = importlib.util.find_spec("torch")
+            loader = spec.loader
+
+            class Held(importlib.abc.Loader):
+                def create_module(self, spec):
+                    return loader.create_module(spec)
+
+                def exec_module(self, module):
+                    release.wait(20)
+                    loader.exec_module(module)
+
+            spec.loader = Held()
+            return spec
+
+    sys.meta_path.insert(0, HoldTorch())
+    from app.core.merge.pipeline import MergeOptions, merge_moe
+    from app.core.recipe import load_recipe
+
+    loading = [torch_is_loading()]
+    messages = []
+    for record in merge_moe(load_recipe(sys.argv[1]), MergeOptions(out_dir=sys.argv[2])):
+        if record.stage == "writing":
+            messages.append(record.message)
+        if record.message == "lm_head.weight" and not release.is_set():
+            loading.append(torch_is_loading())
+            release.set()
+    loading.append(torch_is_loading())
+    print(json.dumps({"messages": messages, "loading": loading}))
+    """
+)
+
+
+def test_while_torch_loads_the_merge_copies_the_tensors_after_a_lora_weight(adapters, llama_donors, tmp_path):
+    # A fresh `frankenmoe merge` process reaches its first LoRA weight before `import torch` ends
+    # (1.4 s on two cores): meanwhile the writer copies the attention and embeddings of later
+    # layers into their places. The files are the same as a merge in order writes.
+    text = with_adapter(llama_donors, adapters["rank_and_alpha"].folder)
+    (tmp_path / "recipe.yml").write_text(text)
+    out = tmp_path / "held" / "moe"
+    done = subprocess.run(
+        [sys.executable, "-c", HELD_TORCH_MERGE, str(tmp_path / "recipe.yml"), str(out)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.splitlines()[-1])
+    assert report["loading"] == [False, True, False]
+    messages = report["messages"]
+    first_lora_weight = messages.index("model.layers.0.block_sparse_moe.experts.0.w1.weight")
+    copied_ahead = {"model.layers.1.self_attn.q_proj.weight", "model.layers.1.input_layernorm.weight", "lm_head.weight"}
+    assert copied_ahead <= set(messages[:first_lora_weight])
+
+    merge(text, tmp_path / "in_order" / "moe")
+    for file in (tmp_path / "in_order" / "moe").iterdir():
+        if file.suffix == ".safetensors":
+            assert (out / file.name).read_bytes() == file.read_bytes(), file.name
 
 
 def compute_threads() -> list[str]:

@@ -3,6 +3,7 @@ the kernel's file-to-file copy (macOS, Windows)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -185,3 +186,53 @@ def test_a_tensor_written_in_blocks_of_rows_is_the_tensor_and_a_short_one_is_ref
         writer.write("w", iter([whole[:34]]))
     with pytest.raises(RuntimeError, match=r"block of \(4, 5\)"), shards.ShardWriter(short, one_shard) as writer:
         writer.write("w", iter([whole[:4, :5]]))
+
+
+@pytest.mark.parametrize("kernel_copy", [True, False])
+def test_tensors_written_ahead_of_their_turn_leave_the_same_files(tmp_path, monkeypatch, kernel_copy):
+    # While a LoRA merge waits for torch, the writer copies later tensors into their places; the
+    # files must be those written in order, byte for byte, with or without the kernel's copy.
+    import torch
+    from safetensors.torch import save_file
+
+    from app.core.sources import ByteRange
+
+    if not kernel_copy:
+        monkeypatch.delattr(os, "copy_file_range", raising=False)
+        monkeypatch.setattr(shards, "_COPY_CHUNK", 4099)
+    generator = torch.Generator().manual_seed(3)
+    tensors = {f"t{index}": torch.randn(10 + index, 7, generator=generator) for index in range(6)}
+    save_file(tensors, tmp_path / "source.safetensors")
+    source = tmp_path / "source.safetensors"
+    header = 8 + int.from_bytes(source.read_bytes()[:8], "little")
+    layout = json.loads(source.read_bytes()[8:header])
+
+    def byte_range(name: str) -> ByteRange:
+        start, end = layout[name]["data_offsets"]
+        return ByteRange(source, header + start, end - start)
+
+    planned = [shards.PlannedTensor(name, tuple(tensor.shape), "float32") for name, tensor in tensors.items()]
+    plan = shards.plan_shards(planned, 3 * 17 * 7 * 4)  # t0-t3 in the first shard, t4-t5 in the second
+    assert [len(shard.tensors) for shard in plan] == [4, 2]
+
+    (tmp_path / "in_order").mkdir()
+    with shards.ShardWriter(tmp_path / "in_order", plan) as writer:
+        for name in tensors:
+            writer.write(name, byte_range(name))
+
+    (tmp_path / "ahead").mkdir()
+    with shards.ShardWriter(tmp_path / "ahead", plan) as writer:
+        writer.write("t0", tensors["t0"])
+        assert writer.write_ahead("t3", byte_range("t3")) and writer.write_ahead("t2", byte_range("t2"))
+        assert not writer.write_ahead("t4", byte_range("t4"))  # the next shard: not now
+        with pytest.raises(RuntimeError, match="t0 is not planned after t1"):
+            writer.write_ahead("t0", byte_range("t0"))
+        assert writer.bytes_written == sum(tensors[name].numel() * 4 for name in ("t0", "t2", "t3"))
+        assert not writer.pass_written_ahead()
+        writer.write("t1", byte_range("t1"))
+        assert writer.pass_written_ahead() and writer.pass_written_ahead()
+        assert not writer.pass_written_ahead()
+        assert writer.write_ahead("t5", byte_range("t5"))  # t4 is next: the second shard is begun
+        writer.write("t4", tensors["t4"])
+        assert writer.pass_written_ahead()
+    assert snapshot(tmp_path / "ahead") == snapshot(tmp_path / "in_order")

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from app.core.compat import check_recipe
-from app.core.devices import available_memory, return_freed_tensors_to_the_os
+from app.core.devices import available_memory, return_freed_tensors_to_the_os, torch_is_loading
 from app.core.families import QKV_BIAS, config_value, model_parts
 from app.core.lora.merged import RESULT_BLOCKS, AdaptedModelSource, forget_thread_buffers
 from app.core.merge.ahead import BlockedTensor, ComputedAhead, compute_workers
@@ -146,6 +146,8 @@ class PlanStep:
     computed: bool = False
     # Computed in blocks of rows that the workers share (produce returns a merge.ahead.BlockedTensor).
     in_blocks: bool = False
+    # A byte range copied file to file, without torch.
+    copied: bool = False
 
 
 def _layer_of(name: str) -> int:
@@ -182,7 +184,7 @@ def plan_tensors(
         info = source.tensor_info(name)
         planned = PlannedTensor(out_name, info.shape, out_dtype)
         if info.torch_dtype_name == out_dtype and not source.has_delta(name):
-            return PlanStep(planned, lambda: source.byte_range(name))
+            return PlanStep(planned, lambda: source.byte_range(name), copied=True)
         if source.computes_in_blocks(name, out_dtype):
             assert isinstance(source, AdaptedModelSource)
             return PlanStep(planned, lambda: source.merged_rows(name, out_dtype), computed=True, in_blocks=True)
@@ -412,8 +414,9 @@ def merge_moe(
                                         stop.set()
                                 yield from background.drain()
                         if done in ahead:
+                            yield from _copy_ahead_while_torch_loads(plan, done, writer, total_bytes, cancel)
                             writer.write(planned.name, ahead.blocks(done))
-                        else:
+                        elif not writer.pass_written_ahead():  # a copy may have been written ahead
                             writer.write(planned.name, step.produce())
                         yield Progress(
                             "writing", done + 1, len(plan), writer.bytes_written, total_bytes, message=planned.name
@@ -447,6 +450,26 @@ def merge_moe(
         seconds=time.monotonic() - started,
         gates=gates,
     )
+
+
+def _copy_ahead_while_torch_loads(
+    plan: Sequence[PlanStep], position: int, writer: ShardWriter, total_bytes: int, cancel: threading.Event | None
+) -> Job[None]:
+    """Copy the later byte ranges of the shard being written into their places, for as long as torch loads.
+
+    A computed tensor waits for `import torch` (a second or two, which the gates' thread or a
+    worker has begun); a merge of LoRA experts would reach its first one with the writer otherwise
+    idle, while the attention and the embeddings could be copied.
+    """
+    for later in range(position + 1, len(plan)):
+        if not torch_is_loading():
+            return
+        step = plan[later]
+        if step.copied:
+            check_cancel(cancel)
+            if not writer.write_ahead(step.planned.name, step.produce()):
+                return
+            yield Progress("writing", position, len(plan), writer.bytes_written, total_bytes, message=step.planned.name)
 
 
 def _checked(gates: GateResult, expected: tuple[int, int, int], shared_expected: tuple[int, int] | None) -> GateResult:

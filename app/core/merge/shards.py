@@ -2,7 +2,9 @@
 
 Because every tensor's name, dtype and shape are known before the first byte is written, each
 shard's header is written first and each tensor goes straight to disk; memory holds one tensor at
-a time, never a whole shard. The index is written last, on a clean exit only.
+a time, never a whole shard. The index is written last, on a clean exit only. Since every tensor's
+place is known too, a later tensor copied from a file can be written into its place ahead of its
+turn, while the one before it is not ready yet (write_ahead).
 """
 
 from __future__ import annotations
@@ -82,12 +84,19 @@ def _header_bytes(shard: Shard) -> bytes:
 
 
 class ShardWriter:
-    """Write planned shards in order into a folder. Tensors must arrive in plan order."""
+    """Write planned shards in order into a folder. Tensors must arrive in plan order.
+
+    Except that a tensor copied from a file may be written ahead of its turn (write_ahead), within
+    the shard being written; its turn then passes it over (pass_written_ahead).
+    """
 
     def __init__(self, folder: Path, shards: Sequence[Shard]) -> None:
         self.folder = folder
         self.shards = list(shards)
         self._queue = [(shard_index, tensor) for shard_index, s in enumerate(self.shards) for tensor in s.tensors]
+        self._positions = {tensor.name: position for position, (_shard, tensor) in enumerate(self._queue)}
+        self._file_offsets = _file_offsets(self.shards)
+        self._written_ahead: set[int] = set()
         self._position = 0
         self._open_shard = -1
         self._handle: BinaryIO | None = None
@@ -124,6 +133,42 @@ class ShardWriter:
             self._write_blocks(planned, data)
         self.bytes_written += planned.nbytes
         self._position += 1
+
+    def write_ahead(self, name: str, data: ByteRange) -> bool:
+        """Copy a later tensor into its place now; False, writing nothing, if it is not in the next tensor's shard.
+
+        For the time the next tensor is not ready: the bytes land where they would in order, so
+        the files are the same either way.
+        """
+        position = self._positions.get(name)
+        if position is None or position <= self._position:
+            raise RuntimeError(f"tensor {name} is not planned after {self.next_name()}")
+        shard_index, planned = self._queue[position]
+        if shard_index != self._queue[self._position][0]:
+            return False
+        if position in self._written_ahead:
+            return True
+        if data.nbytes != planned.nbytes:
+            raise RuntimeError(f"tensor {name} has {data.nbytes} bytes, {planned.nbytes} were planned")
+        try:
+            if shard_index != self._open_shard:
+                self._start_shard(shard_index)
+            assert self._handle is not None
+            _copy_range(data, self._handle, at=self._file_offsets[position])
+        except OSError as exc:
+            raise write_error(self.folder, exc) from exc
+        self._written_ahead.add(position)
+        self.bytes_written += planned.nbytes
+        return True
+
+    def pass_written_ahead(self) -> bool:
+        """If the next planned tensor was written ahead, move past it and say so."""
+        if self._position not in self._written_ahead:
+            return False
+        assert self._handle is not None
+        self._handle.seek(self._queue[self._position][1].nbytes, os.SEEK_CUR)
+        self._position += 1
+        return True
 
     def _write_tensor(self, planned: PlannedTensor, tensor: torch.Tensor) -> None:
         name = planned.name
@@ -191,6 +236,17 @@ class ShardWriter:
                 raise write_error(self.folder, exc) from exc
 
 
+def _file_offsets(shards: Sequence[Shard]) -> list[int]:
+    """Where each planned tensor starts in its shard's file, in plan order."""
+    offsets = []
+    for shard in shards:
+        offset = len(_header_bytes(shard))
+        for tensor in shard.tensors:
+            offsets.append(offset)
+            offset += tensor.nbytes
+    return offsets
+
+
 def _is_tensor(data: object) -> bool:
     import torch
 
@@ -236,30 +292,41 @@ def write_error(folder: Path, exc: OSError) -> WriteError:
 _COPY_CHUNK = 16 * 2**20
 
 
-def _copy_range(source: ByteRange, target: BinaryIO) -> None:
-    """Append a file's byte range to target: in the kernel where it can, through a buffer otherwise."""
+def _copy_range(source: ByteRange, target: BinaryIO, at: int | None = None) -> None:
+    """Copy a file's byte range to target: in the kernel where it can, through a buffer otherwise.
+
+    Appended at target's position, or (at) written at that offset, leaving target's position as it was.
+    """
     offset, left = source.start, source.nbytes
     with source.file.open("rb", buffering=0) as handle:
         if hasattr(os, "copy_file_range"):
             try:
                 while left:
-                    copied = os.copy_file_range(handle.fileno(), target.fileno(), left, offset_src=offset)
+                    copied = os.copy_file_range(handle.fileno(), target.fileno(), left, offset, at)
                     if copied == 0:
                         raise OSError(errno.EIO, f"{source.file} ended early")
                     offset += copied
                     left -= copied
+                    at = None if at is None else at + copied
             except OSError as exc:
                 # Across file systems or where the kernel lacks it; the buffered copy goes on from here.
                 if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
                     raise
-        buffer = bytearray(min(_COPY_CHUNK, max(left, 1)))
+        if not left:
+            return
+        buffer = bytearray(min(_COPY_CHUNK, left))
         handle.seek(offset)
+        position = target.tell()
+        if at is not None:
+            target.seek(at)
         while left:
             read = handle.readinto(memoryview(buffer)[: min(left, len(buffer))])
             if not read:
                 raise OSError(errno.EIO, f"{source.file} ended early")
             _write_all(target, memoryview(buffer)[:read])
             left -= read
+        if at is not None:
+            target.seek(position)
 
 
 # Bytes handed to one write() call. In a LoRA merge, whose weights are computed on other threads as
