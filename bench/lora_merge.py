@@ -153,16 +153,40 @@ print(wall, after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
 """
 
 
-def measure(command: list[str], env: dict[str, str], cwd: Path, out: Path) -> tuple[float, float, int]:
+DROP_CACHES = Path("/proc/sys/vm/drop_caches")
+
+
+def settle_page_cache(inputs: list[Path], env: dict[str, str], cwd: Path) -> None:
+    """The same page cache before every merge: written back, emptied, then the inputs and torch read in again.
+
+    Left as it is, the page cache holds whatever earlier runs wrote, and the kernel reclaims it page
+    by page as the output is written: the full merge (nothing but file copies) then took from 1.0 s
+    to 5.7 s with torch loaded, in consecutive runs. Needs root (Linux).
+    """
+    os.sync()
+    DROP_CACHES.write_text("3\n")
+    for folder in inputs:
+        for file in folder.iterdir():
+            with file.open("rb", buffering=0) as handle:
+                while handle.read(16 * 2**20):
+                    pass
+    subprocess.run([sys.executable, "-c", "import torch, transformers"], check=True, env=env, cwd=cwd)
+
+
+def measure(
+    command: list[str], env: dict[str, str], cwd: Path, out: Path, inputs: list[Path] | None
+) -> tuple[float, float, int]:
     """Wall seconds, CPU seconds (user + system) and peak RSS (bytes) of one merge in its own process.
 
     The previous output is removed and every file written back first, so that neither its removal
-    nor its write-back falls into this merge's time. CPU time is given too because on a shared
-    machine the wall time also measures the others' load. A warm merge's process prints its merge's
-    own wall and CPU seconds.
+    nor its write-back falls into this merge's time; with inputs, the page cache is settled too
+    (settle_page_cache). CPU time is given too because on a shared machine the wall time also
+    measures the others' load. A warm merge's process prints its merge's own wall and CPU seconds.
     """
     shutil.rmtree(out, ignore_errors=True)
     os.sync()
+    if inputs is not None:
+        settle_page_cache(inputs, env, cwd)
     started = time.perf_counter()
     process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     _pid, status, usage = os.wait4(process.pid, 0)
@@ -207,7 +231,15 @@ def adapter_folders(donors: Path, rank: int) -> list[Path]:
 
 
 def run(
-    layers: int, shape: str, rank: int, workdir: Path, repeats: int, threads: int | None, code: Path, warm: bool
+    layers: int,
+    shape: str,
+    rank: int,
+    workdir: Path,
+    repeats: int,
+    threads: int | None,
+    code: Path,
+    warm: bool,
+    settle: bool,
 ) -> dict[str, object]:
     donors = donors_folder(workdir, layers, shape)
     build = [sys.executable, __file__, "--build-only", "--layers", str(layers), "--rank", str(rank), "--shape", shape]
@@ -229,7 +261,10 @@ def run(
         "code": str(code),
         "repeats": repeats,
         "warm": warm,
+        "page_cache": "emptied, then the inputs read in, before each merge" if settle else "as earlier runs left it",
     }
+    # Both kinds' inputs, whichever merges: each run starts from the same page cache.
+    inputs = [base, *(donors / f"expert{index}" for index in range(3)), *adapters] if settle else None
     for mode in ("cheap_embed", "hidden"):
         commands = {}
         for kind, sources in kinds.items():
@@ -245,7 +280,7 @@ def run(
         # The kinds alternate, so that a load that comes and goes on the machine weighs on both alike.
         for _ in range(repeats):
             for kind, (command, out) in commands.items():
-                runs[kind].append(measure(command, env, code, out))
+                runs[kind].append(measure(command, env, code, out, inputs))
         for kind, (_command, out) in commands.items():
             results[f"{kind}_{mode}"] = {
                 "wall_s": min(r[0] for r in runs[kind]),
@@ -265,7 +300,8 @@ def report(results: dict[str, object]) -> list[str]:
     process = "merge alone, in a process with torch loaded" if results["warm"] else "frankenmoe merge process"
     lines = [
         f"{results['shape']} donors with {results['layers']} layers, adapters of rank {results['rank']}, "
-        f"torch threads: {results['threads']}, {process}; median of {results['repeats']} (best in brackets)"
+        f"torch threads: {results['threads']}, {process}; median of {results['repeats']} (best in brackets); "
+        f"page cache: {results['page_cache']}"
     ]
     for mode in ("cheap_embed", "hidden"):
         full, lora = results[f"full_{mode}"], results[f"lora_{mode}"]
@@ -305,14 +341,29 @@ def main() -> None:
     parser.add_argument(
         "--code", type=Path, default=REPO, help="the checkout whose app merges (default: this one), to compare versions"
     )
+    parser.add_argument(
+        "--keep-page-cache",
+        action="store_true",
+        help="leave the page cache as earlier runs left it; by default (where allowed: root on Linux) it is "
+        "emptied and the inputs read in again before each merge, so that every run starts alike",
+    )
     parser.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     if args.build_only:
         build_inputs(donors_folder(args.workdir, args.layers, args.shape), args.layers, args.rank, SHAPES[args.shape])
         return
+    settle = not args.keep_page_cache and os.access(DROP_CACHES, os.W_OK)
     results = run(
-        args.layers, args.shape, args.rank, args.workdir, args.repeats, args.threads, args.code.resolve(), args.warm
+        args.layers,
+        args.shape,
+        args.rank,
+        args.workdir,
+        args.repeats,
+        args.threads,
+        args.code.resolve(),
+        args.warm,
+        settle,
     )
     print("\n".join(report(results)))
     (args.workdir / "results.json").write_text(json.dumps(results, indent=2))
