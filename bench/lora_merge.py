@@ -23,6 +23,16 @@ cache no longer holds alongside the donors, so that both merges wait on the disk
 
 Figures (2 virtual cores, bf16 output, rank 16; wall ratio LoRA / full as the median of each
 kind's times, then the median of each LoRA merge over the full one before it):
+  2026-12-03, copying ahead while torch loads (c184a1d), the page cache emptied and the inputs read
+  in before each merge (the default since 42b06c5; the figures before it are with the page cache as
+  earlier runs left it, which slows the full merge's copies more):
+    8 layers, 6 runs: cheap_embed 1.28x (1.26x), hidden 1.06x (1.06x); RSS 1.08x, 1.07x
+    24 layers, 5 runs: cheap_embed 1.24x (1.27x), hidden 1.17x (1.18x); RSS 1.07x, 1.08x. --warm,
+      6 runs: cheap_embed 1.26x (1.29x; CPU 1.69x), hidden 1.19x (1.20x); RSS 1.08x, 1.08x
+    the 24-layer LoRA merge alone against 09210ab's (before copying ahead), alternating (6 runs, cheap_embed):
+      3.60 s against 3.77 s. In a fresh process the writer reached the first LoRA weight at 0.75 s
+      and torch was loaded at 1.75 s; the LoRA merge ends a few tenths of a second after the full
+      one, whose copies all fall in that second (8 layers: 0.35-0.5 s after torch has loaded)
   2026-12-03, the writer computing blocks too, one worker on two cores (dc3100f):
     8 layers, 6 runs: cheap_embed 1.13x (1.10x), hidden 1.08x (1.08x); RSS 1.08x, 1.08x
     24 layers, 5 runs: cheap_embed 1.26x (1.24x), hidden 1.15x (1.19x); RSS 1.09x, 1.08x. 4 runs
