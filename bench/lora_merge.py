@@ -29,6 +29,8 @@ kind's times, then the median of each LoRA merge over the full one before it):
     8 layers, 6 runs: cheap_embed 1.28x (1.26x), hidden 1.06x (1.06x); RSS 1.08x, 1.07x
     24 layers, 5 runs: cheap_embed 1.24x (1.27x), hidden 1.17x (1.18x); RSS 1.07x, 1.08x. --warm,
       6 runs: cheap_embed 1.26x (1.29x; CPU 1.69x), hidden 1.19x (1.20x); RSS 1.08x, 1.08x
+    TinyLlama's sizes, 22 layers, 3 runs: cheap_embed 0.92x (0.95x), hidden 1.05x (0.97x); RSS 1.07x,
+      1.04x (the full merge's times ranged from 5.5 s to 11.9 s)
     the 24-layer LoRA merge alone against 09210ab's (before copying ahead), alternating (6 runs, cheap_embed):
       3.60 s against 3.77 s. In a fresh process the writer reached the first LoRA weight at 0.75 s
       and torch was loaded at 1.75 s; the LoRA merge ends a few tenths of a second after the full
