@@ -9,6 +9,7 @@ from PySide6.QtGui import QIcon
 from PySide6.QtWidgets import QApplication
 
 from app.gui.engine import warm_up
+from app.gui.garbage import collect_in_gui_thread
 from app.gui.main_window import MainWindow
 from app.gui.settings import AppSettings
 from app.gui.theme import apply_theme, follow_system_theme
@@ -36,6 +37,7 @@ def create_window(args: list[str]) -> MainWindow:
     application.setApplicationName(APPLICATION)
     application.setDesktopFileName(DESKTOP_FILE)
     application.setWindowIcon(app_icon())
+    collect_in_gui_thread(application)
     settings = AppSettings.load()
     apply_theme(application, settings.theme)
     if settings.theme == "system":

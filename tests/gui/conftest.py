@@ -1,5 +1,6 @@
-"""GUI test fixtures: isolated settings, a demo built once per session, screenshots, and a guard
-that fails any test leaving a worker thread running."""
+"""GUI test fixtures: isolated settings, a demo built once per session, screenshots, garbage
+collected in the GUI thread as in the app, and a guard that fails any test leaving a worker thread
+running."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from PySide6.QtWidgets import QApplication, QMessageBox, QWidget
 
 from app.core.demo import build_demo
 from app.core.progress import run_job
+from app.gui.garbage import collect_in_gui_thread
 from app.gui.settings import AppSettings
 from app.gui.theme import apply_theme
 from app.gui.workers import running_jobs
@@ -28,6 +30,14 @@ def isolated_settings(tmp_path_factory: pytest.TempPathFactory) -> None:
     QCoreApplication.setApplicationName("FrankenMoE Studio tests")
     QSettings.setDefaultFormat(QSettings.Format.IniFormat)
     QSettings.setPath(QSettings.Format.IniFormat, QSettings.Scope.UserScope, str(tmp_path_factory.mktemp("settings")))
+
+
+@pytest.fixture(scope="package", autouse=True)
+def garbage_collected_in_the_gui_thread(qapp: QApplication) -> Iterator[None]:
+    """As the app does (app/gui/garbage.py): a worker thread collecting a cycle with a widget in it crashes."""
+    collector = collect_in_gui_thread(qapp)
+    yield
+    collector.stop()
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,52 @@
+"""Garbage collection in the GUI thread only.
+
+Python collects reference cycles in whichever thread allocates when a generation's count passes
+its threshold. A cycle that holds a Qt object (a closed widget's wrapper, a slot's closure) is then
+destroyed in that thread, and Qt objects destroyed outside their own thread take the process down:
+a test run crashed so, in a worker loading a model for the Evaluate page. As pyqtgraph does, the
+app turns automatic collection off and a timer in the GUI thread collects instead, generation by
+generation, as Python's own thresholds would.
+"""
+
+from __future__ import annotations
+
+import gc
+
+from PySide6.QtCore import QCoreApplication, QObject, QTimer
+
+# Often enough that garbage from a busy worker (a training run, a merge) does not pile up.
+COLLECT_INTERVAL_MS = 500
+
+
+class GuiThreadGarbageCollector(QObject):
+    """Turns Python's automatic collection off; collects on a timer in the thread that made it (the GUI's)."""
+
+    def __init__(self, parent: QObject | None = None, interval_ms: int = COLLECT_INTERVAL_MS) -> None:
+        super().__init__(parent)
+        self._timer = QTimer(self)
+        self._timer.timeout.connect(self.collect_due)
+        self._timer.start(interval_ms)
+        gc.disable()
+
+    def collect_due(self) -> None:
+        """Collect the generations whose counts have passed their thresholds, the youngest first."""
+        counts, thresholds = gc.get_count(), gc.get_threshold()
+        for generation in range(3):
+            if counts[generation] <= thresholds[generation]:
+                break
+            gc.collect(generation)
+
+    def stop(self) -> None:
+        """Automatic collection again (the app is quitting: its threads have been joined)."""
+        self._timer.stop()
+        gc.enable()
+
+
+def collect_in_gui_thread(application: QCoreApplication) -> GuiThreadGarbageCollector:
+    """Install the collector for the application's lifetime (once: a second call returns the first)."""
+    existing = application.findChild(GuiThreadGarbageCollector)
+    if existing is not None:
+        return existing
+    collector = GuiThreadGarbageCollector(application)
+    application.aboutToQuit.connect(collector.stop)
+    return collector
