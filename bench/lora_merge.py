@@ -173,9 +173,9 @@ def settle_page_cache(inputs: list[Path], env: dict[str, str], cwd: Path) -> Non
 
     Left as it is, the page cache holds whatever earlier runs wrote, and the kernel reclaims it page
     by page as the output is written: the full merge (nothing but file copies) then took from 1.0 s
-    to 5.7 s with torch loaded, in consecutive runs. Needs root (Linux).
+    to 5.7 s with torch loaded, in consecutive runs. Needs root (Linux); the caller has written every
+    file back (os.sync), so that emptying the cache drops everything.
     """
-    os.sync()
     DROP_CACHES.write_text("3\n")
     for folder in inputs:
         for file in folder.iterdir():

@@ -95,7 +95,8 @@ class ShardWriter:
         self.shards = list(shards)
         self._queue = [(shard_index, tensor) for shard_index, s in enumerate(self.shards) for tensor in s.tensors]
         self._positions = {tensor.name: position for position, (_shard, tensor) in enumerate(self._queue)}
-        self._file_offsets = _file_offsets(self.shards)
+        self._headers = [_header_bytes(shard) for shard in self.shards]
+        self._file_offsets = _file_offsets(self.shards, self._headers)
         self._written_ahead: set[int] = set()
         self._position = 0
         self._open_shard = -1
@@ -206,7 +207,7 @@ class ShardWriter:
         self._close_handle()
         self._open_shard = shard_index
         self._handle = (self.folder / self.shards[shard_index].filename).open("wb", buffering=0)
-        _write_all(self._handle, memoryview(_header_bytes(self.shards[shard_index])))
+        _write_all(self._handle, memoryview(self._headers[shard_index]))
 
     def _close_handle(self) -> None:
         if self._handle is not None:
@@ -236,11 +237,11 @@ class ShardWriter:
                 raise write_error(self.folder, exc) from exc
 
 
-def _file_offsets(shards: Sequence[Shard]) -> list[int]:
-    """Where each planned tensor starts in its shard's file, in plan order."""
+def _file_offsets(shards: Sequence[Shard], headers: Sequence[bytes]) -> list[int]:
+    """Where each planned tensor starts in its shard's file (after its header), in plan order."""
     offsets = []
-    for shard in shards:
-        offset = len(_header_bytes(shard))
+    for shard, header in zip(shards, headers, strict=True):
+        offset = len(header)
         for tensor in shard.tensors:
             offsets.append(offset)
             offset += tensor.nbytes
