@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -137,3 +138,22 @@ def torch_is_loading() -> bool:
     """
     module = sys.modules.get("torch")
     return module is not None and bool(getattr(getattr(module, "__spec__", None), "_initializing", False))
+
+
+def free_device_memory() -> None:
+    """Hand the memory of freed tensors back to the GPU's driver (CUDA, MPS), for other programs and models.
+
+    Reference cycles are collected first only where Python collects automatically (the CLI). The
+    app turns that off and collects in its GUI thread instead (app/gui/garbage.py): a cycle holding
+    a Qt object must never be freed in a worker, and a model is unloaded in one. A model's weights
+    need no collection: they go with their last reference (tests/core/test_chat_loading.py).
+    """
+    import torch
+
+    if gc.isenabled():
+        gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    mps = getattr(torch, "mps", None)
+    if mps is not None and torch.backends.mps.is_available():
+        mps.empty_cache()

@@ -145,3 +145,33 @@ def test_unloading_frees_the_model(moe):
     gc.collect()
     assert model_ref() is None  # nothing (hooks included) keeps the weights alive
     assert chat.model is None
+
+
+def test_unloading_collects_only_where_python_collects_automatically(moe):
+    # The app turns automatic collection off and collects in its GUI thread (app/gui/garbage.py);
+    # unloading runs in a worker there, which must not free a cycle (it may hold a Qt object).
+    collections: list[int] = []
+
+    def record(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            collections.append(info["generation"])
+
+    gc.callbacks.append(record)
+    try:
+        chat = run_job(load_chat_model(LoadRequest(str(moe), device="cpu")))
+        weight_ref = weakref.ref(next(chat.model.parameters()))
+        gc.disable()
+        collections.clear()
+        try:
+            chat.unload()
+        finally:
+            gc.enable()
+        assert collections == []
+        assert weight_ref() is None  # the weights go with their last reference, with no collection
+
+        chat = run_job(load_chat_model(LoadRequest(str(moe), device="cpu")))
+        collections.clear()
+        chat.unload()
+        assert 2 in collections  # the CLI's unload still collects every generation
+    finally:
+        gc.callbacks.remove(record)

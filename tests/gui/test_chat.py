@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -39,6 +40,7 @@ from app.gui.theme import apply_theme
 from tests.chat_models import make_tiny_moe
 from tests.core.test_chat_capture import MERGED_RECIPE
 from tests.gui.conftest import screenshot
+from tests.gui.test_garbage import Cycle
 
 TIMEOUT_MS = 30_000
 
@@ -240,6 +242,17 @@ def test_a_model_that_does_not_fit_offers_what_does(qtbot, page: ChatPage, merge
     page.model_box.unload_button.click()
     qtbot.waitUntil(lambda: "memory is freed" in page.model_box.model_status.text(), timeout=TIMEOUT_MS)
     assert page.state is PageState.NO_MODEL and not page.controls.send_button.isEnabled()
+
+
+def test_unloading_in_the_chat_worker_leaves_cycles_to_the_gui_thread(qtbot, page: ChatPage, merged: Path) -> None:
+    # The chat worker unloads in its own thread; a cycle freed there may hold a Qt object.
+    load(qtbot, page, LoadRequest(str(merged), device="cpu"))
+    Cycle.finalized_in.clear()
+    Cycle()
+    page.model_box.unload_button.click()
+    qtbot.waitUntil(lambda: "memory is freed" in page.model_box.model_status.text(), timeout=TIMEOUT_MS)
+    qtbot.waitUntil(lambda: Cycle.finalized_in != [], timeout=5000)
+    assert Cycle.finalized_in == [threading.main_thread().name]
 
 
 def test_a_dense_model_chats_without_a_panel_and_says_why(qtbot, page: ChatPage, llama_donors) -> None:

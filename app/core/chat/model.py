@@ -8,7 +8,6 @@ penalty as in CTRL, then temperature, top-k, top-p), seeded on the device for re
 
 from __future__ import annotations
 
-import gc
 import inspect
 import secrets
 import threading
@@ -20,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from app.core.chat.capture import RouterCapture, StepRouting, decoder_layers
 from app.core.chat.trace import ExpertLegend, TokenRouting, token_routings
+from app.core.devices import free_device_memory
 from app.core.problems import FrankenMoEError
 from app.core.progress import Cancelled
 
@@ -378,13 +378,6 @@ class ChatModel:
 
     def unload(self) -> None:
         """Free the model's memory (GPU memory included); the object is unusable afterwards."""
-        import torch
-
         self.capture.remove()
         self.model = None
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        mps = getattr(torch, "mps", None)
-        if mps is not None and torch.backends.mps.is_available():
-            mps.empty_cache()
+        free_device_memory()
