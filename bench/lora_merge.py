@@ -23,6 +23,16 @@ cache no longer holds alongside the donors, so that both merges wait on the disk
 
 Figures (2 virtual cores, bf16 output, rank 16; wall ratio LoRA / full as the median of each
 kind's times, then the median of each LoRA merge over the full one before it):
+  2026-12-03, later the same day, the same merge code as c8d8f8e, page cache settled:
+    8 layers, 6 runs each, two series: cheap_embed 1.10x (1.07x) and 1.05x (1.07x), hidden 1.15x
+      (1.15x) and 1.07x (1.14x); RSS 1.07x-1.09x
+    24 layers, 6 runs each, two series: cheap_embed 1.39x (1.44x) and 1.22x (1.24x), hidden 1.20x
+      (1.27x) and 1.28x (1.19x); RSS 1.08x-1.09x
+    This machine's host lends memory lazily and takes freed memory back (free page reporting):
+    touching fresh memory ran at 0.9-1.2 GB/s, and writing the same 1.36 GB into a new file took
+    from 0.4 s to 6 s from one minute to the next. The LoRA merge writes its computed weights after
+    torch has loaded, the full merge copies them while it loads, so the LoRA merge's time moves
+    with that cost (its writes took 0.7 s to 2.3 s for 1.36 GB in the 24-layer merge).
   2026-12-03, copying ahead while torch loads (c184a1d), the page cache emptied and the inputs read
   in before each merge (the default since 42b06c5; the figures before it are with the page cache as
   earlier runs left it, which slows the full merge's copies more):
