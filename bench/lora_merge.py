@@ -29,7 +29,7 @@ kind's times, then the median of each LoRA merge over the full one before it):
     24 layers, 6 runs each, two series: cheap_embed 1.39x (1.44x) and 1.22x (1.24x), hidden 1.20x
       (1.27x) and 1.28x (1.19x); RSS 1.08x-1.09x
     This machine's host lends memory lazily and takes freed memory back (free page reporting):
-    touching fresh memory ran at 0.9-1.2 GB/s, and writing the same 1.36 GB into a new file took
+    touching fresh memory ran at 0.2-1.2 GB/s, and writing the same 1.36 GB into a new file took
     from 0.4 s to 6 s from one minute to the next. The LoRA merge writes its computed weights after
     torch has loaded, the full merge copies them while it loads, so the LoRA merge's time moves
     with that cost (its writes took 0.7 s to 2.3 s for 1.36 GB in the 24-layer merge).
