@@ -8,6 +8,7 @@ from __future__ import annotations
 import ast
 import configparser
 import importlib.metadata
+import importlib.util
 import re
 import shutil
 import struct
@@ -71,6 +72,7 @@ def run_spec(monkeypatch: pytest.MonkeyPatch, platform: str, slim: bool = True) 
         if filter is None or filter(name)
     ]
     hooks.copy_metadata = lambda distribution: [(f"{distribution}.dist-info", f"{distribution}.dist-info")]  # type: ignore[attr-defined]
+    hooks.collect_data_files = lambda package: [(f"{package}/data.json", package)]  # type: ignore[attr-defined]
     for name in ("PyInstaller", "PyInstaller.utils"):
         monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
     monkeypatch.setitem(sys.modules, "PyInstaller.utils.hooks", hooks)
@@ -104,6 +106,9 @@ def test_spec_runs_and_ships_resources_metadata_and_models(monkeypatch):
     assert (str(REPO / "resources"), "resources") in datas
     for distribution in ("torch", "transformers", "tokenizers", "safetensors", "huggingface-hub"):
         assert (f"{distribution}.dist-info", f"{distribution}.dist-info") in datas
+    # transformers 5.25 on imports kernels, which reads its own data files.
+    kernels_installed = importlib.util.find_spec("kernels") is not None
+    assert (("kernels/data.json", "kernels") in datas) is kernels_installed
     hidden = analysis.kwargs["hiddenimports"]
     assert "transformers.models.llama.modeling_llama" in hidden
     assert "transformers.models.bert.modeling_bert" not in hidden  # unsupported families stay out
