@@ -5,7 +5,10 @@ its threshold. A cycle that holds a Qt object (a closed widget's wrapper, a slot
 destroyed in that thread, and Qt objects destroyed outside their own thread take the process down:
 a test run crashed so, in a worker loading a model for the Evaluate page. As pyqtgraph does, the
 app turns automatic collection off and a timer in the GUI thread collects instead, generation by
-generation, as Python's own thresholds would.
+generation, as Python's own thresholds would. Each full collection holds the GIL, so the GUI
+stalls for as long as it takes: once torch and transformers are loaded, the app freezes what is in
+memory (freeze_long_lived), and full collections go through what came after only (431 ms -> 2 ms
+with a model loaded, bench/gui_garbage.py).
 """
 
 from __future__ import annotations
@@ -35,6 +38,15 @@ class GuiThreadGarbageCollector(QObject):
             if counts[generation] <= thresholds[generation]:
                 break
             gc.collect(generation)
+
+    def freeze_long_lived(self) -> None:
+        """Leave the objects there are now out of every later collection: those the app keeps to the end.
+
+        For once torch and transformers are imported: their modules' objects, hundreds of thousands,
+        live as long as the process, and a full collection went through all of them again each time
+        (bench/gui_garbage.py). What is garbage among them stays; it is reclaimed with the process.
+        """
+        gc.freeze()
 
     def stop(self) -> None:
         """Automatic collection again (the app is quitting: its threads have been joined)."""

@@ -1,7 +1,14 @@
-"""`frankenmoe --demo` opens the window with the demo recipe; plain `frankenmoe` opens it empty."""
+"""`frankenmoe --demo` opens the window with the demo recipe; plain `frankenmoe` opens it empty.
+
+The app's own process freezes its long-lived objects once the engine is loaded; a test's does not.
+"""
 
 from __future__ import annotations
 
+import gc
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from PySide6.QtCore import QCoreApplication
@@ -30,9 +37,58 @@ def test_the_demo_flag_opens_the_demo(qtbot, answer, monkeypatch, demo_recipe: P
         qtbot.waitUntil(lambda: windows["demo"].document.path is not None, timeout=TIMEOUT_MS)
         assert windows["demo"].document.path.resolve() == demo_recipe.resolve()
         qtbot.waitUntil(lambda: not running_jobs(), timeout=TIMEOUT_MS)
+        assert "transformers" in sys.modules
+        assert gc.get_freeze_count() == 0  # the engine is loaded, and this process's objects are still collected
         assert windows["plain"].document.path is None
         assert windows["demo"].settings.cache_dir == cache
     finally:
         for window in windows.values():
             window.document.undo_stack.setClean()
             window.close()
+
+
+REPO = Path(__file__).resolve().parents[2]
+# The app as `frankenmoe` starts it, in its own process: once something is frozen, or after a
+# minute, print how many objects are, how many of torch's and transformers' namespaces are loaded,
+# and how many of those later collections still go through; then quit.
+LAUNCH_UNTIL_FROZEN = """
+import gc, sys, time
+from PySide6.QtCore import QTimer
+from PySide6.QtWidgets import QApplication
+from app.gui.launch import launch
+
+application = QApplication(sys.argv[:1])
+deadline = time.monotonic() + 60
+
+def report_once_frozen():
+    if gc.get_freeze_count() or time.monotonic() > deadline:
+        engine = [vars(sys.modules[name]) for name in ("torch", "transformers") if name in sys.modules]
+        collected = [namespace for namespace in engine if any(seen is namespace for seen in gc.get_objects())]
+        print(gc.get_freeze_count(), len(engine), len(collected))
+        application.quit()
+
+timer = QTimer()
+timer.timeout.connect(report_once_frozen)
+timer.start(50)
+sys.exit(launch([]))
+"""
+
+
+def test_the_app_leaves_what_it_has_loaded_out_of_later_collections(tmp_path: Path) -> None:
+    # torch's and transformers' objects live as long as the app; a full collection in the GUI thread
+    # went through them all each time, holding the GIL (bench/gui_garbage.py).
+    env = {
+        **os.environ,
+        "HOME": str(tmp_path),
+        "XDG_CONFIG_HOME": str(tmp_path / "config"),
+        "XDG_STATE_HOME": str(tmp_path / "state"),
+        "QT_QPA_PLATFORM": "offscreen",
+        "PYTHONPATH": str(REPO),
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", LAUNCH_UNTIL_FROZEN], capture_output=True, text=True, env=env, cwd=REPO, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    frozen, loaded, still_collected = (int(count) for count in done.stdout.split())
+    assert loaded == 2 and still_collected == 0  # torch's and transformers' namespaces were frozen with the rest
+    assert frozen > 10_000
