@@ -23,6 +23,22 @@ cache no longer holds alongside the donors, so that both merges wait on the disk
 
 Figures (2 virtual cores, bf16 output, rank 16; wall ratio LoRA / full as the median of each
 kind's times, then the median of each LoRA merge over the full one before it):
+  2026-12-03, the next stop, the same merge code:
+    at f5e7c04: 24 layers, 4 runs: cheap_embed 1.03x (1.18x), hidden 1.15x (1.11x); 8 layers, 6 runs:
+      cheap_embed 1.16x (1.15x), hidden 1.11x (1.03x); RSS 1.08x-1.09x
+    with the process's exit no longer collecting garbage (147da01: 0.55 s less in both kinds): 24
+      layers, 6 runs: cheap_embed 1.34x (1.35x; CPU 1.31x), hidden 1.04x (1.02x); 8 layers, 6 runs:
+      cheap_embed 0.98x (1.04x), hidden 1.04x (1.06x); RSS 1.08x-1.09x
+    5 pairs of 24-layer cheap_embed merges (f5e7c04) with the machine left alone for 4 s after the
+      page cache was settled: 1.39x (1.36x); straight after it: 1.00x (1.16x)
+    Tried and dropped: stand-in bytes copied into the LoRA weights' places while torch loads, so
+      that their pages exist when the weights are written (alone, 1.36 GB went into existing pages
+      in 0.31-0.40 s against 0.84-3.16 s into new ones). In the merge, torch then loaded later by
+      as much (2.29-2.35 s against 1.92-2.10 s): 10 pairs, 3.81 s against 3.93 s (paired 1.02x),
+      CPU +0.2 s. Importing torch from the process's start: the main thread's imports took turns
+      with it for the GIL (the merge's code imported at 0.9-1.3 s instead of 0.4 s), and torch
+      loaded no sooner. The arithmetic as a product then an addition (3.1-4.0 ms a 3072 x 1024
+      weight) or an addition into the bfloat16 result (3.7-4.3 ms), against addmm_ in place (2.3-2.9 ms).
   2026-12-03, later the same day, the same merge code as c8d8f8e, page cache settled:
     8 layers, 6 runs each, two series: cheap_embed 1.10x (1.07x) and 1.05x (1.07x), hidden 1.15x
       (1.15x) and 1.07x (1.14x); RSS 1.07x-1.09x
