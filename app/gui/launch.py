@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import sys
 
 from PySide6.QtCore import QTimer
@@ -59,7 +60,23 @@ def create_window(args: list[str], freeze_engine: bool = False) -> MainWindow:
 def _load_engine(window: MainWindow, freezer: GuiThreadGarbageCollector | None) -> None:
     handle = window.context.run("Load engine", warm_up, quiet=True)
     if freezer is not None:
-        handle.succeeded.connect(lambda _result: freezer.freeze_long_lived())
+        handle.succeeded.connect(lambda _result: _freeze_unless_a_model_is_in_memory(freezer))
+
+
+# A tensor this large is a model's weight: a model is being loaded or is loaded (the chat, the preview).
+MODEL_TENSOR_BYTES = 2**20
+
+
+def _freeze_unless_a_model_is_in_memory(freezer: GuiThreadGarbageCollector) -> None:
+    """Freeze what the imports made, unless a model is in memory already (then nothing is frozen).
+
+    A frozen object is never collected: a model caught in the freeze and later dropped would keep
+    its memory for good where a reference cycle runs through it (accelerate's hooks make some).
+    """
+    import torch
+
+    if not any(isinstance(held, torch.Tensor) and held.nbytes >= MODEL_TENSOR_BYTES for held in gc.get_objects()):
+        freezer.freeze_long_lived()
 
 
 def launch(args: list[str]) -> int:
