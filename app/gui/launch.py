@@ -75,7 +75,9 @@ def _freeze_unless_a_model_is_in_memory(freezer: GuiThreadGarbageCollector) -> N
     """
     import torch
 
-    if not any(isinstance(held, torch.Tensor) and held.nbytes >= MODEL_TENSOR_BYTES for held in gc.get_objects()):
+    # type(), not isinstance(): isinstance reads __class__, which some deprecated objects warn about.
+    tensors = (held for held in gc.get_objects() if issubclass(type(held), torch.Tensor))
+    if not any(tensor.nbytes >= MODEL_TENSOR_BYTES for tensor in tensors):
         freezer.freeze_long_lived()
 
 
