@@ -37,20 +37,14 @@ class ModelInfo:
 
 
 def warm_up(cancel: threading.Event) -> Job[None]:
-    """Import torch and transformers ahead of need, so the first preview and the first model load start at once.
-
-    The classes every model load goes through too (PreTrainedModel, GenerationMixin: 1,400 more
-    modules, 2.6 s and 120 MB here), which the chat, evaluation and training use: the app then
-    leaves all of them out of later garbage collections (app/gui/launch.py). Imported later, with
-    the first model, a full collection would go through them every time (bench/gui_garbage.py).
-    """
+    """Import torch and transformers ahead of need, so the first preview starts at once."""
     yield Progress("loading", 0, 2, message="loading torch")
     import torch  # noqa: F401
 
     check_cancel(cancel)
     yield Progress("loading", 1, 2, message="loading transformers")
     with TRANSFORMERS_IMPORT_LOCK:
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationMixin, PreTrainedModel  # noqa: F401
+        import transformers  # noqa: F401
 
     yield Progress("loading", 2, 2, message="engine ready")
 

@@ -7,8 +7,8 @@ a test run crashed so, in a worker loading a model for the Evaluate page. As pyq
 app turns automatic collection off and a timer in the GUI thread collects instead, generation by
 generation, as Python's own thresholds would. Each full collection holds the GIL, so the GUI
 stalls for as long as it takes: once torch and transformers are loaded, the app freezes what is in
-memory (freeze_long_lived), and full collections go through what came after only (431 ms -> 2 ms
-with a model loaded, bench/gui_garbage.py).
+memory (freeze_long_lived), and full collections go through what came after only (with a model
+loaded, 450-510 ms -> 210-225 ms: bench/gui_garbage.py).
 """
 
 from __future__ import annotations
