@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from merge import PROMPTS, build_donor  # noqa: E402  (bench/merge.py)
+from merge import build_donor, write_recipe  # noqa: E402  (bench/merge.py)
 
 # A child: the command, a stamp of the wall clock as it returns (stderr's last line), then the exit.
 CHILD = """
@@ -43,22 +43,6 @@ print(time.time(), file=sys.stderr)
 sys.exit(code)
 """
 WAYS = ("Python's exit", "frozen")
-
-
-def write_recipe(path: Path, donors: Path) -> None:
-    import yaml
-
-    recipe = {
-        "base_model": str(donors / "base"),
-        "gate_mode": "cheap_embed",
-        "dtype": "bfloat16",
-        "experts_per_token": 2,
-        "experts": [
-            {"source_model": str(donors / f"expert{index}"), "positive_prompts": prompts}
-            for index, prompts in enumerate(PROMPTS.values())
-        ],
-    }
-    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
 
 
 def timed(way: str, args: list[str]) -> tuple[float, float]:
@@ -88,7 +72,7 @@ def main() -> None:
     for index, name in enumerate(["base", "expert0", "expert1", "expert2"]):
         build_donor(donors / name, layers=1, seed=index)
     recipe = args.workdir / "recipe.yml"
-    write_recipe(recipe, donors)
+    write_recipe(recipe, donors, "cheap_embed")
     out = args.workdir / "out"
     commands = {
         "check": ["check", str(recipe)],
