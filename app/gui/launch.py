@@ -77,7 +77,7 @@ def _freeze_unless_a_model_is_in_memory(freezer: GuiThreadGarbageCollector) -> N
 
     # type(), not isinstance(): isinstance reads __class__, which some deprecated objects warn about.
     tensors = (held for held in gc.get_objects() if issubclass(type(held), torch.Tensor))
-    if not any(tensor.nbytes >= MODEL_TENSOR_BYTES for tensor in tensors):
+    if not any(tensor.numel() * tensor.element_size() >= MODEL_TENSOR_BYTES for tensor in tensors):
         freezer.freeze_long_lived()
 
 
