@@ -19,6 +19,8 @@ from PySide6.QtCore import QCoreApplication, QObject, QTimer
 
 # Often enough that garbage from a busy worker (a training run, a merge) does not pile up.
 COLLECT_INTERVAL_MS = 500
+# A tensor this large is a model's weight: a model is being loaded or is loaded.
+MODEL_TENSOR_BYTES = 2**20
 
 
 class GuiThreadGarbageCollector(QObject):
@@ -39,14 +41,24 @@ class GuiThreadGarbageCollector(QObject):
                 break
             gc.collect(generation)
 
-    def freeze_long_lived(self) -> None:
-        """Leave the objects there are now out of every later collection: those the app keeps to the end.
+    def freeze_long_lived(self) -> bool:
+        """Leave the objects there are now out of every later collection, unless a model is in memory; True if frozen.
 
         For once torch and transformers are imported: their modules' objects, hundreds of thousands,
         live as long as the process, and a full collection went through all of them again each time
         (bench/gui_garbage.py). What is garbage among them stays; it is reclaimed with the process.
+        A model caught in the freeze and dropped later would keep its memory for good wherever a
+        reference cycle runs through it (accelerate's hooks make some), so with one in memory
+        (loading or loaded: the chat, the preview) nothing is frozen. Looking takes about 0.1 s.
         """
+        import torch
+
+        # type(), not isinstance(): isinstance reads __class__, which some deprecated objects warn about.
+        tensors = (held for held in gc.get_objects() if issubclass(type(held), torch.Tensor))
+        if any(tensor.numel() * tensor.element_size() >= MODEL_TENSOR_BYTES for tensor in tensors):
+            return False
         gc.freeze()
+        return True
 
     def stop(self) -> None:
         """Automatic collection again (the app is quitting: its threads have been joined)."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import sys
 
 from PySide6.QtCore import QTimer
@@ -60,25 +59,7 @@ def create_window(args: list[str], freeze_engine: bool = False) -> MainWindow:
 def _load_engine(window: MainWindow, freezer: GuiThreadGarbageCollector | None) -> None:
     handle = window.context.run("Load engine", warm_up, quiet=True)
     if freezer is not None:
-        handle.succeeded.connect(lambda _result: _freeze_unless_a_model_is_in_memory(freezer))
-
-
-# A tensor this large is a model's weight: a model is being loaded or is loaded (the chat, the preview).
-MODEL_TENSOR_BYTES = 2**20
-
-
-def _freeze_unless_a_model_is_in_memory(freezer: GuiThreadGarbageCollector) -> None:
-    """Freeze what the imports made, unless a model is in memory already (then nothing is frozen).
-
-    A frozen object is never collected: a model caught in the freeze and later dropped would keep
-    its memory for good where a reference cycle runs through it (accelerate's hooks make some).
-    """
-    import torch
-
-    # type(), not isinstance(): isinstance reads __class__, which some deprecated objects warn about.
-    tensors = (held for held in gc.get_objects() if issubclass(type(held), torch.Tensor))
-    if not any(tensor.numel() * tensor.element_size() >= MODEL_TENSOR_BYTES for tensor in tensors):
-        freezer.freeze_long_lived()
+        handle.succeeded.connect(lambda _result: freezer.freeze_long_lived())
 
 
 def launch(args: list[str]) -> int:

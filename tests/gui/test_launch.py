@@ -99,7 +99,7 @@ def launched_until_engine_loaded(tmp_path: Path, holding: str) -> tuple[int, int
         timeout=120,
     )
     assert done.returncode == 0, done.stderr
-    assert str(Path("app", "gui", "launch.py")) not in done.stderr  # no warning from looking for a model
+    assert str(Path("app", "gui", "garbage.py")) not in done.stderr  # no warning from looking for a model
     frozen, loaded, still_collected = (int(count) for count in done.stdout.split())
     return frozen, loaded, still_collected
 
