@@ -23,6 +23,17 @@ cache no longer holds alongside the donors, so that both merges wait on the disk
 
 Figures (2 virtual cores, bf16 output, rank 16; wall ratio LoRA / full as the median of each
 kind's times, then the median of each LoRA merge over the full one before it):
+  2026-12-03, a later stop, main at 42117d4 (the same merge code):
+    24 layers, 6 runs: cheap_embed 1.26x (1.41x), hidden 1.20x (1.21x); RSS 1.09x, 1.08x
+    Tried and dropped: writing the shard with O_DIRECT through a 32 MiB staging buffer, past the
+      page cache (this machine's disk took 1.36 GB at 1.2-2.5 GB/s that way, against 0.3-0.6 GB/s
+      into new page-cache pages). The full merge gained more than the LoRA one, which then waits
+      on its arithmetic: 24 layers, 4 runs, cheap_embed 1.42x (1.33x; full 3.46 s, LoRA 4.91 s),
+      hidden 1.32x (1.22x). The product and the addition as one bfloat16 addmm_ (oneDNN adds its
+      float32 sums to W and rounds once): 1.85 ms against 3.44 ms a 3072 x 1024 weight on one
+      thread, and the warm 24-layer merge's CPU time a median 1.77 s against 2.32 s; but its sums
+      are not MKL's, and where W + dW nearly cancels, a value moved by up to 6 bfloat16 steps from
+      PEFT's merge (84 of 820 M values differed), against issue 16's bound of one step.
   2026-12-03, the next stop, the same merge code:
     at f5e7c04: 24 layers, 4 runs: cheap_embed 1.03x (1.18x), hidden 1.15x (1.11x); 8 layers, 6 runs:
       cheap_embed 1.16x (1.15x), hidden 1.11x (1.03x); RSS 1.08x-1.09x
